@@ -1,0 +1,414 @@
+"""Checkpoints and workdir bookkeeping: the only module of dtvit that talks to Orbax.
+
+One `Checkpointer` (one `ocp.CheckpointManager`) per checkpoint directory. Each step is saved as a composite of
+two items:
+
+  <dir>/<step>/state   the train state pytree (params, batch_stats, opt_state, step, ...), `StandardSave`
+  <dir>/<step>/meta    a JSON dict (data iterator position, phase, config, ...), `JsonSave`
+
+Orbax writes a step into `<dir>/<step>.orbax-checkpoint-tmp` and renames it to `<dir>/<step>` only when every
+item is committed, so a crash mid-write leaves a tmp directory that is never listed as a step. `Checkpointer`
+deletes such leftovers when it opens a directory; `restore_variables` (read-only) names them in its error.
+
+`restore_variables` loads a subset of a finished run's state (params, optionally batch_stats) into a new model:
+the SNN phase starts from the ANN phase this way, and so does `init_from`.
+
+`check_workdir` stops a run from resuming into a workdir that holds a run with a different config.
+"""
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath  # Orbax's path library: the same checks work on local disk and gs://
+
+# Top-level config keys (last component of the dotted key, at any depth) that may change between a run and its
+# resume without making the saved checkpoints wrong: extending training, logging / eval / checkpoint cadence.
+# Everything else (model, data, optimizer, seeds, phase) must match. Keep this list short: every key added here
+# is a way to resume into a silently different experiment.
+RESUME_NEUTRAL_KEYS = frozenset({
+    'total_steps',
+    'num_train_steps',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+})
+
+CONFIG_FILENAME = 'config.json'
+
+# Orbax's marker of an unfinished step directory (`<step>.orbax-checkpoint-tmp`); used only to explain errors.
+_ORBAX_TMP_MARKER = '.orbax-checkpoint-tmp'
+
+# Orbax WARNINGs that describe expected situations in how dtvit uses it, not problems.
+_HARMLESS_ORBAX_WARNINGS = (
+    'Given directory is read only',
+    'read_only=True, setting',
+)
+
+
+class _QuietOrbaxFilter(std_logging.Filter):
+  """Drops Orbax's INFO/DEBUG chatter (~80 lines per save+restore at absl's default verbosity) and a few known
+  harmless warnings. Real warnings and errors pass. Set DTVIT_ORBAX_LOGS=1 to see everything."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    message = record.getMessage()
+    return not any(m in message for m in _HARMLESS_ORBAX_WARNINGS)
+
+
+def _quiet_orbax_logs() -> None:
+  if os.environ.get('DTVIT_ORBAX_LOGS') == '1':
+    return
+  # Orbax logs through absl, i.e. the 'absl' stdlib logger; a logger filter sees every record it emits.
+  absl_logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _QuietOrbaxFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietOrbaxFilter())
+
+
+_quiet_orbax_logs()
+
+
+def _abspath(directory: str) -> str:
+  # Orbax wants absolute paths; leave URLs (gs://...) alone.
+  return directory if '://' in directory else os.path.abspath(directory)
+
+
+def _json_default(x: Any) -> Any:
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f'{type(x).__name__} is not JSON-serialisable')
+
+
+def _to_json(meta: dict) -> dict:
+  """Round-trips meta through JSON now, so a bad value fails here and not in Orbax's background thread."""
+  try:
+    return json.loads(json.dumps(meta, default=_json_default))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'Checkpoint meta must be JSON-serialisable (numpy scalars/arrays are converted): {e}') from e
+
+
+def _key_str(key: Any) -> str:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _flat_paths(tree: Any) -> dict[str, Any]:
+  """{'params/Dense_0/kernel': leaf, ...}. Namedtuple fields, dict keys and list indices all become path parts,
+  so a live optax state and Orbax's saved metadata (which stores namedtuples as dicts) give the same paths."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {'/'.join(_key_str(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...] | None, np.dtype | None]:
+  shape = getattr(leaf, 'shape', None)
+  dtype = getattr(leaf, 'dtype', None)
+  if isinstance(leaf, (int, float, bool)):  # Python scalars carry no dtype worth comparing.
+    return (), None
+  return (tuple(shape) if shape is not None else None), (np.dtype(dtype) if dtype is not None else None)
+
+
+def _kind(dtype: np.dtype) -> str:
+  for kind in (jnp.bool_, jnp.integer, jnp.floating, jnp.complexfloating):
+    if jnp.issubdtype(dtype, kind):
+      return kind.__name__
+  return str(dtype)
+
+
+def _check_compatible(saved_tree: Any, abstract_tree: Any, *, prefix: str, source: str, fix: str) -> None:
+  """Raises ValueError naming the first key path or leaf where the checkpoint differs from what is expected."""
+  saved = _flat_paths(saved_tree)
+  wanted = _flat_paths(abstract_tree)
+  join = lambda p: f'{prefix}/{p}' if prefix and p else (prefix or p)  # noqa: E731
+  missing = [p for p in wanted if p not in saved]
+  extra = [p for p in saved if p not in wanted]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f'the checkpoint lacks {join(missing[0])!r} ({len(missing)} missing in all)')
+    if extra:
+      parts.append(f'the checkpoint has {join(extra[0])!r} which the target lacks ({len(extra)} extra in all)')
+    raise ValueError(f'Tree structure mismatch between {source} and the target: {"; ".join(parts)}. {fix}')
+  for path, want in wanted.items():
+    want_shape, want_dtype = _shape_dtype(want)
+    found_shape, found_dtype = _shape_dtype(saved[path])
+    if want_shape is not None and found_shape is not None and want_shape != found_shape:
+      raise ValueError(f'Shape mismatch at {join(path)!r}: expected {want_shape}, found {found_shape} in '
+                       f'{source}. {fix}')
+    # Orbax casts on restore (f32 -> bf16, int64 -> int32 are fine); a float/int/bool swap is a real mismatch.
+    if want_dtype is not None and found_dtype is not None and _kind(want_dtype) != _kind(found_dtype):
+      raise ValueError(f'Dtype mismatch at {join(path)!r}: expected {want_dtype}, found {found_dtype} in '
+                       f'{source}. {fix}')
+
+
+def _unfinished_writes(directory: str) -> list[str]:
+  return sorted(p.name for p in epath.Path(directory).iterdir() if _ORBAX_TMP_MARKER in p.name)
+
+
+def _no_checkpoint_error(directory: str, what: str) -> FileNotFoundError:
+  unfinished = _unfinished_writes(directory)
+  detail = (f'it holds only unfinished writes {unfinished} (a save was interrupted)' if unfinished
+            else 'it is empty of checkpoint steps')
+  return FileNotFoundError(
+      f'{what}: {directory} holds no complete checkpoint: {detail}. Let the run that writes there save at least '
+      f'one checkpoint, or point {what} at the checkpoint directory of a run that did.')
+
+
+class Checkpointer:
+  """Saves and restores (state, meta) per step in one directory; see the module docstring for the layout.
+
+  Saves are asynchronous: `save` returns once arrays are copied off device, the write finishes in background
+  threads; `wait` blocks until it is on disk. `latest_step` never reports a step still being written.
+  Use as a context manager or call `close` so the last write completes before the process exits.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1):
+    self.directory = _abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of a killed run are garbage; they can be large
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+    )
+    self._pending_step: int | None = None
+
+  def latest_step(self) -> int | None:
+    """The newest step whose write has finished, or None."""
+    # Orbax lists a step as soon as its save starts; leave out the one still in flight.
+    in_flight = self._pending_step if self._manager.is_saving_in_progress() else None
+    steps = [s for s in self._manager.all_steps() if s != in_flight]
+    return max(steps, default=None)
+
+  def all_steps(self) -> list[int]:
+    """Finished steps, oldest first."""
+    in_flight = self._pending_step if self._manager.is_saving_in_progress() else None
+    return sorted(s for s in self._manager.all_steps() if s != in_flight)
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Starts saving `state` (pytree of arrays / scalars) and `meta` (JSON-able dict) as `step`.
+
+    Returns whether a save was started: False when `step` is not a multiple of `save_interval_steps` (unless
+    `force`) or is already saved (e.g. the step a run resumed from). Orbax's policy also saves the first call
+    into an empty directory, whatever its step, and on a JAX-detected preemption.
+    """
+    step = int(step)
+    meta = _to_json(meta)
+    if step in self._manager.all_steps():
+      logging.info('Checkpoint for step %d already in %s; not saving it again.', step, self.directory)
+      return False
+    started = self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=force,
+    )
+    if started:
+      self._pending_step = step
+    return started
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores (state, meta) of `step` (default: latest) into the structure, dtypes and shardings of
+    `abstract_state` (jax.ShapeDtypeStruct leaves with `.sharding`, or concrete arrays).
+
+    Leaves given without a sharding come back with the sharding they were saved with.
+    Raises FileNotFoundError when there is no such checkpoint, ValueError when the saved tree does not fit.
+    """
+    self._manager.wait_until_finished()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise _no_checkpoint_error(self.directory, 'restore')
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; it has steps '
+                              f'{self.all_steps()}.')
+    saved_tree = self._manager.item_metadata(step)['state'].tree
+    _check_compatible(
+        saved_tree, abstract_state, prefix='', source=f'checkpoint {self.directory}/{step}',
+        fix='The code or config changed since this checkpoint was written; resume with the same ones, or start '
+            'a fresh run in another workdir.')
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+    )
+    return restored.state, restored.meta
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _with_default_sharding(abstract: Any) -> Any:
+  # A ShapeDtypeStruct without sharding would have Orbax guess one; put it on this process's first device.
+  device = jax.local_devices()[0]
+
+  def fill(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+    return x
+
+  return jax.tree.map(fill, abstract)
+
+
+def restore_variables(directory: str, abstract_variables: dict[str, Any], *, what: str = 'init_from',
+                      step: int | None = None) -> dict[str, Any]:
+  """Restores only some collections of another run's checkpoint, e.g. {'params': ..., 'batch_stats': ...}.
+
+  Args:
+    directory: the other run's checkpoint directory (the one its `Checkpointer` wrote).
+    abstract_variables: collection name -> pytree of jax.ShapeDtypeStruct (with `.sharding`) or arrays; the
+      result has this structure, dtypes and shardings.
+    what: how the caller names this source in errors and logs (a flag or config key, e.g. 'init_from').
+    step: which step; default the latest finished one.
+
+  Returns:
+    dict with the same keys as `abstract_variables`, holding the saved values.
+
+  Raises:
+    FileNotFoundError: no directory, or no finished checkpoint in it.
+    ValueError: a collection, key path, shape or dtype differs between checkpoint and target.
+  """
+  directory = _abspath(directory)
+  if not epath.Path(directory).is_dir():
+    raise FileNotFoundError(
+        f'{what}: checkpoint directory {directory} does not exist. Point {what} at the checkpoint directory '
+        f'written by an earlier run (the directory that holds numbered step folders).')
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      # PyTreeCheckpointHandler reads what StandardCheckpointHandler wrote and allows restoring a subtree.
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+  )
+  try:
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise _no_checkpoint_error(directory, what)
+    elif step not in manager.all_steps():
+      raise FileNotFoundError(f'{what}: no checkpoint for step {step} in {directory}; it has steps '
+                              f'{sorted(manager.all_steps())}.')
+    saved_tree = manager.item_metadata(step)['state'].tree
+    source = f'{what} checkpoint {directory}/{step}'
+    fix = (f'Make the model config match the run that wrote {directory}, or point {what} at a checkpoint of '
+           f'the same model.')
+    for name, abstract in abstract_variables.items():
+      if name not in saved_tree:
+        raise ValueError(f'Tree structure mismatch: {source} has no {name!r} collection (it has '
+                         f'{sorted(saved_tree)}). {fix}')
+      _check_compatible(saved_tree[name], abstract, prefix=name, source=source, fix=fix)
+    abstract = _with_default_sharding(dict(abstract_variables))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )),
+    )
+  finally:
+    manager.close()
+  logging.info('%s: restored %s from %s step %d.', what, sorted(abstract_variables), directory, step)
+  return dict(restored.state)
+
+
+def restore_params(directory: str, abstract_params: Any, *, what: str = 'init_from') -> Any:
+  """`restore_variables` for the 'params' collection alone."""
+  return restore_variables(directory, {'params': abstract_params}, what=what)['params']
+
+
+def _flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(d, dict) and d:
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten_config(v, f'{prefix}.{k}' if prefix else str(k)))
+    return out
+  return {prefix: d}
+
+
+def _config_differences(saved: dict, current: dict) -> list[str]:
+  saved_flat, current_flat = _flatten_config(saved), _flatten_config(current)
+  missing = object()
+  diffs = []
+  for key in sorted(set(saved_flat) | set(current_flat)):
+    if key.rsplit('.', 1)[-1] in RESUME_NEUTRAL_KEYS:
+      continue
+    old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
+    if old != new:
+      fmt = lambda v: '<absent>' if v is missing else json.dumps(v)  # noqa: E731
+      diffs.append(f'{key}: saved {fmt(old)}, now {fmt(new)}')
+  return diffs
+
+
+def _write_config(path: str, config: dict) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)  # readers never see a half-written config
+
+
+def check_workdir(workdir: str, config_dict: dict, *, overwrite: bool = False) -> None:
+  """Makes sure `workdir` is safe to (re)use for a run with `config_dict`, and records the config there.
+
+  - No earlier run (no <workdir>/config.json): writes it.
+  - Earlier run with the same config, up to RESUME_NEUTRAL_KEYS: the run resumes; config.json is updated.
+  - Earlier run with a different config: ValueError naming the differing keys, unless `overwrite`.
+  - `overwrite=True` and an earlier run: its workdir is renamed to <workdir>.old-<timestamp> (nothing is
+    deleted) and the run starts fresh, even when the configs match.
+
+  Only process 0 writes; other processes check only.
+  """
+  config = _to_json(config_dict)
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  writer = jax.process_index() == 0
+  if os.path.exists(path):
+    if overwrite:
+      if writer:
+        old = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
+        n = 1
+        while os.path.exists(old):
+          old, n = f'{old.rsplit("~", 1)[0]}~{n}', n + 1
+        os.rename(workdir, old)
+        logging.warning('overwrite: moved the earlier run in %s to %s; starting fresh.', workdir, old)
+    else:
+      with open(path) as f:
+        saved = json.load(f)
+      diffs = _config_differences(saved, config)
+      if diffs:
+        shown = '\n  '.join(diffs[:10]) + (f'\n  ... and {len(diffs) - 10} more' if len(diffs) > 10 else '')
+        raise ValueError(
+            f'Workdir {workdir} holds a run with a different config; resuming it would mix two experiments. '
+            f'Differing keys:\n  {shown}\nPass --overwrite (overwrite=True) to move that run aside and start '
+            f'fresh, or choose another --workdir.')
+      if saved == config:
+        return
+  if writer:
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(path, config)

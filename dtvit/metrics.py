@@ -1,0 +1,198 @@
+"""Metric writing: TensorBoard event files plus log lines, a progress bar, and a between-log-points averager.
+
+`MetricWriter` has the method names of `clu.metric_writers` (write_scalars / write_histograms / write_texts /
+write_hparams / flush / close) so it can be swapped for clu's writer where TensorFlow is installed; clu's package
+imports TensorFlow, which dtvit does not depend on, so this module writes events with tensorboardX instead.
+
+`read_events` / `read_scalars` read event files back (for report.py and tests) without TensorFlow.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+
+def _is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+def _format_scalar(v: float) -> str:
+  return f'{v:.6g}'
+
+
+class MetricWriter:
+  """Writes metrics to TensorBoard event files under `logdir` and to the log (absl INFO).
+
+  Args:
+    logdir: directory for event files; None means log only.
+    just_logging: log only, write no files (e.g. on processes other than 0).
+    prefix: if set, every tag becomes '<prefix>/<tag>' (e.g. 'train', 'eval'), in files and log lines.
+  """
+
+  def __init__(self, logdir: str | None, *, just_logging: bool = False, prefix: str = ''):
+    self.logdir = logdir
+    self.prefix = prefix
+    self._tb = None
+    if logdir is not None and not just_logging:
+      # Imported here so processes that only log never touch tensorboardX.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30)
+
+  def _tag(self, key: str) -> str:
+    return f'{self.prefix}/{key}' if self.prefix else key
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """scalars: tag -> Python number or 0-d (or size-1) array."""
+    values = {self._tag(k): float(_as_numpy(v).reshape(())) for k, v in scalars.items()}
+    logging.info('[%d] %s', step, ', '.join(f'{k}={_format_scalar(v)}' for k, v in values.items()))
+    if self._tb is not None:
+      for tag, value in values.items():
+        self._tb.add_scalar(tag, value, global_step=step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: int | None = None) -> None:
+    """arrays: tag -> array of any shape; logged as min/mean/max, written as a TensorBoard histogram."""
+    for key, value in arrays.items():
+      tag, x = self._tag(key), _as_numpy(value).astype(np.float64).ravel()
+      if x.size == 0:
+        continue
+      logging.info('[%d] %s: n=%d min=%s mean=%s max=%s', step, tag, x.size, _format_scalar(x.min()),
+                   _format_scalar(x.mean()), _format_scalar(x.max()))
+      if self._tb is not None:
+        self._tb.add_histogram(tag, x, global_step=step, bins=num_buckets or 'tensorflow')
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for key, text in texts.items():
+      tag = self._tag(key)
+      logging.info('[%d] %s: %s', step, tag, text)
+      if self._tb is not None:
+        self._tb.add_text(tag, text, global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Logs the hyper-parameters and stores them as a JSON text summary 'hparams' at step 0."""
+    text = json.dumps(dict(hparams), sort_keys=True, default=str)
+    logging.info('hparams: %s', text)
+    if self._tb is not None:
+      self._tb.add_text(self._tag('hparams'), text, global_step=0)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def create_default_writer(logdir: str | None, *, just_logging: bool | None = None, prefix: str = ''
+                          ) -> MetricWriter:
+  """A MetricWriter where only process 0 writes files (all processes log)."""
+  if just_logging is None:
+    just_logging = not _is_main_process()
+  return MetricWriter(logdir, just_logging=just_logging, prefix=prefix)
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = '', disable: bool | None = None) -> tqdm.tqdm:
+  """A tqdm bar for a loop of `total` steps, starting at `initial` (for resumed runs).
+
+  Never shown on processes other than 0. On process 0, `disable=None` shows it when stderr is a terminal, or
+  when DTVIT_PROGRESS=1 (e.g. to see it in a redirected log); True/False force it off/on.
+  """
+  if not _is_main_process():
+    disable = True
+  elif disable is None:
+    disable = not (sys.stderr.isatty() or os.environ.get('DTVIT_PROGRESS') == '1')
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
+
+
+class Averager:
+  """Weighted means of per-step metrics between two log points.
+
+  `update` only stores references (device arrays stay on device and are not waited on), so calling it every
+  step does not stall the jitted train loop; `result` fetches everything with one `jax.device_get`.
+  Array values count as their mean; `weight` (number or scalar array, e.g. examples in the batch) applies to
+  every metric of that update.
+  """
+
+  def __init__(self):
+    self._entries: dict[str, list[tuple[Any, Any]]] = {}
+
+  def update(self, metrics: Mapping[str, Any], weight: Any = 1) -> None:
+    for key, value in metrics.items():
+      self._entries.setdefault(key, []).append((value, weight))
+
+  def result(self) -> dict[str, float]:
+    """key -> weighted mean over the updates since the last reset (nan if its weights sum to 0)."""
+    entries = jax.device_get(self._entries)
+    out = {}
+    for key, pairs in entries.items():
+      values = np.array([np.mean(np.asarray(v, np.float64)) for v, _ in pairs])
+      weights = np.array([float(np.asarray(w).reshape(())) for _, w in pairs])
+      total = weights.sum()
+      out[key] = float(np.dot(values, weights) / total) if total != 0 else float('nan')
+    return out
+
+  def reset(self) -> None:
+    self._entries = {}
+
+  def __len__(self) -> int:
+    """Number of updates of the most-updated key since the last reset."""
+    return max((len(p) for p in self._entries.values()), default=0)
+
+
+def _records(path: str) -> Iterator[bytes]:
+  """Payloads of a TFRecord file (the event file container), checking both CRCs; stops at a torn tail."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    while True:
+      header = f.read(12)
+      if len(header) < 12:
+        return
+      (length,), (length_crc,) = struct.unpack('<Q', header[:8]), struct.unpack('<I', header[8:])
+      if masked_crc32c(header[:8]) != length_crc:
+        raise ValueError(f'{path}: corrupt record header')
+      data, footer = f.read(length), f.read(4)
+      if len(data) < length or len(footer) < 4:
+        return  # the writer is still appending this record
+      if masked_crc32c(data) != struct.unpack('<I', footer)[0]:
+        raise ValueError(f'{path}: corrupt record payload')
+      yield data
+
+
+def read_events(logdir: str) -> Iterator[Any]:
+  """Every event (tensorboardX `event_pb2.Event` proto) in the event files directly under `logdir`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    for record in _records(path):
+      yield event_pb2.Event.FromString(record)
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """All scalars in the event files directly under `logdir`: tag -> [(step, value), ...] in file order."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for event in read_events(logdir):
+    if event.HasField('summary'):
+      for value in event.summary.value:
+        if value.HasField('simple_value'):
+          out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out

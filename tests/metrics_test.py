@@ -1,0 +1,117 @@
+"""Tests for dtvit/metrics.py: event files read back, log lines, just_logging, Averager, progress bar."""
+import glob
+import logging
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtvit import metrics
+
+
+@pytest.fixture
+def info_logs(caplog):
+  caplog.set_level(logging.INFO)
+  return caplog
+
+
+def _messages(caplog):
+  return [r.getMessage() for r in caplog.records]
+
+
+def test_scalars_reach_event_files_and_log(tmp_path, info_logs):
+  logdir = str(tmp_path / 'tb')
+  with metrics.MetricWriter(logdir, prefix='train') as writer:
+    writer.write_scalars(1, {'loss': jnp.float32(0.5), 'accuracy': 0.25})
+    writer.write_scalars(2, {'loss': np.array([0.125])})
+  assert metrics.read_scalars(logdir) == {
+      'train/loss': [(1, 0.5), (2, 0.125)],
+      'train/accuracy': [(1, 0.25)],
+  }
+  assert '[1] train/loss=0.5, train/accuracy=0.25' in _messages(info_logs)
+  assert '[2] train/loss=0.125' in _messages(info_logs)
+
+
+def test_histograms_texts_and_hparams(tmp_path, info_logs):
+  logdir = str(tmp_path / 'tb')
+  writer = metrics.create_default_writer(logdir)  # process 0: writes files
+  writer.write_histograms(3, {'spike_rate': jnp.array([0.0, 0.5, 1.0, 1.0])}, num_buckets=4)
+  writer.write_texts(3, {'note': 'hello spikes'})
+  writer.write_hparams({'lr': 0.1, 'model': 'vit'})
+  writer.close()
+
+  histos, texts = {}, {}
+  for event in metrics.read_events(logdir):
+    for value in event.summary.value:
+      if value.HasField('histo'):
+        histos[value.tag] = (event.step, value.histo)
+      elif value.HasField('tensor'):
+        texts[value.tag] = (event.step, value.tensor.string_val[0].decode())
+  step, histo = histos['spike_rate']
+  assert step == 3
+  assert (histo.num, histo.min, histo.max, histo.sum) == (4, 0.0, 1.0, 2.5)
+  assert texts['note/text_summary'] == (3, 'hello spikes')
+  assert texts['hparams/text_summary'] == (0, '{"lr": 0.1, "model": "vit"}')
+  logged = _messages(info_logs)
+  assert '[3] spike_rate: n=4 min=0 mean=0.625 max=1' in logged
+  assert '[3] note: hello spikes' in logged
+
+
+def test_just_logging_writes_no_files(tmp_path, info_logs):
+  logdir = tmp_path / 'tb'
+  for writer in (metrics.MetricWriter(str(logdir), just_logging=True),
+                 metrics.create_default_writer(str(logdir), just_logging=True),
+                 metrics.MetricWriter(None)):
+    writer.write_scalars(5, {'loss': 2.0})
+    writer.write_texts(5, {'t': 'x'})
+    writer.flush()
+    writer.close()
+  assert not logdir.exists() or not list(logdir.iterdir())
+  assert _messages(info_logs).count('[5] loss=2') == 3
+
+
+def test_read_scalars_stops_at_a_torn_record(tmp_path):
+  logdir = str(tmp_path / 'tb')
+  with metrics.MetricWriter(logdir) as writer:
+    writer.write_scalars(1, {'a': 1.0})
+    writer.write_scalars(2, {'a': 2.0})
+  (path,) = glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:  # as if the writer died while appending the last record
+    f.truncate(size - 5)
+  assert metrics.read_scalars(logdir) == {'a': [(1, 1.0)]}
+
+
+def test_averager_weighted_means():
+  avg = metrics.Averager()
+  avg.update({'loss': 1.0, 'accuracy': jnp.array(0.5)}, weight=2)
+  avg.update({'loss': jnp.array([3.0, 5.0])}, weight=jnp.array(1))  # arrays count as their mean
+  avg.update({'accuracy': np.float32(1.0)}, weight=6)
+  assert len(avg) == 2
+  result = avg.result()
+  assert result == pytest.approx({'loss': (2 * 1.0 + 1 * 4.0) / 3, 'accuracy': (2 * 0.5 + 6 * 1.0) / 8})
+  assert all(type(v) is float for v in result.values())
+  assert avg.result() == result  # result does not consume
+  avg.reset()
+  assert avg.result() == {} and len(avg) == 0
+  avg.update({'loss': 3.0}, weight=0)
+  assert math.isnan(avg.result()['loss'])
+
+
+def test_progress_bar_visibility(capsys, monkeypatch):
+  monkeypatch.delenv('DTVIT_PROGRESS', raising=False)
+  bar = metrics.progress_bar(10, desc='quiet')  # stderr is captured, not a TTY
+  assert bar.disable
+  bar.close()
+
+  monkeypatch.setenv('DTVIT_PROGRESS', '1')
+  bar = metrics.progress_bar(10, initial=4, desc='train')
+  assert not bar.disable and bar.n == 4
+  bar.update(3)
+  bar.close()
+  err = capsys.readouterr().err
+  assert 'train' in err and '7/10' in err and 'quiet' not in err
+
+  assert metrics.progress_bar(10, disable=True).disable
