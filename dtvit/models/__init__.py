@@ -1,0 +1,184 @@
+"""The spiking ViT family, its ANN twin, and the functions that work on their parameter trees.
+
+Quick use:
+
+  from dtvit import models
+  model = models.spikformer('tiny', num_classes=10, num_steps=4)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  logits, aux = models.apply_model(model, variables, images)
+  print(models.steps_per_module(variables['params']))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from dtvit import masks as masks_lib
+from dtvit.models.layers import (MaskConfig, NeuronConfig, SpikingViT, record_ops)  # noqa: F401
+from dtvit.models.spikformer import spikformer
+from dtvit.models.vit import vit
+
+ARCHS = ("spikformer", "vit")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> SpikingViT:
+  """A `SpikingViT` from a config's `model` section (see configs/common.py for its fields)."""
+  get = model_cfg.get
+  arch = get("arch", "spikformer")
+  if arch not in ARCHS:
+    raise ValueError(f"Unknown model.arch {arch!r}; choose one of {ARCHS}.")
+  dtype = get("dtype", "float32")
+  if dtype not in _DTYPES:
+    raise ValueError(f"Unknown model.dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
+  neuron_cfg = NeuronConfig(**{k: v for k, v in dict(get("neuron", {})).items()})
+  mask_cfg = MaskConfig(**{k: v for k, v in dict(get("mask", {})).items()})
+  kwargs = dict(phase=phase or get("phase", "snn"), num_steps=get("num_steps", 4), neuron=neuron_cfg,
+                mask=mask_cfg, dtype=_DTYPES[dtype], attn_scale=get("attn_scale", 0.125))
+  for k in ("depth", "dim", "num_heads", "mlp_ratio"):
+    if get(k):
+      kwargs[k] = get(k)
+  if arch == "spikformer":
+    if get("stem_pools"):
+      kwargs["stem_pools"] = tuple(bool(p) for p in get("stem_pools"))
+    model = spikformer(get("variant", "4-384"), num_classes, **kwargs)
+  else:
+    model = vit(get("variant", "Ti"), num_classes, patch_size=get("patch_size", 16), **kwargs)
+  model.validate()
+  return model
+
+
+def init(model: SpikingViT, rng, image_shape) -> dict:
+  """Initial variables {'params', 'batch_stats'} for images of shape (H, W, C)."""
+  model.validate()
+  fn = jax.jit(lambda r: model.init(r, jnp.zeros((2, *image_shape), jnp.float32), train=False))
+  lowered = fn.lower(rng)
+  try:
+    # Init runs once: skip XLA's backend optimisations, which cost seconds of compile time on CPU.
+    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+  except Exception:  # pylint: disable=broad-except  # a backend without that option
+    compiled = lowered.compile()
+  variables = compiled(rng)
+  return {k: v for k, v in variables.items() if k != "aux"}
+
+
+def apply_model(model: SpikingViT, variables, images, *, train: bool = False, mask_temperature=1.0,
+                with_aux: bool = True):
+  """Runs the model and collects its side outputs.
+
+  Returns:
+    logits [B, K]; aux (if `with_aux`) with
+      'masks': {module: [T]}, 'spike_rates': {neuron: [T]}, 'input_rates': {layer: [T]},
+      'attention_rates': {attn module: [T]} (the two spike operands of the attention products),
+      'step_logits': [T, B, K], 'block_outputs': {block: [T*B, N, D]};
+    and, if `train`, the updated 'batch_stats'. The return is (logits, aux[, batch_stats]).
+  """
+  mutable = (["aux"] if with_aux else []) + (["batch_stats"] if train else [])
+  out = model.apply(variables, images, train=train, mask_temperature=mask_temperature,
+                    mutable=mutable or False)
+  logits, state = (out, {}) if not mutable else out
+  result = (logits,)
+  if with_aux:
+    result += (collect_aux(state.get("aux", {})),)
+  if train:
+    result += (state["batch_stats"],)
+  return result if len(result) > 1 else result[0]
+
+
+def _paths(tree) -> dict[tuple[str, ...], Any]:
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree) if hasattr(tree, "unfreeze") else tree)
+  return flat
+
+
+def collect_aux(aux_tree) -> dict:
+  """Flattens the 'aux' collection into name -> value dicts keyed by module path ('blocks_0/attn')."""
+  out = {"masks": {}, "spike_rates": {}, "input_rates": {}, "attention_rates": {}, "block_outputs": {}}
+  for path, value in _paths(aux_tree).items():
+    leaf, owner = path[-1], "/".join(path[:-1])
+    if leaf == "mask":
+      out["masks"][_mask_owner(owner)] = value
+    elif leaf == "spike_rate":
+      out["spike_rates"][owner] = value
+    elif leaf == "input_rate":
+      out["input_rates"][owner] = value
+    elif leaf.startswith("attention_rate_"):
+      out["attention_rates"].setdefault(owner, [None, None])[int(leaf[-1]) - 1] = value
+    elif leaf == "step_logits":
+      out["step_logits"] = value
+    elif leaf == "output":
+      out["block_outputs"][owner] = value
+  out["attention_rates"] = {k: tuple(v) for k, v in out["attention_rates"].items()}
+  return out
+
+
+def _mask_owner(path: str) -> str:
+  """'blocks_0/attn/time_mask' -> 'blocks_0/attn'; 'blocks_0/attn/q_lif_mask' -> 'blocks_0/attn/q_lif'."""
+  if path.endswith("/time_mask"):
+    return path[: -len("/time_mask")]
+  if path.endswith("_mask"):
+    return path[: -len("_mask")]
+  return path
+
+
+def time_step_scores(params) -> dict[str, jax.Array]:
+  """Every masked module's scores: {module name: [T]}."""
+  return {_mask_owner("/".join(p[:-1])): v for p, v in _paths(params).items() if p[-1] == "time_scores"}
+
+
+def active_scores(model: SpikingViT, params) -> dict[str, jax.Array]:
+  """The scores of the masks that are in use (e.g. the stem's only with mask_stem)."""
+  scores = time_step_scores(params)
+  if not model.mask.enabled:
+    return {}
+  if not model.mask.mask_stem:
+    scores = {k: v for k, v in scores.items() if not k.startswith("embedding")}
+  return scores
+
+
+def hard_masks(model: SpikingViT, params) -> dict[str, jax.Array]:
+  """The binary masks the model uses at evaluation: {module: [T] in {0, 1}}. All ones when masks are off."""
+  if not model.mask.enabled:
+    return {k: jnp.ones((model.num_steps,), jnp.float32) for k in time_step_scores(params)
+            if model.mask.mask_stem or not k.startswith("embedding")}
+  return {k: masks_lib.hard_mask(v, monotone=model.mask.monotone) for k, v in active_scores(model, params).items()}
+
+
+def steps_per_module(model: SpikingViT, params) -> dict[str, float]:
+  """Each masked module's learned number of active steps (from the hard masks)."""
+  return {k: float(jnp.sum(v)) for k, v in sorted(hard_masks(model, params).items())}
+
+
+def ann_to_snn(params, *, scale: float | Mapping[str, float] = 1.0):
+  """Sets each neuron's threshold from the ANN twin's clip value: threshold = scale * clip.
+
+  The two phases share one tree and the clip value is stored as the neuron's `threshold`, so the weights carry
+  over unchanged. `scale` is one factor for all neurons or {neuron path ('blocks_0/attn/q_lif'): factor}
+  (e.g. calibrated on pre-activations); neurons missing from the dict keep scale 1.
+
+  Returns a new params tree (the input is not modified).
+  """
+  flat = _paths(params)
+  if isinstance(scale, Mapping):
+    known = {"/".join(p[:-1]) for p in flat if p[-1] == "threshold"}
+    unknown = sorted(set(scale) - known)
+    if unknown:
+      raise ValueError(f"ann_to_snn: no neuron at {unknown}; neuron paths look like {sorted(known)[:3]}.")
+  new = {}
+  for path, value in flat.items():
+    if path[-1] == "threshold":
+      s = scale.get("/".join(path[:-1]), 1.0) if isinstance(scale, Mapping) else scale
+      if s <= 0:
+        raise ValueError(f"ann_to_snn: threshold scale must be > 0, got {s} for {'/'.join(path[:-1])}.")
+      value = value * s
+    new[path] = value
+  return flax.traverse_util.unflatten_dict(new)
+
+
+def with_mask(model: SpikingViT, **changes) -> SpikingViT:
+  """The same model with mask settings changed, e.g. `with_mask(model, hard=True)` or `enabled=False`."""
+  return model.clone(mask=dataclasses.replace(model.mask, **changes))

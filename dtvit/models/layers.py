@@ -1,0 +1,469 @@
+"""Building blocks shared by the spiking ViT family: neurons, time-step masks, spiking attention and MLP.
+
+Every module runs in one of two phases with one parameter tree:
+- 'ann': the ANN twin. Each neuron is a clipped ReLU clip(x / c, 0, 1) with trainable clip value c (stored as
+  the neuron's `threshold`), the activation an IF neuron with threshold c approximates by its firing rate.
+- 'snn': T_max time steps. Activations are folded as [T*B, ...] so every stateless layer (Dense, Conv, BN,
+  attention products) runs once over time x batch; only the neuron recurrence is a `lax.scan` over time.
+
+Time-step masks: a `TimeMask` owns scores [T_max] (param `time_scores`) and returns the module's binary mask;
+the neurons of the module multiply the spikes they emit at step t by mask[t].
+
+Side outputs go to the 'aux' collection (collected by `dtvit.models.apply_model`): masks, per-step spike rates
+of each neuron, per-step input event rates of each synaptic layer (already multiplied by the mask that gates
+the layer's work), per-step logits. Static per-layer op counts are recorded at trace time through
+`record_ops` (see `dtvit.energy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dtvit import masks as masks_lib
+from dtvit import neurons as neurons_lib
+
+PHASES = ("ann", "snn")
+GRANULARITIES = ("module", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronConfig:
+  """Static neuron settings (see `dtvit.neurons`)."""
+  neuron: str = "lif"               # 'lif' (authors') | 'if' | 'spikformer'
+  surrogate: str = "pwl"            # 'pwl' | 'sigmoid' | 'atan'
+  alpha: Optional[float] = None     # surrogate sharpness; None -> the surrogate's customary value
+  tau: float = 2.0                  # 'spikformer' time constant
+  reset: Optional[str] = None       # None -> 'soft' for lif/if, 'hard' for spikformer
+  detach_reset: Optional[bool] = None
+  init_threshold: float = 1.0       # threshold (SNN) = clip value (ANN) at init
+  attn_threshold: float = 0.5       # the attention neuron's threshold at init
+  init_leak: float = 1.0            # lambda at init ('lif'); clamped to [0, 1]
+  remat: bool = False               # jax.checkpoint the scan step
+  unroll: int = 1
+
+  def validate(self):
+    if self.neuron not in neurons_lib.NEURONS:
+      raise ValueError(f"Unknown neuron {self.neuron!r}; choose one of {neurons_lib.NEURONS}.")
+    if self.surrogate not in neurons_lib.SURROGATES:
+      raise ValueError(f"Unknown surrogate {self.surrogate!r}; choose one of {neurons_lib.SURROGATES}.")
+    if self.reset is not None and self.reset not in neurons_lib.RESETS:
+      raise ValueError(f"Unknown reset {self.reset!r}; choose one of {neurons_lib.RESETS}.")
+    if self.init_threshold <= 0 or self.attn_threshold <= 0:
+      raise ValueError("Neuron thresholds must be > 0.")
+    if self.tau <= 0:
+      raise ValueError(f"tau must be > 0, got {self.tau}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskConfig:
+  """Static time-step mask settings (see `dtvit.masks`)."""
+  enabled: bool = True          # False: every step active (fixed-T SNN); the scores stay in the params
+  mode: str = "ste"             # 'ste' | 'sigmoid'
+  monotone: bool = False        # m[t] = prod_{k<=t} b[k]
+  granularity: str = "module"   # 'module': each block's attn and mlp; 'layer': every neuron
+  score_init: float = 1.0       # > 0: all steps open at the start
+  mask_stem: bool = False       # also give the stem a mask
+  hard: bool = False            # force the hard mask (evaluation / inference)
+
+  def validate(self):
+    if self.mode not in masks_lib.MASK_MODES:
+      raise ValueError(f"Unknown mask mode {self.mode!r}; choose one of {masks_lib.MASK_MODES}.")
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"Unknown mask granularity {self.granularity!r}; choose one of {GRANULARITIES}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Static op counts, recorded while a model is traced (e.g. under jax.eval_shape) inside `record_ops()`.
+
+_OP_RECORDERS: list = []
+
+
+@contextlib.contextmanager
+def record_ops():
+  """Collects {layer path: {'kind', 'macs'}} for every synaptic layer traced inside the context.
+
+  'macs' is the dense multiply-accumulate count for one sample at one time step. 'kind' is 'analog' for the
+  layer that sees the pixels (MACs, computed once), 'synaptic' for layers fed by spikes (ACs in the SNN),
+  'attention' for products of two spike tensors (ACs).
+  """
+  rec: dict = {}
+  _OP_RECORDERS.append(rec)
+  try:
+    yield rec
+  finally:
+    _OP_RECORDERS.pop()
+
+
+def _record(module: nn.Module, kind: str, macs: int, suffix: str = "") -> None:
+  if _OP_RECORDERS:
+    path = "/".join(module.scope.path) + suffix
+    _OP_RECORDERS[-1][path] = {"kind": kind, "macs": int(macs)}
+
+
+def _keep_last(_, new):
+  return new
+
+
+def sow(module: nn.Module, name: str, value) -> None:
+  module.sow("aux", name, value, init_fn=lambda: None, reduce_fn=_keep_last)
+
+
+def step_rate(x: jax.Array, num_steps: int) -> jax.Array:
+  """Mean of x per time step: [T*B, ...] -> [T] (float32)."""
+  return jnp.mean(x.reshape(num_steps, -1).astype(jnp.float32), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TimeMask(nn.Module):
+  """Holds a module's time-step scores [T_max] and returns its mask [T_max] (None in the ANN phase)."""
+  num_steps: int
+  cfg: MaskConfig
+  phase: str
+
+  @nn.compact
+  def __call__(self, temperature=1.0):
+    scores_T = self.param("time_scores", nn.initializers.constant(self.cfg.score_init), (self.num_steps,),
+                          jnp.float32)
+    if self.phase == "ann" or not self.cfg.enabled:
+      return None
+    if self.cfg.hard:
+      mask_T = masks_lib.hard_mask(scores_T, monotone=self.cfg.monotone)
+    else:
+      mask_T = masks_lib.time_step_mask(scores_T, mode=self.cfg.mode, temperature=temperature,
+                                        monotone=self.cfg.monotone)
+    sow(self, "mask", mask_T)
+    return mask_T
+
+
+class Neuron(nn.Module):
+  """Clipped ReLU (ANN) or LIF/IF over T_max steps (SNN), with trainable threshold and leak scalars.
+
+  SNN input: [T*B, ...] currents, or with `static=True` a time-constant input [B, ...] (direct encoding).
+  Output: [T*B, ...] binary spikes times mask[t].
+  """
+  phase: str
+  num_steps: int
+  cfg: NeuronConfig
+  init_threshold: float
+
+  @nn.compact
+  def __call__(self, x, mask_T=None, *, static: bool = False):
+    threshold = self.param("threshold", nn.initializers.constant(self.init_threshold), (), jnp.float32)
+    leak = self.param("leak", nn.initializers.constant(self.cfg.init_leak), (), jnp.float32)
+    # A threshold driven to <= 0 by an optimiser step would fire on every step; keep it positive.
+    threshold = jnp.maximum(threshold, 1e-3)
+    if self.phase == "ann":
+      return jnp.clip(x / threshold.astype(x.dtype), 0.0, 1.0)
+    T = self.num_steps
+    kw = dict(neuron=self.cfg.neuron, leak=leak, threshold=threshold, tau=self.cfg.tau,
+              surrogate=self.cfg.surrogate, alpha=self.cfg.alpha, reset=self.cfg.reset,
+              detach_reset=self.cfg.detach_reset, remat=self.cfg.remat, unroll=self.cfg.unroll)
+    if static:
+      spikes_TX = neurons_lib.multistep(x, num_steps=T, **kw)
+    else:
+      spikes_TX = neurons_lib.multistep(x.reshape(T, x.shape[0] // T, *x.shape[1:]), **kw)
+    if mask_T is not None:
+      spikes_TX = spikes_TX * mask_T.reshape((T,) + (1,) * (spikes_TX.ndim - 1)).astype(spikes_TX.dtype)
+    spikes = spikes_TX.reshape((-1,) + spikes_TX.shape[2:])
+    sow(self, "spike_rate", step_rate(spikes, T))
+    return spikes
+
+
+class Dense(nn.Dense):
+  """nn.Dense that records its op count and, in the SNN, its per-step input event rate."""
+  phase: str = "snn"
+  num_steps: int = 1
+  kind: str = "synaptic"
+
+  def __call__(self, x, mask_T=None):
+    _record(self, self.kind, x[0].size * self.features)
+    if self.phase == "snn":
+      rate_T = step_rate(x, self.num_steps)
+      sow(self, "input_rate", rate_T if mask_T is None else rate_T * mask_T)
+    return super().__call__(x)
+
+
+class Conv(nn.Conv):
+  """nn.Conv that records its op count and, in the SNN, its per-step input event rate.
+
+  `kind='analog'` marks the layer that sees the pixels: it runs once per image, not once per step.
+  """
+  phase: str = "snn"
+  num_steps: int = 1
+  kind: str = "synaptic"
+
+  def __call__(self, x, mask_T=None):
+    y = super().__call__(x)
+    k = 1
+    for d in self.kernel_size:
+      k *= d
+    _record(self, self.kind, y[0].size * k * x.shape[-1] // self.feature_group_count)
+    if self.phase == "snn" and self.kind != "analog":
+      rate_T = step_rate(x, self.num_steps)
+      sow(self, "input_rate", rate_T if mask_T is None else rate_T * mask_T)
+    return y
+
+
+def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class SpikingModule(nn.Module):
+  """Base of the masked modules: common attributes and the 'synaptic layer -> BN -> neuron' unit."""
+  phase: str
+  num_steps: int
+  neuron: NeuronConfig
+  mask: MaskConfig
+  dtype: Any = jnp.float32
+
+  @property
+  def sim_steps(self) -> int:
+    """Simulated steps: T_max in the SNN, 1 in the ANN twin (the masks keep T_max scores in both)."""
+    return self.num_steps if self.phase == "snn" else 1
+
+  def module_mask(self, temperature, enabled: bool = True):
+    """The module-level mask (granularity 'module'), or None."""
+    if self.mask.granularity == "module" and enabled:
+      return TimeMask(self.num_steps, self.mask, self.phase, name="time_mask")(temperature)
+    return None
+
+  def unit_mask(self, name, module_mask_T, temperature, enabled: bool = True):
+    """The mask gating one neuron: its own (granularity 'layer') or the module's."""
+    if self.mask.granularity == "layer" and enabled:
+      return TimeMask(self.num_steps, self.mask, self.phase, name=f"{name}_mask")(temperature)
+    return module_mask_T
+
+  def neuron_layer(self, x, name, mask_T, *, threshold=None, static=False):
+    return Neuron(self.phase, self.sim_steps, self.neuron,
+                  self.neuron.init_threshold if threshold is None else threshold, name=name)(
+                      x, mask_T, static=static)
+
+  def dense_unit(self, x, features, name, mask_T, *, train):
+    """Dense -> BN -> neuron, the Dense's work gated by the same mask as the neuron."""
+    y = Dense(features, use_bias=False, dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
+              name=name)(x, mask_T)
+    y = batch_norm(train, f"{name}_bn")(y)
+    return self.neuron_layer(y, f"{name}_lif", mask_T)
+
+
+class SpikingSelfAttention(SpikingModule):
+  """Spikformer's SSA: Q, K, V = neuron(BN(Linear(x))); neuron_attn(Q K^T V * scale); neuron(BN(Linear(.)))."""
+  num_heads: int = 1
+  scale: float = 0.125
+
+  @nn.compact
+  def __call__(self, x_XND, *, train: bool, temperature=1.0):
+    D = x_XND.shape[-1]
+    if D % self.num_heads:
+      raise ValueError(f"dim {D} is not divisible by num_heads {self.num_heads}.")
+    H, dh = self.num_heads, D // self.num_heads
+    module_mask_T = self.module_mask(temperature)
+    qkv = {}
+    for n in ("q", "k", "v"):
+      m_T = self.unit_mask(f"{n}_lif", module_mask_T, temperature)
+      qkv[n] = self.dense_unit(x_XND, D, n, m_T, train=train).reshape(x_XND.shape[:-1] + (H, dh))
+    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    N = x_XND.shape[-2]
+    attn_mask_T = self.unit_mask("attn_lif", module_mask_T, temperature)
+    # Spike products are exact in float32 (small integers), so the cheaper association order is used.
+    if N > dh:
+      _record(self, "attention", H * N * dh * dh, "/kv")
+      _record(self, "attention", H * N * dh * dh, "/qkv")
+      kv = jnp.einsum("xnhd,xnhe->xhde", k, v)
+      y = jnp.einsum("xnhd,xhde->xnhe", q, kv)
+      first, second = k, q
+    else:
+      _record(self, "attention", H * N * N * dh, "/qk")
+      _record(self, "attention", H * N * N * dh, "/qkv")
+      a = jnp.einsum("xnhd,xmhd->xhnm", q, k)
+      y = jnp.einsum("xhnm,xmhd->xnhd", a, v)
+      first, second = q, k
+    if self.phase == "snn":
+      sow(self, "attention_rate_1", _gate(step_rate(first, self.sim_steps), attn_mask_T))
+      sow(self, "attention_rate_2", _gate(step_rate(second, self.sim_steps), attn_mask_T))
+    y = (y * self.scale).reshape(x_XND.shape)
+    y = self.neuron_layer(y, "attn_lif", attn_mask_T, threshold=self.neuron.attn_threshold)
+    proj_mask_T = self.unit_mask("proj_lif", module_mask_T, temperature)
+    return self.dense_unit(y, D, "proj", proj_mask_T, train=train)
+
+
+def _gate(rate_T, mask_T):
+  return rate_T if mask_T is None else rate_T * mask_T
+
+
+class SpikingMLP(SpikingModule):
+  """neuron(BN(fc2(neuron(BN(fc1(x)))))); the neurons replace GELU and BN replaces LayerNorm."""
+  hidden_dim: int = 4
+
+  @nn.compact
+  def __call__(self, x_XND, *, train: bool, temperature=1.0):
+    module_mask_T = self.module_mask(temperature)
+    h = self.dense_unit(x_XND, self.hidden_dim, "fc1", self.unit_mask("fc1_lif", module_mask_T, temperature),
+                        train=train)
+    return self.dense_unit(h, x_XND.shape[-1], "fc2", self.unit_mask("fc2_lif", module_mask_T, temperature),
+                           train=train)
+
+
+class Block(SpikingModule):
+  """x = x + attn(x); x = x + mlp(x)."""
+  num_heads: int = 1
+  mlp_dim: int = 4
+  attn_scale: float = 0.125
+
+  @nn.compact
+  def __call__(self, x_XND, *, train: bool, temperature=1.0):
+    common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
+                  dtype=self.dtype)
+    x_XND = x_XND + SpikingSelfAttention(num_heads=self.num_heads, scale=self.attn_scale, name="attn",
+                                         **common)(x_XND, train=train, temperature=temperature)
+    x_XND = x_XND + SpikingMLP(hidden_dim=self.mlp_dim, name="mlp", **common)(
+        x_XND, train=train, temperature=temperature)
+    sow(self, "output", x_XND)
+    return x_XND
+
+
+def max_pool(x, phase):
+  del phase
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class SpikingViT(nn.Module):
+  """A spiking vision transformer: stem -> blocks -> mean over tokens -> Linear -> mean over time.
+
+  Attributes:
+    num_classes: output classes.
+    stem: 'sps' (Spikformer's spiking patch splitting) or 'patch' (a plain ViT patch embedding).
+    depth, dim, num_heads, mlp_ratio: transformer sizes.
+    patch_size: the 'patch' stem's patch size.
+    stem_pools: for 'sps', which of the 4 conv stages end with a 3x3/2 max pool.
+    phase: 'ann' | 'snn' (static); the parameter tree is the same in both.
+    num_steps: T_max, the number of simulated steps (static; the SNN's time axis).
+    neuron, mask: `NeuronConfig`, `MaskConfig`.
+    attn_scale: the scale of Q K^T V.
+    dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
+  """
+  num_classes: int
+  stem: str = "sps"
+  depth: int = 4
+  dim: int = 384
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  patch_size: int = 4
+  stem_pools: Sequence[bool] = (False, False, True, True)
+  phase: str = "snn"
+  num_steps: int = 4
+  neuron: NeuronConfig = NeuronConfig()
+  mask: MaskConfig = MaskConfig()
+  attn_scale: float = 0.125
+  dtype: Any = jnp.float32
+
+  def validate(self):
+    if self.phase not in PHASES:
+      raise ValueError(f"Unknown phase {self.phase!r}; choose 'ann' or 'snn'.")
+    if int(self.num_steps) != self.num_steps or self.num_steps < 1:
+      raise ValueError(f"T_max (num_steps) must be an integer >= 1, got {self.num_steps}.")
+    if self.stem not in ("sps", "patch"):
+      raise ValueError(f"Unknown stem {self.stem!r}; choose 'sps' or 'patch'.")
+    if self.stem == "sps" and len(self.stem_pools) != 4:
+      raise ValueError(f"stem_pools needs 4 entries (one per SPS stage), got {self.stem_pools}.")
+    if self.dim % self.num_heads:
+      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}.")
+    if self.stem == "sps" and self.dim % 8:
+      raise ValueError(f"The SPS stem needs dim divisible by 8 (channels D/8, D/4, D/2, D), got {self.dim}.")
+    self.neuron.validate()
+    self.mask.validate()
+
+  def downsampling(self) -> int:
+    return self.patch_size if self.stem == "patch" else 2 ** sum(bool(p) for p in self.stem_pools)
+
+  def check_input(self, images):
+    f = self.downsampling()
+    if images.ndim != 4:
+      raise ValueError(f"Expected images [batch, height, width, channels], got shape {images.shape}.")
+    if images.shape[1] % f or images.shape[2] % f:
+      raise ValueError(f"Image size {images.shape[1]}x{images.shape[2]} is not divisible by the stem's "
+                       f"downsampling factor {f}; resize the images or change the patch size / stem pools.")
+
+  @nn.compact
+  def __call__(self, images_BHWC, *, train: bool = False, mask_temperature=1.0):
+    """Returns logits [B, num_classes], time-averaged in the SNN."""
+    self.validate()
+    self.check_input(images_BHWC)
+    T = self.num_steps if self.phase == "snn" else 1
+    common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
+                  dtype=self.dtype)
+    x = images_BHWC.astype(self.dtype)
+    stem_cls = SPSStem if self.stem == "sps" else PatchStem
+    x_XND = stem_cls(dim=self.dim, pools=tuple(self.stem_pools), patch_size=self.patch_size, name="embedding",
+                     **common)(x, train=train, temperature=mask_temperature)
+    mlp_dim = int(self.dim * self.mlp_ratio)
+    for i in range(self.depth):
+      x_XND = Block(num_heads=self.num_heads, mlp_dim=mlp_dim, attn_scale=self.attn_scale, name=f"blocks_{i}",
+                    **common)(x_XND, train=train, temperature=mask_temperature)
+    feats_XD = jnp.mean(x_XND, axis=1)
+    logits_XK = Dense(self.num_classes, dtype=self.dtype, phase=self.phase, num_steps=T, name="head")(
+        feats_XD).astype(jnp.float32)
+    logits_TBK = logits_XK.reshape(T, -1, self.num_classes)
+    if self.phase == "snn":
+      sow(self, "step_logits", logits_TBK)
+    return jnp.mean(logits_TBK, axis=0)
+
+
+class SPSStem(SpikingModule):
+  """Spiking patch splitting: 4 x (Conv3x3 -> BN -> neuron [-> MaxPool]) with D/8, D/4, D/2, D channels,
+  then a relative position embedding Conv3x3 -> BN -> neuron added residually. Returns tokens [T*B, N, D].
+
+  The first conv sees analog pixels; it and its BN run once per image and feed every step.
+  """
+  dim: int = 384
+  pools: Sequence[bool] = (False, False, True, True)
+  patch_size: int = 4
+
+  @nn.compact
+  def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
+    mask_T = self.module_mask(temperature, enabled=self.mask.mask_stem)
+    x = images_BHWC
+    chans = (self.dim // 8, self.dim // 4, self.dim // 2, self.dim)
+    for i, c in enumerate(chans):
+      m_T = self.unit_mask(f"conv{i}_lif", mask_T, temperature, enabled=self.mask.mask_stem)
+      x = Conv(c, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,
+               num_steps=self.sim_steps, kind="analog" if i == 0 else "synaptic", name=f"conv{i}")(
+                   x, None if i == 0 else m_T)
+      x = batch_norm(train, f"conv{i}_bn")(x)
+      x = self.neuron_layer(x, f"conv{i}_lif", m_T, static=(i == 0))
+      if self.pools[i]:
+        x = max_pool(x, self.phase)
+    m_T = self.unit_mask("rpe_lif", mask_T, temperature, enabled=self.mask.mask_stem)
+    r = Conv(self.dim, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,
+             num_steps=self.sim_steps, name="rpe")(x, m_T)
+    r = batch_norm(train, "rpe_bn")(r)
+    x = x + self.neuron_layer(r, "rpe_lif", m_T)
+    return x.reshape(x.shape[0], -1, self.dim)
+
+
+class PatchStem(SpikingModule):
+  """Plain ViT embedding: Conv(patch, stride patch) + pos_embedding -> BN -> neuron, on analog pixels (run once
+  per image). Returns tokens [T*B, N, D]."""
+  dim: int = 384
+  pools: Sequence[bool] = ()
+  patch_size: int = 16
+
+  @nn.compact
+  def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
+    mask_T = self.module_mask(temperature, enabled=self.mask.mask_stem)
+    mask_T = self.unit_mask("patch_lif", mask_T, temperature, enabled=self.mask.mask_stem)
+    p = self.patch_size
+    x = Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, phase=self.phase,
+             num_steps=self.sim_steps, kind="analog", name="patch")(images_BHWC)
+    x = x.reshape(x.shape[0], -1, self.dim)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim), jnp.float32)
+    x = batch_norm(train, "patch_bn")(x + pos.astype(x.dtype))
+    return self.neuron_layer(x, "patch_lif", mask_T, static=True)

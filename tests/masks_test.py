@@ -1,0 +1,74 @@
+"""Time-step masks: exact binary forward, sigmoid' backward, monotone form, costs and averages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtvit import masks
+
+SCORES = jnp.array([2.0, -0.5, 0.3, -1.2, 0.7])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_ste_forward_is_exactly_binary_and_backward_is_sigmoid_prime(temperature):
+  m = masks.time_step_mask(SCORES, mode="ste", temperature=temperature)
+  np.testing.assert_array_equal(np.asarray(m), [1, 0, 1, 0, 1])
+  assert set(np.unique(np.asarray(m)).tolist()) <= {0.0, 1.0}
+  weights = jnp.arange(1.0, 6.0)
+  grad = jax.grad(lambda s: jnp.sum(weights * masks.time_step_mask(s, mode="ste", temperature=temperature)))(SCORES)
+  sig = jax.nn.sigmoid(SCORES / temperature)
+  np.testing.assert_allclose(grad, weights * sig * (1 - sig) / temperature, rtol=1e-6)
+
+
+def test_ste_forward_binary_for_many_random_scores():
+  s = jax.random.normal(jax.random.key(0), (10000,)) * 5
+  m = np.asarray(masks.time_step_mask(s))
+  assert set(np.unique(m).tolist()) == {0.0, 1.0}
+  np.testing.assert_array_equal(m, np.asarray(s) > 0)
+
+
+def test_sigmoid_mode_anneals_towards_hard_step():
+  gaps = [float(jnp.max(jnp.abs(masks.time_step_mask(SCORES, mode="sigmoid", temperature=t)
+                                - masks.hard_mask(SCORES)))) for t in (1.0, 0.1, 0.01)]
+  assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-6 + jax.nn.sigmoid(-30.0)
+
+
+@pytest.mark.parametrize("mode", masks.MASK_MODES)
+def test_monotone_mask_stays_off_once_off(mode):
+  m = np.asarray(masks.time_step_mask(SCORES * 10, mode=mode, monotone=True))
+  assert np.all(np.diff(m) <= 1e-6)
+  np.testing.assert_array_equal(np.asarray(masks.hard_mask(SCORES, monotone=True)), [1, 0, 0, 0, 0])
+  # Gradients still reach the later scores through the product in STE mode.
+  if mode == "ste":
+    g = jax.grad(lambda s: jnp.sum(masks.time_step_mask(s, monotone=True)))(jnp.array([1.0, 2.0, 3.0]))
+    assert np.all(np.asarray(g) > 0)
+
+
+def test_costs_and_averages():
+  scores = {"a": jnp.array([3.0, -3.0]), "b": jnp.array([0.0, 0.0])}
+  sig = jax.nn.sigmoid
+  expected = ((sig(3.0) + sig(-3.0)) + 1.0) / 2
+  assert float(masks.time_step_cost(scores)) == pytest.approx(float(expected), rel=1e-6)
+  w = {"a": 3.0, "b": 1.0}
+  ow = (3 * (sig(3.0) + sig(-3.0)) + 1.0) / 4
+  assert float(masks.time_step_cost(scores, kind="op_weighted", op_weights=w)) == pytest.approx(float(ow), 1e-6)
+  assert float(masks.time_step_cost(scores, kind="hinge", target=0.5)) == pytest.approx(float(expected) - 0.5, 1e-6)
+  assert float(masks.time_step_cost(scores, kind="hinge", target=5.0)) == 0.0
+  # The cost grows with every score, so descent pulls every score down.
+  g = jax.grad(lambda s: masks.time_step_cost(s))(scores)
+  assert all(np.all(np.asarray(v) > 0) for v in g.values())
+  hard = {k: masks.hard_mask(v) for k, v in {"a": jnp.array([1.0, 1.0, -1.0]), "b": jnp.array([1.0, -1, -1])}.items()}
+  assert float(masks.average_steps(hard)) == 1.5
+  assert float(masks.op_weighted_average_steps(hard, {"a": 3.0, "b": 1.0})) == pytest.approx(7 / 4)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="Unknown mask mode 'gumbel'"):
+    masks.time_step_mask(SCORES, mode="gumbel")
+  with pytest.raises(ValueError, match="Unknown time-step cost 'l1'"):
+    masks.time_step_cost({"a": SCORES}, kind="l1")
+  with pytest.raises(ValueError, match="needs a target"):
+    masks.time_step_cost({"a": SCORES}, kind="hinge")
+  with pytest.raises(ValueError, match="missing: \\['a'\\]"):
+    masks.time_step_cost({"a": SCORES}, kind="op_weighted", op_weights={})
