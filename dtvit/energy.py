@@ -1,0 +1,279 @@
+"""Energy accounting for the spiking ViTs: dense op counts, synaptic operations (SOPs), ANN vs SNN energy.
+
+Everything here is plain numpy / jnp on numbers the model reports; the only model hooks are the static op
+counts recorded while the model is traced under `dtvit.models.layers.record_ops()` (with `jax.eval_shape`, so
+nothing is computed) and the 'aux' side outputs of an SNN evaluation (`models.apply_model`).
+
+Op counts (`op_counts`). For each layer that does synaptic work, 'macs' is the dense multiply-accumulate count
+for ONE sample at ONE time step, as the layer records it:
+  Dense  [N, Din] -> [N, Dout]:          N * Din * Dout                  (the head: Din * K, no token axis)
+  Conv   kxk, Cin -> Cout, output HxW:   H * W * Cout * k * k * Cin      (padded taps counted: the dense count)
+  attention product, H heads, N tokens, head dim dh (the model picks the cheaper association order):
+    N > dh:  K^T V ('.../kv') and Q (K^T V) ('.../qkv'):  H * N * dh * dh each
+    N <= dh: Q K^T ('.../qk') and (Q K^T) V ('.../qkv'):  H * N * N * dh each
+BatchNorm (foldable into the weights at inference), neuron updates, pooling and residual additions are not
+counted: the convention counts synaptic operations only.
+'kind' is 'analog' for the layer that sees the pixels (direct encoding), 'synaptic' for layers fed by spikes
+(or by sums of spikes: the residual stream), 'attention' for products of two spike tensors.
+'module' is the masked module whose time-step mask gates the layer's work at each step:
+  granularity 'module': the block's 'blocks_i/attn' or 'blocks_i/mlp' (the stem's 'embedding' with mask_stem);
+  granularity 'layer':  the neuron the layer feeds, layer 'x' -> 'x_lif'; attention products -> '.../attn_lif';
+  None for layers no mask gates: the head, the unmasked stem, and always the analog layer (it runs once per
+  image, so no per-step mask can save its work).
+
+Energy (`energy_report`), per sample, with e_mac = 4.6 pJ and e_ac = 0.9 pJ by default (45 nm, 32-bit float,
+Horowitz ISSCC 2014):
+  ANN twin:  E_ANN = e_mac * sum_l macs_l                      (one pass; `ann_macs`)
+  SNN:       E_SNN = e_mac * sum_{l analog} macs_l               (computed once, not per step)
+                   + e_ac  * SOPs
+             SOPs  = sum_{l not analog} macs_l * sum_t rate_l[t]
+where rate_l[t] is the mean input event count per input element of layer l at step t, averaged over the
+evaluated batch, ALREADY multiplied by the mask that gates the layer (a masked step contributes zero):
+  synaptic layer l:  aux['input_rates'][l]
+  attention product: macs x the rate of its spike operand. aux['attention_rates'][m] = (rate_1, rate_2) are the
+    two operand rates the model reports for attention module m, in the order of its two products: the first
+    product ('kv' or 'qk') uses rate_1 (its first operand: K for K^T V, Q for Q K^T), the second ('qkv') uses
+    rate_2 (Q for Q (K^T V); for (Q K^T) V, whose left operand is an integer count matrix, the model reports
+    K's rate and that is what is used).
+Rates above 1 happen (the residual stream carries sums of spikes): an input of value n counts n events. The
+head's input is the token mean of the residual stream (fractional), counted the same way.
+A 'conv' event feeds k*k*Cout outputs in this count (exact away from the padded border).
+
+Time steps: steps_l = sum_t mask_l[t]; T_avg = mean_l steps_l (`dtvit.masks.average_steps`); the op-weighted
+T_avg = sum_l w_l steps_l / sum_l w_l with w_l = `module_op_weights` (the per-step dense MACs the module's mask
+gates; `dtvit.masks.op_weighted_average_steps`). The same weights serve the 'op_weighted' time-step cost.
+
+The report is a dict of python floats / ints / lists / str / None: `json.dump` it as it is. Energy is linear in
+the rates, so over a data set average the aux rates (weighted by batch size) and report once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dtvit import masks as masks_lib
+from dtvit import models
+from dtvit.models import layers
+
+E_MAC = 4.6e-12  # J per 32-bit float multiply-accumulate, 45 nm (Horowitz, ISSCC 2014)
+E_AC = 0.9e-12   # J per 32-bit float accumulate
+KINDS = ("analog", "synaptic", "attention")
+UNMASKED = "<unmasked>"  # the per-module table's row for layers no mask gates (analog layer, head, ...)
+
+
+def _trace(model, image_shape) -> tuple[dict, list[str]]:
+  """(op counts {layer: {'kind', 'macs', 'module'}}, sorted masked-module names) from one abstract trace."""
+  image_shape = tuple(int(d) for d in image_shape)
+  if len(image_shape) != 3:
+    raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}.")
+  model.validate()
+  with layers.record_ops() as rec:
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                               jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+  if not rec:
+    raise ValueError("Tracing the model recorded no op counts: is it a dtvit SpikingViT?")
+  bad = {k: v["kind"] for k, v in rec.items() if v["kind"] not in KINDS}
+  if bad:
+    raise ValueError(f"Unknown op kinds {bad}; expected one of {KINDS}.")
+  masked = sorted(models.time_step_scores(variables["params"]))
+  granularity = model.mask.granularity
+  counts = {}
+  for path, r in rec.items():
+    counts[path] = {"kind": r["kind"], "macs": int(r["macs"]),
+                    "module": _gating_module(path, r["kind"], masked, granularity)}
+  return counts, masked
+
+
+def _gating_module(path: str, kind: str, masked: list[str], granularity: str):
+  if kind == "analog":
+    return None  # runs once per image: no per-step mask gates it
+  if granularity == "layer":
+    unit = path.rpartition("/")[0] + "/attn_lif" if kind == "attention" else path + "_lif"
+    return unit if unit in masked else None
+  owners = [m for m in masked if path.startswith(m + "/")]
+  return max(owners, key=len) if owners else None
+
+
+def op_counts(model, image_shape) -> dict[str, dict[str, Any]]:
+  """Dense op counts of every synaptic layer, per sample per step.
+
+  Args:
+    model: a `SpikingViT` (either phase: the counts are the same).
+    image_shape: (H, W, C) of one image.
+  Returns:
+    {layer path: {'kind': 'analog' | 'synaptic' | 'attention', 'macs': int, 'module': str | None}}, in the
+    order the layers run. See the module docstring for the formulas and the 'module' convention.
+  """
+  return _trace(model, image_shape)[0]
+
+
+def module_op_weights(model, image_shape) -> dict[str, int]:
+  """{masked module: sum of the per-step dense MACs of the layers its mask gates}.
+
+  Every masked module of the model is listed, including those that gate no per-step work (weight 0, e.g. the
+  ViT patch stem's neuron with mask_stem: its only layer is the analog one). The keys are those of
+  `models.time_step_scores`, so the dict goes straight to `masks.time_step_cost(kind='op_weighted')`.
+  """
+  counts, masked = _trace(model, image_shape)
+  return _module_weights(counts, masked)
+
+
+def _module_weights(counts, masked) -> dict[str, int]:
+  weights = {m: 0 for m in masked}
+  for c in counts.values():
+    if c["module"] is not None:
+      weights[c["module"]] += c["macs"]
+  return weights
+
+
+def ann_macs(model, image_shape) -> int:
+  """Total dense MACs of one ANN-twin forward pass of one sample."""
+  return sum(c["macs"] for c in op_counts(model, image_shape).values())
+
+
+def _rate(value, name: str, num_steps: int) -> np.ndarray:
+  if value is None:
+    raise ValueError(f"Missing rate for {name}.")
+  r = np.asarray(value, dtype=np.float64)
+  if r.shape != (num_steps,):
+    raise ValueError(f"Rate of {name} has shape {r.shape}; expected ({num_steps},) (one per time step, T_max = "
+                     f"{num_steps}). Pass the aux of an SNN evaluation of this model.")
+  if not np.all(np.isfinite(r)) or np.any(r < 0):
+    raise ValueError(f"Rate of {name} must be finite and >= 0, got {r.tolist()}.")
+  return r
+
+
+def _check_keys(what: str, given, expected, hint: str) -> None:
+  unknown = sorted(set(given) - set(expected))
+  if unknown:
+    raise ValueError(f"Unknown {what} in aux: {unknown}; this model has {sorted(expected)}. "
+                     "Was aux produced by another model or image size?")
+  missing = sorted(set(expected) - set(given))
+  if missing:
+    raise ValueError(f"Missing {what} in aux for {missing}. {hint}")
+
+
+def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = E_MAC,
+                  e_ac: float = E_AC) -> dict[str, Any]:
+  """ANN-twin vs SNN energy per sample, SOPs, per-layer and per-module tables, average time steps.
+
+  Args:
+    model: the `SpikingViT` that produced `aux` (its T_max, mask granularity and stem masking matter).
+    image_shape: (H, W, C) of one image.
+    aux: the aux of an SNN evaluation, `models.apply_model(model, variables, images)[1]` (or any mapping with
+      'input_rates' {layer: [T]}, 'attention_rates' {attn module: ([T], [T])} and 'masks' {module: [T]}).
+      Evaluate with hard masks (`models.with_mask(model, hard=True)`) for binary masks.
+    e_mac, e_ac: joules per MAC and per AC.
+  Returns:
+    A JSON-able dict (joules per sample; see the module docstring for every formula):
+      'constants': {'e_mac_j', 'e_ac_j'}; 'num_steps'; 'image_shape';
+      'totals': {'ann_macs', 'snn_analog_macs', 'sops', 'ann_energy_j', 'snn_energy_j', 'energy_ratio'};
+      'layers': {layer: {'kind', 'module', 'macs', 'rate_source', 'input_rate_per_step', 'mean_input_rate',
+                         'acs_per_step', 'acs', 'energy_j'}};
+      'modules': {module or '<unmasked>': {'macs' (per-step dense MACs of its non-analog layers, for a masked
+                  module = its `module_op_weights` entry), 'analog_macs', 'steps', 'mask', 'acs', 'energy_j',
+                  'layers'}};
+      'steps_per_module', 'average_steps' (T_avg), 'op_weighted_average_steps', 'masks_binary'.
+  """
+  for name, e in (("e_mac", e_mac), ("e_ac", e_ac)):
+    if not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
+      raise ValueError(f"{name} must be a finite number >= 0 (joules), got {e!r}.")
+  if not isinstance(aux, Mapping):
+    raise ValueError(f"aux must be the dict returned by models.apply_model, got {type(aux).__name__}.")
+  for key in ("input_rates", "attention_rates"):
+    if not isinstance(aux.get(key), Mapping):
+      raise ValueError(f"aux has no {key!r} dict; pass the aux of an SNN evaluation (models.apply_model).")
+  T = int(model.num_steps)
+  counts, masked = _trace(model, image_shape)
+  hint = ("The SNN records them at every synaptic layer: pass the aux of an SNN evaluation (phase='snn') of "
+          "this model, with_aux=True.")
+
+  rate_layers = [p for p, c in counts.items() if c["kind"] == "synaptic"]
+  attn_layers: dict[str, list[str]] = {}
+  for p, c in counts.items():
+    if c["kind"] == "attention":
+      attn_layers.setdefault(p.rpartition("/")[0], []).append(p)
+  _check_keys("input rates (layers)", aux["input_rates"], rate_layers, hint)
+  _check_keys("attention rates (attention modules)", aux["attention_rates"], attn_layers, hint)
+
+  rates, sources = {}, {}
+  for p in rate_layers:
+    rates[p], sources[p] = _rate(aux["input_rates"][p], f"layer {p!r}", T), f"input_rates[{p!r}]"
+  for m, paths in attn_layers.items():
+    pair = aux["attention_rates"][m]
+    if not isinstance(pair, (tuple, list)) or len(pair) != len(paths):
+      raise ValueError(f"attention_rates[{m!r}] must hold {len(paths)} rates (one per attention product "
+                       f"{paths}), got {pair!r}.")
+    for i, p in enumerate(paths):
+      rates[p] = _rate(pair[i], f"attention product {p!r} (attention_rates[{m!r}][{i}])", T)
+      sources[p] = f"attention_rates[{m!r}][{i}]"
+
+  # Masks: with masks disabled the model sows none and every step is active.
+  given_masks = aux.get("masks") or {}
+  if model.mask.enabled:
+    _check_keys("masks (masked modules)", given_masks, masked, hint)
+    mask_T = {m: _rate(given_masks[m], f"mask of {m!r}", T) for m in masked}
+  else:
+    if given_masks:
+      raise ValueError(f"aux has masks {sorted(given_masks)} but the model's masks are disabled.")
+    mask_T = {m: np.ones(T) for m in masked}
+
+  table = {}
+  ann_total = snn_analog = sops = 0
+  for p, c in counts.items():
+    macs = c["macs"]
+    ann_total += macs
+    row = {"kind": c["kind"], "module": c["module"], "macs": macs}
+    if c["kind"] == "analog":
+      snn_analog += macs
+      row.update(rate_source=None, input_rate_per_step=None, mean_input_rate=None, acs_per_step=None,
+                 acs=0.0, energy_j=float(e_mac * macs))
+    else:
+      acs_T = macs * rates[p]
+      acs = float(np.sum(acs_T))
+      sops += acs
+      row.update(rate_source=sources[p], input_rate_per_step=[float(r) for r in rates[p]],
+                 mean_input_rate=float(np.mean(rates[p])), acs_per_step=[float(a) for a in acs_T], acs=acs,
+                 energy_j=float(e_ac * acs))
+    table[p] = row
+
+  weights = _module_weights(counts, masked)
+  modules = {m: {"macs": 0, "analog_macs": 0, "steps": float(np.sum(mask_T[m])),
+                 "mask": [float(v) for v in mask_T[m]], "acs": 0.0, "energy_j": 0.0, "layers": []} for m in masked}
+  modules[UNMASKED] = {"macs": 0, "analog_macs": 0, "steps": None, "mask": None, "acs": 0.0, "energy_j": 0.0,
+                       "layers": []}
+  for p, row in table.items():
+    group = modules[UNMASKED if row["module"] is None else row["module"]]
+    group["analog_macs" if row["kind"] == "analog" else "macs"] += row["macs"]
+    group["acs"] += row["acs"]
+    group["energy_j"] += row["energy_j"]
+    group["layers"].append(p)
+
+  if masked:
+    t_avg = float(masks_lib.average_steps({m: jnp.asarray(v) for m, v in mask_T.items()}))
+    t_op = (float(masks_lib.op_weighted_average_steps({m: jnp.asarray(v) for m, v in mask_T.items()}, weights))
+            if sum(weights.values()) > 0 else None)
+  else:
+    t_avg = t_op = float(T)
+
+  ann_energy = float(e_mac * ann_total)
+  snn_energy = float(e_mac * snn_analog + e_ac * sops)
+  return {
+      "constants": {"e_mac_j": float(e_mac), "e_ac_j": float(e_ac)},
+      "num_steps": T,
+      "image_shape": [int(d) for d in image_shape],
+      "totals": {"ann_macs": int(ann_total), "snn_analog_macs": int(snn_analog), "sops": float(sops),
+                 "ann_energy_j": ann_energy, "snn_energy_j": snn_energy,
+                 "energy_ratio": snn_energy / ann_energy if ann_energy > 0 else None},
+      "layers": table,
+      "modules": modules,
+      "steps_per_module": {m: float(np.sum(v)) for m, v in mask_T.items()},
+      "average_steps": t_avg,
+      "op_weighted_average_steps": t_op,
+      "masks_binary": bool(all(np.all((v == 0) | (v == 1)) for v in mask_T.values())),
+  }
