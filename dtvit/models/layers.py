@@ -223,22 +223,62 @@ class SpikingModule(nn.Module):
   neuron: NeuronConfig
   mask: MaskConfig
   dtype: Any = jnp.float32
+  # Skipped-step inference (built by `dtvit.inference`): ((module path, T_run), ...), or None to simulate all
+  # T_max steps (the training path). A scheduled module simulates only its first T_run steps.
+  schedule: Any = None
+
+  @property
+  def run_steps(self) -> Optional[int]:
+    """This module's T_run from the schedule, or None (not scheduled: run all T_max steps)."""
+    if self.schedule is None or self.phase != "snn":
+      return None
+    return dict(self.schedule).get("/".join(self.scope.path))
 
   @property
   def sim_steps(self) -> int:
-    """Simulated steps: T_max in the SNN, 1 in the ANN twin (the masks keep T_max scores in both)."""
-    return self.num_steps if self.phase == "snn" else 1
+    """Simulated steps: T_max in the SNN (T_run when scheduled), 1 in the ANN twin (the masks keep T_max
+    scores in both)."""
+    if self.phase != "snn":
+      return 1
+    run = self.run_steps
+    return self.num_steps if run is None else run
+
+  def take_steps(self, x):
+    """[T_max*B, ...] -> its first T_run steps [T_run*B, ...] (unchanged when not scheduled)."""
+    run = self.run_steps
+    if run is None or run == self.num_steps:
+      return x
+    return x[: x.shape[0] // self.num_steps * run]
+
+  def pad_steps(self, y):
+    """[T_run*B, ...] -> [T_max*B, ...], zeros at the skipped steps: the schedule only skips steps whose
+    mask is 0, where the module's output is exactly 0."""
+    run = self.run_steps
+    if run is None or run == self.num_steps:
+      return y
+    b = y.shape[0] // run
+    return jnp.concatenate([y, jnp.zeros(((self.num_steps - run) * b,) + y.shape[1:], y.dtype)])
+
+  def skipped_output(self, images_BHWC, downsampling: int):
+    """A stem's output when scheduled out (every step masked): zero tokens [T_max*B, N, dim]."""
+    b, h, w = images_BHWC.shape[:3]
+    dtype = jnp.promote_types(images_BHWC.dtype, jnp.float32)  # BN (float32 params) promotes the stem output
+    return jnp.zeros((self.num_steps * b, (h // downsampling) * (w // downsampling), self.dim), dtype)
+
+  def _window(self, mask_T):
+    run = self.run_steps
+    return mask_T if mask_T is None or run is None else mask_T[:run]
 
   def module_mask(self, temperature, enabled: bool = True):
-    """The module-level mask (granularity 'module'), or None."""
+    """The module-level mask (granularity 'module'), or None. [T_run] when scheduled."""
     if self.mask.granularity == "module" and enabled:
-      return TimeMask(self.num_steps, self.mask, self.phase, name="time_mask")(temperature)
+      return self._window(TimeMask(self.num_steps, self.mask, self.phase, name="time_mask")(temperature))
     return None
 
   def unit_mask(self, name, module_mask_T, temperature, enabled: bool = True):
     """The mask gating one neuron: its own (granularity 'layer') or the module's."""
     if self.mask.granularity == "layer" and enabled:
-      return TimeMask(self.num_steps, self.mask, self.phase, name=f"{name}_mask")(temperature)
+      return self._window(TimeMask(self.num_steps, self.mask, self.phase, name=f"{name}_mask")(temperature))
     return module_mask_T
 
   def neuron_layer(self, x, name, mask_T, *, threshold=None, static=False):
@@ -264,6 +304,9 @@ class SpikingSelfAttention(SpikingModule):
     D = x_XND.shape[-1]
     if D % self.num_heads:
       raise ValueError(f"dim {D} is not divisible by num_heads {self.num_heads}.")
+    if self.run_steps == 0:  # scheduled out: every step masked, the output is exactly 0
+      return jnp.zeros_like(x_XND)
+    x_XND = self.take_steps(x_XND)
     H, dh = self.num_heads, D // self.num_heads
     module_mask_T = self.module_mask(temperature)
     qkv = {}
@@ -292,7 +335,7 @@ class SpikingSelfAttention(SpikingModule):
     y = (y * self.scale).reshape(x_XND.shape)
     y = self.neuron_layer(y, "attn_lif", attn_mask_T, threshold=self.neuron.attn_threshold)
     proj_mask_T = self.unit_mask("proj_lif", module_mask_T, temperature)
-    return self.dense_unit(y, D, "proj", proj_mask_T, train=train)
+    return self.pad_steps(self.dense_unit(y, D, "proj", proj_mask_T, train=train))
 
 
 def _gate(rate_T, mask_T):
@@ -305,11 +348,14 @@ class SpikingMLP(SpikingModule):
 
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
+    if self.run_steps == 0:  # scheduled out: every step masked, the output is exactly 0
+      return jnp.zeros_like(x_XND)
+    x_XND = self.take_steps(x_XND)
     module_mask_T = self.module_mask(temperature)
     h = self.dense_unit(x_XND, self.hidden_dim, "fc1", self.unit_mask("fc1_lif", module_mask_T, temperature),
                         train=train)
-    return self.dense_unit(h, x_XND.shape[-1], "fc2", self.unit_mask("fc2_lif", module_mask_T, temperature),
-                           train=train)
+    return self.pad_steps(self.dense_unit(h, x_XND.shape[-1], "fc2",
+                                          self.unit_mask("fc2_lif", module_mask_T, temperature), train=train))
 
 
 class Block(SpikingModule):
@@ -321,7 +367,7 @@ class Block(SpikingModule):
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
     common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
-                  dtype=self.dtype)
+                  dtype=self.dtype, schedule=self.schedule)
     x_XND = x_XND + SpikingSelfAttention(num_heads=self.num_heads, scale=self.attn_scale, name="attn",
                                          **common)(x_XND, train=train, temperature=temperature)
     x_XND = x_XND + SpikingMLP(hidden_dim=self.mlp_dim, name="mlp", **common)(
@@ -349,6 +395,9 @@ class SpikingViT(nn.Module):
     neuron, mask: `NeuronConfig`, `MaskConfig`.
     attn_scale: the scale of Q K^T V.
     dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
+    schedule: None (dense: all T_max steps, the training path), or ((module path, T_run), ...) for
+      skipped-step inference with hard masks: each listed masked module simulates only its first T_run steps
+      and is skipped when T_run = 0. Built from trained masks by `dtvit.inference`.
   """
   num_classes: int
   stem: str = "sps"
@@ -364,6 +413,7 @@ class SpikingViT(nn.Module):
   mask: MaskConfig = MaskConfig()
   attn_scale: float = 0.125
   dtype: Any = jnp.float32
+  schedule: Any = None
 
   def validate(self):
     if self.phase not in PHASES:
@@ -380,6 +430,27 @@ class SpikingViT(nn.Module):
       raise ValueError(f"The SPS stem needs dim divisible by 8 (channels D/8, D/4, D/2, D), got {self.dim}.")
     self.neuron.validate()
     self.mask.validate()
+    if self.schedule is not None:
+      self._validate_schedule()
+
+  def _validate_schedule(self):
+    if self.phase != "snn":
+      raise ValueError("A skipped-step schedule needs phase='snn'.")
+    if self.mask.enabled and not self.mask.hard:
+      raise ValueError("A skipped-step schedule needs hard masks: use models.with_mask(model, hard=True).")
+    known = {f"blocks_{i}/{m}" for i in range(self.depth) for m in ("attn", "mlp")}
+    if self.mask.mask_stem:
+      known.add("embedding")
+    for entry in self.schedule:
+      if not (isinstance(entry, tuple) and len(entry) == 2):
+        raise ValueError(f"Schedule entries are (module path, T_run) pairs, got {entry!r}.")
+      name, run = entry
+      if name not in known:
+        raise ValueError(f"Schedule names unknown or unmasked module {name!r}; masked modules: {sorted(known)}.")
+      if int(run) != run or not 0 <= run <= self.num_steps:
+        raise ValueError(f"T_run of {name!r} must be an integer in [0, {self.num_steps}], got {run!r}.")
+      if not self.mask.enabled and run != self.num_steps:
+        raise ValueError(f"Masks are disabled, so every step of {name!r} is active; it cannot skip steps.")
 
   def downsampling(self) -> int:
     return self.patch_size if self.stem == "patch" else 2 ** sum(bool(p) for p in self.stem_pools)
@@ -399,7 +470,7 @@ class SpikingViT(nn.Module):
     self.check_input(images_BHWC)
     T = self.num_steps if self.phase == "snn" else 1
     common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
-                  dtype=self.dtype)
+                  dtype=self.dtype, schedule=self.schedule)
     x = images_BHWC.astype(self.dtype)
     stem_cls = SPSStem if self.stem == "sps" else PatchStem
     x_XND = stem_cls(dim=self.dim, pools=tuple(self.stem_pools), patch_size=self.patch_size, name="embedding",
@@ -429,6 +500,8 @@ class SPSStem(SpikingModule):
 
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
+    if self.run_steps == 0:
+      return self.skipped_output(images_BHWC, 2 ** sum(bool(p) for p in self.pools))
     mask_T = self.module_mask(temperature, enabled=self.mask.mask_stem)
     x = images_BHWC
     chans = (self.dim // 8, self.dim // 4, self.dim // 2, self.dim)
@@ -446,7 +519,7 @@ class SPSStem(SpikingModule):
              num_steps=self.sim_steps, name="rpe")(x, m_T)
     r = batch_norm(train, "rpe_bn")(r)
     x = x + self.neuron_layer(r, "rpe_lif", m_T)
-    return x.reshape(x.shape[0], -1, self.dim)
+    return self.pad_steps(x.reshape(x.shape[0], -1, self.dim))
 
 
 class PatchStem(SpikingModule):
@@ -458,6 +531,8 @@ class PatchStem(SpikingModule):
 
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
+    if self.run_steps == 0:
+      return self.skipped_output(images_BHWC, self.patch_size)
     mask_T = self.module_mask(temperature, enabled=self.mask.mask_stem)
     mask_T = self.unit_mask("patch_lif", mask_T, temperature, enabled=self.mask.mask_stem)
     p = self.patch_size
@@ -466,4 +541,4 @@ class PatchStem(SpikingModule):
     x = x.reshape(x.shape[0], -1, self.dim)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim), jnp.float32)
     x = batch_norm(train, "patch_bn")(x + pos.astype(x.dtype))
-    return self.neuron_layer(x, "patch_lif", mask_T, static=True)
+    return self.pad_steps(self.neuron_layer(x, "patch_lif", mask_T, static=True))

@@ -1,0 +1,300 @@
+"""Inference with trained time-step masks: skipped-step execution and per-sample early exit.
+
+Skipped steps. Training simulates all T_max steps and multiplies each masked module's spikes by its mask, so
+shapes never depend on learned values. At inference the hard masks are fixed, and a module whose mask is 0 at
+steps t >= T_run emits exactly 0 there. `make_inference_fn` compiles a static schedule {module: T_run} from the
+masks, T_run = (index of the last active step) + 1, and runs the same model code with
+`SpikingViT.schedule` set: each scheduled module slices the residual stream [T_max*B, ...] to its first
+T_run*B rows, runs its Dense/BN/attention layers and neuron scans over those rows only, and zero-pads its
+output back to T_max*B rows; a module with T_run = 0 is not run at all. This is exact because
+- every stateless layer (Dense, Conv, BN with running statistics, attention products, pooling) acts on each
+  (step, sample) row independently, so slicing rows does not change the rows kept;
+- the neuron recurrence is causal, so its first T_run steps do not depend on later inputs;
+- steps >= T_run are masked, so the module's output there is exactly 0, which the padding reproduces.
+Masked steps before the last active one (non-monotone masks) are still simulated: their spikes are dropped
+but the membranes keep integrating, and later active steps depend on that.
+
+Granularity 'layer' (one mask per neuron) is supported at module level: a module's output is the spikes of
+its output neuron(s) (attn: proj_lif; mlp: fc2_lif; SPS stem: conv3_lif and rpe_lif, which are summed; patch
+stem: patch_lif), so T_run = last step at which any output neuron is active + 1, and the module's inner
+neurons run those T_run steps too (their later steps cannot reach the output). Inner neurons whose own masks
+end earlier are not trimmed further.
+
+The stem. With `mask_stem=False` (default) the stem is unmasked: its tokens enter the residual stream at
+every step and reach the head directly, so every one of the T_max steps is needed and the stem runs them all
+(its analog first layer runs once per image anyway). With `mask_stem=True` the stem's output at a masked step
+is exactly 0, so nothing downstream needs it computed: its trailing masked steps are skipped like any other
+module's. Blocks still active at those steps run them on a residual stream without the stem's contribution,
+exactly as in the dense evaluation. The head runs on all T_max steps (a zero residual stream still gives
+its bias), so the time-averaged logits are unchanged.
+
+Early exit (SEENN / DT-SNN, on top of the learned masks). Steps run in order; sample b stops after step t
+once its accumulated output, the mean of its first t step logits, is confident. The prediction is the
+argmax of that accumulated output; a sample that never becomes confident runs all T_max steps and gets the
+full evaluation's prediction. `early_exit_eval` computes accuracy and average steps from the model's step
+logits [T, B, K] (aux['step_logits']) for a list of thresholds; `early_exit_over_batches` accumulates them
+over a dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dtvit import models
+from dtvit.models.layers import SpikingViT
+
+CRITERIA = ("confidence", "entropy")
+
+# The neurons whose spikes form a module's output, per module kind (see the module docstring).
+_OUTPUT_NEURONS = {
+    "attn": ("proj_lif",),
+    "mlp": ("fc2_lif",),
+    "embedding": ("conv3_lif", "rpe_lif", "patch_lif"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skipped-step inference.
+
+
+def run_steps(mask_T) -> int:
+  """T_run of one mask [T]: the index of its last active step + 1 (0 when no step is active)."""
+  active = np.flatnonzero(np.asarray(mask_T) > 0)
+  return int(active[-1]) + 1 if active.size else 0
+
+
+def schedule_from_masks(model: SpikingViT, masks: Mapping[str, Any]) -> dict[str, int]:
+  """{masked module path: T_run} from hard masks {name: [T]} as returned by `models.hard_masks`.
+
+  Granularity 'module': the names are the modules. Granularity 'layer': the names are neurons
+  ('blocks_0/attn/q_lif'); each module's T_run comes from its output neurons' masks.
+  """
+  if model.mask.granularity == "module":
+    return {name: run_steps(m) for name, m in sorted(masks.items())}
+  by_module: dict[str, dict[str, Any]] = {}
+  for name, m in masks.items():
+    module, _, neuron = name.rpartition("/")
+    by_module.setdefault(module, {})[neuron] = m
+  schedule = {}
+  for module, neurons in sorted(by_module.items()):
+    kind = module.rpartition("/")[2]
+    outputs = [n for n in _OUTPUT_NEURONS.get(kind, ()) if n in neurons]
+    if not outputs:
+      raise ValueError(f"Cannot tell the output neuron of module {module!r} (neurons {sorted(neurons)}); "
+                       f"known module kinds: {sorted(_OUTPUT_NEURONS)}.")
+    schedule[module] = max(run_steps(neurons[n]) for n in outputs)
+  return schedule
+
+
+def make_schedule(model: SpikingViT, params) -> dict[str, int]:
+  """{masked module path: T_run} from a trained model's hard masks."""
+  return schedule_from_masks(model, models.hard_masks(model, params))
+
+
+def scheduled_model(model: SpikingViT, schedule: Mapping[str, int]) -> SpikingViT:
+  """The same model with hard masks and the static schedule (only entries with T_run < T_max matter)."""
+  if model.phase != "snn":
+    raise ValueError("Skipped-step inference needs the SNN (phase='snn'); the ANN twin has no time steps.")
+  entries = tuple(sorted((name, int(run)) for name, run in schedule.items() if run < model.num_steps))
+  m = models.with_mask(model, hard=True).clone(schedule=entries)
+  m.validate()
+  return m
+
+
+def make_inference_fn(model: SpikingViT, variables) -> tuple[Callable[[jax.Array], jax.Array], dict[str, int]]:
+  """A jit-compiled `fn(images [B, H, W, C]) -> logits [B, K]` that skips masked steps, and its schedule.
+
+  The schedule {masked module: T_run} is read once from the hard masks in `variables['params']` and compiled
+  into the function: the function is only valid for these masks (new scores need a new function). Its logits
+  equal `dense_masked_eval(model, variables, images)`.
+  """
+  schedule = make_schedule(model, variables["params"])
+  fast = scheduled_model(model, schedule)
+
+  @jax.jit
+  def fn(images):
+    return models.apply_model(fast, variables, images, with_aux=False)
+
+  return fn, schedule
+
+
+def dense_masked_eval(model: SpikingViT, variables, images) -> jax.Array:
+  """The training path's evaluation with hard masks: all T_max steps simulated, masked spikes zeroed.
+  Returns logits [B, K]."""
+  return models.apply_model(models.with_mask(model, hard=True), variables, images, with_aux=False)
+
+
+def matmul_flops(fn: Callable, *args) -> int:
+  """FLOPs (2 per multiply-add) of the dot products and convolutions `fn(*args)` traces to.
+
+  Counted from the jaxpr, recursing into scans (times their length), jits, checkpoints and custom-derivative
+  calls: the work the program asks for, independent of timing noise. Elementwise work (neurons, BN) is not
+  counted.
+  """
+  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      k = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial) dims
+      k = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for sub in _sub_jaxprs(eqn.params):
+      total += times * _jaxpr_flops(sub)
+  return total
+
+
+def _sub_jaxprs(params):
+  for v in params.values():
+    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(item, "eqns"):
+        yield item
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-sample early exit.
+
+
+def _check_early_exit_args(criterion: str, thresholds: Sequence[float]) -> np.ndarray:
+  if criterion not in CRITERIA:
+    raise ValueError(f"Unknown early-exit criterion {criterion!r}; choose one of {CRITERIA}.")
+  thr = np.asarray(thresholds, np.float64).reshape(-1)
+  if thr.size == 0:
+    raise ValueError("early exit needs at least one threshold.")
+  bad = thr[~((thr >= 0.0) & (thr <= 1.0))]
+  if bad.size:
+    raise ValueError(f"Early-exit thresholds must lie in [0, 1] (max softmax probability or normalised "
+                     f"entropy), got {bad.tolist()}.")
+  return thr
+
+
+def exit_steps(step_logits_TBK, thresholds, criterion: str = "confidence"):
+  """Where each sample stops and what it predicts, for each threshold.
+
+  Sample b stops after the first step t (1-based) at which its accumulated output mean(step_logits[:t, b])
+  is confident: criterion 'confidence' -> max softmax probability > threshold; 'entropy' -> entropy of the
+  softmax / log K < threshold. It stops at T at the latest. The comparisons are strict so that threshold 1.0
+  ('confidence') or 0.0 ('entropy') never exits early and reproduces the full evaluation (a float32 softmax
+  can round to exactly 1).
+
+  Args:
+    step_logits_TBK: per-step logits [T, B, K] (aux['step_logits']).
+    thresholds: R values in [0, 1].
+  Returns:
+    steps_RB int32 in [1, T], predictions_RB int32 (numpy).
+  """
+  thr_R = _check_early_exit_args(criterion, thresholds)
+  x = np.asarray(step_logits_TBK, np.float32)
+  if x.ndim != 3:
+    raise ValueError(f"step logits must be [T, B, K], got shape {x.shape}.")
+  T, _, K = x.shape
+  if criterion == "entropy" and K < 2:
+    raise ValueError("The entropy criterion needs at least 2 classes.")
+  # Post-processing of a few [T, B, K] arrays: numpy, no compilation. The accumulated output's argmax is
+  # taken in float32 like the model's own time average (x.mean(0) at the last step); the criteria in float64.
+  acc_TBK = np.cumsum(x, axis=0, dtype=np.float32) / np.arange(1, T + 1, dtype=np.float32)[:, None, None]
+  acc_TBK[-1] = x.mean(axis=0)
+  z = acc_TBK.astype(np.float64)
+  z = z - z.max(axis=-1, keepdims=True)
+  p_TBK = np.exp(z)
+  p_TBK /= p_TBK.sum(axis=-1, keepdims=True)
+  if criterion == "confidence":
+    ok_RTB = p_TBK.max(axis=-1)[None] > thr_R[:, None, None]
+  else:
+    with np.errstate(divide="ignore", invalid="ignore"):
+      plogp = np.where(p_TBK > 0, p_TBK * np.log(p_TBK), 0.0)
+    ok_RTB = (-plogp.sum(axis=-1) / math.log(K))[None] < thr_R[:, None, None]
+  ok_RTB[:, -1] = True
+  t_RB = np.argmax(ok_RTB, axis=1)  # the first confident step
+  pred_TB = np.argmax(acc_TBK, axis=-1)
+  pred_RB = np.take_along_axis(pred_TB, t_RB, axis=0)
+  return (t_RB + 1).astype(np.int32), pred_RB.astype(np.int32)
+
+
+def _module_steps_T(masks: Mapping[str, Any], T: int) -> np.ndarray:
+  """[T]: the mean over masked modules of their active steps among the first t steps, t = 1..T."""
+  m = np.stack([np.asarray(v, np.float64).reshape(T) for v in masks.values()])
+  return np.cumsum(m, axis=1).mean(axis=0)
+
+
+def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "confidence", *,
+                     weights_B=None, masks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+  """Sums to accumulate over batches: {'correct', 'steps', 'module_steps' (with masks), 'count'} per
+  threshold ([R] each; 'count' a scalar). weights_B: 1 for real examples, 0 for padding (default all 1)."""
+  steps_RB, pred_RB = exit_steps(step_logits_TBK, thresholds, criterion)
+  labels_B = np.asarray(labels_B).reshape(-1)
+  if labels_B.shape[0] != steps_RB.shape[1]:
+    raise ValueError(f"{labels_B.shape[0]} labels for {steps_RB.shape[1]} samples.")
+  w_B = np.ones(labels_B.shape, np.float64) if weights_B is None else np.asarray(weights_B, np.float64)
+  out = {"correct": ((pred_RB == labels_B[None]) * w_B).sum(axis=1), "steps": (steps_RB * w_B).sum(axis=1),
+         "count": w_B.sum()}
+  if masks:
+    per_t = _module_steps_T(masks, np.shape(step_logits_TBK)[0])
+    out["module_steps"] = (per_t[steps_RB - 1] * w_B).sum(axis=1)
+  return out
+
+
+def _summarise(thresholds, stats) -> list[dict]:
+  n = max(float(stats["count"]), 1e-12)
+  rows = []
+  for i, thr in enumerate(np.asarray(thresholds, np.float64).reshape(-1)):
+    row = {"threshold": float(thr), "accuracy": float(stats["correct"][i]) / n,
+           "avg_steps": float(stats["steps"][i]) / n}
+    if "module_steps" in stats:
+      row["avg_module_steps"] = float(stats["module_steps"][i]) / n
+    rows.append(row)
+  return rows
+
+
+def early_exit_eval(step_logits_TBK, labels_B, thresholds, criterion: str = "confidence", *,
+                    weights_B=None, masks: Mapping[str, Any] | None = None) -> list[dict]:
+  """Accuracy and cost of per-sample early exit, one row per threshold.
+
+  Returns [{'threshold', 'accuracy', 'avg_steps'}]: 'avg_steps' is the mean number of steps run per sample
+  (T_max without exits). With `masks` ({module: hard mask [T]}) each row also has 'avg_module_steps': the
+  paper's T_avg (mean over masked modules of active steps) counted up to each sample's exit step.
+  """
+  stats = early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion, weights_B=weights_B, masks=masks)
+  return _summarise(thresholds, stats)
+
+
+def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapping[str, Any]], thresholds,
+                            criterion: str = "confidence", *, skip_steps: bool = True) -> list[dict]:
+  """`early_exit_eval` over a dataset: batches are {'image', 'label'[, 'mask']} (as from
+  `input_pipeline.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
+  steps skipped when `skip_steps` (same step logits either way)."""
+  _check_early_exit_args(criterion, thresholds)
+  masks = models.hard_masks(model, variables["params"])
+  if skip_steps:
+    run_model = scheduled_model(model, make_schedule(model, variables["params"]))
+  else:
+    run_model = models.with_mask(model, hard=True)
+
+  @jax.jit
+  def step_logits(images):
+    return models.apply_model(run_model, variables, images)[1]["step_logits"]
+
+  total = None
+  for batch in batches:
+    stats = early_exit_stats(step_logits(jnp.asarray(batch["image"])), batch["label"], thresholds, criterion,
+                             weights_B=batch.get("mask"), masks=masks or None)
+    total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
+  if total is None:
+    raise ValueError("early_exit_over_batches got no batches.")
+  return _summarise(thresholds, total)
