@@ -21,7 +21,7 @@ import json
 import logging as std_logging
 import os
 import time
-from typing import Any
+from typing import Callable, Any
 
 import jax
 import jax.numpy as jnp
@@ -278,7 +278,8 @@ def _with_default_sharding(abstract: Any) -> Any:
 
 
 def restore_variables(directory: str, abstract_variables: dict[str, Any], *, what: str = 'init_from',
-                      step: int | None = None) -> dict[str, Any]:
+                      step: int | None = None, fresh: dict[str, Any] | None = None,
+                      reinit_on_mismatch: Callable[[str], bool] | None = None) -> dict[str, Any]:
   """Restores only some collections of another run's checkpoint, e.g. {'params': ..., 'batch_stats': ...}.
 
   Args:
@@ -287,6 +288,10 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
       result has this structure, dtypes and shardings.
     what: how the caller names this source in errors and logs (a flag or config key, e.g. 'init_from').
     step: which step; default the latest finished one.
+    fresh: concrete variables with the structure of `abstract_variables` (e.g. a fresh init).
+    reinit_on_mismatch: predicate on a leaf path ('params/blocks_0/attn/time_mask/time_scores'): such leaves
+      whose saved shape differs from the target (e.g. time-step scores of another T_max) are taken from
+      `fresh` instead of raising. Other mismatches still raise.
 
   Returns:
     dict with the same keys as `abstract_variables`, holding the saved values.
@@ -318,6 +323,19 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
     source = f'{what} checkpoint {directory}/{step}'
     fix = (f'Make the model config match the run that wrote {directory}, or point {what} at a checkpoint of '
            f'the same model.')
+    reinit = {}
+    if reinit_on_mismatch is not None:
+      if fresh is None:
+        raise ValueError('restore_variables: reinit_on_mismatch needs `fresh` values.')
+      saved_flat = _flat_paths({k: saved_tree[k] for k in abstract_variables if k in saved_tree})
+      for path, leaf in _flat_paths(abstract_variables).items():
+        if reinit_on_mismatch(path) and (path not in saved_flat
+                                         or _shape_dtype(saved_flat[path])[0] != _shape_dtype(leaf)[0]):
+          reinit[path] = _flat_paths(fresh)[path]
+      if reinit:
+        logging.warning('%s: %s differ in shape from the checkpoint; they start fresh.', what, sorted(reinit))
+        abstract_variables = _drop_paths(abstract_variables, reinit)
+        saved_tree = _drop_paths({k: v for k, v in saved_tree.items()}, reinit)
     for name, abstract in abstract_variables.items():
       if name not in saved_tree:
         raise ValueError(f'Tree structure mismatch: {source} has no {name!r} collection (it has '
@@ -335,7 +353,28 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
   finally:
     manager.close()
   logging.info('%s: restored %s from %s step %d.', what, sorted(abstract_variables), directory, step)
-  return dict(restored.state)
+  result = dict(restored.state)
+  for path, value in reinit.items():
+    node = result
+    *parents, leaf = path.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return result
+
+
+def _drop_paths(tree: dict, paths: dict) -> dict:
+  """A copy of a nested dict without the given 'a/b/c' leaf paths."""
+  out = {}
+  for k, v in tree.items():
+    if k in paths:
+      continue
+    if isinstance(v, dict):
+      v = _drop_paths(v, {p[len(k) + 1:]: None for p in paths if p.startswith(k + '/')})
+      if not v:  # a subtree left empty would read as a leaf
+        continue
+    out[k] = v
+  return out
 
 
 def restore_params(directory: str, abstract_params: Any, *, what: str = 'init_from') -> Any:

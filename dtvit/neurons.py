@@ -135,6 +135,7 @@ def multistep(
     remat: bool = False,
     unroll: int = 1,
     membrane_dtype=jnp.float32,
+    init_membrane: float = 0.0,
 ):
   """Runs a neuron over the leading time axis with `lax.scan` (only the recurrence is scanned).
 
@@ -146,6 +147,8 @@ def multistep(
     remat: wrap the step in `jax.checkpoint` (recompute the step in the backward pass).
     unroll: `lax.scan` unroll factor.
     membrane_dtype: dtype of the membrane state (float32 even when the currents are bf16).
+    init_membrane: U[0] as a fraction of the threshold. 0.5 makes an IF neuron's rate round, not floor, its
+      time-averaged input, which halves the conversion error at small T.
 
   Returns:
     spikes [T, ...] in {0, 1} with the input's dtype, and, if requested, membranes [T, ...].
@@ -165,13 +168,13 @@ def multistep(
       raise ValueError("multistep needs a time axis: current_TX must be [T, ...] (or pass num_steps).")
     static = None
     xs, length = current_TX, None
-    u0 = jnp.zeros(current_TX.shape[1:], membrane_dtype)
+    u0 = jnp.full(current_TX.shape[1:], init_membrane, membrane_dtype) * threshold
   else:
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     static = current_TX.astype(membrane_dtype)
     xs, length = None, num_steps
-    u0 = jnp.zeros(current_TX.shape, membrane_dtype)
+    u0 = jnp.full(current_TX.shape, init_membrane, membrane_dtype) * threshold
   _, (spikes_TX, membrane_TX) = jax.lax.scan(body, u0, xs, length=length, unroll=unroll)
   if return_membrane:
     return spikes_TX, membrane_TX

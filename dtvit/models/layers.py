@@ -44,6 +44,7 @@ class NeuronConfig:
   init_threshold: float = 1.0       # threshold (SNN) = clip value (ANN) at init
   attn_threshold: float = 0.5       # the attention neuron's threshold at init
   init_leak: float = 1.0            # lambda at init ('lif'); clamped to [0, 1]
+  init_membrane: float = 0.5        # U[0] / threshold; 0.5 rounds instead of floors (better conversion)
   remat: bool = False               # jax.checkpoint the scan step
   unroll: int = 1
 
@@ -165,7 +166,8 @@ class Neuron(nn.Module):
     T = self.num_steps
     kw = dict(neuron=self.cfg.neuron, leak=leak, threshold=threshold, tau=self.cfg.tau,
               surrogate=self.cfg.surrogate, alpha=self.cfg.alpha, reset=self.cfg.reset,
-              detach_reset=self.cfg.detach_reset, remat=self.cfg.remat, unroll=self.cfg.unroll)
+              detach_reset=self.cfg.detach_reset, remat=self.cfg.remat, unroll=self.cfg.unroll,
+              init_membrane=self.cfg.init_membrane)
     if static:
       spikes_TX = neurons_lib.multistep(x, num_steps=T, **kw)
     else:

@@ -1,0 +1,91 @@
+"""Optimizers: one optax transform with parameter groups (weights / neuron params / time-step scores).
+
+Each phase trains some groups and freezes the others with `optax.set_to_zero()`:
+- 'ann': weights and the clip values (neuron params); the scores are unused and frozen.
+- 'snn': weights, thresholds and leaks, and the time-step scores, jointly.
+- 'finetune': masks frozen (scores), weights and neuron params trained.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+GROUPS = ("weights", "neuron", "scores")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def param_group(path: tuple[str, ...]) -> str:
+  """The group of a parameter from its path in the params tree."""
+  if path[-1] == "time_scores":
+    return "scores"
+  if path[-1] in ("threshold", "leak"):
+    return "neuron"
+  return "weights"
+
+
+def param_groups(params):
+  """A tree like `params` with each leaf's group name."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({p: param_group(p) for p in flat})
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and conv kernels only (not BN scales, biases, embeddings' positions)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {p: (getattr(v, "ndim", 0) > 1 and p[-1] == "kernel") for p, v in flat.items()})
+
+
+def learning_rate_schedule(opt_cfg, num_steps: int):
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_factor`."""
+  warmup = min(int(opt_cfg.get("warmup_steps", 0)), max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else opt_cfg.lr, peak_value=opt_cfg.lr, warmup_steps=warmup,
+      decay_steps=max(num_steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.get("end_lr_factor", 0.0))
+
+
+def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
+  """The phase's optimizer.
+
+  Args:
+    opt_cfg: {'name': 'adamw'|'sgd', 'lr', 'warmup_steps', 'end_lr_factor', 'weight_decay', 'grad_clip',
+      'momentum' (sgd), 'neuron_lr_mult', 'score_lr'}.
+    num_steps: the phase's steps (for the schedule).
+    trainable: the groups that train; the others are frozen.
+
+  Returns:
+    (optax transform, learning-rate schedule of the weights).
+  """
+  name = opt_cfg.get("name", "adamw")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+  unknown = set(trainable) - set(GROUPS)
+  if unknown:
+    raise ValueError(f"Unknown parameter groups {sorted(unknown)}; the groups are {GROUPS}.")
+  if opt_cfg.lr <= 0:
+    raise ValueError(f"The learning rate must be > 0, got {opt_cfg.lr}.")
+  schedule = learning_rate_schedule(opt_cfg, num_steps)
+
+  def base(lr, weight_decay):
+    if name == "adamw":
+      return optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=weight_decay, mask=_decay_mask)
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+                       optax.sgd(lr, momentum=opt_cfg.get("momentum", 0.9), nesterov=True))
+
+  neuron_mult = opt_cfg.get("neuron_lr_mult", 1.0)
+  score_lr = opt_cfg.get("score_lr", 0.0) or opt_cfg.lr
+  transforms = {
+      "weights": base(schedule, opt_cfg.get("weight_decay", 0.0)),
+      "neuron": base(lambda step: schedule(step) * neuron_mult, 0.0),
+      # The scores keep a constant rate: the time-step cost must keep acting late in the phase.
+      "scores": optax.adam(score_lr),
+  }
+  transforms = {g: (t if g in trainable else optax.set_to_zero()) for g, t in transforms.items()}
+  tx = optax.partition(transforms, param_groups)
+  clip = opt_cfg.get("grad_clip", 0.0)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx, schedule

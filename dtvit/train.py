@@ -1,0 +1,401 @@
+"""Training: the ANN twin, the SNN with learned time steps, an optional mask-frozen fine-tune; summary.
+
+The path of a batch: `input_pipeline.train_batches` (numpy, this process's slice) -> `sharding.global_batch`
+(global array split over the 'data' mesh axis) -> `train_step` (one `jax.jit`: model forward on the folded
+time x batch axis, cross-entropy + time-step cost, gradients, optax update) -> metrics.
+
+The path of a run (`run`): for each phase in `config.phases` ('ann', 'snn', 'finetune'):
+init (fresh, or params from the previous phase's / `init_from` checkpoint, thresholds from the ANN's clip
+values) -> resume from this phase's latest checkpoint if any -> train -> checkpoint -> evaluate; then
+`<workdir>/summary.json` with accuracies, time steps and energy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dtvit import checkpointing
+from dtvit import input_pipeline
+from dtvit import losses
+from dtvit import masks as masks_lib
+from dtvit import metrics as metrics_lib
+from dtvit import models
+from dtvit import optim
+from dtvit import sharding
+
+PHASES = ("ann", "snn", "finetune")
+TRAINABLE = {"ann": ("weights", "neuron"), "snn": ("weights", "neuron", "scores"),
+             "finetune": ("weights", "neuron")}
+NONFINITE_POLICIES = ("error", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when the loss or gradients stop being finite (config `nonfinite='error'`)."""
+
+
+class Preempted(Exception):
+  """Raised after SIGTERM once the current state is checkpointed."""
+
+
+def parse_phases(config) -> list[str]:
+  phases = [p.strip() for p in str(config.phases).split(",") if p.strip()]
+  bad = [p for p in phases if p not in PHASES]
+  if bad or not phases:
+    raise ValueError(f"config.phases={config.phases!r}: each phase must be one of {PHASES} (comma-separated).")
+  return phases
+
+
+def validate_config(config) -> None:
+  """Errors for invalid values, before anything is built or written."""
+  phases = parse_phases(config)
+  if config.model.num_steps < 1:
+    raise ValueError(f"model.num_steps (T_max) must be >= 1, got {config.model.num_steps}.")
+  for p in phases:
+    pc = config[p]
+    if pc.num_steps < 0:
+      raise ValueError(f"{p}.num_steps must be >= 0, got {pc.num_steps}.")
+    if pc.time_cost < 0:
+      raise ValueError(f"{p}.time_cost must be >= 0 (a negative cost would reward more steps), got {pc.time_cost}.")
+    if pc.cost_kind not in masks_lib.COSTS:
+      raise ValueError(f"{p}.cost_kind={pc.cost_kind!r}; choose one of {masks_lib.COSTS}.")
+    if pc.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(f"{p}.nonfinite={pc.nonfinite!r}; choose one of {NONFINITE_POLICIES}.")
+    if pc.temperature_start <= 0 or pc.temperature_end <= 0:
+      raise ValueError(f"{p}: mask temperatures must be > 0.")
+    if pc.batch_size < 1:
+      raise ValueError(f"{p}.batch_size must be >= 1, got {pc.batch_size}.")
+  for p in phases:
+    models.build_model(config.model, 2, phase="snn" if p != "ann" else "ann")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model, state and steps.
+
+
+def phase_model(config, num_classes: int, phase: str) -> models.SpikingViT:
+  model = models.build_model(config.model, num_classes, phase="ann" if phase == "ann" else "snn")
+  if phase == "finetune":
+    model = models.with_mask(model, hard=True)
+  return model
+
+
+def temperature_at(pc, step, num_steps):
+  frac = jnp.clip(step / max(num_steps, 1), 0.0, 1.0)
+  return pc.temperature_start * (pc.temperature_end / pc.temperature_start) ** frac
+
+
+def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None):
+  """The jitted-to-be step: (state, batch) -> (state, metrics)."""
+  use_cost = phase == "snn" and model.mask.enabled and pc.time_cost > 0
+
+  def loss_fn(params, batch_stats, batch, temperature):
+    logits, new_bs = models.apply_model(model, {"params": params, "batch_stats": batch_stats}, batch["image"],
+                                        train=True, mask_temperature=temperature, with_aux=False)
+    ce = losses.cross_entropy(logits, batch["target"], label_smoothing=pc.label_smoothing)
+    cost = jnp.zeros(())
+    if use_cost:
+      cost = masks_lib.time_step_cost(models.active_scores(model, params), kind=pc.cost_kind,
+                                      op_weights=op_weights, target=pc.target_steps or None,
+                                      temperature=temperature, monotone=model.mask.monotone)
+    loss = ce + pc.time_cost * cost
+    return loss, (ce, cost, logits, new_bs)
+
+  def step_fn(state, batch):
+    temperature = temperature_at(pc, state["step"], pc.num_steps)
+    (loss, (ce, cost, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, temperature)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+    finite_by_module = {k: jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(v)]))
+                        for k, v in grads.items()}
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(list(finite_by_module.values())))
+    new_state = {"params": params, "batch_stats": new_bs, "opt_state": opt_state, "step": state["step"] + 1}
+    if pc.nonfinite == "skip":
+      # Keep the old state but move past the batch.
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      kept["step"] = state["step"] + 1
+      new_state = kept
+    metrics = {"loss": loss, "cross_entropy": ce, "time_cost": cost,
+               "accuracy": jnp.mean(losses.correct(logits, batch["label"])), "temperature": temperature,
+               "finite": finite, "finite_by_module": finite_by_module}
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(model):
+  """(variables, batch) -> (sums of correct/count, aux rates summed over the batch's steps)."""
+
+  def eval_fn(variables, batch):
+    logits, aux = models.apply_model(model, variables, batch["image"])
+    w = batch["mask"]
+    out = {"correct": jnp.sum(losses.correct(logits, batch["label"]) * w), "count": jnp.sum(w)}
+    if model.phase == "snn":
+      out["input_rates"] = aux["input_rates"]
+      out["attention_rates"] = aux["attention_rates"]
+      out["spike_rates"] = aux["spike_rates"]
+      out["masks"] = aux["masks"]
+    return out
+
+  return eval_fn
+
+
+def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
+  """Test accuracy, and for the SNN the per-step rates averaged over full batches."""
+  gb = config.eval_batch_size
+  sharding.check_batch_size(gb, mesh, "eval_batch_size")
+  eval_fn = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
+  correct = count = 0.0
+  rate_sums, n_full = None, 0
+  for local in input_pipeline.eval_batches(config.data, split=split, global_batch_size=gb):
+    batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
+    out = jax.device_get(eval_fn(variables, batch))
+    correct += float(out["correct"])
+    count += float(out["count"])
+    if model.phase == "snn" and float(out["count"]) == gb:
+      rates = {k: out[k] for k in ("input_rates", "attention_rates", "spike_rates", "masks")}
+      rate_sums = rates if rate_sums is None else jax.tree.map(np.add, rate_sums, rates)
+      n_full += 1
+  result = {"accuracy": correct / max(count, 1.0), "count": int(count)}
+  if rate_sums is not None:
+    result["aux"] = jax.tree.map(lambda x: np.asarray(x) / n_full, rate_sums)
+  return result
+
+
+def init_state(model, tx, rng, image_shape, mesh, variables=None):
+  if variables is None:
+    variables = models.init(model, rng, image_shape)
+  state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+           "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
+  return sharding.replicate(mesh, state)
+
+
+def abstract_like(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _first_nonfinite(finite_by_module: dict) -> str:
+  bad = [k for k, v in finite_by_module.items() if not bool(v)]
+  return bad[0] if bad else "(loss only)"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Phases and runs.
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _source_checkpoint(config, workdir, phases, phase) -> str | None:
+  """Where this phase's initial params come from (None: fresh init)."""
+  pc = config[phase]
+  if pc.init_from:
+    return pc.init_from
+  i = phases.index(phase)
+  if i > 0:
+    return os.path.join(workdir, phases[i - 1], "checkpoints")
+  return None
+
+
+def initial_variables(config, workdir, phases, phase, model, info, rng) -> dict:
+  """A phase's starting variables: a fresh init, or the previous phase's / `init_from` checkpoint.
+
+  Entering the SNN phase from a checkpoint sets each threshold from the ANN clip value
+  (times `snn.threshold_scale`).
+  """
+  fresh = models.init(model, rng, info.image_shape)
+  source = _source_checkpoint(config, workdir, phases, phase)
+  if source is None:
+    return fresh
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+  # Scores of another T_max (e.g. an ANN twin reused for several SNNs) start fresh; all else must match.
+  variables = checkpointing.restore_variables(source, abstract, what=f"{phase}.init_from", fresh=fresh,
+                                              reinit_on_mismatch=lambda p: p.endswith("/time_scores"))
+  if phase == "snn":
+    variables["params"] = models.ann_to_snn(variables["params"], scale=config[phase].threshold_scale)
+  logging.info("%s: params from %s", phase, source)
+  return variables
+
+
+def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at_step: int | None = None) -> dict:
+  """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary."""
+  pc = config[phase]
+  phase_dir = os.path.join(workdir, phase)
+  model = phase_model(config, info.num_classes, phase)
+  sharding.check_batch_size(pc.batch_size, mesh, f"{phase}.batch_size")
+  tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
+  op_weights = None
+  if phase == "snn" and pc.cost_kind == "op_weighted":
+    from dtvit import energy as energy_lib  # pylint: disable=g-import-not-at-top
+    op_weights = energy_lib.module_op_weights(model, info.image_shape)
+  rng = jax.random.key(config.seed)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(phase_dir, "checkpoints"), max_to_keep=pc.max_to_keep)
+  variables = None
+  if ckpt.latest_step() is None:
+    variables = initial_variables(config, workdir, phases, phase, model, info, rng)
+  state = init_state(model, tx, rng, info.image_shape, mesh, variables)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(state))
+    start = int(meta["step"])
+    logging.info("%s: resumed from step %d", phase, start)
+
+  writer = metrics_lib.create_default_writer(phase_dir)
+  train_step = jax.jit(make_train_step(model, tx, pc, phase=phase, op_weights=op_weights),
+                       in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
+  averager = metrics_lib.Averager()
+  history = []
+  t0 = time.time()
+  if start < end:
+    batches = input_pipeline.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
+                                           start_step=start, num_classes=info.num_classes)
+    bar = metrics_lib.progress_bar(pc.num_steps, initial=start, desc=phase)
+    with _SigtermFlag() as sigterm:
+      step = start
+      try:
+        for step in range(start, end):
+          local = next(batches)
+          batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "target")})
+          state, m = train_step(state, batch)
+          if not bool(m["finite"]):
+            where = _first_nonfinite(jax.device_get(m["finite_by_module"]))
+            if pc.nonfinite == "error":
+              ckpt.wait()
+              raise NonFiniteError(
+                  f"{phase}: non-finite loss or gradients at step {step + 1} (first module: {where}); "
+                  f"the last good checkpoint is kept in {ckpt.directory}. Lower the learning rate, or set "
+                  f"{phase}.nonfinite='skip' to skip such batches.")
+            logging.warning("%s: step %d skipped, non-finite values in %s", phase, step + 1, where)
+          averager.update({k: v for k, v in m.items() if k not in ("finite", "finite_by_module")})
+          bar.update(1)
+          done = step + 1
+          if done % pc.log_every == 0 or done == end:
+            scalars = averager.result()
+            averager.reset()
+            scalars["learning_rate"] = float(schedule(done))
+            scalars.update(_mask_scalars(model, state["params"]))
+            writer.write_scalars(done, scalars)
+            history.append({"step": done, **{k: scalars[k] for k in ("loss", "accuracy")}})
+          if done % pc.checkpoint_every == 0 or done == end or sigterm.raised:
+            ckpt.save(done, state, {"step": done, "phase": phase, "data_position": done}, force=True)
+          if sigterm.raised:
+            ckpt.wait()
+            raise Preempted(f"SIGTERM during {phase} at step {done}; checkpoint saved, rerun to resume.")
+      finally:
+        bar.close()
+        ckpt.wait()
+  ckpt.close()
+  train_time = time.time() - t0
+
+  summary: dict[str, Any] = {"steps": int(jax.device_get(state["step"])), "train_time_s": round(train_time, 1)}
+  if history:
+    summary["train_loss_first"] = history[0]["loss"]
+    summary["train_loss_last"] = history[-1]["loss"]
+  if stop_at_step is not None and end < pc.num_steps:
+    summary["stopped_at"] = end
+    writer.close()
+    return summary
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  summary.update(evaluate_phase(model, variables, config, mesh, info, phase))
+  writer.write_scalars(summary["steps"], {k: v for k, v in summary.items()
+                                          if isinstance(v, float) and k.endswith("accuracy")})
+  writer.close()
+  return summary
+
+
+def _mask_scalars(model, params) -> dict:
+  if model.phase != "snn" or not model.mask.enabled:
+    return {}
+  steps = models.steps_per_module(model, jax.device_get(params))
+  out = {"average_time_steps": float(np.mean(list(steps.values())))}
+  out.update({f"time_steps/{k}": v for k, v in steps.items()})
+  return out
+
+
+def evaluate_phase(model, variables, config, mesh, info, phase) -> dict:
+  """The phase's test results: accuracy; for SNN phases also time steps, spike rates and energy."""
+  if phase == "ann":
+    return {"test_accuracy": evaluate(model, variables, config, mesh)["accuracy"]}
+  from dtvit import energy as energy_lib  # pylint: disable=g-import-not-at-top
+  hard = models.with_mask(model, hard=True)
+  ev = evaluate(hard, variables, config, mesh)
+  out = {"test_accuracy": ev["accuracy"]}
+  masks = {k: np.asarray(v) for k, v in models.hard_masks(model, jax.device_get(variables["params"])).items()}
+  op_weights = energy_lib.module_op_weights(model, info.image_shape)
+  out["average_time_steps"] = float(masks_lib.average_steps(masks))
+  out["op_weighted_time_steps"] = float(masks_lib.op_weighted_average_steps(
+      masks, {k: op_weights[k] for k in masks}))
+  out["per_module_time_steps"] = {k: float(v.sum()) for k, v in sorted(masks.items())}
+  out["masks"] = {k: v.astype(int).tolist() for k, v in sorted(masks.items())}
+  out["T_max"] = model.num_steps
+  if "aux" in ev:
+    aux = ev["aux"]
+    out["spike_rates"] = {k: np.round(v, 5).tolist() for k, v in sorted(aux["spike_rates"].items())}
+    out["energy"] = energy_lib.energy_report(hard, info.image_shape, aux)
+  if config.eval_fixed_steps and model.mask.enabled:
+    fixed = models.with_mask(model, enabled=False)
+    out["test_accuracy_fixed_T"] = evaluate(fixed, variables, config, mesh)["accuracy"]
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+        stop_at_step: int | None = None) -> dict:
+  """Runs every phase of `config.phases` in `workdir`; writes and returns `<workdir>/summary.json`.
+
+  `stop_at_step` stops the first unfinished phase after that many steps (for tests of resume).
+  """
+  validate_config(config)
+  phases = parse_phases(config)
+  checkpointing.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
+  mesh = sharding.make_mesh(config.mesh.num_devices)
+  info = input_pipeline.get_info(config.data)
+  t0 = time.time()
+  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
+                             "devices": mesh.devices.size, "processes": jax.process_count()}
+  for phase in phases:
+    logging.info("=== phase %s ===", phase)
+    result = train_phase(config, workdir, phase, mesh=mesh, info=info, phases=phases, stop_at_step=stop_at_step)
+    summary[phase] = result
+    if "stopped_at" in result:
+      return summary
+  summary["wall_time_s"] = round(time.time() - t0, 1)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary

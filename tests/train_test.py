@@ -1,0 +1,181 @@
+"""Training end to end on tiny configs: both phases, sharding, resume, ANN -> SNN restore, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10_spikformer
+from configs import quickstart
+from dtvit import checkpointing
+from dtvit import models
+from dtvit import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
+
+
+def tiny_config(**overrides):
+  c = quickstart.get_config("tiny")
+  c.model.arch = "vit"  # compiles faster than the SPS stem on CPU; the code paths are the same
+  c.model.variant = "tiny"
+  c.model.patch_size = 2
+  c.eval_fixed_steps = False
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def load_params(phase_dir):
+  ckpt = checkpointing.Checkpointer(os.path.join(phase_dir, "checkpoints"))
+  step = ckpt.latest_step()
+  path = os.path.join(phase_dir, "checkpoints", str(step), "state")
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore(path)
+  ckpt.close()
+  return step, state["params"]
+
+
+@pytest.fixture(scope="module")
+def ann_run(tmp_path_factory):
+  """One tiny ANN phase shared by the SNN tests."""
+  workdir = str(tmp_path_factory.mktemp("ann"))
+  config = tiny_config(**{"phases": "ann", "ann.num_steps": 30, "ann.optimizer.lr": 3e-3})
+  summary = train.run(config, workdir)
+  return workdir, summary
+
+
+def test_ann_then_snn_on_8_devices_with_summary(tmp_path):
+  assert jax.device_count() == 8
+  workdir = str(tmp_path)
+  config = tiny_config(**{"ann.num_steps": 20, "ann.optimizer.lr": 3e-3, "snn.num_steps": 6, "eval_fixed_steps": True})
+  summary = train.run(config, workdir)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk["devices"] == 8
+  assert on_disk["phases"] == ["ann", "snn"]
+  assert on_disk["ann"]["train_loss_last"] < on_disk["ann"]["train_loss_first"]
+  snn = on_disk["snn"]
+  for key in ("test_accuracy", "test_accuracy_fixed_T", "average_time_steps", "op_weighted_time_steps",
+              "per_module_time_steps", "spike_rates", "energy"):
+    assert key in snn, key
+  assert sorted(snn["per_module_time_steps"]) == ["blocks_0/attn", "blocks_0/mlp"]
+  assert 0 <= snn["average_time_steps"] <= config.model.num_steps
+  energy = snn["energy"]["totals"]
+  assert 0 < energy["snn_energy_j"] and 0 < energy["ann_energy_j"]
+  assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
+  # Both phases keep their own checkpoints.
+  assert load_params(os.path.join(workdir, "ann"))[0] == 20
+  assert load_params(os.path.join(workdir, "snn"))[0] == 6
+
+
+def test_time_step_cost_lowers_learned_steps(ann_run, tmp_path):
+  ann_dir, _ = ann_run
+  steps = {}
+  for cost in (0.0, 2.0):
+    config = tiny_config(**{"phases": "snn", "snn.num_steps": 12, "snn.time_cost": cost,
+                            "snn.optimizer.score_lr": 0.3,
+                            "snn.init_from": os.path.join(ann_dir, "ann", "checkpoints")})
+    s = train.run(config, str(tmp_path / f"cost{cost}"))
+    steps[cost] = s["snn"]["average_time_steps"]
+  assert steps[0.0] == config.model.num_steps  # nothing pushes the open masks down
+  assert steps[2.0] < steps[0.0]
+
+
+def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(ann_run, tmp_path):
+  ann_dir, _ = ann_run
+  config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
+  info = train.input_pipeline.get_info(config.data)
+  model = train.phase_model(config, info.num_classes, "snn")
+  variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0))
+  _, ann_params = load_params(os.path.join(ann_dir, "ann"))
+  flat_ann = {"/".join(p): v for p, v in _flatten(ann_params).items()}
+  flat_snn = {"/".join(p): v for p, v in _flatten(variables["params"]).items()}
+  assert flat_ann.keys() == flat_snn.keys()
+  for k, v in flat_ann.items():
+    expected = 0.5 * np.asarray(v) if k.endswith("/threshold") else np.asarray(v)
+    np.testing.assert_allclose(np.asarray(flat_snn[k]), expected, rtol=1e-6, err_msg=k)
+  assert any(k.endswith("/threshold") for k in flat_ann)
+
+
+def _flatten(tree):
+  import flax
+  return flax.traverse_util.flatten_dict(tree)
+
+
+def test_sharded_training_matches_single_device(tmp_path):
+  results = {}
+  for n in (1, 8):
+    config = tiny_config(**{"phases": "ann", "ann.num_steps": 4, "mesh.num_devices": n})
+    train.run(config, str(tmp_path / f"dev{n}"))
+    results[n] = load_params(str(tmp_path / f"dev{n}" / "ann"))[1]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), results[1], results[8])
+
+
+def test_resume_gives_the_same_params(tmp_path):
+  config = tiny_config(**{"phases": "snn", "snn.num_steps": 6, "snn.time_cost": 0.1})
+  train.run(config, str(tmp_path / "straight"))
+  stopped = train.run(config, str(tmp_path / "resumed"), stop_at_step=3)
+  assert stopped["snn"]["stopped_at"] == 3
+  assert load_params(str(tmp_path / "resumed" / "snn"))[0] == 3
+  train.run(config, str(tmp_path / "resumed"))
+  a = load_params(str(tmp_path / "straight" / "snn"))
+  b = load_params(str(tmp_path / "resumed" / "snn"))
+  assert a[0] == b[0] == 6
+  jax.tree.map(np.testing.assert_array_equal, a[1], b[1])
+
+
+@pytest.mark.skipif(not os.path.exists(ARCHIVE), reason=f"CIFAR-10 archive not found at {ARCHIVE}")
+def test_cifar10_archive_tiny_training(tmp_path):
+  config = cifar10_spikformer.get_config("tiny,local")
+  config.data.data_dir = str(tmp_path / "data_dir")
+  config.data.archive = ARCHIVE
+  config.phases = "ann"
+  config.data.augment.randaugment_ops = 0
+  config.eval_batch_size = 1000
+  summary = train.run(config, str(tmp_path / "run"))
+  assert summary["ann"]["steps"] == config.ann.num_steps
+  assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
+
+
+def test_bad_input_errors(ann_run, tmp_path):
+  with pytest.raises(ValueError, match="model.num_steps \\(T_max\\) must be >= 1"):
+    train.run(tiny_config(**{"model.num_steps": 0}), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="time_cost must be >= 0"):
+    train.run(tiny_config(**{"snn.time_cost": -1.0}), str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    train.run(tiny_config(**{"ann.batch_size": 12}), str(tmp_path / "c"))
+  with pytest.raises(ValueError, match="Unknown neuron 'adex'"):
+    train.run(tiny_config(**{"model.neuron.neuron": "adex"}), str(tmp_path / "d"))
+  # Missing data: the message says how to provide an offline copy.
+  with pytest.raises(FileNotFoundError, match="cifar10_local"):
+    train.run(tiny_config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path / "empty")}),
+              str(tmp_path / "e"))
+  # init_from pointing nowhere, or to an incompatible checkpoint.
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    train.run(tiny_config(**{"phases": "snn", "snn.init_from": str(tmp_path / "nowhere")}), str(tmp_path / "f"))
+  ann_dir, _ = ann_run
+  with pytest.raises(ValueError, match="[Ss]hape mismatch"):
+    train.run(tiny_config(**{"phases": "snn", "model.dim": 32,
+                             "snn.init_from": os.path.join(ann_dir, "ann", "checkpoints")}), str(tmp_path / "g"))
+  # A workdir holding another config's run is refused, and nothing in it is touched.
+  before = sorted(os.listdir(ann_dir))
+  with pytest.raises(ValueError, match="model.depth"):
+    train.run(tiny_config(**{"phases": "ann", "ann.num_steps": 30, "model.depth": 2}), ann_dir)
+  assert sorted(os.listdir(ann_dir)) == before
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "dtvit.main", "--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}",
+       "--config.snn.time_csot=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "time_csot" in proc.stderr
