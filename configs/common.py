@@ -28,7 +28,8 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
   c.optimizer.momentum = 0.9         # sgd only
   c.optimizer.grad_clip = 1.0        # global-norm clip; 0 = off
   c.optimizer.neuron_lr_mult = 1.0   # learning rate of thresholds/leaks relative to the weights
-  c.optimizer.score_lr = 0.0         # learning rate of the time-step scores (Adam, constant); 0 = optimizer.lr
+  c.optimizer.score_optimizer = "sgd"  # time-step scores: 'sgd' (momentum 0.9) | 'adam'
+  c.optimizer.score_lr = 0.0         # learning rate of the time-step scores (constant); 0 = optimizer.lr
   c.label_smoothing = 0.0
   c.init_from = ""                   # a checkpoint dir whose params start this phase ('' = previous phase)
   c.threshold_scale = 1.0            # ann -> snn: threshold = scale * clip value

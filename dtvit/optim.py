@@ -47,12 +47,21 @@ def learning_rate_schedule(opt_cfg, num_steps: int):
       decay_steps=max(num_steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.get("end_lr_factor", 0.0))
 
 
+SCORE_OPTIMIZERS = ("sgd", "adam")
+
+
+def _score_optimizer(name: str, lr: float):
+  if name not in SCORE_OPTIMIZERS:
+    raise ValueError(f"Unknown score_optimizer {name!r}; choose one of {SCORE_OPTIMIZERS}.")
+  return optax.sgd(lr, momentum=0.9) if name == "sgd" else optax.adam(lr)
+
+
 def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
   """The phase's optimizer.
 
   Args:
     opt_cfg: {'name': 'adamw'|'sgd', 'lr', 'warmup_steps', 'end_lr_factor', 'weight_decay', 'grad_clip',
-      'momentum' (sgd), 'neuron_lr_mult', 'score_lr'}.
+      'momentum' (sgd), 'neuron_lr_mult', 'score_optimizer' ('sgd'|'adam'), 'score_lr'}.
     num_steps: the phase's steps (for the schedule).
     trainable: the groups that train; the others are frozen.
 
@@ -80,8 +89,10 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
   transforms = {
       "weights": base(schedule, opt_cfg.get("weight_decay", 0.0)),
       "neuron": base(lambda step: schedule(step) * neuron_mult, 0.0),
-      # The scores keep a constant rate: the time-step cost must keep acting late in the phase.
-      "scores": optax.adam(score_lr),
+      # The scores keep a constant rate: the time-step cost must keep acting late in the phase. Plain SGD
+      # (default) keeps time_cost meaningful as the exchange rate between cross-entropy and steps; Adam would
+      # normalise it away and let gradient noise alone move the scores.
+      "scores": _score_optimizer(opt_cfg.get("score_optimizer", "sgd"), score_lr),
   }
   transforms = {g: (t if g in trainable else optax.set_to_zero()) for g, t in transforms.items()}
   tx = optax.partition(transforms, param_groups)

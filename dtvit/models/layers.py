@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from dtvit import masks as masks_lib
 from dtvit import neurons as neurons_lib
+from dtvit import ops
 
 PHASES = ("ann", "snn")
 GRANULARITIES = ("module", "layer")
@@ -201,6 +202,8 @@ class Conv(nn.Conv):
   phase: str = "snn"
   num_steps: int = 1
   kind: str = "synaptic"
+  # lax's conv with a fast kernel gradient while `ops.fast_ops()` (exactly lax's own otherwise).
+  conv_general_dilated: Any = ops.conv_general_dilated
 
   def __call__(self, x, mask_T=None):
     y = super().__call__(x)
@@ -330,7 +333,7 @@ class SpikingSelfAttention(SpikingModule):
       _record(self, "attention", H * N * N * dh, "/qkv")
       a = jnp.einsum("xnhd,xmhd->xhnm", q, k)
       y = jnp.einsum("xhnm,xmhd->xnhd", a, v)
-      first, second = q, k
+      first, second = q, v  # (Q K^T) V: the spike operand of the second product is V
     if self.phase == "snn":
       sow(self, "attention_rate_1", _gate(step_rate(first, self.sim_steps), attn_mask_T))
       sow(self, "attention_rate_2", _gate(step_rate(second, self.sim_steps), attn_mask_T))
@@ -380,6 +383,8 @@ class Block(SpikingModule):
 
 def max_pool(x, phase):
   del phase
+  if ops.fast_ops():  # same values and gradients (first maximum of each window), ~5x faster backward on CPU
+    return ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
