@@ -28,8 +28,8 @@ def get_config(arg: str = ""):
   c.ann.log_every = 100
   c.snn.num_steps = 300
   c.snn.batch_size = 64
-  c.snn.optimizer.lr = 3e-4
-  c.snn.optimizer.score_lr = 0.05
+  c.snn.optimizer.lr = 1e-3
+  c.snn.optimizer.score_lr = 0.3
   c.snn.time_cost = 0.02
   c.snn.log_every = 50
 

@@ -1,0 +1,69 @@
+"""Every recipe builds, and its tiny variant trains both phases for a few steps.
+
+Recipes whose dataset cannot be had here (stock cifar10/cifar100/imagenet2012) run on a small synthetic image
+folder of the same image size and class count, so their model, optimizer and phase settings are exercised.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dtvit import train
+
+RECIPES = [
+    ("quickstart", "tiny", None),
+    ("cifar10_spikformer", "tiny", (32, 10)),
+    ("cifar100_spikformer", "tiny", (32, 100)),
+    ("cifar10_vit", "tiny", (32, 10)),
+    ("imagenet_spikformer", "tiny", (64, 4)),
+]
+
+
+def _image_folder(root, size, num_classes, per_class=1):
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for c in range(num_classes):
+      d = os.path.join(root, split, f"class{c:03d}")
+      os.makedirs(d)
+      for i in range(per_class):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(os.path.join(d, f"{i}.png"))
+  return root
+
+
+@pytest.mark.parametrize("name,arg,synthetic", RECIPES, ids=[r[0] for r in RECIPES])
+def test_recipe_tiny_variant_trains(name, arg, synthetic, tmp_path):
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  full = importlib.import_module(f"configs.{name}").get_config("")
+  assert full.model.arch == config.model.arch and full.phases == config.phases
+  if synthetic:
+    size, classes = synthetic
+    config.data.name = "image_folder"
+    config.data.archive = _image_folder(str(tmp_path / "images"), size, classes)
+    config.data.data_dir = str(tmp_path / "data_dir")
+    config.data.image_size = size if name != "imagenet_spikformer" else 32
+    config.data.augment.randaugment_ops = 0
+  config.ann.num_steps = config.snn.num_steps = 2
+  config.ann.batch_size = config.snn.batch_size = 8
+  config.eval_batch_size = 8 * ((100 // 8) + 1) if synthetic and synthetic[1] == 100 else 64
+  config.eval_fixed_steps = False
+  summary = train.run(config, str(tmp_path / "run"))
+  assert summary["ann"]["steps"] == 2 and summary["snn"]["steps"] == 2
+  assert 0 <= summary["snn"]["average_time_steps"] <= config.model.num_steps
+
+
+@pytest.mark.parametrize("name", [r[0] for r in RECIPES])
+def test_full_recipe_builds_its_model(name):
+  from dtvit import models
+  config = importlib.import_module(f"configs.{name}").get_config("")
+  model = models.build_model(config.model, 10)
+  model.validate()
+  assert model.num_steps == config.model.num_steps
+
+
+def test_recipe_arguments_are_checked():
+  from configs import cifar10_spikformer
+  with pytest.raises(ValueError, match="unknown argument 'tiyn'"):
+    cifar10_spikformer.get_config("tiyn")
