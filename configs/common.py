@@ -51,6 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = input_pipeline.default_data_config()
   c.eval_batch_size = 256
+  c.eval_examples = 0                # > 0: evaluate an evenly strided subset of the test split (quick runs)
 
   m = c.model = ml_collections.ConfigDict()
   m.arch = "spikformer"              # 'spikformer' | 'vit'

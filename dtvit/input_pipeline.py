@@ -431,11 +431,11 @@ def _train_batch(step: int, *, ds: _Dataset, cfg, seed: int, global_batch_size: 
 
 
 def _eval_batch(batch: int, *, ds: _Dataset, cfg, split: str, global_batch_size: int, local_batch_size: int,
-                process_index: int, num_classes: int) -> dict:
+                process_index: int, num_classes: int, num_examples: int, stride: int) -> dict:
   source = ds.splits[split]
   positions = batch * global_batch_size + process_index * local_batch_size + np.arange(local_batch_size)
-  valid = positions < len(source)
-  records = source.__getitems__(positions[valid].tolist())
+  valid = positions < num_examples
+  records = source.__getitems__((positions[valid] * stride).tolist())
   shape = ds.info.image_shape
   image = np.zeros((local_batch_size, *shape), np.float32)
   label = np.zeros((local_batch_size,), np.int32)
@@ -479,8 +479,12 @@ def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: in
 
 
 def eval_batches(data_cfg, *, split: str = 'test', global_batch_size: int, num_classes: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> Iterator[dict]:
+                 process_index: int | None = None, process_count: int | None = None,
+                 max_examples: int = 0) -> Iterator[dict]:
   """One pass over `split` ('test' or 'train'), no augmentation, in stored order.
+
+  `max_examples` > 0 evaluates an evenly strided subset of that size (every k-th example, so a split stored
+  class by class stays balanced); 0 = the whole split.
 
   Every process yields the same number of batches, ceil(N / global_batch_size); positions past the end are
   padding: zero image, label 0, zero target, and 'mask' float32 [B] is 0 there and 1 for real examples.
@@ -492,10 +496,15 @@ def eval_batches(data_cfg, *, split: str = 'test', global_batch_size: int, num_c
     split = 'test'
   if split not in ds.splits:
     raise ValueError(f"split='{split}'; valid choices: train, test.")
-  num_batches = -(-len(ds.splits[split]) // global_batch_size)
+  total = len(ds.splits[split])
+  if max_examples < 0:
+    raise ValueError(f'max_examples must be >= 0 (0 = the whole split), got {max_examples}.')
+  num_examples = min(max_examples, total) if max_examples else total
+  stride = total // num_examples if num_examples else 1
+  num_batches = -(-num_examples // global_batch_size)
   data_cfg = ml_collections.FrozenConfigDict(data_cfg)
   make_batch = functools.partial(
       _eval_batch, ds=ds, cfg=data_cfg, split=split, global_batch_size=global_batch_size,
       local_batch_size=local_batch_size, process_index=process_index,
-      num_classes=num_classes or ds.info.num_classes)
+      num_classes=num_classes or ds.info.num_classes, num_examples=num_examples, stride=stride)
   return _run(make_batch, 0, num_batches, data_cfg)

@@ -403,3 +403,15 @@ def test_real_cifar10_archive(tmp_path):
   images = np.concatenate([x['image'] for x in test])
   np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=0.03)
   np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=0.03)
+
+
+def test_eval_subset_is_strided_and_complete():
+  from dtvit import input_pipeline as ip
+  cfg = ip.default_data_config()
+  full = np.concatenate([b['label'][b['mask'] > 0] for b in ip.eval_batches(cfg, global_batch_size=64)])
+  sub = [b for b in ip.eval_batches(cfg, global_batch_size=64, max_examples=100)]
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in sub])
+  assert len(labels) == 100 and len(sub) == 2
+  np.testing.assert_array_equal(labels, full[::len(full) // 100][:100])
+  with pytest.raises(ValueError, match='max_examples must be >= 0'):
+    next(ip.eval_batches(cfg, global_batch_size=64, max_examples=-1))

@@ -148,9 +148,12 @@ def test_cifar10_archive_tiny_training(tmp_path):
   config.data.archive = ARCHIVE
   config.phases = "ann"
   config.data.augment.randaugment_ops = 0
-  config.eval_batch_size = 1000
+  config.eval_batch_size = 500
+  config.eval_examples = 1000
   summary = train.run(config, str(tmp_path / "run"))
   assert summary["ann"]["steps"] == config.ann.num_steps
+  info = train.input_pipeline.get_info(config.data)
+  assert (info.num_train, info.num_test, info.num_classes) == (50000, 10000, 10)
   assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
 
 
