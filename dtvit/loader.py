@@ -1,0 +1,263 @@
+"""One call from a workdir to a callable model, for notebooks and scripts: `dtvit.load(workdir)`.
+
+  import dtvit
+  run = dtvit.load("workdirs/quickstart")        # the latest phase of the run that has a checkpoint
+  batch = next(run.batches())                     # {'image' [B, H, W, C] normalised, 'label' [B], 'mask' [B]}
+  logits = run(batch["image"])                    # [B, K]; the SNN with its learned (hard) masks
+  print(run.phase, run.steps_per_module)          # 'snn' {'blocks_0/attn': 3.0, 'blocks_0/mlp': 2.0, ...}
+  fast, schedule = run.inference_fn()             # the same logits, masked steps not computed
+  ann = run.variant(phase="ann")                  # the ANN twin with the same parameters
+
+What it reads (the layout `dtvit.train.run` writes): `<workdir>/config.json` (the run's config),
+`<workdir>/<phase>/checkpoints/` (Orbax, via `dtvit.checkpointing.restore_variables`: params and batch_stats of
+the latest finished step) and, when present, `<workdir>/summary.json` (the run's test results).
+
+Images are what the run's input pipeline yields: float32 [B, H, W, C], normalised by the data set's mean and
+std (`run.batches()` gives them). The model is the phase's evaluation model: for 'snn' and 'finetune' the SNN
+with hard masks (binary, as `summary.json` reports), for 'ann' the ANN twin.
+
+This module imports only the standard library at import time, so `import dtvit` stays light; JAX, Flax and
+Orbax load on the first call of `load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Iterator
+
+PHASES = ("ann", "snn", "finetune")
+MASK_MODES = ("hard", "off")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loaded:
+  """A trained model restored from a workdir. Build with `dtvit.load`.
+
+  Attributes:
+    workdir: the run's directory (absolute).
+    phase: 'ann' | 'snn' | 'finetune': which phase's checkpoint the variables come from.
+    config: the run's config (`ml_collections.ConfigDict` of `<workdir>/config.json`).
+    info: the data set's `input_pipeline.DatasetInfo` (num_classes, image_shape (H, W, C), split sizes).
+    model: the `SpikingViT` this object runs: phase 'ann' (ANN twin) or 'snn' with hard masks (or masks off,
+      see `variant`).
+    variables: {'params', 'batch_stats'} restored from the checkpoint.
+    masks: {masked module: float32 [T_max] in {0, 1}} the hard masks the SNN uses ({} for the ANN twin; all
+      ones with masks off or disabled in the config).
+    steps_per_module: {masked module: number of active steps} (sum of each mask); {} for the ANN twin.
+    summary: this phase's entry of `<workdir>/summary.json` (test accuracy, time steps, energy, ...), or None
+      when the run has not written one yet.
+    checkpoint_dir: where the variables were restored from.
+  """
+  workdir: str
+  phase: str
+  config: Any
+  info: Any
+  model: Any
+  variables: dict
+  masks: dict
+  steps_per_module: dict
+  summary: dict | None
+  checkpoint_dir: str
+
+  @property
+  def is_snn(self) -> bool:
+    return self.model.phase == "snn"
+
+  @property
+  def num_steps(self) -> int:
+    """T_max of the SNN (1 for the ANN twin)."""
+    return int(self.model.num_steps) if self.is_snn else 1
+
+  @property
+  def average_time_steps(self) -> float | None:
+    """The paper's T_avg: mean over masked modules of their active steps (None for the ANN twin)."""
+    if not self.steps_per_module:
+      return None
+    return sum(self.steps_per_module.values()) / len(self.steps_per_module)
+
+  # -- running the model ---------------------------------------------------------------------------------------
+
+  def _images(self, images):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    x = jnp.asarray(images, jnp.float32)
+    want = tuple(self.info.image_shape)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+      hint = " (one image: pass images[None])" if tuple(x.shape) == want else ""
+      raise ValueError(f"Expected images [batch, {', '.join(map(str, want))}] (normalised as by "
+                       f"`.batches()`), got shape {tuple(x.shape)}{hint}.")
+    return x
+
+  def __call__(self, images):
+    """Logits [B, K] of images [B, H, W, C] (jit-compiled once per batch shape)."""
+    return _jitted("logits")(self.model, self.variables, self._images(images))
+
+  def predict(self, images):
+    """Predicted classes, int32 numpy [B]."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return np.asarray(self(images).argmax(-1), np.int32)
+
+  def apply(self, images):
+    """(logits [B, K], aux): aux as `models.apply_model` returns it: 'masks' {module: [T]}, 'spike_rates'
+    {neuron: [T]}, 'input_rates', 'attention_rates', 'step_logits' [T, B, K], 'block_outputs'
+    {block: [T*B, N, D]} (the ANN twin: T = 1 and no masks/rates)."""
+    return _jitted("apply")(self.model, self.variables, self._images(images))
+
+  def inference_fn(self):
+    """(fn, schedule): `dtvit.inference.make_inference_fn` for these variables: a jitted fn(images) -> logits
+    that does not compute the masked (module, step) pairs, and {module: steps run}. SNN only."""
+    if not self.is_snn:
+      raise ValueError("inference_fn needs the SNN; this is the ANN twin (load phase='snn' or "
+                       "call .variant(phase='snn')).")
+    if not self.model.mask.hard:
+      raise ValueError("inference_fn runs the hard masks; this variant has masks off (use .variant(masks='hard')).")
+    from dtvit import inference  # pylint: disable=g-import-not-at-top
+    fn, schedule = inference.make_inference_fn(self.model, self.variables)
+    images = self._images
+    return (lambda x: fn(images(x))), schedule
+
+  def variant(self, *, phase: str | None = None, masks: str | None = None) -> Loaded:
+    """The same variables run another way: `phase` 'ann' (the ANN twin: clipped ReLUs whose clip values are
+    these thresholds) or 'snn'; `masks` 'hard' (the learned masks) or 'off' (every one of the T_max steps)."""
+    from dtvit import models  # pylint: disable=g-import-not-at-top
+    if phase not in (None, "ann", "snn"):
+      raise ValueError(f"variant: phase must be 'ann' or 'snn', got {phase!r}.")
+    if masks not in (None,) + MASK_MODES:
+      raise ValueError(f"variant: masks must be one of {MASK_MODES}, got {masks!r}.")
+    configured = bool(self.config.model.mask.enabled)
+    mode = masks or ("off" if configured and not self.model.mask.enabled else "hard")
+    model = self.model.clone(phase=phase or self.model.phase)
+    if mode == "off":
+      model = models.with_mask(model, enabled=False)
+    else:
+      model = models.with_mask(model, enabled=configured, hard=True)
+    hard, steps = _masks_of(model, self.variables["params"])
+    return dataclasses.replace(self, model=model, masks=hard, steps_per_module=steps)
+
+  # -- data ------------------------------------------------------------------------------------------------------
+
+  def batches(self, split: str = "test", batch_size: int | None = None) -> Iterator[dict]:
+    """One pass over the run's data split, as its evaluation saw it: dicts of numpy 'image' [B, H, W, C]
+    (normalised), 'label' [B], 'mask' [B] (0 on the padding of the last batch). Default batch size: the
+    run's eval_batch_size."""
+    from dtvit import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.eval_batches(self.config.data, split=split,
+                                       global_batch_size=batch_size or self.config.eval_batch_size,
+                                       process_index=0, process_count=1)
+
+  def __repr__(self) -> str:
+    m = self.model
+    what = "ANN twin" if not self.is_snn else ("SNN, masks off" if not m.mask.enabled else "SNN, hard masks")
+    steps = (f", T_max={self.num_steps}, T_avg={self.average_time_steps:.2f}" if self.steps_per_module else
+             f", T_max={self.num_steps}" if self.is_snn else "")
+    return (f"Loaded({self.workdir!r}, phase={self.phase!r}: {what}, {m.stem} stem, depth {m.depth}, dim {m.dim}"
+            f"{steps})")
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(kind: str):
+  """One jitted function per kind for all `Loaded` objects, the model a static argument: equal models (same
+  config, phase and mask settings) share their compiled code, e.g. after loading the same run twice."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dtvit import models  # pylint: disable=g-import-not-at-top
+  with_aux = kind == "apply"
+  return jax.jit(lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
+                 static_argnums=0)
+
+
+def _masks_of(model, params) -> tuple[dict, dict]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dtvit import models  # pylint: disable=g-import-not-at-top
+  if model.phase != "snn":
+    return {}, {}
+  hard = {k: np.asarray(v, np.float32) for k, v in sorted(models.hard_masks(model, params).items())}
+  return hard, {k: float(v.sum()) for k, v in hard.items()}
+
+
+def read_config(workdir: str):
+  """The run's config, `<workdir>/config.json` as an `ml_collections.ConfigDict`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"dtvit.load: workdir {workdir} does not exist. Pass the --workdir of a "
+                            f"training run (python -m dtvit.main ... --workdir=DIR).")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"dtvit.load: {workdir} has no config.json, so it is not a dtvit workdir (the "
+                            f"training run writes config.json there first). Its entries: "
+                            f"{sorted(os.listdir(workdir))[:10]}.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def read_summary(workdir: str) -> dict | None:
+  """`<workdir>/summary.json` (written when a run finishes), or None."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_phases(config) -> list[str]:
+  """The phases the run's config lists, in order."""
+  return [p.strip() for p in str(config.phases).split(",") if p.strip()]
+
+
+def load(workdir: str, phase: str | None = None) -> Loaded:
+  """Restores a training run's model, variables and hard masks; see the module docstring.
+
+  Args:
+    workdir: a training run's directory (`--workdir` of `python -m dtvit.main`).
+    phase: 'ann' | 'snn' | 'finetune', or None for the latest phase of the run (in `config.phases` order) that
+      has a finished checkpoint.
+  Raises:
+    FileNotFoundError: no such workdir, no config.json, the phase did not run there, or it has no finished
+      checkpoint.
+    ValueError: an unknown phase, or a checkpoint that does not fit the config's model.
+  """
+  if phase is not None and phase not in PHASES:
+    raise ValueError(f"dtvit.load: unknown phase {phase!r}; choose one of {PHASES} or None (the latest).")
+  config = read_config(workdir)
+  workdir = os.path.abspath(workdir)
+  phases = run_phases(config)
+  present = [p for p in PHASES if os.path.isdir(os.path.join(workdir, p, "checkpoints"))]
+  if phase is not None:
+    if phase not in present:
+      raise FileNotFoundError(
+          f"dtvit.load: {workdir} has no checkpoints of phase {phase!r} (the run's phases: {phases}; phases with "
+          f"a checkpoint directory: {present}).")
+    return _load_phase(workdir, config, phase)
+  candidates = [p for p in reversed(phases) if p in present]
+  errors = []
+  for p in candidates:
+    try:
+      return _load_phase(workdir, config, p)
+    except FileNotFoundError as e:  # e.g. a phase that has started but not saved yet: try the one before
+      errors.append(str(e))
+  raise FileNotFoundError(f"dtvit.load: no phase of the run in {workdir} has a finished checkpoint yet (phases "
+                          f"{phases}). " + " ".join(errors))
+
+
+def _load_phase(workdir: str, config, phase: str) -> Loaded:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dtvit import checkpointing  # pylint: disable=g-import-not-at-top
+  from dtvit import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dtvit import models  # pylint: disable=g-import-not-at-top
+
+  info = input_pipeline.get_info(config.data)
+  model = models.build_model(config.model, info.num_classes, phase="ann" if phase == "ann" else "snn")
+  if phase != "ann":
+    model = models.with_mask(model, hard=True)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32),
+                                               train=False))
+  abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
+  ckpt_dir = os.path.join(workdir, phase, "checkpoints")
+  variables = checkpointing.restore_variables(ckpt_dir, abstract, what=f"dtvit.load(phase={phase!r})")
+  masks, steps = _masks_of(model, variables["params"])
+  summary = read_summary(workdir)
+  return Loaded(workdir=workdir, phase=phase, config=config, info=info, model=model, variables=variables,
+                masks=masks, steps_per_module=steps, summary=(summary or {}).get(phase), checkpoint_dir=ckpt_dir)

@@ -1,0 +1,171 @@
+"""dtvit.load on a tiny trained run: the restored model reproduces the run's own test results; clear errors;
+the example notebook executes against the run."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import dtvit
+from dtvit import train
+from train_test import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
+
+
+def tiny_run_config():
+  """ViT tiny (1 block, T_max = 3), ANN -> SNN with a time-step cost that switches some
+  steps off (attn [1, 0, 0], mlp [0, 0, 0] at the time of writing); every step also evaluated with masks off."""
+  return tiny_config(**{"ann.num_steps": 16, "ann.optimizer.lr": 5e-3, "snn.num_steps": 6, "snn.time_cost": 0.15,
+                        "snn.optimizer.score_lr": 0.3, "model.mask.score_init": 0.1, "eval_fixed_steps": True,
+                        "mesh.num_devices": 1})
+
+
+def shared_tiny_run(tmp_path_factory) -> str:
+  """The workdir of one tiny run per test session, shared by loader_test and report_test.
+
+  Under pytest-xdist every worker has its own basetemp below one session directory: the run goes there, made
+  by whichever worker comes first while the others wait on a file lock (the pattern pytest-xdist documents
+  for session fixtures).
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = root / "dtvit_tiny_run"
+  with open(root / "dtvit_tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "summary.json").exists():
+      train.run(tiny_run_config(), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return shared_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def snn(run_dir):
+  return dtvit.load(run_dir)
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+def _accuracy(loaded):
+  correct = count = 0.0
+  for batch in loaded.batches():
+    correct += float(((loaded.predict(batch["image"]) == batch["label"]) * batch["mask"]).sum())
+    count += float(batch["mask"].sum())
+  return correct / count
+
+
+def test_latest_phase_reproduces_the_runs_snn_results(run_dir, snn):
+  run = snn
+  summary = _summary(run_dir)
+  assert run.phase == "snn" and run.is_snn and run.model.mask.hard
+  assert run.summary == summary["snn"]
+  assert run.config.model.num_steps == 3 and run.num_steps == 3
+  assert run.steps_per_module == summary["snn"]["per_module_time_steps"]
+  assert {k: v.astype(int).tolist() for k, v in run.masks.items()} == summary["snn"]["masks"]
+  assert run.average_time_steps == pytest.approx(summary["snn"]["average_time_steps"])
+  # The restored variables, hard masks and model give the training's own evaluation, image for image.
+  assert _accuracy(run) == pytest.approx(summary["snn"]["test_accuracy"], abs=1e-9)
+  assert _accuracy(run.variant(masks="off")) == pytest.approx(summary["snn"]["test_accuracy_fixed_T"], abs=1e-9)
+
+
+def test_ann_phase_reproduces_the_runs_ann_accuracy(run_dir):
+  ann = dtvit.load(run_dir, phase="ann")
+  assert ann.phase == "ann" and not ann.is_snn
+  assert ann.masks == {} and ann.steps_per_module == {} and ann.average_time_steps is None
+  assert _accuracy(ann) == pytest.approx(_summary(run_dir)["ann"]["test_accuracy"], abs=1e-9)
+  with pytest.raises(ValueError, match="needs the SNN"):
+    ann.inference_fn()
+
+
+def test_call_apply_inference_fn_agree(run_dir, snn):
+  run = dtvit.load(run_dir, phase="snn")
+  assert run.model == snn.model and run.masks.keys() == snn.masks.keys()
+  images = next(run.batches())["image"]
+  B = images.shape[0]
+  logits = np.asarray(run(images))
+  assert logits.shape == (B, run.info.num_classes)
+  out, aux = run.apply(images)
+  np.testing.assert_allclose(np.asarray(out), logits, rtol=1e-6, atol=1e-6)
+  for k, m in run.masks.items():
+    np.testing.assert_array_equal(np.asarray(aux["masks"][k]), m)
+  assert np.asarray(aux["step_logits"]).shape == (3, B, run.info.num_classes)
+  assert set(aux["block_outputs"]) == {"blocks_0"}
+  fast, schedule = run.inference_fn()
+  np.testing.assert_allclose(np.asarray(fast(images)), logits, rtol=1e-5, atol=1e-5)
+  assert schedule == {k: (int(np.flatnonzero(m)[-1]) + 1 if m.any() else 0) for k, m in run.masks.items()}
+  np.testing.assert_array_equal(run.predict(images), logits.argmax(-1))
+  # The ANN twin of the same variables is another function of the images.
+  twin = run.variant(phase="ann")
+  assert twin.model.phase == "ann" and twin.variables is run.variables
+  assert np.asarray(twin(images)).shape == logits.shape
+
+
+def test_wrong_image_shape_is_a_clear_error(snn):
+  run = snn
+  image = next(run.batches(batch_size=2))["image"][0]
+  with pytest.raises(ValueError, match=r"images\[None\]"):
+    run(image)
+  with pytest.raises(ValueError, match="Expected images"):
+    run(np.zeros((2, 4, 4, 1), np.float32))
+
+
+def test_clear_errors(run_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    dtvit.load(str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    dtvit.load(str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match="unknown phase"):
+    dtvit.load(run_dir, phase="snnn")
+  with pytest.raises(FileNotFoundError, match="no checkpoints of phase 'finetune'"):
+    dtvit.load(run_dir, phase="finetune")
+  # A phase whose checkpoint directory holds no finished step: named for that phase; None falls back.
+  copy = tmp_path / "copy"
+  shutil.copytree(run_dir, copy)
+  shutil.rmtree(copy / "snn" / "checkpoints")
+  (copy / "snn" / "checkpoints").mkdir()
+  with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    dtvit.load(str(copy), phase="snn")
+  assert dtvit.load(str(copy)).phase == "ann"
+
+
+def test_import_dtvit_stays_light():
+  code = ("import sys, dtvit; assert callable(dtvit.load); "
+          "print(sorted(m for m in ('jax', 'flax', 'numpy') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+  assert out.stdout.strip() == "[]"
+
+
+def test_notebook_executes_against_a_run(run_dir):
+  import nbclient  # pylint: disable=g-import-not-at-top  # requirements-dev.txt
+  import nbformat  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(params) == 1, "the notebook needs one cell tagged 'parameters'"
+  assert 'WORKDIR = "workdirs/quickstart"' in params[0].source
+  params[0].source = params[0].source.replace('"workdirs/quickstart"', repr(run_dir))
+  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                   resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+  client.execute(env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+  summary = _summary(run_dir)
+  for module, steps in summary["snn"]["per_module_time_steps"].items():
+    assert f"{module}: {steps:g} of 3 steps" in text
+  images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+  assert len(images) >= 4  # the classified images and the report's plots
