@@ -153,6 +153,12 @@ def multistep(
   Returns:
     spikes [T, ...] in {0, 1} with the input's dtype, and, if requested, membranes [T, ...].
   """
+  from dtvit import ops  # pylint: disable=g-import-not-at-top  # ops imports this module
+  if ops.fast_ops() and not return_membrane and not remat:
+    # The same values and gradients with a hand-written backward (see dtvit/ops.py); checked in tests.
+    return ops.lif_multistep(current_TX, num_steps=num_steps, neuron=neuron, leak=leak, threshold=threshold,
+                             tau=tau, surrogate=surrogate, alpha=alpha, reset=reset, detach_reset=detach_reset,
+                             membrane_dtype=membrane_dtype, init_membrane=init_membrane)
   step = make_step(neuron, leak=leak, threshold=threshold, tau=tau, surrogate=surrogate, alpha=alpha,
                    reset=reset, detach_reset=detach_reset)
   out_dtype = current_TX.dtype

@@ -1,0 +1,167 @@
+"""Every fast op equals its reference path: values and gradients (dtvit/ops.py)."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtvit import models, neurons, ops
+from dtvit.models import NeuronConfig
+
+
+def _spikes(key, shape, rate=0.3):
+  return (jax.random.uniform(key, shape) < rate).astype(jnp.float32)
+
+
+def _close(a, b, rtol=2e-5, floor=1e-6):
+  """Equal up to float32 summation order: within rtol of the tensor's scale (at least `floor`)."""
+  a, b = np.asarray(a), np.asarray(b)
+  scale = max(float(np.max(np.abs(a))), floor)
+  np.testing.assert_allclose(a, b, rtol=0, atol=rtol * scale)
+
+
+def _conv_ref(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((4, 8, 8, 3), (3, 3), (1, 1), "SAME"),
+    ((2, 9, 7, 5), (3, 3), (1, 1), "SAME"),
+    ((2, 8, 8, 4), (3, 3), (2, 2), "SAME"),
+    ((2, 8, 8, 3), (4, 4), (4, 4), "VALID"),       # the ViT patch embedding
+    ((2, 6, 6, 2), (5, 5), (1, 1), ((1, 3), (2, 0))),
+])
+def test_conv2d_matches_lax(shape, kernel, strides, padding):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = _spikes(kx, shape)
+  w = jax.random.normal(kw, kernel + (shape[-1], 6))
+  y_ref, vjp_ref = jax.vjp(lambda x, w: _conv_ref(x, w, strides, padding), x, w)
+  y, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, strides=strides, padding=padding), x, w)
+  chex.assert_trees_all_equal(y, y_ref)  # the forward is the same lax op
+  g = jax.random.normal(kg, y.shape)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    _close(a, b)
+
+
+def test_conv_general_dilated_dispatch():
+  """The drop-in takes the fast path only for plain NHWC convs and only while fast_ops() is on."""
+  x = _spikes(jax.random.key(1), (2, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+  dn = ("NHWC", "HWIO", "NHWC")
+  fast = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w)
+  assert "custom_vjp" in str(fast)
+  with ops.use_fast_ops(False):
+    assert not ops.fast_ops()
+    ref = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w)
+  assert ops.fast_ops()
+  assert "custom_vjp" not in str(ref)
+  dilated = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                                                 dimension_numbers=dn))(x, w)
+  assert "custom_vjp" not in str(dilated)
+
+
+def _pool_ref(x, window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))):
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", [
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # Spikformer's pool
+    ((2, 7, 9, 2), (3, 3), (2, 2), ((1, 1), (1, 1))),   # odd sizes
+    ((2, 8, 8, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((1, 6, 6, 2), (3, 3), (1, 1), "SAME"),
+])
+@pytest.mark.parametrize("binary", [True, False])
+def test_max_pool_matches_reference(shape, window, strides, padding, binary):
+  kx, kg = jax.random.split(jax.random.key(3))
+  x = _spikes(kx, shape) if binary else jax.random.normal(kx, shape)
+  ref = lambda x: _pool_ref(x, window, strides, padding)
+  fast = lambda x: ops.max_pool(x, window, strides, padding)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  y, vjp = jax.vjp(fast, x)
+  chex.assert_trees_all_equal(y, y_ref)
+  # Integer cotangents make the sums exact, so the routing of every gradient (ties included) must match.
+  g = jnp.round(4 * jax.random.normal(kg, y.shape))
+  chex.assert_trees_all_equal(vjp(g), vjp_ref(g))
+
+
+def test_max_pool_routes_ties_to_first_maximum():
+  """All-equal windows: each output's gradient lands on the first (row-major) element of its window."""
+  x = jnp.ones((1, 4, 4, 1))
+  g = jnp.arange(1.0, 5.0).reshape(1, 2, 2, 1)
+  (dx,) = jax.vjp(ops.max_pool, x)[1](g)
+  expected = np.zeros((4, 4))
+  expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 1] = 1, 2, 3, 4
+  np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0], expected)
+
+
+# Each neuron, surrogate, reset and detach setting at least once (the full product passes too; it is slow).
+_NEURON_CASES = [
+    ("lif", "pwl", "soft", False, False, 0.0), ("lif", "sigmoid", "hard", True, True, 0.5),
+    ("lif", "atan", "soft", True, False, 0.5), ("if", "pwl", "hard", False, True, 0.0),
+    ("if", "atan", "soft", False, False, 0.5), ("spikformer", "sigmoid", "hard", True, False, 0.0),
+    ("spikformer", "sigmoid", "hard", True, True, 0.5), ("spikformer", "pwl", "soft", False, False, 0.5),
+    ("spikformer", "atan", "hard", False, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("neuron,surrogate,reset,detach,static,init", _NEURON_CASES)
+def test_lif_multistep_matches_scan(neuron, surrogate, reset, detach, static, init):
+  x = 1.5 * jax.random.normal(jax.random.key(4), (5, 3, 40)) + 0.3
+  inp = x[0] if static else x
+  w = jax.random.normal(jax.random.key(5), (5, 3, 40))
+
+  def run(inp, leak, threshold, fast):
+    with ops.use_fast_ops(fast):
+      s = neurons.multistep(inp, num_steps=5 if static else None, neuron=neuron, surrogate=surrogate, reset=reset,
+                            detach_reset=detach, leak=leak, threshold=threshold, init_membrane=init)
+    return jnp.sum(s * w), s
+
+  grad = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  (_, s_ref), g_ref = grad(inp, 0.8, 0.9, False)
+  (_, s_fast), g_fast = grad(inp, 0.8, 0.9, True)
+  chex.assert_trees_all_equal(s_fast, s_ref)
+  _close(g_fast[0], g_ref[0])
+  # The leak and threshold gradients are sums over all neurons and steps: float32 sums in another order.
+  _close(g_fast[1], g_ref[1], rtol=1e-4)
+  _close(g_fast[2], g_ref[2], rtol=1e-4)
+
+
+def test_lif_multistep_validates_like_reference():
+  with pytest.raises(ValueError, match="surrogate"):
+    ops.lif_multistep(jnp.zeros((2, 3)), surrogate="relu")
+  with pytest.raises(ValueError, match="num_steps"):
+    ops.lif_multistep(jnp.zeros((3,)), num_steps=0)
+
+
+def test_fast_ops_are_used_by_default_and_switchable():
+  x = jnp.zeros((4, 2, 3))
+  assert "custom_vjp" in str(jax.make_jaxpr(lambda x: neurons.multistep(x))(x))
+  with ops.use_fast_ops(False):
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: neurons.multistep(x))(x))
+  # return_membrane and remat keep the scan (the fused op returns spikes only).
+  assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: neurons.multistep(x, return_membrane=True))(x))
+
+
+@pytest.mark.parametrize("phase", ["snn", "ann"])
+def test_model_fast_equals_reference(phase):
+  """A whole tiny Spikformer (convs, pools, every neuron): the same logits and the same parameter gradients."""
+  model = models.spikformer("tiny", 10, num_steps=3, phase=phase,
+                            neuron=NeuronConfig(neuron="spikformer", surrogate="sigmoid"))
+  variables = models.init(model, jax.random.key(0), (16, 16, 3))
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  labels = jnp.arange(4) % 10
+
+  def loss(params, fast):
+    with ops.use_fast_ops(fast):
+      logits, _ = models.apply_model(model, {**variables, "params": params}, images, train=True, with_aux=False)
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, logits_ref), g_ref = grad(variables["params"], False)
+  (_, logits_fast), g_fast = grad(variables["params"], True)
+  chex.assert_trees_all_equal(logits_fast, logits_ref)
+  # Some gradients are analytically 0 (e.g. the Spikformer neuron's unused leak): compare at the tree's scale.
+  floor = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
+  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4, floor=1e-3 * floor), g_fast, g_ref)
