@@ -132,7 +132,7 @@ def multistep(
     reset: str | None = None,
     detach_reset: bool | None = None,
     return_membrane: bool = False,
-    remat: bool = False,
+    remat: bool | str = False,
     unroll: int = 1,
     membrane_dtype=jnp.float32,
     init_membrane: float = 0.0,
@@ -144,7 +144,8 @@ def multistep(
       (direct encoding of a static image: the analog first layer is computed once).
     num_steps: T for a static input; None when `current_TX` already has the time axis.
     return_membrane: also return the membrane potential before reset, [T, ...].
-    remat: wrap the step in `jax.checkpoint` (recompute the step in the backward pass).
+    remat: wrap the step in `jax.checkpoint` (recompute the step in the backward pass; the fast path always
+      does); 'spikes': tag the spikes for `ops.checkpoint_spikes` (saved; the rest recomputed).
     unroll: `lax.scan` unroll factor.
     membrane_dtype: dtype of the membrane state (float32 even when the currents are bf16).
     init_membrane: U[0] as a fraction of the threshold. 0.5 makes an IF neuron's rate round, not floor, its
@@ -154,8 +155,14 @@ def multistep(
     spikes [T, ...] in {0, 1} with the input's dtype, and, if requested, membranes [T, ...].
   """
   from dtvit import ops  # pylint: disable=g-import-not-at-top  # ops imports this module
-  if ops.fast_ops() and not return_membrane and not remat:
-    # The same values and gradients with a hand-written backward (see dtvit/ops.py); checked in tests.
+  if remat == "spikes":  # see `ops.checkpoint_spikes`: the spikes are what its remat policy keeps
+    out = multistep(current_TX, num_steps=num_steps, neuron=neuron, leak=leak, threshold=threshold, tau=tau,
+                    surrogate=surrogate, alpha=alpha, reset=reset, detach_reset=detach_reset, unroll=unroll,
+                    membrane_dtype=membrane_dtype, init_membrane=init_membrane, return_membrane=return_membrane)
+    return (ops.tag_spikes(out[0]), out[1]) if return_membrane else ops.tag_spikes(out)
+  if ops.fast_ops() and not return_membrane:
+    # The same values and gradients with a hand-written backward (see dtvit/ops.py); checked in tests. It keeps
+    # only the membrane per step and recomputes the rest in the backward, which is what `remat` asks for.
     return ops.lif_multistep(current_TX, num_steps=num_steps, neuron=neuron, leak=leak, threshold=threshold,
                              tau=tau, surrogate=surrogate, alpha=alpha, reset=reset, detach_reset=detach_reset,
                              membrane_dtype=membrane_dtype, init_membrane=init_membrane)

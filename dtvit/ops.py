@@ -121,6 +121,15 @@ def conv2d_kernel_grad(x_NHWC, g_NHWD, kernel_shape, strides, padding, precision
   xp = jnp.pad(x_NHWC, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
   n, ho, wo, _ = g_NHWD.shape
   g_MD = g_NHWD.reshape(-1, d)
+  dot = lambda x_tap: lax.dot_general(x_tap.reshape(-1, c), g_MD, (((0,), (0,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+  if (sh, sw) == (1, 1) and kh * kw > 1:
+    # A loop, so that one shifted copy of x is alive at a time (unrolled, XLA kept all k*k of them).
+    def body(t, dw):
+      x_tap = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, ho, wo, c))
+      return lax.dynamic_update_index_in_dim(dw, dot(x_tap), t, 0)
+    dw = lax.fori_loop(0, kh * kw, body, jnp.zeros((kh * kw, c, d), jnp.float32))
+    return dw.reshape(kh, kw, c, d)
   taps = []
   for i in range(kh):
     for j in range(kw):
@@ -195,20 +204,32 @@ def _max_pool_fwd(x, window, strides, padding, x_shape):
 
 
 def _max_pool_bwd(window, strides, padding, x_shape, arg, g):
-  out_hw = _pool_geometry(x_shape, window, strides, padding)
+  """Gathers, for every padded input position, the gradients of the outputs whose window picked it.
+
+  Padded row hp = s * a + r (phase r) is tap i = hp - s * ho of output row ho = a - (i - r) / s, for each
+  i = r, r + s, ... < k. So each phase is a sum of a few shifted masked copies of g, and the phases interleave
+  into the padded gradient with one reshape: a single elementwise pass, no per-tap padded buffers.
+  """
+  (kh, kw), (sh, sw) = window, strides
   (plo, phi), (qlo, qhi) = padding
-  hp, wp = x_shape[1] + plo + phi, x_shape[2] + qlo + qhi
-  dxp = None
+  n, ho, wo, c = g.shape
+  a_h, a_w = -(-(x_shape[1] + plo + phi) // sh), -(-(x_shape[2] + qlo + qhi) // sw)
   zero = jnp.zeros((), g.dtype)
-  for i in range(window[0]):
-    for j in range(window[1]):
-      sel = jnp.where(arg == i * window[1] + j, g, zero)
-      # Scatter back to the strided positions the tap was read from, by interior padding.
-      hi_h = hp - i - (strides[0] * (out_hw[0] - 1) + 1)
-      hi_w = wp - j - (strides[1] * (out_hw[1] - 1) + 1)
-      part = lax.pad(sel, zero, ((0, 0, 0), (i, hi_h, strides[0] - 1), (j, hi_w, strides[1] - 1), (0, 0, 0)))
-      dxp = part if dxp is None else dxp + part
-  return (lax.slice(dxp, (0, plo, qlo, 0), (x_shape[0], plo + x_shape[1], qlo + x_shape[2], x_shape[3])),)
+
+  def shifted(t, mh, mw):  # c_t[a - mh, b - mw] on the [a_h, a_w] phase grid, zero outside
+    sel = jnp.where(arg == t, g, zero)
+    return lax.pad(sel, zero, ((0, 0, 0), (mh, a_h - ho - mh, 0), (mw, a_w - wo - mw, 0), (0, 0, 0)))
+
+  rows = []
+  for r in range(sh):
+    cols = []
+    for q in range(sw):
+      parts = [shifted(i * kw + j, (i - r) // sh, (j - q) // sw)
+               for i in range(r, kh, sh) for j in range(q, kw, sw)]
+      cols.append(sum(parts[1:], parts[0]) if parts else jnp.zeros((n, a_h, a_w, c), g.dtype))
+    rows.append(jnp.stack(cols, axis=3))              # [n, a_h, a_w, sw, c]
+  dxp = jnp.stack(rows, axis=2).reshape(n, a_h * sh, a_w * sw, c)  # [n, a_h, sh, a_w, sw, c] interleaved
+  return (lax.slice(dxp, (0, plo, qlo, 0), (n, plo + x_shape[1], qlo + x_shape[2], c)),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -339,3 +360,26 @@ def _lif_bwd(cfg, res, g_TX):
 
 
 _lif.defvjp(_lif_fwd, _lif_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bounded BPTT memory: keep only the spikes (as int8) and recompute everything else in the backward pass.
+
+SPIKES = "dtvit_spikes"
+
+
+def tag_spikes(spikes):
+  """Marks spikes as the residual `checkpoint_spikes` keeps (an identity, also for gradients).
+
+  They stay in their float dtype: an int8 copy would be exact for {0, 1} but carries no gradient, and a bf16
+  copy would round the cotangents passing back through it."""
+  from jax.ad_checkpoint import checkpoint_name  # pylint: disable=g-import-not-at-top
+  return checkpoint_name(spikes, SPIKES)
+
+
+def checkpoint_spikes(fn, *, prevent_cse: bool = True):
+  """`jax.checkpoint` of `fn` (e.g. the loss of a model built with NeuronConfig(remat='spikes')) that saves only
+  the tagged spikes: the backward pass recomputes each layer's convs, matmuls, batch norms and membranes from
+  the spikes entering it, one layer at a time, so BPTT memory is the spikes of all layers plus one layer's
+  working set instead of every layer's intermediates (conv inputs, batch-norm statistics, membranes)."""
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(SPIKES), prevent_cse=prevent_cse)

@@ -46,7 +46,7 @@ class NeuronConfig:
   attn_threshold: float = 0.5       # the attention neuron's threshold at init
   init_leak: float = 1.0            # lambda at init ('lif'); clamped to [0, 1]
   init_membrane: float = 0.5        # U[0] / threshold; 0.5 rounds instead of floors (better conversion)
-  remat: bool = False               # jax.checkpoint the scan step
+  remat: Any = False                # True: jax.checkpoint the scan step; 'spikes': see ops.checkpoint_spikes
   unroll: int = 1
 
   def validate(self):
@@ -60,6 +60,8 @@ class NeuronConfig:
       raise ValueError("Neuron thresholds must be > 0.")
     if self.tau <= 0:
       raise ValueError(f"tau must be > 0, got {self.tau}.")
+    if self.remat not in (False, True, "spikes"):
+      raise ValueError(f"Unknown neuron.remat {self.remat!r}; choose False, True or 'spikes'.")
 
 
 @dataclasses.dataclass(frozen=True)
