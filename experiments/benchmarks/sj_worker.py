@@ -1,0 +1,177 @@
+"""SpikingJelly side of the benchmark: a worker that runs in the PyTorch venv and answers JSON lines.
+
+Started by benchmark.py as `<torch venv>/bin/python sj_worker.py [--device cpu|cuda]`; it reads one JSON command
+per line on stdin and writes one JSON reply per line on stdout (everything else it prints goes to stderr).
+
+Commands:
+  {"cmd": "info"} -> versions, threads, device.
+  {"cmd": "build", "T": 4, "batch": 32, "dim": 128, "depth": 2, "heads": 4, "image": 32, "classes": 10,
+   "seed": 0} -> builds SpikingJelly's Spikformer, AdamW and a fixed batch; keeps one per T.
+  {"cmd": "time", "T": 4, "what": "train" | "infer", "n": 1} -> {"wall": [s...], "cpu": [s...]}.
+  {"cmd": "memory", "T": 4, "what": "train" | "infer"} -> peak memory of one step (CPU: peak RSS minus the RSS
+   before the step, after one warm-up step and malloc_trim; CUDA: max_memory_allocated minus allocated before).
+  {"cmd": "lif", "x": [[...]], "g": [[...]], "threshold": 1.0} -> spikes and dL/dx of a multi-step LIFNode.
+  {"cmd": "exit"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from spikingjelly.activation_based import functional, neuron, surrogate
+from spikingjelly.activation_based.model.spikformer import Spikformer
+
+_MODELS: dict = {}
+
+
+def _reply(obj) -> None:
+  sys.__stdout__.write(json.dumps(obj) + "\n")
+  sys.__stdout__.flush()
+
+
+def _sync(device) -> None:
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def _rss_kb(field: str = "VmRSS") -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
+def build(cfg, device):
+  torch.manual_seed(cfg.get("seed", 0))
+  T = cfg["T"]
+  model = Spikformer(T=T, in_channels=3, img_size_h=cfg["image"], img_size_w=cfg["image"], patch_size=4,
+                     num_classes=cfg["classes"], embed_dims=cfg["dim"], num_heads=cfg["heads"],
+                     mlp_ratio=cfg.get("mlp_ratio", 4.0), depths=cfg["depth"]).to(device)
+  opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.06)
+  x = torch.randn(cfg["batch"], 3, cfg["image"], cfg["image"], device=device)
+  y = torch.arange(cfg["batch"], device=device) % cfg["classes"]
+
+  def train_step():
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    logits = model(x).mean(0)  # [T, B, K] -> time average, as dtvit's head
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    opt.step()
+    functional.reset_net(model)
+    return loss
+
+  def infer_step():
+    model.eval()
+    with torch.inference_mode():
+      logits = model(x).mean(0)
+    functional.reset_net(model)
+    return logits
+
+  _MODELS[T] = {"train": train_step, "infer": infer_step, "params": sum(p.numel() for p in model.parameters())}
+  return {"params": _MODELS[T]["params"]}
+
+
+def time_it(T, what, n, device):
+  fn = _MODELS[T][what]
+  wall, cpu = [], []
+  for _ in range(n):
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return {"wall": wall, "cpu": cpu}
+
+
+def memory(T, what, device):
+  fn = _MODELS[T][what]
+  fn()  # warm-up: creates the optimizer state and the allocator's steady state
+  _sync(device)
+  if device.type == "cuda":
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    _sync(device)
+    return {"peak_bytes": int(torch.cuda.max_memory_allocated() - before), "method": "cuda max_memory_allocated"}
+  _trim()
+  before = _rss_kb("VmRSS")
+  with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
+    f.write("5")
+  fn()
+  peak = _rss_kb("VmHWM")
+  return {"peak_bytes": int((peak - before) * 1024), "method": "peak RSS (VmHWM) - RSS before, after malloc_trim"}
+
+
+def lif(cmd, device):
+  x = torch.tensor(cmd["x"], dtype=torch.float32, device=device, requires_grad=True)
+  g = torch.tensor(cmd["g"], dtype=torch.float32, device=device)
+  node = neuron.LIFNode(tau=2.0, v_threshold=cmd.get("threshold", 1.0), v_reset=0.0, detach_reset=True,
+                        surrogate_function=surrogate.Sigmoid(alpha=4.0), step_mode="m").to(device)
+  s = node(x)
+  s.backward(g)
+  return {"spikes": s.detach().cpu().tolist(), "grad": x.grad.cpu().tolist()}
+
+
+def info(device):
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  return {"torch": torch.__version__, "spikingjelly": metadata.version("spikingjelly"),
+          "threads": torch.get_num_threads(), "device": str(device),
+          "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+          "python": sys.version.split()[0]}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--device", default="cpu")
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  args = parser.parse_args()
+  torch.set_num_threads(args.threads)
+  device = torch.device(args.device)
+  sys.stdout = sys.stderr  # keep the JSON channel clean of library prints
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    try:
+      c = cmd["cmd"]
+      if c == "exit":
+        _reply({"ok": True})
+        return
+      if c == "info":
+        out = info(device)
+      elif c == "build":
+        out = build(cmd, device)
+      elif c == "time":
+        out = time_it(cmd["T"], cmd["what"], cmd.get("n", 1), device)
+      elif c == "memory":
+        out = memory(cmd["T"], cmd["what"], device)
+      elif c == "lif":
+        out = lif(cmd, device)
+      else:
+        raise ValueError(f"unknown command {c!r}")
+      _reply({"ok": True, **out})
+    except Exception as e:  # pylint: disable=broad-except  # reported to the parent, which raises
+      _reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":
+  main()
