@@ -322,8 +322,8 @@ def _lif_bwd(cfg, res, g_TX):
   T, static, neuron, tau, surrogate, alpha, reset, detach, mdtype, init = cfg
   h_TX, lam, vth = res
   g_u = jnp.zeros(h_TX.shape[1:], mdtype)   # dL/du[t] arriving from step t+1
-  g_lam = jnp.zeros((), jnp.float32)
-  g_vth = jnp.zeros((), jnp.float32)
+  # The scalar gradients are accumulated elementwise and reduced once: one pass, not one reduction per step.
+  g_lam = g_vth = None
   g_in = []
   for t in reversed(range(T)):
     h = h_TX[t]
@@ -337,7 +337,7 @@ def _lif_bwd(cfg, res, g_TX):
     g_vth_t = -g_x * h / (vth * vth)
     if reset == "soft":
       g_vth_t = g_vth_t - s * g_u
-    g_vth = g_vth + jnp.sum(g_vth_t, dtype=jnp.float32)
+    g_vth = g_vth_t if g_vth is None else g_vth + g_vth_t
     if t > 0:  # the membrane entering step t, recomputed from the stored h[t-1]
       h_prev = h_TX[t - 1]
       s_prev = (h_prev / vth - 1.0 >= 0).astype(mdtype)
@@ -349,11 +349,13 @@ def _lif_bwd(cfg, res, g_TX):
       g_u = g_h - g_h / tau
     else:
       g_in.append(g_h)
-      if u_prev is not None:
-        g_lam = g_lam + jnp.sum(g_h * u_prev, dtype=jnp.float32)
+      if u_prev is not None and neuron == "lif":
+        g_lam = g_h * u_prev if g_lam is None else g_lam + g_h * u_prev
       g_u = lam * g_h
   if init:  # U[0] = init * Vth
-    g_vth = g_vth + init * jnp.sum(g_u, dtype=jnp.float32)
+    g_vth = g_vth + init * g_u
+  g_vth = jnp.sum(g_vth, dtype=jnp.float32)
+  g_lam = jnp.zeros((), jnp.float32) if g_lam is None else jnp.sum(g_lam, dtype=jnp.float32)
   g_in = g_in[::-1]
   g_current = sum(g_in[1:], g_in[0]) if static else jnp.stack(g_in)
   return g_current.astype(g_TX.dtype), g_lam, g_vth
