@@ -148,7 +148,7 @@ def test_cifar10_archive_tiny_training(tmp_path):
   config.data.archive = ARCHIVE
   config.phases = "ann"
   config.data.augment.randaugment_ops = 0
-  config.eval_batch_size = 500
+  config.eval_batch_size = 200
   config.eval_examples = 1000
   summary = train.run(config, str(tmp_path / "run"))
   assert summary["ann"]["steps"] == config.ann.num_steps
