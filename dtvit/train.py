@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,8 +97,8 @@ def temperature_at(pc, step, num_steps):
   return pc.temperature_start * (pc.temperature_end / pc.temperature_start) ** frac
 
 
-def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None):
-  """The jitted-to-be step: (state, batch) -> (state, metrics)."""
+def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None):
+  """(params, batch_stats, batch, temperature) -> (loss, (cross-entropy, cost, logits, new batch_stats))."""
   use_cost = phase == "snn" and model.mask.enabled and pc.time_cost > 0
 
   def loss_fn(params, batch_stats, batch, temperature):
@@ -112,27 +113,119 @@ def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None):
     loss = ce + pc.time_cost * cost
     return loss, (ce, cost, logits, new_bs)
 
+  return loss_fn
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None):
+  """The jitted-to-be step: (state, batch) -> (state, metrics).
+
+  batch: 'image', 'label', 'target' and 'stop' (bool [B], each process's SIGTERM flag on its slice); the
+  metric 'stop' is their OR, so every process sees the same value at the same step and they checkpoint and
+  exit together. When the loss, a gradient or an updated parameter is not finite the step returns the state
+  it was given (params, batch_stats, optimizer state untouched) and metric 'finite' False; under
+  `nonfinite='skip'` the step counter still advances past the batch.
+  """
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+
   def step_fn(state, batch):
     temperature = temperature_at(pc, state["step"], pc.num_steps)
     (loss, (ce, cost, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["batch_stats"], batch, temperature)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-    finite_by_module = {k: jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(v)]))
-                        for k, v in grads.items()}
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(list(finite_by_module.values())))
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params) & _all_finite(new_bs)
     new_state = {"params": params, "batch_stats": new_bs, "opt_state": opt_state, "step": state["step"] + 1}
+    # A non-finite step leaves the state as it was: the error policy can then say where it happened by
+    # re-running the step (`diagnose_nonfinite`), and the skip policy moves on from the last good state.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     if pc.nonfinite == "skip":
-      # Keep the old state but move past the batch.
-      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-      kept["step"] = state["step"] + 1
-      new_state = kept
+      new_state["step"] = state["step"] + 1
     metrics = {"loss": loss, "cross_entropy": ce, "time_cost": cost,
                "accuracy": jnp.mean(losses.correct(logits, batch["label"])), "temperature": temperature,
-               "finite": finite, "finite_by_module": finite_by_module}
+               "finite": finite, "stop": jnp.any(batch["stop"])}
     return new_state, metrics
 
   return step_fn
+
+
+def _module_of(path) -> str:
+  """'params' key path -> its module ('blocks_0/attn/q' for ('blocks_0', 'attn', 'q', 'kernel')); a parameter
+  of the root module is named by itself ('cls')."""
+  keys = [str(getattr(k, "key", k)) for k in path]
+  return "/".join(keys[:-1]) or keys[-1]
+
+
+def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None) -> str:
+  """Re-runs a non-finite train step from `state` on `batch` and says where the values first went non-finite.
+
+  In the order they are computed: the forward pass (the first leaf module whose output is non-finite, in
+  execution order, e.g. 'blocks_0/attn/q'), then the loss, then the backward pass (the first module in
+  backward order, i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer
+  update (the first module whose updated parameters are non-finite). Returns a one-line description.
+  """
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+  names: dict[str, list[str]] = {}
+
+  def fn(state, batch, step):
+    temperature = temperature_at(pc, step, pc.num_steps)
+    order, flags = [], {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      path = "/".join(context.module.scope.path)
+      floats = [x for x in jax.tree.leaves(out)
+                if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+      if context.method_name == "__call__" and path and floats:
+        ok = _all_finite(floats)
+        if path in flags:  # a subclass calling its parent's __call__: one module, ordered by its first return
+          flags[path] = flags[path] & ok
+        else:
+          order.append(path)
+          flags[path] = ok
+      return out
+
+    with nn.intercept_methods(interceptor):
+      models.apply_model(model, {"params": state["params"], "batch_stats": state["batch_stats"]}, batch["image"],
+                         train=True, mask_temperature=temperature, with_aux=False)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, state["batch_stats"], batch, temperature)[0])(
+        state["params"])
+    updates, _ = tx.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+    by_module: dict[str, dict[str, list]] = {"grads": {}, "params": {}}
+    for tree, key in ((grads, "grads"), (params, "params")):
+      for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        by_module[key].setdefault(_module_of(path), []).append(jnp.all(jnp.isfinite(x)))
+    names["forward"], names["modules"] = order, list(by_module["grads"])
+    return {"forward": [flags[p] for p in order], "loss": jnp.isfinite(loss),
+            "grads": [jnp.all(jnp.stack(v)) for v in by_module["grads"].values()],
+            "params": [jnp.all(jnp.stack(v)) for v in by_module["params"].values()]}
+
+  out = jax.device_get(jax.jit(fn)(state, batch, jnp.asarray(step, jnp.int32)))
+  forward, modules = names["forward"], names["modules"]
+  # Modules in execution order; a parameter of the root module (e.g. 'cls') counts as used first.
+  position = {m: (forward.index(m) if m in forward else -1) for m in modules}
+  bad_forward = [p for p, ok in zip(forward, out["forward"]) if not ok]
+  bad_grads = [m for m, ok in zip(modules, out["grads"]) if not ok]
+  bad_params = [m for m, ok in zip(modules, out["params"]) if not ok]
+  if bad_forward:
+    return (f"first non-finite module: {bad_forward[0]!r}, its output in the forward pass "
+            f"({len(bad_forward)} of {len(forward)} module outputs non-finite)")
+  if not out["loss"]:
+    return "first non-finite value: the loss (every module output was finite; check the targets and the loss)"
+  if bad_grads:
+    first = max(bad_grads, key=lambda m: position[m])
+    return (f"first non-finite module: {first!r}, its gradients in the backward pass (forward pass and loss "
+            f"finite; {len(bad_grads)} of {len(modules)} modules with non-finite gradients)")
+  if bad_params:
+    first = min(bad_params, key=lambda m: position[m])
+    return (f"first non-finite module: {first!r}, its parameters after the optimizer update (gradients finite; "
+            f"the learning rate is too high for them)")
+  return "not reproduced when the step was re-run (first non-finite module unknown)"
 
 
 def make_eval_step(model):
@@ -184,11 +277,6 @@ def init_state(model, tx, rng, image_shape, mesh, variables=None):
 
 def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def _first_nonfinite(finite_by_module: dict) -> str:
-  bad = [k for k, v in finite_by_module.items() if not bool(v)]
-  return bad[0] if bad else "(loss only)"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,7 +337,8 @@ def initial_variables(config, workdir, phases, phase, model, info, rng) -> dict:
   return variables
 
 
-def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at_step: int | None = None) -> dict:
+def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at_step: int | None = None,
+                batch_hook=None) -> dict:
   """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary."""
   pc = config[phase]
   phase_dir = os.path.join(workdir, phase)
@@ -267,7 +356,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   if ckpt.latest_step() is None:
     variables = initial_variables(config, workdir, phases, phase, model, info, rng)
   state = init_state(model, tx, rng, info.image_shape, mesh, variables)
-  start = 0
+  start, meta = 0, {}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract_like(state))
     start = int(meta["step"])
@@ -279,8 +368,13 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
                        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
                        donate_argnums=(0,))
   end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
+  # The metrics of the steps since the last log point and the logged history travel in the checkpoint, so a
+  # resumed run logs and summarises exactly what an uninterrupted one does.
   averager = metrics_lib.Averager()
-  history = []
+  since_log = meta.get("since_log", [])
+  for m in since_log:
+    averager.update(m)
+  history = meta.get("history", [])
   t0 = time.time()
   if start < end:
     batches = input_pipeline.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
@@ -291,32 +385,45 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
       try:
         for step in range(start, end):
           local = next(batches)
-          batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "target")})
+          if batch_hook is not None:
+            local = batch_hook(phase, step, local)
+          local = {k: local[k] for k in ("image", "label", "target")}
+          local["stop"] = np.full(local["label"].shape, sigterm.raised)
+          batch = sharding.global_batch(mesh, local)
           state, m = train_step(state, batch)
-          if not bool(m["finite"]):
-            where = _first_nonfinite(jax.device_get(m["finite_by_module"]))
+          finite, stop = (bool(x) for x in jax.device_get((m["finite"], m["stop"])))
+          done = step + 1
+          if not finite:
+            where = diagnose_nonfinite(model, tx, pc, state, batch, step, phase=phase, op_weights=op_weights)
             if pc.nonfinite == "error":
               ckpt.wait()
+              last_good = ckpt.latest_step()
+              kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory} and a rerun "
+                      f"resumes from it" if last_good is not None else "no checkpoint had been written yet")
               raise NonFiniteError(
-                  f"{phase}: non-finite loss or gradients at step {step + 1} (first module: {where}); "
-                  f"the last good checkpoint is kept in {ckpt.directory}. Lower the learning rate, or set "
-                  f"{phase}.nonfinite='skip' to skip such batches.")
-            logging.warning("%s: step %d skipped, non-finite values in %s", phase, step + 1, where)
-          averager.update({k: v for k, v in m.items() if k not in ("finite", "finite_by_module")})
+                  f"{phase}: non-finite values at step {done}: {where}. Training stopped; {kept}. Lower the "
+                  f"learning rate, fix the data, or set {phase}.nonfinite='skip' to skip such batches.")
+            logging.warning("%s: step %d skipped (params unchanged), %s", phase, done, where)
+          else:
+            metrics = {k: v for k, v in m.items() if k not in ("finite", "stop")}
+            averager.update(metrics)
+            since_log.append(metrics)
           bar.update(1)
-          done = step + 1
           if done % pc.log_every == 0 or done == end:
             scalars = averager.result()
             averager.reset()
+            since_log = []
             scalars["learning_rate"] = float(schedule(done))
             scalars.update(_mask_scalars(model, state["params"]))
             writer.write_scalars(done, scalars)
-            history.append({"step": done, **{k: scalars[k] for k in ("loss", "accuracy")}})
-          if done % pc.checkpoint_every == 0 or done == end or sigterm.raised:
-            ckpt.save(done, state, {"step": done, "phase": phase, "data_position": done}, force=True)
-          if sigterm.raised:
+            history.append({"step": done, **{k: scalars.get(k, float("nan")) for k in ("loss", "accuracy")}})
+          if done % pc.checkpoint_every == 0 or done == end or stop:
+            ckpt.save(done, state, {"step": done, "phase": phase, "data_position": done,
+                                    "since_log": jax.device_get(since_log), "history": history}, force=True)
+          if stop:
             ckpt.wait()
-            raise Preempted(f"SIGTERM during {phase} at step {done}; checkpoint saved, rerun to resume.")
+            raise Preempted(f"SIGTERM during {phase}: checkpoint saved at step {done}; rerun the same command "
+                            f"to resume.")
       finally:
         bar.close()
         ckpt.wait()
@@ -375,22 +482,31 @@ def evaluate_phase(model, variables, config, mesh, info, phase) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
-        stop_at_step: int | None = None) -> dict:
+        stop_at_step: int | None = None, batch_hook=None) -> dict:
   """Runs every phase of `config.phases` in `workdir`; writes and returns `<workdir>/summary.json`.
 
   `stop_at_step` stops the first unfinished phase after that many steps (for tests of resume).
+  `batch_hook(phase, step, local_batch) -> local_batch` may edit this process's numpy train batch (dict of
+  'image', 'label', 'target') before it is sharded; step counts from 0 (fault injection in tests).
+
+  Raises `Preempted` after SIGTERM (state checkpointed at the current step), `NonFiniteError` on a non-finite
+  step with `nonfinite='error'` (naming the step and the first module; the last good checkpoint is kept).
   """
   validate_config(config)
   phases = parse_phases(config)
-  checkpointing.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
   mesh = sharding.make_mesh(config.mesh.num_devices)
+  for phase in phases:  # now, not after hours of training
+    sharding.check_batch_size(config[phase].batch_size, mesh, f"{phase}.batch_size")
+  sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  checkpointing.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
   info = input_pipeline.get_info(config.data)
   t0 = time.time()
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}
   for phase in phases:
     logging.info("=== phase %s ===", phase)
-    result = train_phase(config, workdir, phase, mesh=mesh, info=info, phases=phases, stop_at_step=stop_at_step)
+    result = train_phase(config, workdir, phase, mesh=mesh, info=info, phases=phases, stop_at_step=stop_at_step,
+                         batch_hook=batch_hook)
     summary[phase] = result
     if "stopped_at" in result:
       return summary

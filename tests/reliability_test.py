@@ -1,0 +1,448 @@
+"""Reliability on the tiny config: exact resume after SIGKILL (also mid checkpoint write) and SIGTERM, non-finite
+steps, several processes over jax.distributed, clear errors, run-to-run determinism.
+
+The subprocess tests run the real CLI (`python -m dtvit.main`) through a launcher that can only slow it down:
+each step by a sleep before the batch is sharded (so a kill lands at a chosen step), and each checkpoint commit
+by a sleep before Orbax renames the finished tmp directory (so a kill lands mid-write). Neither changes a value.
+Every result is compared with one uninterrupted in-process run (`reference`, compiled afresh), bitwise. The CLI
+launches share a persistent compilation cache (the first compiles, the others load), as a preemptible job would.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from dtvit import input_pipeline
+from dtvit import metrics as metrics_lib
+from dtvit import sharding
+from dtvit import train
+from tests.train_test import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 12, 3
+# The CLI spelling of `_config()`: both write the same config.json (checked below).
+CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", "--config.model.variant=tiny",
+              "--config.model.patch_size=2", "--config.eval_fixed_steps=False", "--config.phases=ann",
+              f"--config.ann.num_steps={STEPS}", f"--config.ann.checkpoint_every={EVERY}",
+              "--config.ann.log_every=1", "--config.ann.max_to_keep=10"]
+TIME_KEYS = ("train_time_s", "wall_time_s", "workdir")
+
+_LAUNCHER = textwrap.dedent("""
+    import asyncio, os, runpy, sys, time
+    step_delay = float(os.environ.get("TEST_STEP_DELAY", "0"))
+    commit_delay = float(os.environ.get("TEST_COMMIT_DELAY", "0"))
+    if step_delay:
+      from dtvit import sharding
+      _global_batch = sharding.global_batch
+      def slow_global_batch(*args, **kwargs):
+        time.sleep(step_delay)
+        return _global_batch(*args, **kwargs)
+      sharding.global_batch = slow_global_batch
+    if commit_delay:
+      from orbax.checkpoint._src.path import async_path  # the tmp dir -> step dir rename that commits a save
+      _rename = async_path.rename
+      async def slow_rename(src, dst):
+        if dst.name.isdigit():  # a step directory (each item's own tmp dir inside it is renamed first)
+          await asyncio.sleep(commit_delay)
+        return await _rename(src, dst)
+      async_path.rename = slow_rename
+    sys.argv[0] = "dtvit.main"
+    runpy.run_module("dtvit.main", run_name="__main__", alter_sys=True)
+""")
+
+
+def _config(**overrides):
+  return tiny_config(**{"phases": "ann", "ann.num_steps": STEPS, "ann.checkpoint_every": EVERY,
+                        "ann.log_every": 1, "ann.max_to_keep": 10, **overrides})
+
+
+def _ckpt_dir(workdir):
+  return os.path.join(workdir, "ann", "checkpoints")
+
+
+def _steps(workdir):
+  names = os.listdir(_ckpt_dir(workdir)) if os.path.isdir(_ckpt_dir(workdir)) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _state(workdir, step):
+  """The whole saved train state of `step` as numpy (params, batch_stats, opt_state, step)."""
+  path = os.path.join(_ckpt_dir(workdir), str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  # As numpy, whatever devices and processes wrote it.
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def _assert_same_state(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    s = json.load(f)
+  for key in TIME_KEYS:
+    s.pop(key, None)
+    s["ann"].pop(key, None)
+  return s
+
+
+def _assert_matches_reference(workdir, reference, extra_steps=()):
+  """Every checkpoint and the summary's metrics equal the uninterrupted run's, bitwise."""
+  with open(os.path.join(workdir, "config.json")) as f, open(os.path.join(reference, "config.json")) as g:
+    assert json.load(f) == json.load(g)  # the CLI and the in-process run are the same experiment
+  assert _steps(reference) == list(range(EVERY, STEPS + 1, EVERY))
+  assert _steps(workdir) == sorted(_steps(reference) + list(extra_steps))
+  for step in _steps(reference):
+    _assert_same_state(_state(workdir, step), _state(reference, step))
+  assert _summary(workdir) == _summary(reference)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train.run(_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """A persistent compilation cache for the CLI launches, shared by the pytest-xdist workers (their temp dirs
+  have one parent): after the first launch of a program, the others load it instead of compiling."""
+  return tmp_path_factory.getbasetemp().parent / "reliability_jax_cache"
+
+
+class _Cli:
+  """`python -m dtvit.main` with CLI_CONFIG in a subprocess, stderr read line by line."""
+
+  def __init__(self, workdir, *extra, step_delay=0.0, commit_delay=0.0, devices=8, cache=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TEST_STEP_DELAY=str(step_delay),
+               TEST_COMMIT_DELAY=str(commit_delay), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if cache:  # a persistent compilation cache: a rerun loads what the first launch compiled (as users would)
+      env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *CLI_CONFIG, f"--workdir={workdir}", *extra],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.lines = []
+
+  def wait_for_step(self, step, timeout=240):
+    """Reads the log until the metrics line of `step`."""
+    pattern = re.compile(rf"\] \[{step}\] accuracy=")
+    deadline = time.time() + timeout
+    for line in self.proc.stderr:
+      self.lines.append(line)
+      if pattern.search(line):
+        return
+      assert time.time() < deadline, "".join(self.lines[-30:])
+    raise AssertionError(f"exited before step {step}:\n" + "".join(self.lines[-30:]))
+
+  def finish(self, timeout=240):
+    out, err = self.proc.communicate(timeout=timeout)
+    self.lines.append(err)
+    return self.proc.returncode, out, "".join(self.lines)
+
+
+def _run_cli(workdir, *extra, **kwargs):
+  rc, out, err = _Cli(workdir, *extra, **kwargs).finish()
+  assert rc == 0, err[-4000:]
+  return out, err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. Exact resume after SIGKILL and SIGTERM.
+
+
+def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path):
+  workdir = str(tmp_path / "run")
+  # Killed between two checkpoints: after step 4 is logged and the (asynchronous) save of step 3 committed.
+  cli = _Cli(workdir, step_delay=0.3, cache=cache)
+  cli.wait_for_step(4)
+  while not _steps(workdir):
+    assert cli.proc.poll() is None, cli.finish()[2][-4000:]
+    time.sleep(0.01)
+  cli.proc.send_signal(signal.SIGKILL)
+  assert cli.finish()[0] == -signal.SIGKILL
+  done_first = _steps(workdir)
+  assert done_first and max(done_first) < STEPS
+
+  # Killed mid checkpoint write: every file of the next step is written, only Orbax's commit rename is pending.
+  cli = _Cli(workdir, step_delay=0.2, commit_delay=60, cache=cache)
+  deadline = time.time() + 240
+  while not (unfinished := [n for n in os.listdir(_ckpt_dir(workdir)) if ".orbax-checkpoint-tmp" in n
+                            and os.path.exists(os.path.join(_ckpt_dir(workdir), n, "commit_success.txt"))]):
+    assert time.time() < deadline and cli.proc.poll() is None, cli.finish()[2][-4000:]
+    time.sleep(0.005)
+  cli.proc.send_signal(signal.SIGKILL)
+  assert cli.finish()[0] == -signal.SIGKILL
+  interrupted_step = int(unfinished[0].split(".")[0])
+  assert _steps(workdir) == done_first and interrupted_step > max(done_first)
+  assert os.path.exists(os.path.join(_ckpt_dir(workdir), unfinished[0], "state", "manifest.ocdbt"))
+
+  # The rerun resumes from the last finished checkpoint, never the interrupted one, and drops the leftover.
+  out, err = _run_cli(workdir, cache=cache)
+  assert f"resumed from step {max(done_first)}" in err
+  assert not [n for n in os.listdir(_ckpt_dir(workdir)) if ".orbax-checkpoint-tmp" in n]
+  _assert_matches_reference(workdir, reference)
+  assert "summary:" in out
+
+
+def test_sigterm_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path):
+  workdir = str(tmp_path / "run")
+  cli = _Cli(workdir, step_delay=0.3, cache=cache)
+  cli.wait_for_step(4)
+  cli.proc.send_signal(signal.SIGTERM)
+  rc, _, err = cli.finish()
+  assert rc == 143, err[-4000:]
+  saved = int(re.search(r"checkpoint saved at step (\d+)", err).group(1))
+  assert 4 <= saved < STEPS
+  assert max(_steps(workdir)) == saved  # the step the signal arrived at, not the last periodic checkpoint
+  _run_cli(workdir, cache=cache)
+  _assert_matches_reference(workdir, reference, extra_steps=[saved] if saved % EVERY else [])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Non-finite values.
+
+
+def _inject_inf(at_step):
+  def hook(phase, step, local):
+    del phase
+    if step == at_step:
+      local = dict(local, image=local["image"].copy())
+      local["image"][0, 0, 0, 0] = np.inf
+    return local
+  return hook
+
+
+def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(train.NonFiniteError,
+                     match=r"ann: non-finite values at step 5: first non-finite module: 'embedding/patch', its "
+                           r"output in the forward pass .*last good checkpoint \(step 3\) is kept"):
+    train.run(_config(), workdir, batch_hook=_inject_inf(at_step=4))
+  assert _steps(workdir) == [3]
+  assert not [n for n in os.listdir(_ckpt_dir(workdir)) if "tmp" in n]
+  # The kept checkpoint is the good one: resuming from it without the bad batch gives the reference run.
+  train.run(_config(), workdir)
+  _assert_matches_reference(workdir, reference)
+
+
+def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tmp_path, caplog):
+  config = _config(**{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
+  summary = train.run(config, str(tmp_path), batch_hook=_inject_inf(at_step=1))
+  assert "step 2 skipped (params unchanged), first non-finite module: 'embedding/patch'" in caplog.text
+  s1, s2, s3 = (_state(str(tmp_path), k) for k in (1, 2, 3))
+  assert (s1["step"], s2["step"], s3["step"]) == (1, 2, 3)  # the skipped batch is consumed
+  for key in ("params", "batch_stats", "opt_state"):
+    _assert_same_state(s1[key], s2[key])
+  assert not np.array_equal(s2["params"]["head"]["kernel"], s3["params"]["head"]["kernel"])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(s3))
+  assert np.isfinite(summary["ann"]["train_loss_last"])
+
+
+def test_diagnosis_names_the_leaf_module_the_loss_or_the_update():
+  config = _config(**{"ann.batch_size": 8})
+  pc = config.ann
+  info = input_pipeline.get_info(config.data)
+  model = train.phase_model(config, info.num_classes, "ann")
+  mesh = sharding.make_mesh(-1)
+  tx = optax.sgd(0.1)
+  state = train.init_state(model, tx, jax.random.key(0), info.image_shape, mesh)
+  local = next(input_pipeline.train_batches(config.data, global_batch_size=8, seed=0))
+  batch = {k: local[k] for k in ("image", "label", "target")}
+  diagnose = lambda s, b, t=tx: train.diagnose_nonfinite(model, t, pc, s, sharding.global_batch(mesh, b), 0,  # noqa: E731
+                                                          phase="ann", op_weights=None)
+  assert "not reproduced" in diagnose(state, batch)
+
+  params = jax.tree.map(np.array, jax.device_get(state["params"]))
+  params["blocks_0"]["attn"]["q"]["kernel"][0, 0] = np.nan
+  broken = dict(state, params=sharding.replicate(mesh, params))
+  assert diagnose(broken, batch).startswith("first non-finite module: 'blocks_0/attn/q', its output in the forward")
+
+  bad_target = dict(batch, target=np.full_like(batch["target"], np.nan))
+  assert diagnose(state, bad_target).startswith("first non-finite value: the loss")
+
+  huge = optax.sgd(np.inf)  # an absurd learning rate: finite gradients, non-finite parameters
+  assert re.match(r"first non-finite module: '[\w/]+', its parameters after the optimizer update",
+                  diagnose(dict(state, opt_state=sharding.replicate(mesh, huge.init(params))), batch, huge))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Several processes.
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, cache=None, step_delay=0.0):
+  port = _free_port()
+  return [_Cli(workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+               devices=4, cache=cache, step_delay=step_delay) for i in range(2)]
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices(reference, cache, tmp_path):
+  """2 processes x 4 CPU devices over jax.distributed (Gloo), one workdir; SIGTERM reaches only process 1.
+
+  Both must checkpoint the same step and exit (else one would wait forever in the other's collective); the
+  rerun resumes (a multi-process Orbax restore) and finishes. Compared with one process on 8 devices:
+
+  Tolerance: the processes all-reduce through Gloo, which sums in another order than one process does, so
+  values differ by float32 rounding; the ANN's clip(x / c, 0, 1) (and a spike threshold alike) turns a one-ulp
+  change at its kink into a different gradient, and Adam grows these. Measured on this config: per-step losses
+  equal to 5e-7 for 8 steps and to 1.2e-4 after; params within 2.1e-3 (step 3) and 3.1e-2 (step 12) of each
+  leaf's largest |value|. Asserted: losses to rtol 1e-3 (a wrong data position or state would be far off),
+  params to 1e-2 / 5e-2 of the leaf's scale, the same test accuracy. Left out: embedding/patch/bias, whose exact
+  gradient is 0 (a BatchNorm follows the conv), so Adam moves it by rounding noise alone (it differs as much
+  between 4 and 8 devices in one process).
+  """
+  workdir = str(tmp_path / "run")
+  clis = _two_processes(workdir, cache=cache, step_delay=0.3)
+  clis[1].wait_for_step(4)
+  clis[1].proc.send_signal(signal.SIGTERM)
+  results = [cli.finish(timeout=400) for cli in clis]
+  assert [rc for rc, _, _ in results] == [143, 143], results[0][2][-3000:] + results[1][2][-3000:]
+  saved = {int(re.search(r"checkpoint saved at step (\d+)", err).group(1)) for _, _, err in results}
+  assert len(saved) == 1 and max(_steps(workdir)) == saved.pop() < STEPS
+
+  results = [cli.finish(timeout=400) for cli in _two_processes(workdir, cache=cache)]
+  for rc, _, err in results:
+    assert rc == 0, err[-4000:]
+  assert "process 1 of 2" in results[1][2]
+  assert "summary:" in results[0][1] and "summary:" not in results[1][1]  # only process 0 reports
+  summary, ref = _summary(workdir), _summary(reference)
+  assert summary["processes"] == 2 and summary["devices"] == 8
+  assert summary["ann"]["test_accuracy"] == ref["ann"]["test_accuracy"]
+  # Only process 0 writes metrics: one events file per launch, steps 1..12 once each.
+  losses = [metrics_lib.read_scalars(os.path.join(w, "ann"))["loss"] for w in (workdir, reference)]
+  assert [s for s, _ in losses[0]] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([v for _, v in losses[0]], [v for _, v in losses[1]], rtol=1e-3)
+  assert set(_steps(reference)) <= set(_steps(workdir))  # Orbax wrote each checkpoint from both processes
+  for step, tolerance in ((EVERY, 1e-2), (STEPS, 5e-2)):
+    got, want = _flat(_state(workdir, step)["params"]), _flat(_state(reference, step)["params"])
+    assert got.keys() == want.keys()
+    for key in want:
+      if key != "['embedding']['patch']['bias']":
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=tolerance * np.abs(want[key]).max(),
+                                   err_msg=f"step {step} {key}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. Clear errors (more in train_test.test_bad_input_errors, input_pipeline_test, checkpointing_test).
+
+
+def _parse_cli(*args):
+  """Parses the flags as dtvit.main defines them (a locked config file flag)."""
+  argv = ["main", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_mistyped_config_keys_and_values_are_errors():
+  assert _parse_cli("--config=configs/quickstart.py:tiny", "--config.snn.time_cost=0.5").snn.time_cost == 0.5
+  for bad, message in [("--config.snn.time_csot=0.1", 'Did you mean "time_cost" instead of "time_csot"'),
+                       ("--config.modle.depth=2", 'Did you mean "model" instead of "modle"'),
+                       ("--config.model.neuron.surogate=atan", 'Did you mean "surrogate" instead of "surogate"')]:
+    with pytest.raises((AttributeError, KeyError), match=message):
+      _parse_cli("--config=configs/quickstart.py:tiny", bad)
+  with pytest.raises(flags.IllegalFlagValueError, match="--config.snn.num_steps=1.5: invalid literal for int"):
+    _parse_cli("--config=configs/quickstart.py:tiny", "--config.snn.num_steps=1.5")
+  with pytest.raises(flags.IllegalFlagValueError, match="Unknown quickstart argument 'tiyn'"):
+    _parse_cli("--config=configs/quickstart.py:tiyn")
+  config = _config()
+  config.lock()
+  with pytest.raises(AttributeError, match="time_csot"):
+    config.snn.time_csot = 0.1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.neuron.surrogate", "tanh", "Unknown surrogate 'tanh'"),
+    ("model.mask.mode", "hard", "Unknown mask mode 'hard'"),
+    ("model.mask.granularity", "head", "Unknown mask granularity 'head'"),
+    ("ann.cost_kind", "l2", "ann.cost_kind='l2'; choose one of"),
+    ("ann.nonfinite", "ignore", "ann.nonfinite='ignore'; choose one of"),
+    ("phases", "ann,distill", "each phase must be one of"),
+    ("eval_batch_size", 100, "eval_batch_size=100 is not divisible by the 8 devices"),
+])
+def test_invalid_values_are_named_before_anything_is_written(tmp_path, key, value, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.run(_config(**{key: value}), str(tmp_path / "run"), stop_at_step=0)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_init_from_an_interrupted_write_says_so(reference, tmp_path):
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  # What a kill mid-write leaves: a full copy of the step under Orbax's tmp name, never committed.
+  shutil.copytree(os.path.join(_ckpt_dir(reference), str(EVERY)),
+                  partial / f"{EVERY}.orbax-checkpoint-tmp")  # Orbax 0.12 names it so
+  with pytest.raises(FileNotFoundError, match=r"snn.init_from: .*partial holds no complete checkpoint: it holds "
+                                              r"only unfinished writes \['3\.orbax-checkpoint-tmp'\]"):
+    train.run(_config(**{"phases": "snn", "snn.init_from": str(partial)}), str(tmp_path / "run"))
+
+
+def test_corrupt_image_in_a_local_archive_is_named(tmp_path):
+  good = io.BytesIO()
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good, "PNG")
+  files = {"train/cat/0.png": good.getvalue(), "test/cat/0.png": good.getvalue(),
+           "train/dog/7.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}
+  archive = tmp_path / "cifar.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    for name, data in files.items():
+      member = tarfile.TarInfo(name)
+      member.size = len(data)
+      tar.addfile(member, io.BytesIO(data))
+  config = _config(**{"data.name": "cifar10_local", "data.archive": str(archive),
+                      "data.data_dir": str(tmp_path / "data_dir")})
+  with pytest.raises(ValueError, match=r"Cannot decode image file 'train/dog/7\.jpg'"):
+    train.run(config, str(tmp_path / "run"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. Determinism.
+
+
+def test_data_order_depends_only_on_seed_step_and_process():
+  config = _config()
+  take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
+  base = dict(global_batch_size=16, num_classes=10)
+  a = take(input_pipeline.train_batches(config.data, seed=3, start_step=5, process_index=1, process_count=2,
+                                        **base), 2)
+  config.data.num_threads, config.data.prefetch = 0, 1  # how batches are prepared does not matter
+  b = take(input_pipeline.train_batches(config.data, seed=3, start_step=6, process_index=1, process_count=2,
+                                        **base), 1)
+  whole = take(input_pipeline.train_batches(config.data, seed=3, start_step=6, process_index=0,
+                                            process_count=1, **base), 1)
+  for k in ("image", "label", "target"):
+    np.testing.assert_array_equal(a[1][k], b[0][k])
+    np.testing.assert_array_equal(b[0][k], whole[0][k][8:])  # process 1 of 2 holds the second half
+  other_seed = next(input_pipeline.train_batches(config.data, seed=4, start_step=6, process_index=0,
+                                                 process_count=1, **base))
+  assert not np.array_equal(other_seed["label"], whole[0]["label"])
