@@ -252,7 +252,8 @@ def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
   eval_fn = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
   correct = count = 0.0
   rate_sums, n_full = None, 0
-  for local in input_pipeline.eval_batches(config.data, split=split, global_batch_size=gb):
+  for local in input_pipeline.eval_batches(config.data, split=split, global_batch_size=gb,
+                                           max_examples=config.get("eval_examples", 0)):
     batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
     out = jax.device_get(eval_fn(variables, batch))
     correct += float(out["correct"])
