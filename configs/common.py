@@ -63,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_heads = 0
   m.mlp_ratio = 0.0
   m.stem_pools = ()                  # 'spikformer': which of the 4 SPS stages pool; () = the variant's
+  m.stem_pool_first = False          # 'spikformer': pool before the stem neuron (SpikingJelly's order)
   m.dtype = "float32"                # matmul dtype: 'float32' | 'bfloat16' (membranes stay float32)
   m.attn_scale = 0.125
   n = m.neuron = ml_collections.ConfigDict()

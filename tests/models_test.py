@@ -59,6 +59,26 @@ def test_aux_reports_masks_rates_and_step_logits(arch):
   assert "blocks_0/attn/q" in aux["input_rates"] and "head" in aux["input_rates"]
 
 
+def test_stem_pool_first_moves_the_neuron_after_the_pool():
+  """stem_pool_first: a pooled SPS stage runs its neuron on the pooled BN output (4x fewer neurons). The ANN
+  computes the same values either way (max pooling commutes with the clipped ReLU); the SNN does not."""
+  out = {}
+  for pool_first in (False, True):
+    for phase in ("ann", "snn"):
+      model = models.spikformer("tiny", 5, phase=phase, num_steps=2, stem_pool_first=pool_first)
+      variables = models.init(model, jax.random.key(0), IMG)
+      logits, state = model.apply(variables, images(), train=False, capture_intermediates=True,
+                                  mutable=["intermediates"])
+      lif2 = state["intermediates"]["embedding"]["conv2_lif"]["__call__"][0]
+      out[pool_first, phase] = logits, lif2
+  # tiny pools after stages 2 and 3: stage 2's neuron sees 16x16 (pooled after) or 8x8 (pooled first).
+  assert out[False, "snn"][1].shape[1:3] == (16, 16)
+  assert out[True, "snn"][1].shape[1:3] == (8, 8)
+  assert set(np.unique(np.asarray(out[True, "snn"][1]))) <= {0.0, 1.0}
+  chex.assert_trees_all_equal(out[True, "ann"][0], out[False, "ann"][0])
+  assert not np.array_equal(out[True, "snn"][0], out[False, "snn"][0])
+
+
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
 def test_masked_step_emits_no_spikes(arch):
   model = tiny(arch, num_steps=4)

@@ -149,9 +149,10 @@ def test_fast_ops_are_used_by_default_and_switchable():
   assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: neurons.multistep(x, return_membrane=True))(x))
 
 
-def test_model_fast_equals_reference():
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_model_fast_equals_reference(pool_first):
   """A whole tiny Spikformer (convs, pools, every neuron): the same logits and the same parameter gradients."""
-  model = models.spikformer("tiny", 10, num_steps=3,
+  model = models.spikformer("tiny", 10, num_steps=3, stem_pool_first=pool_first,
                             neuron=NeuronConfig(neuron="spikformer", surrogate="sigmoid"))
   variables = models.init(model, jax.random.key(0), (8, 8, 3))
   images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))

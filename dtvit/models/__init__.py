@@ -46,6 +46,7 @@ def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> Spi
   if arch == "spikformer":
     if get("stem_pools"):
       kwargs["stem_pools"] = tuple(bool(p) for p in get("stem_pools"))
+    kwargs["stem_pool_first"] = bool(get("stem_pool_first", False))
     model = spikformer(get("variant", "4-384"), num_classes, **kwargs)
   else:
     model = vit(get("variant", "Ti"), num_classes, patch_size=get("patch_size", 16), **kwargs)

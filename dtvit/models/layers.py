@@ -399,6 +399,10 @@ class SpikingViT(nn.Module):
     depth, dim, num_heads, mlp_ratio: transformer sizes.
     patch_size: the 'patch' stem's patch size.
     stem_pools: for 'sps', which of the 4 conv stages end with a 3x3/2 max pool.
+    stem_pool_first: for 'sps', pool each pooled stage's batch-norm output before its neuron (conv -> BN ->
+      pool -> neuron, as SpikingJelly's Spikformer; the neuron runs at the pooled resolution, 4x fewer
+      neurons) instead of pooling its spikes (conv -> BN -> neuron -> pool, the original Spikformer). In the
+      ANN phase both orders give the same values (max pooling commutes with the clipped ReLU).
     phase: 'ann' | 'snn' (static); the parameter tree is the same in both.
     num_steps: T_max, the number of simulated steps (static; the SNN's time axis).
     neuron, mask: `NeuronConfig`, `MaskConfig`.
@@ -416,6 +420,7 @@ class SpikingViT(nn.Module):
   mlp_ratio: float = 4.0
   patch_size: int = 4
   stem_pools: Sequence[bool] = (False, False, True, True)
+  stem_pool_first: bool = False
   phase: str = "snn"
   num_steps: int = 4
   neuron: NeuronConfig = NeuronConfig()
@@ -482,8 +487,9 @@ class SpikingViT(nn.Module):
                   dtype=self.dtype, schedule=self.schedule)
     x = images_BHWC.astype(self.dtype)
     stem_cls = SPSStem if self.stem == "sps" else PatchStem
+    stem_kw = dict(pool_first=self.stem_pool_first) if self.stem == "sps" else {}
     x_XND = stem_cls(dim=self.dim, pools=tuple(self.stem_pools), patch_size=self.patch_size, name="embedding",
-                     **common)(x, train=train, temperature=mask_temperature)
+                     **stem_kw, **common)(x, train=train, temperature=mask_temperature)
     mlp_dim = int(self.dim * self.mlp_ratio)
     for i in range(self.depth):
       x_XND = Block(num_heads=self.num_heads, mlp_dim=mlp_dim, attn_scale=self.attn_scale, name=f"blocks_{i}",
@@ -500,12 +506,14 @@ class SpikingViT(nn.Module):
 class SPSStem(SpikingModule):
   """Spiking patch splitting: 4 x (Conv3x3 -> BN -> neuron [-> MaxPool]) with D/8, D/4, D/2, D channels,
   then a relative position embedding Conv3x3 -> BN -> neuron added residually. Returns tokens [T*B, N, D].
+  With `pool_first` a pooled stage is Conv3x3 -> BN -> MaxPool -> neuron.
 
   The first conv sees analog pixels; it and its BN run once per image and feed every step.
   """
   dim: int = 384
   pools: Sequence[bool] = (False, False, True, True)
   patch_size: int = 4
+  pool_first: bool = False
 
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
@@ -520,8 +528,10 @@ class SPSStem(SpikingModule):
                num_steps=self.sim_steps, kind="analog" if i == 0 else "synaptic", name=f"conv{i}")(
                    x, None if i == 0 else m_T)
       x = batch_norm(train, f"conv{i}_bn")(x)
+      if self.pools[i] and self.pool_first:
+        x = max_pool(x, self.phase)
       x = self.neuron_layer(x, f"conv{i}_lif", m_T, static=(i == 0))
-      if self.pools[i]:
+      if self.pools[i] and not self.pool_first:
         x = max_pool(x, self.phase)
     m_T = self.unit_mask("rpe_lif", mask_T, temperature, enabled=self.mask.mask_stem)
     r = Conv(self.dim, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,

@@ -19,9 +19,10 @@ temp + argument + output - alias bytes (argument: params, optimizer state, batch
 step minus the RSS before it (a fresh worker, after a warm-up step and malloc_trim), i.e. without the resident
 params and optimizer state (about 8 MB here).
 
+Both pool the stem's batch-norm output before the neuron (conv -> BN -> pool -> LIF), as SpikingJelly's
+Spikformer does: dtvit's `stem_pool_first=True`. (dtvit's default is the original Spikformer's conv -> BN -> LIF ->
+pool, whose two pooled stem neurons run at 4x the resolution; the variant 'pool-after' times it.)
 Differences that remain between the two models (neither changes the shapes of the heavy layers):
-- SpikingJelly pools the conv pre-activation before its neuron (conv -> BN -> pool -> LIF); dtvit follows the
-  original Spikformer (conv -> BN -> LIF -> pool), so two of its stem neurons run at 4x the resolution.
 - SpikingJelly repeats the image T times and runs the first conv T times; dtvit runs it once (direct encoding).
 - SpikingJelly fuses Q, K, V into one 1x1 conv; dtvit has three Dense layers. dtvit also carries its time-step
   masks (one multiply per neuron output), as in training.
@@ -66,14 +67,16 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   """Compiled train and inference steps of dtvit's Spikformer for one (T, phase, variant).
 
   variant: 'fast' (default ops), 'ref' (reference ops: `ops.use_fast_ops(False)`), 'remat:spikes'
-  (NeuronConfig.remat='spikes' with the loss under `ops.checkpoint_spikes`), or 'bf16' (model dtype bfloat16).
+  (NeuronConfig.remat='spikes' with the loss under `ops.checkpoint_spikes`), 'bf16' (model dtype bfloat16), or
+  'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model).
   """
   neuron_kw = dict(neuron="spikformer", surrogate="sigmoid")
   if variant.startswith("remat:"):
     neuron_kw["remat"] = variant.split(":", 1)[1]
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32  # bf16 matmuls and convs, float32 membranes
   model = models.spikformer("2-128", args.classes, depth=args.depth, dim=args.dim, num_heads=args.heads,
-                            num_steps=T, phase=phase, neuron=NeuronConfig(**neuron_kw), dtype=dtype)
+                            num_steps=T, phase=phase, neuron=NeuronConfig(**neuron_kw), dtype=dtype,
+                            stem_pool_first=variant != "pool-after")
   variables = models.init(model, jax.random.key(0), (args.image, args.image, 3))
   tx = optax.adamw(5e-4, weight_decay=0.06)
   # The train step donates its state: give it its own copy of the arrays the inference step keeps using.
@@ -234,7 +237,7 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:spikes', 'bf16' (default 'ref,remat:spikes'; none with --quick)")
+                      "'remat:spikes', 'bf16', 'pool-after' (default 'ref,remat:spikes,pool-after'; none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
   p.add_argument("--name", default=None, help="results/<name>.json (default: cpu or gpu, with -quick)")
@@ -256,7 +259,7 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  variants = [v for v in (args.variants if args.variants is not None else ("" if args.quick else "ref,remat:spikes"))
+  variants = [v for v in (args.variants if args.variants is not None else ("" if args.quick else "ref,remat:spikes,pool-after"))
               .split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")
