@@ -254,11 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--analyse_only", action="store_true", help="Only write the table, plot and report.")
   p.add_argument("--no_report", action="store_true", help="Skip dtvit.report in the analysis.")
   p.add_argument("--extra_arg", default="", help="Appended to every run's config argument (e.g. 'smoke').")
+  p.add_argument("--fixed_t", default=",".join(map(str, FIXED_T)), help="T of the fixed-T runs.")
   p.add_argument("--costs", default=",".join(map(str, COST_WEIGHTS)), help="Expected-steps cost weights.")
   p.add_argument("--op_costs", default=",".join(map(str, OP_WEIGHTED_COSTS)), help="Op-weighted cost weights.")
   a = p.parse_args(argv)
   floats = lambda s: tuple(float(x) for x in s.split(",") if x)
-  all_runs = list(runs(cost_weights=floats(a.costs), op_weighted_costs=floats(a.op_costs)))
+  all_runs = list(runs(fixed_t=[int(t) for t in a.fixed_t.split(",") if t], cost_weights=floats(a.costs),
+                       op_weighted_costs=floats(a.op_costs)))
   names = [r.name for r in all_runs]
   only = [x for x in a.only.split(",") if x]
   unknown = [x for x in only if x not in names]
