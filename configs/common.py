@@ -77,7 +77,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   n.attn_threshold = 0.5
   n.init_leak = 1.0
   n.init_membrane = 0.5              # U[0] / threshold (0.5: rate rounds the input; better ANN -> SNN)
-  n.remat = False
+  n.remat = False                    # False | 'blocks' (recompute stem/blocks in the backward: bounded BPTT memory)
   n.unroll = 1
   k = m.mask = ml_collections.ConfigDict()
   k.enabled = True                   # False: fixed T = T_max

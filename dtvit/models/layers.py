@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -31,6 +32,9 @@ from dtvit import ops
 
 PHASES = ("ann", "snn")
 GRANULARITIES = ("module", "layer")
+
+
+REMAT_MODES = (False, True, "spikes", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,9 @@ class NeuronConfig:
   attn_threshold: float = 0.5       # the attention neuron's threshold at init
   init_leak: float = 1.0            # lambda at init ('lif'); clamped to [0, 1]
   init_membrane: float = 0.5        # U[0] / threshold; 0.5 rounds instead of floors (better conversion)
-  remat: Any = False                # True: jax.checkpoint the scan step; 'spikes': see ops.checkpoint_spikes
+  # True: jax.checkpoint the scan step; 'spikes': see ops.checkpoint_spikes; 'blocks': the backward pass
+  # recomputes the stem and each block from its input (`recompute_in_backward`), bounding BPTT memory.
+  remat: Any = False
   unroll: int = 1
 
   def validate(self):
@@ -60,8 +66,8 @@ class NeuronConfig:
       raise ValueError("Neuron thresholds must be > 0.")
     if self.tau <= 0:
       raise ValueError(f"tau must be > 0, got {self.tau}.")
-    if self.remat not in (False, True, "spikes"):
-      raise ValueError(f"Unknown neuron.remat {self.remat!r}; choose False, True or 'spikes'.")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"Unknown neuron.remat {self.remat!r}; choose one of {REMAT_MODES}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +175,8 @@ class Neuron(nn.Module):
     T = self.num_steps
     kw = dict(neuron=self.cfg.neuron, leak=leak, threshold=threshold, tau=self.cfg.tau,
               surrogate=self.cfg.surrogate, alpha=self.cfg.alpha, reset=self.cfg.reset,
-              detach_reset=self.cfg.detach_reset, remat=self.cfg.remat, unroll=self.cfg.unroll,
+              detach_reset=self.cfg.detach_reset, remat=self.cfg.remat if self.cfg.remat != "blocks" else False,
+              unroll=self.cfg.unroll,
               init_membrane=self.cfg.init_membrane)
     if static:
       spikes_TX = neurons_lib.multistep(x, num_steps=T, **kw)
@@ -488,12 +495,17 @@ class SpikingViT(nn.Module):
     x = images_BHWC.astype(self.dtype)
     stem_cls = SPSStem if self.stem == "sps" else PatchStem
     stem_kw = dict(pool_first=self.stem_pool_first) if self.stem == "sps" else {}
-    x_XND = stem_cls(dim=self.dim, pools=tuple(self.stem_pools), patch_size=self.patch_size, name="embedding",
-                     **stem_kw, **common)(x, train=train, temperature=mask_temperature)
+    remat = train and self.phase == "snn" and self.neuron.remat == "blocks"
+    call = functools.partial(recompute_in_backward, train=train) if remat else (
+        lambda module, x, t: module(x, train=train, temperature=t))
+    stem = stem_cls(dim=self.dim, pools=tuple(self.stem_pools), patch_size=self.patch_size, name="embedding",
+                    **stem_kw, **common)
+    x_XND = call(stem, x, mask_temperature)
     mlp_dim = int(self.dim * self.mlp_ratio)
     for i in range(self.depth):
-      x_XND = Block(num_heads=self.num_heads, mlp_dim=mlp_dim, attn_scale=self.attn_scale, name=f"blocks_{i}",
-                    **common)(x_XND, train=train, temperature=mask_temperature)
+      block = Block(num_heads=self.num_heads, mlp_dim=mlp_dim, attn_scale=self.attn_scale, name=f"blocks_{i}",
+                    **common)
+      x_XND = call(block, x_XND, mask_temperature)
     feats_XD = jnp.mean(x_XND, axis=1)
     logits_XK = Dense(self.num_classes, dtype=self.dtype, phase=self.phase, num_steps=T, name="head")(
         feats_XD).astype(jnp.float32)
@@ -501,6 +513,43 @@ class SpikingViT(nn.Module):
     if self.phase == "snn":
       sow(self, "step_logits", logits_TBK)
     return jnp.mean(logits_TBK, axis=0)
+
+
+def recompute_in_backward(module: nn.Module, x, temperature, *, train: bool):
+  """`module(x, train=train, temperature=temperature)` keeping only x (and the module's variables) for the
+  backward pass, which recomputes the module's forward from x and then differentiates it.
+
+  Unlike `jax.checkpoint`, whose recomputation XLA:CPU merges back into the forward pass (CSE after the
+  optimization barrier is expanded) or schedules early, the recomputation here reads `x + 0 * g[0]`: it
+  cannot start before the cotangent g of the module's output exists, so the module's intermediates (conv
+  inputs, batch-norm statistics, membranes of every step) live for one module at a time. The forward is
+  computed twice; values and gradients are those of the plain call (batch norm normalises with the same batch
+  statistics; its running averages are updated once, by the forward pass).
+  """
+  definition = module.clone(parent=None)
+  temperature = jnp.asarray(temperature, jnp.float32)
+
+  def fn(mdl, x, t):
+    return mdl(x, train=train, temperature=t)
+
+  def forward(mdl, x, t):
+    variables = {"params": mdl.variables["params"], "batch_stats": mdl.variables.get("batch_stats", {})}
+    return fn(mdl, x, t), (variables, x, t)
+
+  def backward(res, g):
+    variables, x, t = res
+    # A data dependency on the cotangent: the recomputation waits for the backward pass to reach this module.
+    x = x + jnp.zeros((), x.dtype) * g.reshape(-1)[0].astype(x.dtype)
+
+    def pure(params, x, t):
+      return definition.apply({**variables, "params": params}, x, train=train, temperature=t,
+                              mutable=["batch_stats"])[0]
+
+    _, vjp = jax.vjp(pure, variables["params"], x, t)
+    params_t, x_t, t_t = vjp(g)
+    return {"params": params_t}, x_t, t_t
+
+  return nn.custom_vjp(fn, forward_fn=forward, backward_fn=backward)(module, x, temperature)
 
 
 class SPSStem(SpikingModule):

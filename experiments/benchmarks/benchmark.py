@@ -67,7 +67,8 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   """Compiled train and inference steps of dtvit's Spikformer for one (T, phase, variant).
 
   variant: 'fast' (default ops), 'ref' (reference ops: `ops.use_fast_ops(False)`), 'remat:spikes'
-  (NeuronConfig.remat='spikes' with the loss under `ops.checkpoint_spikes`), 'bf16' (model dtype bfloat16), or
+  (NeuronConfig.remat='spikes' with the loss under `ops.checkpoint_spikes`), 'remat:blocks' (the stem and each
+  block recomputed in the backward pass), 'bf16' (model dtype bfloat16), or
   'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model).
   """
   neuron_kw = dict(neuron="spikformer", surrogate="sigmoid")
@@ -237,7 +238,8 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:spikes', 'bf16', 'pool-after' (default 'ref,remat:spikes,pool-after'; none with --quick)")
+                      "'remat:spikes', 'remat:blocks', 'bf16', 'pool-after' (default 'remat:blocks,pool-after'; "
+                      "none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
   p.add_argument("--name", default=None, help="results/<name>.json (default: cpu or gpu, with -quick)")
@@ -259,8 +261,8 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  variants = [v for v in (args.variants if args.variants is not None else ("" if args.quick else "ref,remat:spikes,pool-after"))
-              .split(",") if v]
+  default_variants = "" if args.quick else "remat:blocks,pool-after"
+  variants = [v for v in (args.variants if args.variants is not None else default_variants).split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")
   command = " ".join([".venv/bin/python", "experiments/benchmarks/benchmark.py"]
