@@ -31,13 +31,13 @@ def main():
   t0 = time.perf_counter()
   common = ["--device", args.device, "--torch-python", args.torch_python, "--out-dir", args.out, "--no-readme"]
   runs = [
-      ["--name", "gpu", "--rounds", "10", "--variants", "ref,remat:spikes,bf16"] + common,
+      ["--name", "gpu", "--rounds", "10", "--variants", "ref,remat:spikes,remat:blocks,bf16"] + common,
       ["--name", "gpu-b128", "--batch", "128", "--steps", "4,8", "--rounds", "10", "--variants", "bf16"] + common,
   ]
   if args.smoke:
     tiny = ["--steps", "1,2", "--rounds", "1", "--dim", "32", "--heads", "2", "--depth", "1", "--batch", "4",
             "--image", "16"]
-    runs = [r[:2] + tiny + ["--variants", "ref,remat:spikes,bf16"] + common for r in runs]
+    runs = [r[:2] + tiny + ["--variants", "ref,remat:spikes,remat:blocks,bf16"] + common for r in runs]
   for i, argv in enumerate(runs):
     if i and time.perf_counter() - t0 > args.budget_s / 2:
       print(f"skipping {argv[1]}: {time.perf_counter() - t0:.0f}s used of {args.budget_s:.0f}s", flush=True)
