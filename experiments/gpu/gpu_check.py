@@ -4,9 +4,9 @@
   .venv/bin/python experiments/gpu/gpu_check.py --out /tmp/g --device cpu --smoke \
       --torch-python experiments/benchmarks/.venv-torch/bin/python      # a CPU check of this script
 
-First the same configuration as the CPU table (batch 32, T in {1, 2, 4, 8}, SpikingJelly on cuda, dtvit variants
-ref / remat:spikes / remat:blocks / bf16 at T=4 and 8); then, if time is left, batch 128 at T=4 for throughput. Results and
-markdown tables go to DIR (nothing is written into the repo there: only $OUT comes back).
+First the same configuration as the CPU table (batch 32, T in {1, 2, 4, 8}, SpikingJelly on cuda, dtvit
+variants ref / remat:spikes / remat:blocks / bf16 at T=4 and 8); then, if time is left, batch 128 at T=4 for
+throughput. Results and markdown tables go to DIR (nothing is written into the repo there: only $OUT comes back).
 """
 
 import argparse
