@@ -77,7 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   n.attn_threshold = 0.5
   n.init_leak = 1.0
   n.init_membrane = 0.5              # U[0] / threshold (0.5: rate rounds the input; better ANN -> SNN)
-  n.remat = False                    # False | 'blocks' (recompute stem/blocks in the backward: bounded BPTT memory)
+  # False | 'blocks': the backward pass recomputes the stem and each block from its input (bounded BPTT memory,
+  # ~1.15x step time); True | 'spikes': jax.checkpoint variants, which XLA:CPU does not honour (see ops.py).
+  n.remat = ml_collections.FieldReference(False, field_type=object)
   n.unroll = 1
   k = m.mask = ml_collections.ConfigDict()
   k.enabled = True                   # False: fixed T = T_max

@@ -71,3 +71,15 @@ def test_recipe_arguments_are_checked():
   from configs import cifar10_spikformer
   with pytest.raises(ValueError, match="unknown argument 'tiyn'"):
     cifar10_spikformer.get_config("tiyn")
+
+
+def test_remat_blocks_reaches_the_model_from_the_config():
+  """model.neuron.remat takes the string modes (the field is not typed bool) and the model gets them."""
+  from dtvit import models  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module("configs.quickstart").get_config("tiny")
+  assert models.build_model(config.model, 10).neuron.remat is False
+  config.model.neuron.remat = "blocks"
+  assert models.build_model(config.model, 10).neuron.remat == "blocks"
+  config.model.neuron.remat = "everything"
+  with pytest.raises(ValueError, match="remat"):
+    models.build_model(config.model, 10)
