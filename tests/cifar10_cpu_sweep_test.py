@@ -58,15 +58,21 @@ def test_interpolation_and_verdict():
   assert sweep._interp(2.5, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.7)
   assert sweep._interp(4.0, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.9)
   assert sweep._interp(0.5, [1, 2], [0.5, 0.6]) is None
-  rows = [{"kind": "fixed", "T_max": t, "accuracy": a, "name": f"fixed_T{t}"}
+  rows = [{"kind": "fixed", "T_max": t, "accuracy": a, "name": f"fixed_T{t}", "energy_ratio": 0.1 * t}
           for t, a in ((1, 0.5), (2, 0.6), (3, 0.8), (4, 0.9))]
-  rows += [{"kind": "learned", "name": "learned_a", "accuracy": 0.75, "T_avg": 2.5, "T_avg_op": 2.0},
-           {"kind": "learned", "name": "learned_b", "accuracy": 0.85, "T_avg": 3.0, "T_avg_op": 3.5}]
+  rows += [{"kind": "learned", "name": "learned_a", "accuracy": 0.75, "T_avg": 2.5, "T_avg_op": 2.0,
+            "energy_ratio": 0.35},
+           {"kind": "learned", "name": "learned_b", "accuracy": 0.85, "T_avg": 3.0, "T_avg_op": 3.5,
+            "energy_ratio": 0.05}]
   comparison = sweep.compare(rows)
   assert [c["gain_at_T_avg"] for c in comparison] == [pytest.approx(0.05), pytest.approx(0.05)]
   assert comparison[0]["gain_at_T_avg_op"] == pytest.approx(0.15)
   assert comparison[1]["gain_at_T_avg_op"] == pytest.approx(-0.0)
-  assert "2 of 2 learned-mask runs beat" in sweep.verdict(comparison)
+  assert comparison[0]["gain_at_energy"] == pytest.approx(0.75 - 0.85)   # fixed 0.8 at 0.3, 0.9 at 0.4
+  assert comparison[1]["gain_at_energy"] is None   # below the cheapest fixed T: no interpolation
+  text = sweep.verdict(comparison)
+  assert "At equal average time steps, 2 of 2 learned-mask runs beat" in text
+  assert "At equal energy, 0 of 1 learned-mask runs beat" in text
 
 
 def test_sweep_runs_resumes_and_tabulates(tmp_path):

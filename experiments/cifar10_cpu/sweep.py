@@ -140,18 +140,24 @@ def collect(root: str, all_runs: Sequence[Run]) -> list[dict]:
 
 
 def compare(rows: Sequence[dict]) -> list[dict]:
-  """For each learned run: the fixed-T accuracy interpolated at its average (and op-weighted) steps."""
+  """For each learned run: the fixed-T accuracy interpolated at its average (and op-weighted) steps, and at its
+  energy (which also counts the unmasked stem: T_max steps in a learned run, T in a fixed one)."""
   fixed = [r for r in rows if r["kind"] == "fixed" and r["accuracy"] is not None]
   xs, ys = [r["T_max"] for r in fixed], [r["accuracy"] for r in fixed]
+  energies = [r["energy_ratio"] for r in fixed]
   out = []
   for r in rows:
     if r["kind"] != "learned" or r["accuracy"] is None:
       continue
     at_avg = _interp(r["T_avg"], xs, ys)
     at_op = _interp(r["T_avg_op"], xs, ys) if r["T_avg_op"] is not None else None
+    at_e = (_interp(r["energy_ratio"], energies, ys)
+            if r.get("energy_ratio") is not None and None not in energies else None)
     out.append({"name": r["name"], "T_avg": r["T_avg"], "T_avg_op": r["T_avg_op"], "accuracy": r["accuracy"],
                 "fixed_at_T_avg": at_avg, "gain_at_T_avg": None if at_avg is None else r["accuracy"] - at_avg,
-                "fixed_at_T_avg_op": at_op, "gain_at_T_avg_op": None if at_op is None else r["accuracy"] - at_op})
+                "fixed_at_T_avg_op": at_op, "gain_at_T_avg_op": None if at_op is None else r["accuracy"] - at_op,
+                "energy_ratio": r.get("energy_ratio"), "fixed_at_energy": at_e,
+                "gain_at_energy": None if at_e is None else r["accuracy"] - at_e})
   return out
 
 
@@ -175,32 +181,40 @@ def results_markdown(rows: Sequence[dict], comparison: Sequence[dict]) -> str:
     lines += ["", "Learned masks against the fixed-T curve (fixed-T accuracy linearly interpolated between the "
               "neighbouring fixed T runs at the learned run's steps):", "",
               "| learned run | T_avg | acc. (%) | fixed T at T_avg (%) | gain (pts) | T_avg op-weighted | "
-              "fixed T at op-weighted (%) | gain (pts) |", "|---|---|---|---|---|---|---|---|"]
+              "fixed T at op-weighted (%) | gain (pts) | energy / ANN | fixed T at that energy (%) | gain (pts) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comparison:
       lines.append(f"| {c['name']} | {_fmt(c['T_avg'])} | {_fmt(c['accuracy'], '.2f', 100)} "
                    f"| {_fmt(c['fixed_at_T_avg'], '.2f', 100)} | {_fmt(c['gain_at_T_avg'], '+.2f', 100)} "
                    f"| {_fmt(c['T_avg_op'])} | {_fmt(c['fixed_at_T_avg_op'], '.2f', 100)} "
-                   f"| {_fmt(c['gain_at_T_avg_op'], '+.2f', 100)} |")
+                   f"| {_fmt(c['gain_at_T_avg_op'], '+.2f', 100)} | {_fmt(c['energy_ratio'], '.3f')} "
+                   f"| {_fmt(c['fixed_at_energy'], '.2f', 100)} | {_fmt(c['gain_at_energy'], '+.2f', 100)} |")
   return "\n".join(lines) + "\n"
 
 
 def verdict(comparison: Sequence[dict]) -> str:
-  gains = [c["gain_at_T_avg"] for c in comparison if c["gain_at_T_avg"] is not None]
-  if not gains:
-    return "No learned run lies within the fixed-T range; no comparison at equal steps."
-  better = sum(g > 0 for g in gains)
-  return (f"At equal average time steps, {better} of {len(gains)} learned-mask runs beat the fixed-T curve "
-          f"(gains {', '.join(f'{100 * g:+.2f}' for g in gains)} pts; mean {100 * sum(gains) / len(gains):+.2f}).")
+  out = []
+  for key, what in (("gain_at_T_avg", "average time steps"), ("gain_at_energy", "energy")):
+    gains = [c[key] for c in comparison if c[key] is not None]
+    if not gains:
+      out.append(f"No learned run lies within the fixed-T range of {what}; no comparison at equal {what}.")
+      continue
+    better = sum(g > 0 for g in gains)
+    out.append(f"At equal {what}, {better} of {len(gains)} learned-mask runs beat the fixed-T curve "
+               f"(gains {', '.join(f'{100 * g:+.2f}' for g in gains)} pts; "
+               f"mean {100 * sum(gains) / len(gains):+.2f}).")
+  return " ".join(out)
 
 
 def plot(rows: Sequence[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 5))
+  fig, (ax, ax_e) = plt.subplots(1, 2, figsize=(13, 5))
   fixed = sorted((r["T_max"], 100 * r["accuracy"]) for r in rows if r["kind"] == "fixed" and r["accuracy"])
   if fixed:
     ax.plot(*zip(*fixed), "s-", color="#4c72b0", label="fixed T (masks off), T = 1..4")
+  _plot_energy(ax_e, rows)
   for kind, marker, color, label in (("expected", "o", "#dd8452", "learned masks, T_max 4 (expected-steps cost)"),
                                      ("op_weighted", "^", "#55a868", "learned masks, T_max 4 (op-weighted cost)")):
     pts = sorted((r["T_avg"], 100 * r["accuracy"], r["name"]) for r in rows if r["kind"] == "learned"
@@ -214,13 +228,32 @@ def plot(rows: Sequence[dict], path: str) -> None:
     ax.axhline(100 * ann[0]["accuracy"], ls="--", color="0.4", lw=1, label="ANN twin")
   ax.set_xlabel("average time steps per module (T_avg)")
   ax.set_ylabel("CIFAR-10 test accuracy (%)")
-  ax.set_xlim(0.5, 4.5)
+  ax.set_xlim(0, 4.5)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
-  ax.set_title("Spikformer-2-64 on CIFAR-10 (2 CPU cores): fixed T vs learned time steps")
+  ax.set_title("Spikformer-2-64, CIFAR-10: fixed T vs learned time steps")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def _plot_energy(ax, rows: Sequence[dict]) -> None:
+  """Accuracy vs estimated energy per image relative to the ANN twin (counts the stem's steps too)."""
+  fixed = sorted((r["energy_ratio"], 100 * r["accuracy"], f"T={r['T_max']}") for r in rows
+                 if r["kind"] == "fixed" and r["accuracy"] and r["energy_ratio"] is not None)
+  learned = sorted((r["energy_ratio"], 100 * r["accuracy"], r["name"]) for r in rows
+                   if r["kind"] == "learned" and r["accuracy"] and r["energy_ratio"] is not None)
+  for pts, style, color, label in ((fixed, "s-", "#4c72b0", "fixed T (masks off)"),
+                                   (learned, "o", "#dd8452", "learned masks, T_max 4")):
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
+      for x, y, name in pts:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -12), fontsize=7)
+  ax.set_xlabel("estimated energy per image / ANN twin's (dtvit.energy)")
+  ax.set_ylabel("CIFAR-10 test accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  ax.set_title("Accuracy vs energy (includes the unmasked stem)")
 
 
 def analyse(root: str, all_runs: Sequence[Run], *, report: bool = True) -> dict:
