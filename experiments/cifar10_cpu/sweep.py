@@ -10,7 +10,9 @@ Each run is one `python -m dtvit.main` process with its own workdir `<root>/<nam
 latest checkpoint (dtvit.main does that when given the same config and workdir). The wall time of every
 attempt is kept in `<root>/timings.json`, so a resumed run reports its total. When all runs are done:
 `dtvit.report` over them (sensitivity, histograms, learned steps, spike rates, early exit) into
-`<root>/report/`, and `<root>/results.md` + `results.json` + `accuracy_vs_steps.png` from `analyse`.
+`<root>/report/` (primary run: the middle learned run), the same for the largest fixed-T run (its block
+sensitivity against the ANN twin) in `<root>/report_fixed_T<T>/`, and `<root>/results.md` + `results.json` +
+`accuracy_vs_steps.png` from `analyse`.
 """
 
 from __future__ import annotations
@@ -275,6 +277,13 @@ def analyse(root: str, all_runs: Sequence[Run], *, report: bool = True) -> dict:
     subprocess.run([sys.executable, "-m", "dtvit.report", *[f"--workdir={w}" for w in workdirs],
                     f"--out={os.path.join(root, 'report')}", "--num_batches=4"], cwd=REPO, check=True,
                    env=dict(os.environ, PYTHONPATH=REPO))
+  fixed = [r for r in snn if r.name.startswith("fixed")]
+  if report and fixed:
+    # The block-sensitivity analysis on the SNN trained with every step (largest fixed T) against the twin.
+    last = max(fixed, key=lambda r: int(r.name.rpartition("T")[2]))
+    subprocess.run([sys.executable, "-m", "dtvit.report", f"--workdir={os.path.join(root, last.name)}",
+                    f"--out={os.path.join(root, 'report_' + last.name)}", "--num_batches=4",
+                    "--early_exit_batches=4"], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
   print(text, flush=True)
   return out
 
