@@ -88,7 +88,9 @@ def get_config(arg: str = ""):
         raise ValueError("cifar10_cpu: 'learned' takes cost=<weight> (T_max is fixed at 4).")
       c.snn.time_cost = float(args["cost"])
       c.snn.cost_kind = args.get("kind") or "expected"
-  if "smoke" in args:
+  if "smoke" in args:   # the same code paths on a tiny model: seconds to compile
+    m.depth, m.dim, m.num_heads = 1, 16, 2
+    c.eval_fixed_steps = False
     for p in ("ann", "snn"):
       c[p].num_steps = 6
       c[p].log_every = 2
