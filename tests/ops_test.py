@@ -213,7 +213,10 @@ def test_remat_blocks_is_exact_and_bounds_memory(arch):
                                          with_aux=False, mask_temperature=0.7)
       return jnp.sum(logits * jnp.arange(10.0)), stats
 
-    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(variables["params"]).compile()
+    step = jax.value_and_grad(loss, has_aux=True)
+    # The memory bound needs XLA's optimised buffer assignment; exactness alone compiles faster unoptimised.
+    compiled = (jax.jit(step).lower(variables["params"]).compile() if arch == "spikformer"
+                else _compile(step, variables["params"]))
     temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     out[remat] = compiled(variables["params"])
   chex.assert_trees_all_equal(out["blocks"], out[False])

@@ -16,7 +16,7 @@ Arguments (comma-separated):
   fixed,T=<T>                  SNN with T steps, masks off (phase 'snn' from the twin, SNN_EPOCHS epochs)
   learned,cost=<w>[,kind=<k>]  SNN with learned masks, T_max = 4, time-step cost weight w of kind k
                                ('expected' or 'op_weighted'; default 'expected')
-  smoke                        a few steps and a test subset, the same code paths (tests, pilots)
+  smoke                        a tiny model, a few steps, a test subset: the same code paths (tests)
   digits                       scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
 """
 
