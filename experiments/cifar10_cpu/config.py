@@ -2,8 +2,8 @@
 
 Model: Spikformer-2-64 (depth 2, dim 64, 4 heads, MLP ratio 2), SPS stem pooling after its first two stages
 (32x32 -> 8x8 = 64 tokens, so the three spiking stem convs past the first run at 16x16 and 8x8). It is the
-smallest Spikformer-style model we found to learn CIFAR-10 well within the 2-core budget: ~460 ANN img/s
-training at depth 1 and ~110 SNN img/s at T=4 (batch 64, 2 cores, XLA:CPU).
+smallest Spikformer-style model we found to learn CIFAR-10 well within the 2-core budget: the ANN twin trained at
+~240 img/s and the T_max = 4 SNN runs at ~80 img/s (batch 64, 2 shared cores, XLA:CPU; train_time_s of the runs).
 
   python -m dtvit.main --config=experiments/cifar10_cpu/config.py:ann --workdir=runs/ann
   python -m dtvit.main --config=experiments/cifar10_cpu/config.py:fixed,T=2 \
