@@ -77,6 +77,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   n.attn_threshold = 0.5
   n.init_leak = 1.0
   n.init_membrane = 0.5              # U[0] / threshold (0.5: rate rounds the input; better ANN -> SNN)
+  n.surrogate_input = "normalized"   # the surrogate acts on U/Vth - 1 | 'difference': on U - Vth (SpikingJelly)
   # False | 'blocks': the backward pass recomputes the stem and each block from its input (bounded BPTT memory,
   # ~1.15x step time); True | 'spikes': jax.checkpoint variants, which XLA:CPU does not honour (see ops.py).
   n.remat = ml_collections.FieldReference(False, field_type=object)
@@ -150,3 +151,15 @@ def make_tiny(c: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int =
     c[p].log_every = 2
     c[p].checkpoint_every = steps
   c.eval_batch_size = 64
+
+
+def set_neuron_preset(c, name: str, **overrides):
+  """Sets every field of `c.model.neuron` that a named preset fixes (dtvit.models.layers.NEURON_PRESETS, e.g.
+  'spikingjelly': all settings equal SpikingJelly's Spikformer); `overrides` change some of them."""
+  from dtvit.models import layers  # pylint: disable=g-import-not-at-top
+  if name not in layers.NEURON_PRESETS:
+    raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(layers.NEURON_PRESETS)}.")
+  for k, v in {**layers.NEURON_PRESETS[name], **overrides}.items():
+    c.model.neuron[k] = v
+  return c
+

@@ -50,6 +50,7 @@ class NeuronConfig:
   attn_threshold: float = 0.5       # the attention neuron's threshold at init
   init_leak: float = 1.0            # lambda at init ('lif'); clamped to [0, 1]
   init_membrane: float = 0.5        # U[0] / threshold; 0.5 rounds instead of floors (better conversion)
+  surrogate_input: str = "normalized"  # the surrogate acts on U/Vth - 1 ('normalized') or U - Vth ('difference')
   # True: jax.checkpoint the scan step; 'spikes': see ops.checkpoint_spikes; 'blocks': the backward pass
   # recomputes the stem and each block from its input (`recompute_in_backward`), bounding BPTT memory.
   remat: Any = False
@@ -68,6 +69,29 @@ class NeuronConfig:
       raise ValueError(f"tau must be > 0, got {self.tau}.")
     if self.remat not in REMAT_MODES:
       raise ValueError(f"Unknown neuron.remat {self.remat!r}; choose one of {REMAT_MODES}.")
+    if self.surrogate_input not in neurons_lib.SURROGATE_INPUTS:
+      raise ValueError(f"Unknown neuron.surrogate_input {self.surrogate_input!r}; choose one of "
+                       f"{neurons_lib.SURROGATE_INPUTS}.")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "NeuronConfig":
+    """A named neuron preset (`NEURON_PRESETS`) with some fields overridden."""
+    if name not in NEURON_PRESETS:
+      raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(NEURON_PRESETS)}.")
+    return cls(**{**NEURON_PRESETS[name], **overrides})
+
+
+# Named neuron settings. 'spikingjelly': every setting equals SpikingJelly 2.0's Spikformer (LIFNode tau 2,
+# v_threshold 1 and 0.5 for the attention neuron, hard reset to 0 detached, sigmoid surrogate alpha 4 acting
+# on U - Vth, membranes starting at 0); with it dtvit's Spikformer (stem_pool_first=True) reproduces
+# SpikingJelly's (tests/spikformer_golden_test.py). 'spikformer_normalized' is the same with the surrogate on
+# U/Vth - 1 (dtvit's convention: at Vth = 0.5 it doubles the slope).
+NEURON_PRESETS = {
+    "spikingjelly": dict(neuron="spikformer", surrogate="sigmoid", alpha=4.0, tau=2.0, reset="hard",
+                         detach_reset=True, init_threshold=1.0, attn_threshold=0.5, init_leak=1.0,
+                         init_membrane=0.0, surrogate_input="difference"),
+}
+NEURON_PRESETS["spikformer_normalized"] = dict(NEURON_PRESETS["spikingjelly"], surrogate_input="normalized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +201,7 @@ class Neuron(nn.Module):
               surrogate=self.cfg.surrogate, alpha=self.cfg.alpha, reset=self.cfg.reset,
               detach_reset=self.cfg.detach_reset, remat=self.cfg.remat if self.cfg.remat != "blocks" else False,
               unroll=self.cfg.unroll,
-              init_membrane=self.cfg.init_membrane)
+              init_membrane=self.cfg.init_membrane, surrogate_input=self.cfg.surrogate_input)
     if static:
       spikes_TX = neurons_lib.multistep(x, num_steps=T, **kw)
     else:
