@@ -89,6 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   k.granularity = "module"           # 'module' | 'layer'
   k.score_init = 1.0
   k.mask_stem = False
+  # What a masked step is: 'skip' (membranes held, no work: a module costs its active steps) | 'filter' (the
+  # neurons integrate at every step up to the last active one and emit only at active steps; that work counts).
+  k.semantics = "skip"
 
   c.phases = "ann,snn"
   c.ann = phase_config(steps=1000, lr=1e-3, batch_size=128)

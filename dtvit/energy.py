@@ -28,7 +28,9 @@ Horowitz ISSCC 2014):
                    + e_ac  * SOPs
              SOPs  = sum_{l not analog} macs_l * sum_t rate_l[t]
 where rate_l[t] is the mean input event count per input element of layer l at step t, averaged over the
-evaluated batch, ALREADY multiplied by the mask that gates the layer (a masked step contributes zero):
+evaluated batch, ALREADY multiplied by the work mask of the unit the layer feeds (`dtvit.masks.work_masks`: 1 at
+the steps whose work some output depends on, under the model's `mask.semantics`; a step whose work nothing
+depends on contributes zero, every other step its real input):
   synaptic layer l:  aux['input_rates'][l]
   attention product: macs x the rate of its spike operand. aux['attention_rates'][m] = (rate_1, rate_2) are the
     two operand rates the model reports for attention module m, in the order of its two products: the first
@@ -38,10 +40,16 @@ evaluated batch, ALREADY multiplied by the mask that gates the layer (a masked s
 Rates above 1 happen (the residual stream carries sums of spikes): an input of value n counts n events. The
 head's input is the token mean of the residual stream (fractional), counted the same way.
 A 'conv' event feeds k*k*Cout outputs in this count (exact away from the padded border).
+`tests/energy_test.py` checks these SOPs against an independent counter that reads every layer's actual input
+at every step whose removal would change the logits.
 
-Time steps: steps_l = sum_t mask_l[t]; T_avg = mean_l steps_l (`dtvit.masks.average_steps`); the op-weighted
-T_avg = sum_l w_l steps_l / sum_l w_l with w_l = `module_op_weights` (the per-step dense MACs the module's mask
-gates; `dtvit.masks.op_weighted_average_steps`). The same weights serve the 'op_weighted' time-step cost.
+Time steps (`dtvit.masks.step_counts`, the same function the summary and the inference schedule use): per mask
+unit, 'active_steps' = sum_t mask[t] (the steps it emits at) and 'simulated_steps' = sum_t work[t] (the steps
+whose work any output depends on: under 'skip' its active steps; under 'filter' every step up to its last
+active one). T_avg ('average_steps') is the mean of active steps over the masked units, the paper's convention;
+'average_simulated_steps' the mean of simulated steps. The op-weighted forms weight unit l by
+w_l = `module_op_weights` (the per-step dense MACs its mask gates); the same weights serve the 'op_weighted'
+time-step cost. An unmasked stem is not in these averages; it is listed in 'stem' with its own steps (T_max).
 
 The report is a dict of python floats / ints / lists / str / None: `json.dump` it as it is. Energy is linear in
 the rates, so over a data set average the aux rates (weighted by batch size) and report once.
@@ -178,7 +186,9 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
       'modules': {module or '<unmasked>': {'macs' (per-step dense MACs of its non-analog layers, for a masked
                   module = its `module_op_weights` entry), 'analog_macs', 'steps', 'mask', 'acs', 'energy_j',
                   'layers'}};
-      'steps_per_module', 'average_steps' (T_avg), 'op_weighted_average_steps', 'masks_binary'.
+      'mask_semantics'; 'steps_per_module' (active), 'simulated_steps_per_module', 'average_steps' (T_avg,
+      active), 'average_simulated_steps', 'op_weighted_average_steps', 'op_weighted_average_simulated_steps',
+      'stem' (an unmasked stem's own steps, or None), 'masks_binary'.
   """
   for name, e in (("e_mac", e_mac), ("e_ac", e_ac)):
     if not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
@@ -222,6 +232,18 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
     if given_masks:
       raise ValueError(f"aux has masks {sorted(given_masks)} but the model's masks are disabled.")
     mask_T = {m: np.ones(T) for m in masked}
+  units = layers.mask_units(model)
+  counts_per_unit = masks_lib.step_counts({m: jnp.asarray(v) for m, v in mask_T.items()},
+                                          {m: units[m] for m in masked}, model.mask.semantics)
+  given_work = aux.get("work") or {}
+  if model.mask.enabled and given_work:
+    # The model gated its rates by the work masks it computed; they must be the accounting's.
+    _check_keys("work masks (masked modules)", given_work, masked, hint)
+    for m in masked:
+      if [int(v) for v in np.asarray(given_work[m]) > 0] != counts_per_unit[m]["work"]:
+        raise ValueError(f"aux's work mask of {m!r} {np.asarray(given_work[m]).tolist()} is not the accounting's "
+                         f"{counts_per_unit[m]['work']} for mask {counts_per_unit[m]['mask']} under "
+                         f"{model.mask.semantics!r}: was aux produced with other mask semantics?")
 
   table = {}
   ann_total = snn_analog = sops = 0
@@ -243,10 +265,12 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
     table[p] = row
 
   weights = _module_weights(counts, masked)
-  modules = {m: {"macs": 0, "analog_macs": 0, "steps": float(np.sum(mask_T[m])),
-                 "mask": [float(v) for v in mask_T[m]], "acs": 0.0, "energy_j": 0.0, "layers": []} for m in masked}
-  modules[UNMASKED] = {"macs": 0, "analog_macs": 0, "steps": None, "mask": None, "acs": 0.0, "energy_j": 0.0,
-                       "layers": []}
+  modules = {m: {"macs": 0, "analog_macs": 0, "steps": counts_per_unit[m]["active_steps"],
+                 "simulated_steps": counts_per_unit[m]["simulated_steps"],
+                 "mask": [float(v) for v in mask_T[m]], "work": counts_per_unit[m]["work"], "acs": 0.0,
+                 "energy_j": 0.0, "layers": []} for m in masked}
+  modules[UNMASKED] = {"macs": 0, "analog_macs": 0, "steps": None, "simulated_steps": None, "mask": None,
+                       "work": None, "acs": 0.0, "energy_j": 0.0, "layers": []}
   for p, row in table.items():
     group = modules[UNMASKED if row["module"] is None else row["module"]]
     group["analog_macs" if row["kind"] == "analog" else "macs"] += row["macs"]
@@ -254,12 +278,10 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
     group["energy_j"] += row["energy_j"]
     group["layers"].append(p)
 
-  if masked:
-    t_avg = float(masks_lib.average_steps({m: jnp.asarray(v) for m, v in mask_T.items()}))
-    t_op = (float(masks_lib.op_weighted_average_steps({m: jnp.asarray(v) for m, v in mask_T.items()}, weights))
-            if sum(weights.values()) > 0 else None)
-  else:
-    t_avg = t_op = float(T)
+  active = {m: counts_per_unit[m]["active_steps"] for m in masked}
+  simulated = {m: counts_per_unit[m]["simulated_steps"] for m in masked}
+  t_avg, t_op = _averages(active, weights, T)
+  t_sim, t_sim_op = _averages(simulated, weights, T)
 
   ann_energy = float(e_mac * ann_total)
   snn_energy = float(e_mac * snn_analog + e_ac * sops)
@@ -272,8 +294,23 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
                  "energy_ratio": snn_energy / ann_energy if ann_energy > 0 else None},
       "layers": table,
       "modules": modules,
-      "steps_per_module": {m: float(np.sum(v)) for m, v in mask_T.items()},
+      "mask_semantics": model.mask.semantics,
+      "steps_per_module": active,
+      "simulated_steps_per_module": simulated,
       "average_steps": t_avg,
+      "average_simulated_steps": t_sim,
       "op_weighted_average_steps": t_op,
+      "op_weighted_average_simulated_steps": t_sim_op,
+      "stem": None if model.mask.mask_stem else {"active_steps": float(T), "simulated_steps": float(T)},
       "masks_binary": bool(all(np.all((v == 0) | (v == 1)) for v in mask_T.values())),
   }
+
+
+def _averages(steps: Mapping[str, float], weights: Mapping[str, int], T: int) -> tuple[float, float | None]:
+  """(mean over units, op-weighted mean) of per-unit step counts; (T, T) without masked units."""
+  if not steps:
+    return float(T), float(T)
+  mean = float(np.mean(list(steps.values())))
+  total = sum(weights[m] for m in steps)
+  op = float(sum(weights[m] * steps[m] for m in steps) / total) if total > 0 else None
+  return mean, op

@@ -1,32 +1,30 @@
 """Inference with trained time-step masks: skipped-step execution and per-sample early exit.
 
-Skipped steps. Training simulates all T_max steps and multiplies each masked module's spikes by its mask, so
-shapes never depend on learned values. At inference the hard masks are fixed, and a module whose mask is 0 at
-steps t >= T_run emits exactly 0 there. `make_inference_fn` compiles a static schedule {module: T_run} from the
-masks, T_run = (index of the last active step) + 1, and runs the same model code with
-`SpikingViT.schedule` set: each scheduled module slices the residual stream [T_max*B, ...] to its first
-T_run*B rows, runs its Dense/BN/attention layers and neuron scans over those rows only, and zero-pads its
-output back to T_max*B rows; a module with T_run = 0 is not run at all. This is exact because
+Skipped steps. Training simulates all T_max steps with traced masks, so shapes never depend on learned values.
+At inference the hard masks are fixed, and `make_inference_fn` compiles a static schedule {module: steps}: the
+step indices at which some unit of the module works (`dtvit.masks.work_masks`, the same accounting the summary
+and the energy report use). Under 'skip' these are the module's active steps, wherever they sit; under 'filter'
+every step up to its last active one. The same model code runs with `SpikingViT.schedule` set: each scheduled
+module gathers those steps' rows of the residual stream [T_max*B, ...], runs its Dense/BN/attention layers and
+neuron scans over them only, and scatters its output back to T_max*B rows with zeros elsewhere; a module with
+no working step is not run at all. This is exact because
 - every stateless layer (Dense, Conv, BN with running statistics, attention products, pooling) acts on each
-  (step, sample) row independently, so slicing rows does not change the rows kept;
-- the neuron recurrence is causal, so its first T_run steps do not depend on later inputs;
-- steps >= T_run are masked, so the module's output there is exactly 0, which the padding reproduces.
-Masked steps before the last active one (non-monotone masks) are still simulated: their spikes are dropped
-but the membranes keep integrating, and later active steps depend on that.
+  (step, sample) row independently, so leaving rows out does not change the rows kept;
+- under 'skip' a neuron does nothing at a masked step (membrane held, no spike), so running its active steps
+  back to back is the same recurrence; under 'filter' the recurrence is causal, so its first steps do not
+  depend on later inputs;
+- the module's output at the steps left out is exactly 0, which the scatter reproduces.
 
-Granularity 'layer' (one mask per neuron) is supported at module level: a module's output is the spikes of
-its output neuron(s) (attn: proj_lif; mlp: fc2_lif; SPS stem: conv3_lif and rpe_lif, which are summed; patch
-stem: patch_lif), so T_run = last step at which any output neuron is active + 1, and the module's inner
-neurons run those T_run steps too (their later steps cannot reach the output). Inner neurons whose own masks
-end earlier are not trimmed further.
+Granularity 'layer' (one mask per neuron): a module runs the union of its neurons' working steps, so a neuron
+whose own work ends earlier (or, under 'skip', pauses) may compute a few rows nothing depends on; the
+accounting does not count those.
 
 The stem. With `mask_stem=False` (default) the stem is unmasked: its tokens enter the residual stream at
 every step and reach the head directly, so every one of the T_max steps is needed and the stem runs them all
 (its analog first layer runs once per image anyway). With `mask_stem=True` the stem's output at a masked step
-is exactly 0, so nothing downstream needs it computed: its trailing masked steps are skipped like any other
-module's. Blocks still active at those steps run them on a residual stream without the stem's contribution,
-exactly as in the dense evaluation. The head runs on all T_max steps (a zero residual stream still gives
-its bias), so the time-averaged logits are unchanged.
+is exactly 0, so nothing downstream needs it computed and the stem is scheduled like any other module. The
+head runs on all T_max steps (a zero residual stream still gives its bias), so the time-averaged logits are
+unchanged.
 
 Early exit (SEENN / DT-SNN, on top of the learned masks). Steps run in order; sample b stops after step t
 once its accumulated output, the mean of its first t step logits, is confident. The prediction is the
@@ -45,18 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models.layers import SpikingViT
 
 CRITERIA = ("confidence", "entropy")
-
-# The neurons whose spikes form a module's output, per module kind (see the module docstring).
-_OUTPUT_NEURONS = {
-    "attn": ("proj_lif",),
-    "mlp": ("fc2_lif",),
-    "embedding": ("conv3_lif", "rpe_lif", "patch_lif"),
-}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Skipped-step inference.
@@ -68,39 +59,38 @@ def run_steps(mask_T) -> int:
   return int(active[-1]) + 1 if active.size else 0
 
 
-def schedule_from_masks(model: SpikingViT, masks: Mapping[str, Any]) -> dict[str, int]:
-  """{masked module path: T_run} from hard masks {name: [T]} as returned by `models.hard_masks`.
-
-  Granularity 'module': the names are the modules. Granularity 'layer': the names are neurons
-  ('blocks_0/attn/q_lif'); each module's T_run comes from its output neurons' masks.
-  """
-  if model.mask.granularity == "module":
-    return {name: run_steps(m) for name, m in sorted(masks.items())}
-  by_module: dict[str, dict[str, Any]] = {}
-  for name, m in masks.items():
-    module, _, neuron = name.rpartition("/")
-    by_module.setdefault(module, {})[neuron] = m
-  schedule = {}
-  for module, neurons in sorted(by_module.items()):
-    kind = module.rpartition("/")[2]
-    outputs = [n for n in _OUTPUT_NEURONS.get(kind, ()) if n in neurons]
-    if not outputs:
-      raise ValueError(f"Cannot tell the output neuron of module {module!r} (neurons {sorted(neurons)}); "
-                       f"known module kinds: {sorted(_OUTPUT_NEURONS)}.")
-    schedule[module] = max(run_steps(neurons[n]) for n in outputs)
-  return schedule
+def schedule_from_masks(model: SpikingViT, masks: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+  """{masked module path: the sorted step indices it runs} from hard masks {unit: [T]} as returned by
+  `models.hard_masks` (modules for granularity 'module', neurons for 'layer'): the steps at which any of the
+  module's units works (`masks.work_masks` under the model's semantics)."""
+  units = models.mask_units(model)
+  unknown = sorted(set(masks) - set(units))
+  if unknown:
+    raise ValueError(f"No mask unit {unknown} in this model; its units are {sorted(units)}.")
+  work = masks_lib.work_masks({u: jnp.asarray(m) for u, m in masks.items()}, {u: units[u] for u in masks},
+                              model.mask.semantics)
+  by_module: dict[str, np.ndarray] = {}
+  modules = models.masked_modules(model)
+  for unit, w in work.items():
+    module = unit if unit in modules else unit.rpartition("/")[0]
+    w = np.asarray(w) > 0
+    by_module[module] = w if module not in by_module else (by_module[module] | w)
+  return {m: tuple(int(t) for t in np.flatnonzero(w)) for m, w in sorted(by_module.items())}
 
 
-def make_schedule(model: SpikingViT, params) -> dict[str, int]:
-  """{masked module path: T_run} from a trained model's hard masks."""
+def make_schedule(model: SpikingViT, params) -> dict[str, tuple[int, ...]]:
+  """{masked module path: the step indices it runs} from a trained model's hard masks."""
   return schedule_from_masks(model, models.hard_masks(model, params))
 
 
-def scheduled_model(model: SpikingViT, schedule: Mapping[str, int]) -> SpikingViT:
-  """The same model with hard masks and the static schedule (only entries with T_run < T_max matter)."""
+def scheduled_model(model: SpikingViT, schedule: Mapping[str, Any]) -> SpikingViT:
+  """The same model with hard masks and the static schedule {module: step indices} (an int k means the first
+  k steps; entries that run all T_max steps are dropped)."""
   if model.phase != "snn":
     raise ValueError("Skipped-step inference needs the SNN (phase='snn'); the ANN twin has no time steps.")
-  entries = tuple(sorted((name, int(run)) for name, run in schedule.items() if run < model.num_steps))
+  steps = {name: tuple(range(run)) if isinstance(run, (int, np.integer)) else tuple(int(t) for t in run)
+           for name, run in schedule.items()}
+  entries = tuple(sorted((name, run) for name, run in steps.items() if len(run) < model.num_steps))
   m = models.with_mask(model, hard=True).clone(schedule=entries)
   m.validate()
   return m
@@ -109,7 +99,7 @@ def scheduled_model(model: SpikingViT, schedule: Mapping[str, int]) -> SpikingVi
 def make_inference_fn(model: SpikingViT, variables) -> tuple[Callable[[jax.Array], jax.Array], dict[str, int]]:
   """A jit-compiled `fn(images [B, H, W, C]) -> logits [B, K]` that skips masked steps, and its schedule.
 
-  The schedule {masked module: T_run} is read once from the hard masks in `variables['params']` and compiled
+  The schedule {masked module: step indices} is read once from the hard masks in `variables['params']` and compiled
   into the function: the function is only valid for these masks (new scores need a new function). Its logits
   equal `dense_masked_eval(model, variables, images)`.
   """
@@ -124,8 +114,7 @@ def make_inference_fn(model: SpikingViT, variables) -> tuple[Callable[[jax.Array
 
 
 def dense_masked_eval(model: SpikingViT, variables, images) -> jax.Array:
-  """The training path's evaluation with hard masks: all T_max steps simulated, masked spikes zeroed.
-  Returns logits [B, K]."""
+  """The training path's evaluation with hard masks: all T_max steps simulated. Returns logits [B, K]."""
   return models.apply_model(models.with_mask(model, hard=True), variables, images, with_aux=False)
 
 

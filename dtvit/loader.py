@@ -189,7 +189,13 @@ def read_config(workdir: str):
                             f"training run writes config.json there first). Its entries: "
                             f"{sorted(os.listdir(workdir))[:10]}.")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raw = json.load(f)
+  mask = raw.get("model", {}).get("mask")
+  if isinstance(mask, dict) and "semantics" not in mask:
+    # Runs from before `mask.semantics` existed trained with spikes filtered by the mask (membranes integrating
+    # at masked steps): load them as 'filter', which is that model.
+    mask["semantics"] = "filter"
+  return ml_collections.ConfigDict(raw)
 
 
 def read_summary(workdir: str) -> dict | None:

@@ -7,8 +7,24 @@ Modes (see ../shared/PAPER.md, "The time-step mask"):
 - 'ste' (default): forward m = 1[s > 0] exactly; backward dm/ds = sigmoid'(s / temperature) / temperature.
 - 'sigmoid': m = sigmoid(s / temperature), soft; anneal the temperature towards 0 for a hard step. At
   evaluation and for inference use `hard_mask`.
-`monotone=True` turns any of them into m[t] = prod_{k<=t} b[k]: a module that stops stays stopped, which is
-what lets inference skip its trailing steps.
+`monotone=True` turns any of them into m[t] = prod_{k<=t} b[k]: a module that stops stays stopped.
+
+What a masked step means (`semantics`, config `model.mask.semantics`):
+- 'skip': the step does not exist for the module. Its neurons take no input there (membrane held: no leak, no
+  charge) and emit nothing; its synaptic layers and batch norms do no work there. A module costs exactly its
+  active steps, wherever they sit, and inference runs only those.
+- 'filter' (the paper's wording: the mask filters the spikes a LIF layer emits): the neurons integrate at
+  every step and emit only at active steps. The work at masked steps before the last active step is real
+  (later spikes depend on it) and is counted; the steps after the last active step cost nothing and are not run
+  at inference.
+
+Accounting (`work_masks`, `step_counts`), the one place the step counts come from: a unit (a masked module, or
+one neuron with granularity 'layer') is *active* at the steps its mask is 1, and *works* at the steps whose
+work some output depends on. Its spikes at step t matter if the unit is active at t and a consumer of its
+spikes works at t (a module's output neurons feed the residual stream, which the head reads at every step).
+Then under 'skip' the unit works at its active steps at or before its last mattering emission, and under
+'filter' at every step at or before it. Synaptic layers feeding a unit, and its batch norm statistics, do
+work exactly at the unit's working steps; the SOPs count nothing else (see `dtvit.energy`).
 """
 
 from __future__ import annotations
@@ -17,9 +33,18 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MASK_MODES = ("ste", "sigmoid")
 COSTS = ("expected", "op_weighted", "hinge")
+SEMANTICS = ("skip", "filter")
+OUTPUT = "<output>"  # a consumer in `work_masks`' graph: the module's output, read at every step
+
+
+def check_semantics(semantics: str) -> None:
+  if semantics not in SEMANTICS:
+    raise ValueError(f"Unknown mask semantics {semantics!r}; choose one of {', '.join(map(repr, SEMANTICS))} "
+                     "(model.mask.semantics).")
 
 
 def _check_mode(mode: str) -> None:
@@ -110,3 +135,68 @@ def op_weighted_average_steps(masks: Mapping[str, jax.Array], op_weights: Mappin
   w = jnp.asarray([float(op_weights[n]) for n in names])
   t = jnp.stack([jnp.sum(masks[n]) for n in names])
   return jnp.sum(w * t) / jnp.sum(w)
+
+
+def binary(mask_T: jax.Array) -> jax.Array:
+  """1 where a mask is on (> 0), 0 elsewhere, float32 without gradient: [T] -> [T]."""
+  return (jax.lax.stop_gradient(jnp.asarray(mask_T)) > 0).astype(jnp.float32)
+
+
+def at_or_before_last(x_T: jax.Array) -> jax.Array:
+  """[T] in {0, 1} -> [T]: 1 at every step at or before the last 1 of x (a reverse cumulative max)."""
+  return jnp.flip(jax.lax.cummax(jnp.flip(x_T, 0), axis=0), 0)
+
+
+def work_masks(masks: Mapping[str, jax.Array], consumers: Mapping[str, tuple[str, ...]],
+               semantics: str) -> dict[str, jax.Array]:
+  """The steps at which each unit's work matters: {unit: [T] in {0, 1}} (float32, no gradient).
+
+  Args:
+    masks: {unit: mask [T]} (binary, or soft: any value > 0 counts as on).
+    consumers: {unit: the units its spikes feed}, `OUTPUT` for the module output (read at every step). Every
+      unit of `masks` must be listed; the graph must be acyclic.
+    semantics: 'skip' or 'filter' (see the module docstring).
+  """
+  check_semantics(semantics)
+  missing = sorted(set(masks) - set(consumers))
+  if missing:
+    raise ValueError(f"work_masks: no consumers given for units {missing}.")
+  work: dict[str, jax.Array] = {}
+
+  def resolve(unit, seen=()):
+    if unit in work:
+      return work[unit]
+    if unit in seen:
+      raise ValueError(f"work_masks: the unit graph has a cycle through {unit!r}.")
+    active_T = binary(masks[unit])
+    used_T = jnp.zeros_like(active_T)
+    for c in consumers[unit]:
+      if c == OUTPUT:
+        used_T = jnp.ones_like(active_T)
+      elif c not in masks:
+        raise ValueError(f"work_masks: unit {unit!r} feeds {c!r}, which has no mask.")
+      else:
+        used_T = jnp.maximum(used_T, resolve(c, seen + (unit,)))
+    until_T = at_or_before_last(active_T * used_T)
+    work[unit] = active_T * until_T if semantics == "skip" else until_T
+    return work[unit]
+
+  for unit in masks:
+    resolve(unit)
+  return {u: work[u] for u in masks}
+
+
+def step_counts(masks: Mapping[str, jax.Array], consumers: Mapping[str, tuple[str, ...]],
+                semantics: str) -> dict[str, dict]:
+  """{unit: {'active_steps', 'simulated_steps', 'mask', 'work'}} (python floats and lists) from hard masks.
+
+  'active_steps' = sum_t m[t] (the steps the unit emits at); 'simulated_steps' = sum_t work[t] (the steps whose
+  work any output depends on, `work_masks`)."""
+  work = work_masks(masks, consumers, semantics)
+  out = {}
+  for u in sorted(masks):
+    m = np.asarray(binary(masks[u]))
+    w = np.asarray(work[u])
+    out[u] = {"active_steps": float(m.sum()), "simulated_steps": float(w.sum()),
+              "mask": [int(v) for v in m], "work": [int(v) for v in w]}
+  return out

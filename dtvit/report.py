@@ -258,13 +258,15 @@ def _snn_phase(summary: Mapping[str, Any]) -> str | None:
 
 def run_rows(workdirs: Sequence[str]) -> list[dict]:
   """One row per workdir from its summary.json and config.json (None where a value is missing):
-  name, workdir, phase, masks ('learned' | 'fixed T'), T_max, T_avg, T_avg_op, accuracy, accuracy_all_steps,
-  ann_accuracy, snn_energy_uj, ann_energy_uj, energy_ratio, note."""
+  name, workdir, phase, masks ('learned' | 'fixed T'), semantics, T_max, T_avg, T_avg_op, T_sim, T_sim_op,
+  accuracy, accuracy_all_steps, ann_accuracy, snn_energy_uj, ann_energy_uj, energy_ratio, note.
+  T_sim (the mean of the masked modules' simulated steps) is T_max for a fixed-T run; for a learned run whose
+  summary predates it, None."""
   names = _run_names(workdirs)
   rows = []
   for name, wd in zip(names, workdirs):
-    row = {"name": name, "workdir": os.path.abspath(wd), "phase": None, "masks": None, "T_max": None,
-           "T_avg": None, "T_avg_op": None, "accuracy": None, "accuracy_all_steps": None, "ann_accuracy": None,
+    row = {"name": name, "workdir": os.path.abspath(wd), "phase": None, "masks": None, "semantics": None,
+           "T_max": None, "T_avg": None, "T_avg_op": None, "T_sim": None, "T_sim_op": None, "accuracy": None, "accuracy_all_steps": None, "ann_accuracy": None,
            "snn_energy_uj": None, "ann_energy_uj": None, "energy_ratio": None, "note": ""}
     try:
       config = loader.read_config(wd)
@@ -273,6 +275,9 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
       rows.append(row)
       continue
     row["masks"] = "learned" if config.model.mask.enabled else "fixed T"
+    if config.model.mask.enabled:
+      row["semantics"] = config.model.mask.get("semantics", "filter")  # configs before the option: 'filter'
+
     row["T_max"] = int(config.model.num_steps)
     summary = loader.read_summary(wd)
     if summary is None:
@@ -294,8 +299,12 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
       continue
     s = summary[phase]
     row.update(phase=phase, T_max=s.get("T_max", row["T_max"]), T_avg=s.get("average_time_steps"),
-               T_avg_op=s.get("op_weighted_time_steps"), accuracy=s.get("test_accuracy"),
+               T_avg_op=s.get("op_weighted_time_steps"), T_sim=s.get("average_simulated_steps"),
+               T_sim_op=s.get("op_weighted_simulated_steps"), accuracy=s.get("test_accuracy"),
                accuracy_all_steps=s.get("test_accuracy_fixed_T"))
+    if not config.model.mask.enabled:  # every step of every module is simulated
+      row["T_sim"] = row["T_sim"] if row["T_sim"] is not None else float(row["T_max"])
+      row["T_sim_op"] = row["T_sim_op"] if row["T_sim_op"] is not None else float(row["T_max"])
     totals = (s.get("energy") or {}).get("totals") or {}
     if totals:
       row.update(snn_energy_uj=totals["snn_energy_j"] * 1e6, ann_energy_uj=totals["ann_energy_j"] * 1e6,

@@ -450,10 +450,46 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
 def _mask_scalars(model, params) -> dict:
   if model.phase != "snn" or not model.mask.enabled:
     return {}
-  steps = models.steps_per_module(model, jax.device_get(params))
-  out = {"average_time_steps": float(np.mean(list(steps.values())))}
-  out.update({f"time_steps/{k}": v for k, v in steps.items()})
+  counts = models.step_counts(model, jax.device_get(params))
+  out = {"average_time_steps": float(np.mean([c["active_steps"] for c in counts.values()])),
+         "average_simulated_steps": float(np.mean([c["simulated_steps"] for c in counts.values()]))}
+  out.update({f"time_steps/{k}": c["active_steps"] for k, c in counts.items()})
+  out.update({f"simulated_steps/{k}": c["simulated_steps"] for k, c in counts.items()})
   return out
+
+
+def step_summary(model, params, image_shape) -> dict:
+  """The SNN's time-step figures for summary.json, all from `models.step_counts` (see `dtvit.masks`).
+
+  'average_time_steps': the mean over masked units (modules, or neurons with granularity 'layer') of their
+  active (emitting) steps, the paper's T_avg; 'average_simulated_steps': the mean of their simulated steps (the
+  steps whose work any output depends on); both also op-weighted. 'step_counts' lists every unit, and the
+  unmasked stem ('embedding', masked: false) with its own steps."""
+  from dtvit import energy as energy_lib  # pylint: disable=g-import-not-at-top
+  counts = models.step_counts(model, params)
+  op_weights = energy_lib.module_op_weights(model, image_shape)
+  active = {k: c["active_steps"] for k, c in counts.items()}
+  simulated = {k: c["simulated_steps"] for k, c in counts.items()}
+  total = sum(op_weights[k] for k in counts)
+  op = lambda steps: float(sum(op_weights[k] * v for k, v in steps.items()) / total) if total else None
+  listed = {k: dict(c, masked=True) for k, c in counts.items()}
+  if not model.mask.mask_stem:
+    T = float(model.num_steps)
+    listed["embedding"] = {"active_steps": T, "simulated_steps": T, "masked": False}
+  return {
+      "mask_semantics": model.mask.semantics,
+      "time_steps_convention": ("average_time_steps = mean over masked units of their active (emitting) steps; "
+                                "average_simulated_steps = mean over masked units of the steps whose work any "
+                                "output depends on; the unmasked stem is listed in step_counts, not averaged"),
+      "average_time_steps": float(np.mean(list(active.values()))),
+      "average_simulated_steps": float(np.mean(list(simulated.values()))),
+      "op_weighted_time_steps": op(active),
+      "op_weighted_simulated_steps": op(simulated),
+      "per_module_time_steps": dict(sorted(active.items())),
+      "per_module_simulated_steps": dict(sorted(simulated.items())),
+      "masks": {k: c["mask"] for k, c in sorted(counts.items())},
+      "step_counts": dict(sorted(listed.items())),
+  }
 
 
 def evaluate_phase(model, variables, config, mesh, info, phase) -> dict:
@@ -464,13 +500,7 @@ def evaluate_phase(model, variables, config, mesh, info, phase) -> dict:
   hard = models.with_mask(model, hard=True)
   ev = evaluate(hard, variables, config, mesh)
   out = {"test_accuracy": ev["accuracy"]}
-  masks = {k: np.asarray(v) for k, v in models.hard_masks(model, jax.device_get(variables["params"])).items()}
-  op_weights = energy_lib.module_op_weights(model, info.image_shape)
-  out["average_time_steps"] = float(masks_lib.average_steps(masks))
-  out["op_weighted_time_steps"] = float(masks_lib.op_weighted_average_steps(
-      masks, {k: op_weights[k] for k in masks}))
-  out["per_module_time_steps"] = {k: float(v.sum()) for k, v in sorted(masks.items())}
-  out["masks"] = {k: v.astype(int).tolist() for k, v in sorted(masks.items())}
+  out.update(step_summary(model, jax.device_get(variables["params"]), info.image_shape))
   out["T_max"] = model.num_steps
   if "aux" in ev:
     aux = ev["aux"]

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from dtvit import masks as masks_lib
-from dtvit.models.layers import (MaskConfig, NeuronConfig, SpikingViT, record_ops)  # noqa: F401
+from dtvit.models.layers import (MaskConfig, NeuronConfig, SpikingViT, mask_units, masked_modules,  # noqa: F401
+                                 record_ops)
 from dtvit.models.spikformer import spikformer
 from dtvit.models.vit import vit
 
@@ -74,7 +75,8 @@ def apply_model(model: SpikingViT, variables, images, *, train: bool = False, ma
 
   Returns:
     logits [B, K]; aux (if `with_aux`) with
-      'masks': {module: [T]}, 'spike_rates': {neuron: [T]}, 'input_rates': {layer: [T]},
+      'masks': {module: [T]}, 'work': {module: [T]} (the steps whose work some output depends on, see
+      `dtvit.masks.work_masks`), 'spike_rates': {neuron: [T]}, 'input_rates': {layer: [T]},
       'attention_rates': {attn module: [T]} (the two spike operands of the attention products),
       'step_logits': [T, B, K], 'block_outputs': {block: [T*B, N, D]};
     and, if `train`, the updated 'batch_stats'. The return is (logits, aux[, batch_stats]).
@@ -98,11 +100,16 @@ def _paths(tree) -> dict[tuple[str, ...], Any]:
 
 def collect_aux(aux_tree) -> dict:
   """Flattens the 'aux' collection into name -> value dicts keyed by module path ('blocks_0/attn')."""
-  out = {"masks": {}, "spike_rates": {}, "input_rates": {}, "attention_rates": {}, "block_outputs": {}}
+  out = {"masks": {}, "work": {}, "spike_rates": {}, "input_rates": {}, "attention_rates": {},
+         "block_outputs": {}}
   for path, value in _paths(aux_tree).items():
     leaf, owner = path[-1], "/".join(path[:-1])
     if leaf == "mask":
       out["masks"][_mask_owner(owner)] = value
+    elif leaf == "work":
+      out["work"][owner] = value
+    elif leaf.endswith("_work"):
+      out["work"][f"{owner}/{leaf[:-len('_work')]}"] = value
     elif leaf == "spike_rate":
       out["spike_rates"][owner] = value
     elif leaf == "input_rate":
@@ -152,6 +159,15 @@ def hard_masks(model: SpikingViT, params) -> dict[str, jax.Array]:
 def steps_per_module(model: SpikingViT, params) -> dict[str, float]:
   """Each masked module's learned number of active steps (from the hard masks)."""
   return {k: float(jnp.sum(v)) for k, v in sorted(hard_masks(model, params).items())}
+
+
+def step_counts(model: SpikingViT, params) -> dict[str, dict]:
+  """Every mask unit's {'active_steps', 'simulated_steps', 'mask', 'work'} under the model's mask semantics
+  (`dtvit.masks.step_counts` over `layers.mask_units`): the numbers the summary, energy report and inference
+  schedule all use. Units are keyed like `hard_masks`."""
+  masks = hard_masks(model, params)
+  units = mask_units(model)
+  return masks_lib.step_counts(masks, {u: units[u] for u in masks}, model.mask.semantics)
 
 
 def ann_to_snn(params, *, scale: float | Mapping[str, float] = 1.0):

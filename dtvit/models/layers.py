@@ -6,12 +6,16 @@ Every module runs in one of two phases with one parameter tree:
 - 'snn': T_max time steps. Activations are folded as [T*B, ...] so every stateless layer (Dense, Conv, BN,
   attention products) runs once over time x batch; only the neuron recurrence is a `lax.scan` over time.
 
-Time-step masks: a `TimeMask` owns scores [T_max] (param `time_scores`) and returns the module's binary mask;
-the neurons of the module multiply the spikes they emit at step t by mask[t].
+Time-step masks: a `TimeMask` owns scores [T_max] (param `time_scores`) and returns the module's binary mask.
+What a masked step means is `MaskConfig.semantics` (see `dtvit.masks`): under 'skip' the module's neurons hold
+their membranes and emit nothing there; under 'filter' they integrate and their spikes are multiplied by the
+mask. Either way each unit (module, or neuron with granularity 'layer') also gets its work mask
+(`masks.work_masks`: the steps whose work some output depends on); its batch-norm statistics are taken over
+those steps only, and its synaptic layers' input rates are counted at those steps only.
 
-Side outputs go to the 'aux' collection (collected by `dtvit.models.apply_model`): masks, per-step spike rates
-of each neuron, per-step input event rates of each synaptic layer (already multiplied by the mask that gates
-the layer's work), per-step logits. Static per-layer op counts are recorded at trace time through
+Side outputs go to the 'aux' collection (collected by `dtvit.models.apply_model`): masks, work masks, per-step
+spike rates of each neuron, per-step input event rates of each synaptic layer (already multiplied by the work
+mask of the unit it feeds: zero at the steps whose work nothing depends on), per-step logits. Static per-layer op counts are recorded at trace time through
 `record_ops` (see `dtvit.energy`).
 """
 
@@ -20,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dtvit import masks as masks_lib
 from dtvit import neurons as neurons_lib
@@ -104,8 +109,10 @@ class MaskConfig:
   score_init: float = 1.0       # > 0: all steps open at the start
   mask_stem: bool = False       # also give the stem a mask
   hard: bool = False            # force the hard mask (evaluation / inference)
+  semantics: str = "skip"       # what a masked step is: 'skip' | 'filter' (see dtvit.masks)
 
   def validate(self):
+    masks_lib.check_semantics(self.semantics)
     if self.mode not in masks_lib.MASK_MODES:
       raise ValueError(f"Unknown mask mode {self.mode!r}; choose one of {masks_lib.MASK_MODES}.")
     if self.granularity not in GRANULARITIES:
@@ -181,12 +188,14 @@ class Neuron(nn.Module):
   """Clipped ReLU (ANN) or LIF/IF over T_max steps (SNN), with trainable threshold and leak scalars.
 
   SNN input: [T*B, ...] currents, or with `static=True` a time-constant input [B, ...] (direct encoding).
-  Output: [T*B, ...] binary spikes times mask[t].
+  Output: [T*B, ...] binary spikes, zero where mask[t] = 0: under `semantics='skip'` the mask acts inside the
+  recurrence (membrane held at masked steps), under 'filter' it multiplies the emitted spikes.
   """
   phase: str
   num_steps: int
   cfg: NeuronConfig
   init_threshold: float
+  semantics: str = "skip"
 
   @nn.compact
   def __call__(self, x, mask_T=None, *, static: bool = False):
@@ -202,11 +211,14 @@ class Neuron(nn.Module):
               detach_reset=self.cfg.detach_reset, remat=self.cfg.remat if self.cfg.remat != "blocks" else False,
               unroll=self.cfg.unroll,
               init_membrane=self.cfg.init_membrane, surrogate_input=self.cfg.surrogate_input)
+    inside = mask_T is not None and self.semantics == "skip"
+    if inside:
+      kw["step_mask_T"] = mask_T
     if static:
       spikes_TX = neurons_lib.multistep(x, num_steps=T, **kw)
     else:
       spikes_TX = neurons_lib.multistep(x.reshape(T, x.shape[0] // T, *x.shape[1:]), **kw)
-    if mask_T is not None:
+    if mask_T is not None and not inside:
       spikes_TX = spikes_TX * mask_T.reshape((T,) + (1,) * (spikes_TX.ndim - 1)).astype(spikes_TX.dtype)
     spikes = spikes_TX.reshape((-1,) + spikes_TX.shape[2:])
     sow(self, "spike_rate", step_rate(spikes, T))
@@ -214,16 +226,16 @@ class Neuron(nn.Module):
 
 
 class Dense(nn.Dense):
-  """nn.Dense that records its op count and, in the SNN, its per-step input event rate."""
+  """nn.Dense that records its op count and, in the SNN, its per-step input event rate (times `work_T`, the
+  work mask of the unit it feeds: the steps its output is used at)."""
   phase: str = "snn"
   num_steps: int = 1
   kind: str = "synaptic"
 
-  def __call__(self, x, mask_T=None):
+  def __call__(self, x, work_T=None):
     _record(self, self.kind, x[0].size * self.features)
     if self.phase == "snn":
-      rate_T = step_rate(x, self.num_steps)
-      sow(self, "input_rate", rate_T if mask_T is None else rate_T * mask_T)
+      sow(self, "input_rate", _gate(step_rate(x, self.num_steps), work_T))
     return super().__call__(x)
 
 
@@ -238,64 +250,98 @@ class Conv(nn.Conv):
   # lax's conv with a fast kernel gradient while `ops.fast_ops()` (exactly lax's own otherwise).
   conv_general_dilated: Any = ops.conv_general_dilated
 
-  def __call__(self, x, mask_T=None):
+  def __call__(self, x, work_T=None):
     y = super().__call__(x)
     k = 1
     for d in self.kernel_size:
       k *= d
     _record(self, self.kind, y[0].size * k * x.shape[-1] // self.feature_group_count)
     if self.phase == "snn" and self.kind != "analog":
-      rate_T = step_rate(x, self.num_steps)
-      sow(self, "input_rate", rate_T if mask_T is None else rate_T * mask_T)
+      sow(self, "input_rate", _gate(step_rate(x, self.num_steps), work_T))
     return y
 
 
-def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+class BatchNorm(nn.BatchNorm):
+  """nn.BatchNorm whose training statistics cover only the steps a unit works at (`work_T`, [T] in {0, 1}).
+
+  Input [T*B, ...]: rows of steps with work_T = 0 do not enter the batch mean and variance (nor, through them,
+  the running averages), so nothing computed at a step whose work is free can change the outputs at other
+  steps. A unit that works at no step takes its statistics from every step (its output is unused then, and
+  that avoids 0/0). Without `work_T` it is nn.BatchNorm exactly."""
+
+  def __call__(self, x, work_T=None):  # pylint: disable=arguments-differ
+    if work_T is None or self.use_running_average:
+      return super().__call__(x)
+    T = work_T.shape[0]
+    keep_T = jnp.where(jnp.any(work_T > 0), work_T > 0, True)
+    rows = jnp.repeat(keep_T, x.shape[0] // T)
+    return super().__call__(x, mask=rows.reshape((-1,) + (1,) * (x.ndim - 1)))
+
+
+def batch_norm(train: bool, name: str) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 class SpikingModule(nn.Module):
-  """Base of the masked modules: common attributes and the 'synaptic layer -> BN -> neuron' unit."""
+  """Base of the masked modules: common attributes, the unit masks and the 'synaptic layer -> BN -> neuron' unit.
+
+  `UNITS` is the module's neuron graph: {neuron: the neurons its spikes feed}, `masks.OUTPUT` for the module's
+  output. With granularity 'layer' each neuron is a unit with its own mask; with 'module' they share one.
+  """
   phase: str
   num_steps: int
   neuron: NeuronConfig
   mask: MaskConfig
   dtype: Any = jnp.float32
-  # Skipped-step inference (built by `dtvit.inference`): ((module path, T_run), ...), or None to simulate all
-  # T_max steps (the training path). A scheduled module simulates only its first T_run steps.
+  # Skipped-step inference (built by `dtvit.inference`): ((module path, steps), ...) with `steps` the sorted
+  # tuple of step indices the module runs, or None to simulate all T_max steps (the training path).
   schedule: Any = None
 
+  UNITS: ClassVar[dict] = {}
+
   @property
-  def run_steps(self) -> Optional[int]:
-    """This module's T_run from the schedule, or None (not scheduled: run all T_max steps)."""
+  def run_steps(self) -> Optional[tuple]:
+    """The step indices this module runs from the schedule, or None (not scheduled: all T_max steps)."""
     if self.schedule is None or self.phase != "snn":
       return None
     return dict(self.schedule).get("/".join(self.scope.path))
 
   @property
   def sim_steps(self) -> int:
-    """Simulated steps: T_max in the SNN (T_run when scheduled), 1 in the ANN twin (the masks keep T_max
-    scores in both)."""
+    """Simulated steps: T_max in the SNN (the scheduled steps' count when scheduled), 1 in the ANN twin (the
+    masks keep T_max scores in both)."""
     if self.phase != "snn":
       return 1
     run = self.run_steps
-    return self.num_steps if run is None else run
+    return self.num_steps if run is None else len(run)
+
+  def _prefix(self) -> Optional[int]:
+    run = self.run_steps
+    return len(run) if run is not None and tuple(run) == tuple(range(len(run))) else None
 
   def take_steps(self, x):
-    """[T_max*B, ...] -> its first T_run steps [T_run*B, ...] (unchanged when not scheduled)."""
+    """[T_max*B, ...] -> the scheduled steps' rows [len(steps)*B, ...] (unchanged when not scheduled)."""
     run = self.run_steps
-    if run is None or run == self.num_steps:
+    if run is None or len(run) == self.num_steps:
       return x
-    return x[: x.shape[0] // self.num_steps * run]
+    b = x.shape[0] // self.num_steps
+    if self._prefix() is not None:
+      return x[: b * len(run)]
+    x_TB = x.reshape((self.num_steps, b) + x.shape[1:])
+    return x_TB[np.asarray(run)].reshape((-1,) + x.shape[1:])
 
   def pad_steps(self, y):
-    """[T_run*B, ...] -> [T_max*B, ...], zeros at the skipped steps: the schedule only skips steps whose
-    mask is 0, where the module's output is exactly 0."""
+    """[len(steps)*B, ...] -> [T_max*B, ...], zeros at the other steps: the schedule leaves out only steps at
+    which the module's output is exactly 0."""
     run = self.run_steps
-    if run is None or run == self.num_steps:
+    if run is None or len(run) == self.num_steps:
       return y
-    b = y.shape[0] // run
-    return jnp.concatenate([y, jnp.zeros(((self.num_steps - run) * b,) + y.shape[1:], y.dtype)])
+    b = y.shape[0] // len(run)
+    if self._prefix() is not None:
+      return jnp.concatenate([y, jnp.zeros(((self.num_steps - len(run)) * b,) + y.shape[1:], y.dtype)])
+    out = jnp.zeros((self.num_steps, b) + y.shape[1:], y.dtype)
+    out = out.at[np.asarray(run)].set(y.reshape((len(run), b) + y.shape[1:]))
+    return out.reshape((-1,) + y.shape[1:])
 
   def skipped_output(self, images_BHWC, downsampling: int):
     """A stem's output when scheduled out (every step masked): zero tokens [T_max*B, N, dim]."""
@@ -305,31 +351,48 @@ class SpikingModule(nn.Module):
 
   def _window(self, mask_T):
     run = self.run_steps
-    return mask_T if mask_T is None or run is None else mask_T[:run]
+    return mask_T if mask_T is None or run is None else mask_T[np.asarray(run)]
 
-  def module_mask(self, temperature, enabled: bool = True):
-    """The module-level mask (granularity 'module'), or None. [T_run] when scheduled."""
-    if self.mask.granularity == "module" and enabled:
-      return self._window(TimeMask(self.num_steps, self.mask, self.phase, name="time_mask")(temperature))
-    return None
+  def unit_masks(self, temperature, enabled: bool = True) -> tuple[dict, dict]:
+    """({neuron: mask [T]}, {neuron: work mask [T]}) for the neurons of `UNITS`, all None when the module is
+    unmasked (ANN phase, masks disabled, `enabled=False`). [len(steps)] when scheduled.
 
-  def unit_mask(self, name, module_mask_T, temperature, enabled: bool = True):
-    """The mask gating one neuron: its own (granularity 'layer') or the module's."""
-    if self.mask.granularity == "layer" and enabled:
-      return self._window(TimeMask(self.num_steps, self.mask, self.phase, name=f"{name}_mask")(temperature))
-    return module_mask_T
+    Creates the scores: granularity 'module' one `TimeMask` 'time_mask'; 'layer' one '<neuron>_mask' each. The
+    work masks (`masks.work_masks`) are sown as 'work' ('module') or '<neuron>_work' ('layer')."""
+    names = tuple(self.UNITS)
+    if self.mask.granularity == "module":
+      mask_T = TimeMask(self.num_steps, self.mask, self.phase, name="time_mask")(temperature) if enabled else None
+      masks = dict.fromkeys(names, self._window(mask_T))
+      if mask_T is None:
+        return masks, dict(masks)
+      work_T = masks_lib.work_masks({"m": masks[names[0]]}, {"m": (masks_lib.OUTPUT,)}, self.mask.semantics)["m"]
+      sow(self, "work", work_T)
+      return masks, dict.fromkeys(names, work_T)
+    masks = {n: (self._window(TimeMask(self.num_steps, self.mask, self.phase, name=f"{n}_mask")(temperature))
+                 if enabled else None) for n in names}
+    if any(m is None for m in masks.values()):
+      return dict.fromkeys(names), dict.fromkeys(names)
+    works = masks_lib.work_masks(masks, self.UNITS, self.mask.semantics)
+    for n, w in works.items():
+      sow(self, f"{n}_work", w)
+    return masks, works
 
   def neuron_layer(self, x, name, mask_T, *, threshold=None, static=False):
     return Neuron(self.phase, self.sim_steps, self.neuron,
-                  self.neuron.init_threshold if threshold is None else threshold, name=name)(
-                      x, mask_T, static=static)
+                  self.neuron.init_threshold if threshold is None else threshold,
+                  semantics=self.mask.semantics, name=name)(x, mask_T, static=static)
 
-  def dense_unit(self, x, features, name, mask_T, *, train):
-    """Dense -> BN -> neuron, the Dense's work gated by the same mask as the neuron."""
+  def dense_unit(self, x, features, name, masks, works, *, train):
+    """Dense -> BN -> neuron `name`_lif: the Dense's input counted and the BN's statistics taken at the
+    neuron's working steps."""
+    unit = f"{name}_lif"
     y = Dense(features, use_bias=False, dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
-              name=name)(x, mask_T)
-    y = batch_norm(train, f"{name}_bn")(y)
-    return self.neuron_layer(y, f"{name}_lif", mask_T)
+              name=name)(x, works[unit])
+    y = batch_norm(train, f"{name}_bn")(y, works[unit])
+    return self.neuron_layer(y, unit, masks[unit])
+
+
+_OUT = masks_lib.OUTPUT
 
 
 class SpikingSelfAttention(SpikingModule):
@@ -337,23 +400,24 @@ class SpikingSelfAttention(SpikingModule):
   num_heads: int = 1
   scale: float = 0.125
 
+  UNITS: ClassVar[dict] = {"q_lif": ("attn_lif",), "k_lif": ("attn_lif",), "v_lif": ("attn_lif",),
+                           "attn_lif": ("proj_lif",), "proj_lif": (_OUT,)}
+
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
     D = x_XND.shape[-1]
     if D % self.num_heads:
       raise ValueError(f"dim {D} is not divisible by num_heads {self.num_heads}.")
-    if self.run_steps == 0:  # scheduled out: every step masked, the output is exactly 0
+    if self.run_steps is not None and not self.run_steps:  # scheduled out: the output is exactly 0
       return jnp.zeros_like(x_XND)
     x_XND = self.take_steps(x_XND)
     H, dh = self.num_heads, D // self.num_heads
-    module_mask_T = self.module_mask(temperature)
+    masks, works = self.unit_masks(temperature)
     qkv = {}
     for n in ("q", "k", "v"):
-      m_T = self.unit_mask(f"{n}_lif", module_mask_T, temperature)
-      qkv[n] = self.dense_unit(x_XND, D, n, m_T, train=train).reshape(x_XND.shape[:-1] + (H, dh))
+      qkv[n] = self.dense_unit(x_XND, D, n, masks, works, train=train).reshape(x_XND.shape[:-1] + (H, dh))
     q, k, v = qkv["q"], qkv["k"], qkv["v"]
     N = x_XND.shape[-2]
-    attn_mask_T = self.unit_mask("attn_lif", module_mask_T, temperature)
     # Spike products are exact in float32 (small integers), so the cheaper association order is used.
     if N > dh:
       _record(self, "attention", H * N * dh * dh, "/kv")
@@ -367,33 +431,32 @@ class SpikingSelfAttention(SpikingModule):
       a = jnp.einsum("xnhd,xmhd->xhnm", q, k)
       y = jnp.einsum("xhnm,xmhd->xnhd", a, v)
       first, second = q, v  # (Q K^T) V: the spike operand of the second product is V
-    if self.phase == "snn":
-      sow(self, "attention_rate_1", _gate(step_rate(first, self.sim_steps), attn_mask_T))
-      sow(self, "attention_rate_2", _gate(step_rate(second, self.sim_steps), attn_mask_T))
+    if self.phase == "snn":  # the products feed the attention neuron: they work at its working steps
+      sow(self, "attention_rate_1", _gate(step_rate(first, self.sim_steps), works["attn_lif"]))
+      sow(self, "attention_rate_2", _gate(step_rate(second, self.sim_steps), works["attn_lif"]))
     y = (y * self.scale).reshape(x_XND.shape)
-    y = self.neuron_layer(y, "attn_lif", attn_mask_T, threshold=self.neuron.attn_threshold)
-    proj_mask_T = self.unit_mask("proj_lif", module_mask_T, temperature)
-    return self.pad_steps(self.dense_unit(y, D, "proj", proj_mask_T, train=train))
+    y = self.neuron_layer(y, "attn_lif", masks["attn_lif"], threshold=self.neuron.attn_threshold)
+    return self.pad_steps(self.dense_unit(y, D, "proj", masks, works, train=train))
 
 
-def _gate(rate_T, mask_T):
-  return rate_T if mask_T is None else rate_T * mask_T
+def _gate(rate_T, work_T):
+  return rate_T if work_T is None else rate_T * work_T
 
 
 class SpikingMLP(SpikingModule):
   """neuron(BN(fc2(neuron(BN(fc1(x)))))); the neurons replace GELU and BN replaces LayerNorm."""
   hidden_dim: int = 4
 
+  UNITS: ClassVar[dict] = {"fc1_lif": ("fc2_lif",), "fc2_lif": (_OUT,)}
+
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
-    if self.run_steps == 0:  # scheduled out: every step masked, the output is exactly 0
+    if self.run_steps is not None and not self.run_steps:  # scheduled out: the output is exactly 0
       return jnp.zeros_like(x_XND)
     x_XND = self.take_steps(x_XND)
-    module_mask_T = self.module_mask(temperature)
-    h = self.dense_unit(x_XND, self.hidden_dim, "fc1", self.unit_mask("fc1_lif", module_mask_T, temperature),
-                        train=train)
-    return self.pad_steps(self.dense_unit(h, x_XND.shape[-1], "fc2",
-                                          self.unit_mask("fc2_lif", module_mask_T, temperature), train=train))
+    masks, works = self.unit_masks(temperature)
+    h = self.dense_unit(x_XND, self.hidden_dim, "fc1", masks, works, train=train)
+    return self.pad_steps(self.dense_unit(h, x_XND.shape[-1], "fc2", masks, works, train=train))
 
 
 class Block(SpikingModule):
@@ -412,6 +475,29 @@ class Block(SpikingModule):
         x_XND, train=train, temperature=temperature)
     sow(self, "output", x_XND)
     return x_XND
+
+
+def masked_modules(model: "SpikingViT") -> dict[str, dict]:
+  """{masked module path: its neuron graph (`SpikingModule.UNITS`)}: each block's attn and mlp, and the stem
+  ('embedding') with mask_stem."""
+  modules = {}
+  for i in range(model.depth):
+    modules[f"blocks_{i}/attn"] = SpikingSelfAttention.UNITS
+    modules[f"blocks_{i}/mlp"] = SpikingMLP.UNITS
+  if model.mask.mask_stem:
+    modules["embedding"] = (SPSStem if model.stem == "sps" else PatchStem).UNITS
+  return modules
+
+
+def mask_units(model: "SpikingViT") -> dict[str, tuple[str, ...]]:
+  """The mask units and what their spikes feed: {unit: consumer units or `masks.OUTPUT`}, keyed like
+  `dtvit.models.hard_masks` (modules for granularity 'module', neurons 'blocks_0/attn/q_lif' for 'layer').
+  With `masks.work_masks` / `masks.step_counts` this gives every unit's working (simulated) steps."""
+  modules = masked_modules(model)
+  if model.mask.granularity == "module":
+    return {m: (_OUT,) for m in modules}
+  return {f"{m}/{n}": tuple(c if c == _OUT else f"{m}/{c}" for c in consumers)
+          for m, units in modules.items() for n, consumers in units.items()}
 
 
 def max_pool(x, phase):
@@ -439,9 +525,9 @@ class SpikingViT(nn.Module):
     neuron, mask: `NeuronConfig`, `MaskConfig`.
     attn_scale: the scale of Q K^T V.
     dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
-    schedule: None (dense: all T_max steps, the training path), or ((module path, T_run), ...) for
-      skipped-step inference with hard masks: each listed masked module simulates only its first T_run steps
-      and is skipped when T_run = 0. Built from trained masks by `dtvit.inference`.
+    schedule: None (dense: all T_max steps, the training path), or ((module path, steps), ...) for
+      skipped-step inference with hard masks: each listed masked module runs only the step indices `steps`
+      (a sorted tuple) and is skipped when it is empty. Built from trained masks by `dtvit.inference`.
   """
   num_classes: int
   stem: str = "sps"
@@ -483,18 +569,18 @@ class SpikingViT(nn.Module):
       raise ValueError("A skipped-step schedule needs phase='snn'.")
     if self.mask.enabled and not self.mask.hard:
       raise ValueError("A skipped-step schedule needs hard masks: use models.with_mask(model, hard=True).")
-    known = {f"blocks_{i}/{m}" for i in range(self.depth) for m in ("attn", "mlp")}
-    if self.mask.mask_stem:
-      known.add("embedding")
+    known = set(masked_modules(self))
     for entry in self.schedule:
       if not (isinstance(entry, tuple) and len(entry) == 2):
-        raise ValueError(f"Schedule entries are (module path, T_run) pairs, got {entry!r}.")
+        raise ValueError(f"Schedule entries are (module path, steps) pairs, got {entry!r}.")
       name, run = entry
       if name not in known:
         raise ValueError(f"Schedule names unknown or unmasked module {name!r}; masked modules: {sorted(known)}.")
-      if int(run) != run or not 0 <= run <= self.num_steps:
-        raise ValueError(f"T_run of {name!r} must be an integer in [0, {self.num_steps}], got {run!r}.")
-      if not self.mask.enabled and run != self.num_steps:
+      if (not isinstance(run, tuple) or any(int(t) != t or not 0 <= t < self.num_steps for t in run)
+          or list(run) != sorted(set(run))):
+        raise ValueError(f"The steps of {name!r} must be a sorted tuple of distinct step indices in "
+                         f"[0, {self.num_steps}), got {run!r}.")
+      if not self.mask.enabled and len(run) != self.num_steps:
         raise ValueError(f"Masks are disabled, so every step of {name!r} is active; it cannot skip steps.")
 
   def downsampling(self) -> int:
@@ -588,29 +674,32 @@ class SPSStem(SpikingModule):
   patch_size: int = 4
   pool_first: bool = False
 
+  UNITS: ClassVar[dict] = {"conv0_lif": ("conv1_lif",), "conv1_lif": ("conv2_lif",),
+                           "conv2_lif": ("conv3_lif",), "conv3_lif": ("rpe_lif", _OUT), "rpe_lif": (_OUT,)}
+
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
-    if self.run_steps == 0:
+    if self.run_steps is not None and not self.run_steps:
       return self.skipped_output(images_BHWC, 2 ** sum(bool(p) for p in self.pools))
-    mask_T = self.module_mask(temperature, enabled=self.mask.mask_stem)
+    masks, works = self.unit_masks(temperature, enabled=self.mask.mask_stem)
     x = images_BHWC
     chans = (self.dim // 8, self.dim // 4, self.dim // 2, self.dim)
     for i, c in enumerate(chans):
-      m_T = self.unit_mask(f"conv{i}_lif", mask_T, temperature, enabled=self.mask.mask_stem)
+      unit = f"conv{i}_lif"
       x = Conv(c, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,
                num_steps=self.sim_steps, kind="analog" if i == 0 else "synaptic", name=f"conv{i}")(
-                   x, None if i == 0 else m_T)
-      x = batch_norm(train, f"conv{i}_bn")(x)
+                   x, None if i == 0 else works[unit])
+      # The analog stage runs once per image ([B, ...], no time axis): its statistics cover the images.
+      x = batch_norm(train, f"conv{i}_bn")(x, None if i == 0 else works[unit])
       if self.pools[i] and self.pool_first:
         x = max_pool(x, self.phase)
-      x = self.neuron_layer(x, f"conv{i}_lif", m_T, static=(i == 0))
+      x = self.neuron_layer(x, unit, masks[unit], static=(i == 0))
       if self.pools[i] and not self.pool_first:
         x = max_pool(x, self.phase)
-    m_T = self.unit_mask("rpe_lif", mask_T, temperature, enabled=self.mask.mask_stem)
     r = Conv(self.dim, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,
-             num_steps=self.sim_steps, name="rpe")(x, m_T)
-    r = batch_norm(train, "rpe_bn")(r)
-    x = x + self.neuron_layer(r, "rpe_lif", m_T)
+             num_steps=self.sim_steps, name="rpe")(x, works["rpe_lif"])
+    r = batch_norm(train, "rpe_bn")(r, works["rpe_lif"])
+    x = x + self.neuron_layer(r, "rpe_lif", masks["rpe_lif"])
     return self.pad_steps(x.reshape(x.shape[0], -1, self.dim))
 
 
@@ -621,16 +710,17 @@ class PatchStem(SpikingModule):
   pools: Sequence[bool] = ()
   patch_size: int = 16
 
+  UNITS: ClassVar[dict] = {"patch_lif": (_OUT,)}
+
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
-    if self.run_steps == 0:
+    if self.run_steps is not None and not self.run_steps:
       return self.skipped_output(images_BHWC, self.patch_size)
-    mask_T = self.module_mask(temperature, enabled=self.mask.mask_stem)
-    mask_T = self.unit_mask("patch_lif", mask_T, temperature, enabled=self.mask.mask_stem)
+    masks, _ = self.unit_masks(temperature, enabled=self.mask.mask_stem)
     p = self.patch_size
     x = Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, phase=self.phase,
              num_steps=self.sim_steps, kind="analog", name="patch")(images_BHWC)
     x = x.reshape(x.shape[0], -1, self.dim)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim), jnp.float32)
     x = batch_norm(train, "patch_bn")(x + pos.astype(x.dtype))
-    return self.pad_steps(self.neuron_layer(x, "patch_lif", mask_T, static=True))
+    return self.pad_steps(self.neuron_layer(x, "patch_lif", masks["patch_lif"], static=True))

@@ -14,8 +14,11 @@ smallest Spikformer-style model we found to learn CIFAR-10 well within the 2-cor
 Arguments (comma-separated):
   ann                          the ANN twin (phase 'ann', ANN_EPOCHS epochs)
   fixed,T=<T>                  SNN with T steps, masks off (phase 'snn' from the twin, SNN_EPOCHS epochs)
-  learned,cost=<w>[,kind=<k>]  SNN with learned masks, T_max = 4, time-step cost weight w of kind k
-                               ('expected' or 'op_weighted'; default 'expected')
+  learned,cost=<w>[,kind=<k>][,semantics=<s>]
+                               SNN with learned masks, T_max = 4, time-step cost weight w of kind k
+                               ('expected' or 'op_weighted'; default 'expected'); masked steps 'skip'
+                               (default) or 'filter' (see dtvit/masks.py)
+  seed=<n>                     the run's seed (default 0): initialisation of the scores, data order
   smoke                        a tiny model, a few steps, a test subset: the same code paths (tests)
   digits                       scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
 """
@@ -31,7 +34,8 @@ T_MAX = 4
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, ("ann", "fixed", "learned", "T", "cost", "kind", "smoke", "digits"),
+  args = common.parse_arg(arg, ("ann", "fixed", "learned", "T", "cost", "kind", "semantics", "seed", "smoke",
+                                "digits"),
                           "cifar10_cpu")
   runs = [r for r in ("ann", "fixed", "learned") if r in args]
   if len(runs) != 1:
@@ -71,15 +75,18 @@ def get_config(arg: str = ""):
   c.snn.log_every = 50
   c.snn.checkpoint_every = 200
 
+  if "seed" in args:
+    c.seed = int(args["seed"])
   if run == "ann":
     c.phases = "ann"
-    if any(k in args for k in ("T", "cost", "kind")):
-      raise ValueError("cifar10_cpu: the ANN twin takes no T, cost or kind.")
+    if any(k in args for k in ("T", "cost", "kind", "semantics")):
+      raise ValueError("cifar10_cpu: the ANN twin takes no T, cost, kind or semantics.")
   else:
     c.phases = "snn"
     if run == "fixed":
-      if "T" not in args or "cost" in args or "kind" in args:
-        raise ValueError("cifar10_cpu: 'fixed' takes T=<steps> and no cost or kind.")
+      if "T" not in args or any(k in args for k in ("cost", "kind", "semantics")):
+        raise ValueError("cifar10_cpu: 'fixed' takes T=<steps> and no cost, kind or semantics (every step is "
+                         "active, so there is nothing to skip or filter).")
       m.num_steps = int(args["T"])
       m.mask.enabled = False
       c.snn.time_cost = 0.0
@@ -88,6 +95,7 @@ def get_config(arg: str = ""):
         raise ValueError("cifar10_cpu: 'learned' takes cost=<weight> (T_max is fixed at 4).")
       c.snn.time_cost = float(args["cost"])
       c.snn.cost_kind = args.get("kind") or "expected"
+      m.mask.semantics = args.get("semantics") or "skip"
   if "smoke" in args:   # the same code paths on a tiny model: seconds to compile
     m.depth, m.dim, m.num_heads = 1, 16, 2
     c.eval_fixed_steps = False

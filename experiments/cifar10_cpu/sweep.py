@@ -33,8 +33,11 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 FIXED_T = (1, 2, 3, 4)
-COST_WEIGHTS = (0.01, 0.03, 0.1)
+COST_WEIGHTS = (0.03, 0.01, 0.1)    # in run order: the middle cost first, so that it lands first
 OP_WEIGHTED_COSTS = (0.03,)
+SEMANTICS = ("skip", "filter")
+# Second seeds (data order and augmentation; the same ANN twin): the seed-to-seed spread of the comparison.
+SEED_RUNS = ("fixed_T2", "fixed_T3", "learned_skip_0.03", "learned_filter_0.03")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +56,24 @@ class Run:
 
 
 def runs(fixed_t: Sequence[int] = FIXED_T, cost_weights: Sequence[float] = COST_WEIGHTS,
-         op_weighted_costs: Sequence[float] = OP_WEIGHTED_COSTS) -> Iterator[Run]:
-  """The sweep, in the order it runs: the ANN twin first, as every SNN starts from it."""
+         op_weighted_costs: Sequence[float] = OP_WEIGHTED_COSTS, semantics: Sequence[str] = SEMANTICS,
+         seed_runs: Sequence[str] = SEED_RUNS) -> Iterator[Run]:
+  """The sweep, in the order it runs: the ANN twin first, as every SNN starts from it; then fixed T; then the
+  learned runs, each cost under both mask semantics; then the second seeds of `seed_runs`."""
   yield Run("ann", "ann", from_ann=False)
+  base = []
   for t in fixed_t:
-    yield Run(f"fixed_T{t}", f"fixed,T={t}")
+    base.append(Run(f"fixed_T{t}", f"fixed,T={t}"))
   for w in cost_weights:
-    yield Run(f"learned_{w:g}", f"learned,cost={w:g}")
+    for sem in semantics:
+      base.append(Run(f"learned_{sem}_{w:g}", f"learned,cost={w:g},semantics={sem}"))
   for w in op_weighted_costs:
-    yield Run(f"learned_op_{w:g}", f"learned,cost={w:g},kind=op_weighted")
+    for sem in semantics:
+      base.append(Run(f"learned_{sem}_op_{w:g}", f"learned,cost={w:g},kind=op_weighted,semantics={sem}"))
+  yield from base
+  for run in base:
+    if run.name in seed_runs:
+      yield Run(f"{run.name}_seed1", f"{run.arg},seed=1")
 
 
 def is_done(root: str, run: Run) -> bool:
