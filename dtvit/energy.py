@@ -36,7 +36,8 @@ depends on contributes zero, every other step its real input):
     two operand rates the model reports for attention module m, in the order of its two products: the first
     product ('kv' or 'qk') uses rate_1 (its first operand: K for K^T V, Q for Q K^T), the second ('qkv') uses
     rate_2 (Q for Q (K^T V); for (Q K^T) V, whose left operand is an integer count matrix, the model reports
-    K's rate and that is what is used).
+    K's rate and that is what is used). The products' rates are gated by the attention neuron's work mask
+    times the masks of Q, K and V: a product with a masked operand is 0, so nothing depends on computing it.
 Rates above 1 happen (the residual stream carries sums of spikes): an input of value n counts n events. The
 head's input is the token mean of the residual stream (fractional), counted the same way.
 A 'conv' event feeds k*k*Cout outputs in this count (exact away from the padded border).

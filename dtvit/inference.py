@@ -88,8 +88,13 @@ def scheduled_model(model: SpikingViT, schedule: Mapping[str, Any]) -> SpikingVi
   k steps; entries that run all T_max steps are dropped)."""
   if model.phase != "snn":
     raise ValueError("Skipped-step inference needs the SNN (phase='snn'); the ANN twin has no time steps.")
-  steps = {name: tuple(range(run)) if isinstance(run, (int, np.integer)) else tuple(int(t) for t in run)
-           for name, run in schedule.items()}
+  steps = {}
+  for name, run in schedule.items():
+    if isinstance(run, (int, np.integer)):
+      if not 0 <= run <= model.num_steps:
+        raise ValueError(f"T_run of {name!r} must be an integer in [0, {model.num_steps}], got {run!r}.")
+      run = range(run)
+    steps[name] = tuple(int(t) for t in run)
   entries = tuple(sorted((name, run) for name, run in steps.items() if len(run) < model.num_steps))
   m = models.with_mask(model, hard=True).clone(schedule=entries)
   m.validate()

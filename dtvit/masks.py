@@ -153,8 +153,10 @@ def work_masks(masks: Mapping[str, jax.Array], consumers: Mapping[str, tuple[str
 
   Args:
     masks: {unit: mask [T]} (binary, or soft: any value > 0 counts as on).
-    consumers: {unit: the units its spikes feed}, `OUTPUT` for the module output (read at every step). Every
-      unit of `masks` must be listed; the graph must be acyclic.
+    consumers: {unit: the units its spikes feed}, `OUTPUT` for the module output (read at every step). A
+      consumer given as a tuple (consumer, *partners) receives the product of this unit's spikes with the
+      partners' (attention: Q K^T V), which is 0 at any step a partner is inactive. Every unit of `masks` must
+      be listed; the graph must be acyclic.
     semantics: 'skip' or 'filter' (see the module docstring).
   """
   check_semantics(semantics)
@@ -170,13 +172,19 @@ def work_masks(masks: Mapping[str, jax.Array], consumers: Mapping[str, tuple[str
       raise ValueError(f"work_masks: the unit graph has a cycle through {unit!r}.")
     active_T = binary(masks[unit])
     used_T = jnp.zeros_like(active_T)
-    for c in consumers[unit]:
+    for spec in consumers[unit]:
+      c, partners = (spec[0], spec[1:]) if isinstance(spec, tuple) else (spec, ())
       if c == OUTPUT:
         used_T = jnp.ones_like(active_T)
-      elif c not in masks:
-        raise ValueError(f"work_masks: unit {unit!r} feeds {c!r}, which has no mask.")
-      else:
-        used_T = jnp.maximum(used_T, resolve(c, seen + (unit,)))
+        continue
+      for other in (c,) + tuple(partners):
+        if other not in masks:
+          raise ValueError(f"work_masks: unit {unit!r} feeds {c!r} (with {list(partners)}), but {other!r} has "
+                           "no mask.")
+      use_T = resolve(c, seen + (unit,))
+      for p in partners:
+        use_T = use_T * binary(masks[p])
+      used_T = jnp.maximum(used_T, use_T)
     until_T = at_or_before_last(active_T * used_T)
     work[unit] = active_T * until_T if semantics == "skip" else until_T
     return work[unit]

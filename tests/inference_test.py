@@ -72,10 +72,20 @@ HAND = {"blocks_0/attn": [1.0, -1.0, 2.0, -1.0], "blocks_0/mlp": [-1.0, -2.0, -1
         "embedding": [1.0, 1.0, -1.0, -1.0]}
 
 
+def expected_steps(mask, semantics):
+  """The steps a module with this (module-granularity) mask runs: its active steps under 'skip', every step up
+  to its last active one under 'filter'."""
+  active = np.flatnonzero(np.asarray(mask))
+  if semantics == "skip":
+    return tuple(int(t) for t in active)
+  return tuple(range(int(active[-1]) + 1)) if active.size else ()
+
+
+@pytest.mark.parametrize("semantics", ["skip", "filter"])
 @pytest.mark.parametrize("mode,monotone,seed", [("ste", False, 3), ("ste", True, 4), ("sigmoid", False, 5),
                                                 ("sigmoid", True, 6)])
-def test_skipped_steps_give_the_dense_masked_logits(vit_vars, mode, monotone, seed):
-  model = tiny(mode=mode, monotone=monotone, mask_stem=True)
+def test_skipped_steps_give_the_dense_masked_logits(vit_vars, mode, monotone, seed, semantics):
+  model = tiny(mode=mode, monotone=monotone, mask_stem=True, semantics=semantics)
   x = images()
   dense = dense_fn(model)
   for scores in (random_scores(vit_vars, seed), HAND):
@@ -83,41 +93,49 @@ def test_skipped_steps_give_the_dense_masked_logits(vit_vars, mode, monotone, se
     schedule = assert_skipped_equals_dense(model, v, x, dense)
     masks = models.hard_masks(model, v["params"])
     for name, m in masks.items():
-      m = np.asarray(m)
-      last = np.flatnonzero(m)
-      assert schedule[name] == (last[-1] + 1 if last.size else 0)
-      if monotone:  # monotone masks: T_run is the number of active steps
-        assert schedule[name] == m.sum()
-  # The hand pattern's schedule: the mlp is skipped, the stem runs 2 steps, the attn 1 (monotone) or 3.
-  assert schedule == {"blocks_0/attn": 1 if monotone else 3, "blocks_0/mlp": 0, "embedding": 2}
+      assert schedule[name] == expected_steps(m, semantics)
+  # The hand pattern: the mlp is not run; the stem runs steps 0-1; the attn step 0 (monotone), or steps 0 and 2
+  # ('skip': its masked step 1 is not run) or 0-2 ('filter': step 1 integrates for step 2).
+  attn = (0,) if monotone else ((0, 2) if semantics == "skip" else (0, 1, 2))
+  assert schedule == {"blocks_0/attn": attn, "blocks_0/mlp": (), "embedding": (0, 1)}
   if mode == "ste" and not monotone:
     # The equality is not vacuous: a schedule that cuts the attn's active step 2 shows in the logits.
-    wrong = inference.scheduled_model(model, {**schedule, "blocks_0/attn": 1})
+    wrong = inference.scheduled_model(model, {**schedule, "blocks_0/attn": (0,)})
     cut = jax.jit(lambda v, x: models.apply_model(wrong, v, x, with_aux=False))(v, x)
     assert float(jnp.max(jnp.abs(cut - dense(v, x)))) > 1e-4
+    if semantics == "filter":  # and under 'filter' the masked step 1 is needed: leaving it out shows too
+      wrong = inference.scheduled_model(model, {**schedule, "blocks_0/attn": (0, 2)})
+      cut = jax.jit(lambda v, x: models.apply_model(wrong, v, x, with_aux=False))(v, x)
+      assert float(jnp.max(jnp.abs(cut - dense(v, x)))) > 1e-4
 
 
-def test_layer_granularity_schedules_modules_by_their_output_neurons(vit_layer_vars):
-  model = tiny(granularity="layer", mask_stem=True)
+@pytest.mark.parametrize("semantics,expected", [
+    # 'skip': fc1 is never active when fc2 works, so only fc2's step 1 runs.
+    ("skip", {"blocks_0/attn": (0,), "blocks_0/mlp": (1,), "embedding": (0, 1, 2)}),
+    # 'filter': fc2 integrates from step 0, where fc1's spike matters.
+    ("filter", {"blocks_0/attn": (0,), "blocks_0/mlp": (0, 1), "embedding": (0, 1, 2)})])
+def test_layer_granularity_schedules_modules_by_their_working_neurons(vit_layer_vars, semantics, expected):
+  model = tiny(granularity="layer", mask_stem=True, semantics=semantics)
   x = images()
-  scores = random_scores(vit_layer_vars, 11)
+  scores = {f"blocks_0/attn/{n}": [1.0, 1.0, 1.0, 1.0] for n in ("q_lif", "k_lif", "v_lif", "attn_lif")}
   scores["blocks_0/attn/proj_lif"] = [1.0, -1.0, -1.0, -1.0]  # the attn's output: active at step 0 only
-  scores["blocks_0/attn/q_lif"] = [1.0, 1.0, 1.0, 1.0]        # inner neurons later steps cannot reach it
   scores["blocks_0/mlp/fc2_lif"] = [-1.0, 1.0, -1.0, -1.0]
   scores["blocks_0/mlp/fc1_lif"] = [1.0, -1.0, 1.0, 1.0]
   scores["embedding/patch_lif"] = [1.0, 1.0, 1.0, -1.0]
   v = with_scores(vit_layer_vars, scores)
   schedule = assert_skipped_equals_dense(model, v, x)
-  assert schedule == {"blocks_0/attn": 1, "blocks_0/mlp": 2, "embedding": 3}
+  assert schedule == expected
 
 
-def test_spikformer_sps_stem_and_blocks_skip_exactly():
-  model = tiny("spikformer", mask_stem=True)
+@pytest.mark.parametrize("semantics", ["skip", "filter"])
+def test_spikformer_sps_stem_and_blocks_skip_exactly(semantics):
+  model = tiny("spikformer", mask_stem=True, semantics=semantics)
   variables = models.init(model, jax.random.key(0), IMG)
-  v = with_scores(variables, {"embedding": [1.0, 1.0, 1.0, -1.0], "blocks_0/attn": [1.0, -1.0, 1.0, -1.0],
+  v = with_scores(variables, {"embedding": [-1.0, 1.0, 1.0, -1.0], "blocks_0/attn": [1.0, -1.0, 1.0, -1.0],
                               "blocks_0/mlp": [1.0, 1.0, -1.0, -1.0]})
-  assert assert_skipped_equals_dense(model, v, images()) == {"embedding": 3, "blocks_0/attn": 3,
-                                                             "blocks_0/mlp": 2}
+  attn, emb = ((0, 2), (1, 2)) if semantics == "skip" else ((0, 1, 2), (0, 1, 2))
+  assert assert_skipped_equals_dense(model, v, images()) == {"embedding": emb, "blocks_0/attn": attn,
+                                                             "blocks_0/mlp": (0, 1)}
 
 
 def _dot_shapes(fn, *args):
@@ -164,6 +182,10 @@ def test_skipped_module_steps_do_no_matmul_work(vit_vars):
     n_tokens = (IMG[0] // 4) * (IMG[1] // 4)
     rows = {s[0] for s in dots if len(s) == 3 and s[1] == n_tokens}  # Dense layers on [rows, N, D]
     assert rows == {r * 2 for r in sched.values() if r}, (rows, sched)
+  # Steps anywhere ('skip' schedules leading and interior gaps): the same work as that many leading steps.
+  for sched in ({"blocks_0/attn": (1, 3), "blocks_0/mlp": (2,)}, {"blocks_0/attn": (0, 2, 3), "blocks_0/mlp": (3,)}):
+    f, dots = traced({**full, **sched})
+    assert f == f_dense - sum(work[k] * (T - len(r)) // T for k, r in sched.items())
 
 
 def test_schedule_is_static_and_validated(vit_vars):
@@ -176,13 +198,18 @@ def test_schedule_is_static_and_validated(vit_vars):
     inference.scheduled_model(tiny(), {"embedding": 2})
   with pytest.raises(ValueError, match=r"integer in \[0, 4\]"):
     inference.scheduled_model(model, {"blocks_0/attn": -1})
+  with pytest.raises(ValueError, match=r"sorted tuple of distinct step indices in \[0, 4\)"):
+    inference.scheduled_model(model, {"blocks_0/attn": (2, 1)})
+  with pytest.raises(ValueError, match=r"sorted tuple of distinct step indices in \[0, 4\)"):
+    inference.scheduled_model(model, {"blocks_0/attn": (0, 4)})
   with pytest.raises(ValueError, match="phase='snn'"):
     inference.scheduled_model(tiny().clone(phase="ann"), {"blocks_0/attn": 2})
   with pytest.raises(ValueError, match="disabled"):
     inference.scheduled_model(tiny(enabled=False), {"blocks_0/attn": 2})
   # Masks off: every module runs all T steps, nothing is skipped.
   off = tiny(enabled=False)
-  assert inference.make_schedule(off, vit_vars["params"]) == {"blocks_0/attn": T, "blocks_0/mlp": T}
+  assert inference.make_schedule(off, vit_vars["params"]) == {"blocks_0/attn": tuple(range(T)),
+                                                              "blocks_0/mlp": tuple(range(T))}
   assert inference.scheduled_model(off, {"blocks_0/attn": T}).schedule == ()
 
 

@@ -266,16 +266,21 @@ class BatchNorm(nn.BatchNorm):
 
   Input [T*B, ...]: rows of steps with work_T = 0 do not enter the batch mean and variance (nor, through them,
   the running averages), so nothing computed at a step whose work is free can change the outputs at other
-  steps. A unit that works at no step takes its statistics from every step (its output is unused then, and
-  that avoids 0/0). Without `work_T` it is nn.BatchNorm exactly."""
+  steps. A unit that works at no step normalises with the statistics of every step (its output is unused then;
+  this avoids 0/0) and leaves its running averages unchanged. Without `work_T` it is nn.BatchNorm exactly."""
 
   def __call__(self, x, work_T=None):  # pylint: disable=arguments-differ
     if work_T is None or self.use_running_average:
       return super().__call__(x)
     T = work_T.shape[0]
-    keep_T = jnp.where(jnp.any(work_T > 0), work_T > 0, True)
-    rows = jnp.repeat(keep_T, x.shape[0] // T)
-    return super().__call__(x, mask=rows.reshape((-1,) + (1,) * (x.ndim - 1)))
+    works = jnp.any(work_T > 0)
+    rows = jnp.repeat(jnp.where(works, work_T > 0, True), x.shape[0] // T)
+    old = {k: self.get_variable("batch_stats", k) for k in ("mean", "var")}
+    y = super().__call__(x, mask=rows.reshape((-1,) + (1,) * (x.ndim - 1)))
+    for k, v in old.items():
+      if v is not None and self.is_mutable_collection("batch_stats"):
+        self.put_variable("batch_stats", k, jnp.where(works, self.get_variable("batch_stats", k), v))
+    return y
 
 
 def batch_norm(train: bool, name: str) -> BatchNorm:
@@ -400,8 +405,11 @@ class SpikingSelfAttention(SpikingModule):
   num_heads: int = 1
   scale: float = 0.125
 
-  UNITS: ClassVar[dict] = {"q_lif": ("attn_lif",), "k_lif": ("attn_lif",), "v_lif": ("attn_lif",),
-                           "attn_lif": ("proj_lif",), "proj_lif": (_OUT,)}
+  # Q, K and V spikes meet in the products Q K^T V before the attention neuron: each matters at a step only
+  # if the other two are active there too.
+  UNITS: ClassVar[dict] = {"q_lif": (("attn_lif", "k_lif", "v_lif"),), "k_lif": (("attn_lif", "q_lif", "v_lif"),),
+                           "v_lif": (("attn_lif", "q_lif", "k_lif"),), "attn_lif": ("proj_lif",),
+                           "proj_lif": (_OUT,)}
 
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
@@ -431,9 +439,15 @@ class SpikingSelfAttention(SpikingModule):
       a = jnp.einsum("xnhd,xmhd->xhnm", q, k)
       y = jnp.einsum("xhnm,xmhd->xnhd", a, v)
       first, second = q, v  # (Q K^T) V: the spike operand of the second product is V
-    if self.phase == "snn":  # the products feed the attention neuron: they work at its working steps
-      sow(self, "attention_rate_1", _gate(step_rate(first, self.sim_steps), works["attn_lif"]))
-      sow(self, "attention_rate_2", _gate(step_rate(second, self.sim_steps), works["attn_lif"]))
+    if self.phase == "snn":
+      # The products feed the attention neuron: their work is needed at its working steps at which none of
+      # Q, K, V is masked (a masked operand makes the product 0).
+      prod_T = works["attn_lif"]
+      if prod_T is not None:
+        for n in ("q_lif", "k_lif", "v_lif"):
+          prod_T = prod_T * masks_lib.binary(masks[n])
+      sow(self, "attention_rate_1", _gate(step_rate(first, self.sim_steps), prod_T))
+      sow(self, "attention_rate_2", _gate(step_rate(second, self.sim_steps), prod_T))
     y = (y * self.scale).reshape(x_XND.shape)
     y = self.neuron_layer(y, "attn_lif", masks["attn_lif"], threshold=self.neuron.attn_threshold)
     return self.pad_steps(self.dense_unit(y, D, "proj", masks, works, train=train))
@@ -496,7 +510,9 @@ def mask_units(model: "SpikingViT") -> dict[str, tuple[str, ...]]:
   modules = masked_modules(model)
   if model.mask.granularity == "module":
     return {m: (_OUT,) for m in modules}
-  return {f"{m}/{n}": tuple(c if c == _OUT else f"{m}/{c}" for c in consumers)
+  path = lambda m, c: c if c == _OUT else f"{m}/{c}"
+  return {f"{m}/{n}": tuple(tuple(path(m, x) for x in c) if isinstance(c, tuple) else path(m, c)
+                            for c in consumers)
           for m, units in modules.items() for n, consumers in units.items()}
 
 
