@@ -1,7 +1,10 @@
-"""experiments/cifar10_cpu: the recipe's arguments, the runner (resumable, one process per run), the table."""
+"""experiments/cifar10_cpu: the recipe's arguments, the runner (resumable, one process per run), the analysis
+(learned masks vs fixed T at equal simulated steps and at equal energy, per mask semantics, against the seed
+spread; pending runs)."""
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -33,11 +36,18 @@ def test_recipe_runs_are_what_the_sweep_names():
   learned = recipe.get_config("learned,cost=0.03,kind=op_weighted")
   assert learned.model.num_steps == recipe.T_MAX and learned.model.mask.enabled
   assert (learned.snn.time_cost, learned.snn.cost_kind) == (0.03, "op_weighted")
+  assert learned.model.mask.semantics == "skip"
+  assert recipe.get_config("learned,cost=0.03,semantics=filter").model.mask.semantics == "filter"
+  assert recipe.get_config("fixed,T=2,seed=1").seed == 1
   # Every SNN run trains the same number of steps from the same twin: only T / the masks differ.
   assert fixed.snn.num_steps == learned.snn.num_steps == recipe.SNN_EPOCHS * 50_000 // recipe.BATCH_SIZE
   names = [r.name for r in sweep.runs()]
-  assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 3 + 1
+  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds.
+  assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 6 + 2 + 4
+  assert {"learned_skip_0.03", "learned_filter_op_0.03", "fixed_T3_seed1", "learned_filter_0.03_seed1"} <= set(names)
   assert all(r.from_ann for r in sweep.runs() if r.name != "ann")
+  assert [(sweep.seed_of(n), sweep.base_of(n)) for n in ("fixed_T3_seed1", "learned_skip_op_0.03")] == [
+      (1, "fixed_T3"), (0, "learned_skip_op_0.03")]
 
 
 @pytest.mark.parametrize("arg,match", [
@@ -47,6 +57,7 @@ def test_recipe_runs_are_what_the_sweep_names():
     ("learned", "cost=<weight>"),
     ("learned,cost=0.1,T=2", "T_max is fixed"),
     ("ann,T=2", "takes no T"),
+    ("fixed,T=2,semantics=skip", "no cost, kind or semantics"),
     ("learned,cost=0.1,bogus=1", "unknown argument 'bogus'"),
 ])
 def test_recipe_rejects_bad_arguments(arg, match):
@@ -54,50 +65,215 @@ def test_recipe_rejects_bad_arguments(arg, match):
     recipe.get_config(arg)
 
 
-def test_interpolation_and_verdict():
+def test_interpolation():
   assert sweep._interp(2.5, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.7)
   assert sweep._interp(4.0, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.9)
+  assert sweep._interp(1.0, [1, 2], [0.5, 0.6]) == pytest.approx(0.5)
   assert sweep._interp(0.5, [1, 2], [0.5, 0.6]) is None
-  rows = [{"kind": "fixed", "T_max": t, "accuracy": a, "name": f"fixed_T{t}", "energy_ratio": 0.1 * t}
-          for t, a in ((1, 0.5), (2, 0.6), (3, 0.8), (4, 0.9))]
-  rows += [{"kind": "learned", "name": "learned_a", "accuracy": 0.75, "T_avg": 2.5, "T_avg_op": 2.0,
-            "energy_ratio": 0.35},
-           {"kind": "learned", "name": "learned_b", "accuracy": 0.85, "T_avg": 3.0, "T_avg_op": 3.5,
-            "energy_ratio": 0.05}]
+  assert sweep._interp(4.5, [1, 2], [0.5, 0.6]) is None
+  assert sweep.binomial_se(0.65, 10_000) == pytest.approx(0.00477, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A synthetic sweep: fake workdirs (config.json + summary.json, what dtvit.report.run_rows reads).
+
+MODULES = ("blocks_0/attn", "blocks_0/mlp", "blocks_1/attn", "blocks_1/mlp")
+
+
+def _write_run(root, name, *, acc, T=4, semantics=None, T_avg=None, T_sim=None, energy=None, kind="expected",
+               cost=0.03, summary=True):
+  """A finished (summary=True) or started (summary=False: config only) run in `root/name`. A learned run has
+  masks (semantics set); a fixed one has T steps; 'ann' is the twin."""
+  wd = os.path.join(root, name)
+  os.makedirs(wd, exist_ok=True)
+  learned = semantics is not None
+  config = {"phases": "ann" if name == "ann" else "snn", "seed": sweep.seed_of(name), "eval_examples": 0,
+            "model": {"num_steps": T, "mask": {"enabled": learned, "semantics": semantics or "skip"}},
+            "snn": {"init_from": "" if name == "ann" else os.path.join(root, "ann", "ann", "checkpoints"),
+                    "time_cost": cost if learned else 0.0, "cost_kind": kind}}
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    json.dump(config, f)
+  if not summary:
+    return
+  if name == "ann":
+    s = {"phases": ["ann"], "ann": {"steps": 100, "test_accuracy": acc}}
+  else:
+    T_avg = float(T) if T_avg is None else T_avg
+    T_sim = T_avg if T_sim is None else T_sim
+    snn = {"steps": 50, "train_time_s": 1.0, "test_accuracy": acc, "T_max": T,
+           "average_time_steps": T_avg, "op_weighted_time_steps": T_avg,
+           "energy": {"totals": {"snn_energy_j": energy * 1e-5, "ann_energy_j": 1e-5, "energy_ratio": energy}}}
+    if learned:
+      snn.update(mask_semantics=semantics, average_simulated_steps=T_sim, op_weighted_simulated_steps=T_sim,
+                 test_accuracy_fixed_T=acc - 0.1,
+                 per_module_time_steps={m: T_avg for m in MODULES},
+                 per_module_simulated_steps={m: T_sim for m in MODULES})
+    else:   # what a fixed-T summary has: every unit active and simulated at every step
+      snn.update(mask_semantics="skip", average_simulated_steps=float(T), op_weighted_simulated_steps=float(T))
+    s = {"phases": ["snn"], "snn": snn}
+  with open(os.path.join(wd, "summary.json"), "w") as f:
+    json.dump(s, f)
+
+
+# Fixed-T curve: T=2 and T=3 have two seeds (means 0.602 and 0.6185; spreads 0.4 and 0.3 pts).
+FIXED = {"fixed_T1": (1, 0.55, 0.10), "fixed_T2": (2, 0.600, 0.17), "fixed_T2_seed1": (2, 0.604, 0.17),
+         "fixed_T3": (3, 0.620, 0.24), "fixed_T3_seed1": (3, 0.617, 0.24), "fixed_T4": (4, 0.63, 0.30)}
+
+
+def write_synthetic_sweep(root):
+  """A partial sweep in `root`: the twin, the fixed-T runs, four learned runs (both semantics, one seed pair),
+  one started run; the rest of `sweep.runs()` not started."""
+  _write_run(root, "ann", acc=0.70)
+  for name, (t, acc, e) in FIXED.items():
+    _write_run(root, name, T=t, acc=acc, energy=e)
+  # 'skip': active = simulated steps. Two seeds of cost 0.03 (spread 0.5 pts: the largest).
+  _write_run(root, "learned_skip_0.03", semantics="skip", acc=0.630, T_avg=2.0, energy=0.20)
+  _write_run(root, "learned_skip_0.03_seed1", semantics="skip", acc=0.625, T_avg=2.0, energy=0.19)
+  # 'filter': simulated > active. Cost 0.1 lies below fixed T=1 in simulated steps.
+  _write_run(root, "learned_filter_0.03", semantics="filter", acc=0.605, T_avg=1.5, T_sim=3.0, energy=0.26)
+  _write_run(root, "learned_filter_0.1", semantics="filter", acc=0.560, T_avg=0.5, T_sim=0.75, energy=0.12,
+             cost=0.1)
+  _write_run(root, "learned_skip_0.01", semantics="skip", acc=0.6, summary=False, cost=0.01)   # started
+  return root
+
+
+@pytest.fixture
+def synthetic_root(tmp_path):
+  return write_synthetic_sweep(str(tmp_path / "runs"))
+
+
+def test_analysis_of_a_synthetic_sweep(synthetic_root):
+  root = synthetic_root
+  all_runs = list(sweep.runs())
+  out = sweep.analyse(root, all_runs, report=False)
+  rows = {r["name"]: r for r in out["rows"]}
+  assert set(rows) == {"ann", *FIXED, "learned_skip_0.03", "learned_skip_0.03_seed1", "learned_filter_0.03",
+                       "learned_filter_0.1"}
+  f = rows["learned_filter_0.03"]
+  assert (f["semantics"], f["seed"], f["kind"], f["T_avg"], f["T_sim"], f["cost"]) == ("filter", 0, "learned", 1.5,
+                                                                                        3.0, 0.03)
+  assert f["per_module"]["blocks_0/mlp"] == 1.5 and f["per_module_sim"]["blocks_0/mlp"] == 3.0
+  assert (rows["fixed_T3_seed1"]["seed"], rows["fixed_T3_seed1"]["semantics"], rows["fixed_T3_seed1"]["T_sim"]) == (
+      1, None, 3.0)
+
+  # Pending: every run without a summary; a workdir without one is 'started'.
+  pending = {p["name"]: p["state"] for p in out["pending"]}
+  assert pending["learned_skip_0.01"] == "started" and pending["learned_filter_op_0.03"] == "not started"
+  assert len(pending) == len(all_runs) - len(rows)
+
+  # The fixed-T curve: the mean over seeds at each T, with the spread.
+  curve = {c["T"]: c for c in out["fixed_curve"]}
+  assert curve[2]["accuracy"] == pytest.approx(0.602) and curve[2]["spread"] == pytest.approx(0.004)
+  assert curve[1]["spread"] is None and curve[3]["runs"] == ["fixed_T3", "fixed_T3_seed1"]
+
+  # Seed spread: |acc difference| per pair; the largest (learned_skip_0.03, 0.5 pts) is the threshold.
+  spreads = {q["base"]: q["spread"] for q in out["seed_pairs"]}
+  assert spreads == {"fixed_T2": pytest.approx(0.004), "fixed_T3": pytest.approx(0.003),
+                     "learned_skip_0.03": pytest.approx(0.005)}
+  assert out["noise"]["threshold"] == pytest.approx(0.005)
+  assert out["noise"]["largest_seed_spread_of"] == "learned_skip_0.03" and out["noise"]["n_test"] == 10_000
+
+  # Interpolation at SIMULATED steps (and energy), with the fixed curve's seed means; active steps labelled apart.
+  c = {x["name"]: x for x in out["comparison"]}
+  assert c["learned_skip_0.03"]["fixed_at_T_sim"] == pytest.approx(0.602)
+  assert c["learned_skip_0.03"]["gain_at_T_sim"] == pytest.approx(0.028)
+  assert c["learned_skip_0.03"]["gain_at_energy"] == pytest.approx(0.630 - (0.602 + 0.0165 * 3 / 7))
+  assert c["learned_filter_0.03"]["fixed_at_T_sim"] == pytest.approx(0.6185)    # at T_sim = 3, not T_avg = 1.5
+  assert c["learned_filter_0.03"]["gain_at_T_sim"] == pytest.approx(0.605 - 0.6185)
+  assert c["learned_filter_0.03"]["gain_at_T_avg"] == pytest.approx(0.605 - 0.576)    # positive, but not the cost
+  assert c["learned_filter_0.03"]["gain_at_energy"] == pytest.approx(0.605 - (0.6185 + 0.0115 / 3))
+  # Below fixed T=1 in simulated steps: not interpolated; its accuracy against the cheapest fixed T instead.
+  assert c["learned_filter_0.1"]["gain_at_T_sim"] is None
+  assert c["learned_filter_0.1"]["gain_at_T_sim_vs_cheapest"] == pytest.approx(0.01)
+  assert c["learned_filter_0.1"]["gain_at_energy"] == pytest.approx(0.56 - (0.55 + 0.052 * 2 / 7))
+
+  # Verdicts per semantics, at equal simulated steps and at equal energy, against the 0.5-pt seed spread.
+  assert out["judgements"] == {"skip": {"T_sim": "beat", "energy": "beat"},
+                               "filter": {"T_sim": "lose", "energy": "mixed"}}
+  text = out["verdict"]
+  assert "largest seed-to-seed spread is 0.50 pts (learned_skip_0.03" in text
+  assert "binomial standard error of a test accuracy on 10,000 images" in text
+  assert "Learned 'skip' at equal simulated steps: YES" in text
+  assert "learned_skip_0.03 +2.55 pts (seeds +2.80, +2.30) > spread" in text   # mean over the two seeds
+  assert "Learned 'filter' at equal simulated steps: NO: learned masks are worse" in text
+  # Fewer simulated steps than fixed T=1: its accuracy against T=1's instead.
+  assert "against the cheapest fixed T: learned_filter_0.1 +1.00 pts (more accurate with less work)" in text
+  assert "Learned 'filter' at equal energy: MIXED" in text and "learned_filter_0.1 -0.49 pts within spread" in text
+  assert "'filter' at equal ACTIVE steps T_avg (active steps understate what" in text
+  assert "Provisional: 6 run(s) not finished" in text
+
+  md = open(os.path.join(root, "results.md")).read()
+  assert "| T_avg (active) | T_sim (simulated) |" in md
+  assert "| learned_filter_0.03 | learned | filter | 0 | 4 | 60.50 |" in md
+  assert "b0/attn 1.5/3" in md and "learned_skip_0.01 (started)" in md
+  assert "| 2 | fixed_T2, fixed_T2_seed1 | 60.00, 60.40 | 60.20 | 0.40 |" in md
+  assert all(f"- {line}\n" in md for line in text.split("\n"))
+  assert [r["name"] for r in out["rows"]][:4] == ["ann", "fixed_T1", "fixed_T2", "fixed_T2_seed1"]
+  saved = json.load(open(os.path.join(root, "results.json")))
+  assert saved["verdict"] == text and saved["judgements"] == out["judgements"]
+  assert os.path.getsize(os.path.join(root, "accuracy_vs_steps.png")) > 10_000
+
+
+def test_verdict_without_seed_pairs_or_comparable_runs():
+  """No seed pair: the binomial SE of a difference stands in for the spread (and says so); a semantics with no
+  finished run, or none in the fixed-T range, gets no verdict; a summary without simulated steps (from before
+  they were counted) is compared at active steps only."""
+  rows = [{"kind": "fixed", "name": f"fixed_T{t}", "base": f"fixed_T{t}", "seed": 0, "T_max": t, "accuracy": a,
+           "energy_ratio": 0.1 * t, "n_test": 10_000} for t, a in ((1, 0.5), (2, 0.6), (3, 0.8), (4, 0.9))]
+  rows.append({"kind": "learned", "name": "learned_skip_0.1", "semantics": "skip", "accuracy": 0.75, "T_avg": 2.5,
+               "T_sim": 2.5, "T_sim_op": 2.0, "T_avg_op": 2.0, "energy_ratio": 0.05, "n_test": 10_000})
+  rows.append({"kind": "learned", "name": "learned_0.03", "semantics": "filter", "accuracy": 0.7, "T_avg": 2.0,
+               "T_sim": None, "energy_ratio": None, "n_test": 10_000})
   comparison = sweep.compare(rows)
-  assert [c["gain_at_T_avg"] for c in comparison] == [pytest.approx(0.05), pytest.approx(0.05)]
-  assert comparison[0]["gain_at_T_avg_op"] == pytest.approx(0.15)
-  assert comparison[1]["gain_at_T_avg_op"] == pytest.approx(-0.0)
-  assert comparison[0]["gain_at_energy"] == pytest.approx(0.75 - 0.85)   # fixed 0.8 at 0.3, 0.9 at 0.4
-  assert comparison[1]["gain_at_energy"] is None   # below the cheapest fixed T: no interpolation
-  text = sweep.verdict(comparison)
-  assert "At equal average time steps, 2 of 2 learned-mask runs beat" in text
-  assert "At equal energy, 0 of 1 learned-mask runs beat" in text
+  assert comparison[0]["gain_at_T_sim"] == pytest.approx(0.05)
+  assert comparison[0]["gain_at_T_sim_op"] == pytest.approx(0.15)
+  assert comparison[0]["gain_at_energy"] is None and comparison[0]["gain_at_energy_vs_cheapest"] == pytest.approx(0.25)
+  assert comparison[1]["gain_at_T_sim"] is None and comparison[1]["gain_at_T_avg"] == pytest.approx(0.1)
+  nz = sweep.noise(rows, [])
+  assert nz["largest_seed_spread"] is None
+  assert nz["threshold"] == pytest.approx(math.sqrt(2) * sweep.binomial_se(nz["p"], 10_000))
+  parts = sweep.verdict_parts(comparison, [], nz)
+  assert parts["judgements"] == {"skip": {"T_sim": "beat", "energy": None}, "filter": {"T_sim": None,
+                                                                                      "energy": None}}
+  assert "no seed pair has finished" in parts["text"]
+  assert "Learned 'filter' at equal simulated steps: no finished run lies within" in parts["text"]
+  assert "Learned 'skip' at equal energy: no finished run lies within" in parts["text"]
+  empty = sweep.verdict_parts([], [], nz)
+  assert empty["judgements"]["skip"] == {"T_sim": None, "energy": None}
+  assert "Learned 'skip': no run finished yet" in empty["text"]
 
 
 def test_sweep_runs_resumes_and_tabulates(tmp_path):
-  """A smoke sweep on digits: every run in its own process and workdir, the ANN twin first; a rerun runs only
-  what is missing; the table has one row per run. (The fixed-T comparison is tested above on given rows.)"""
+  """A smoke sweep on digits: every run in its own process and workdir, the ANN twin first; a rerun skips what
+  is done; the table has one row per finished run and lists the rest as pending. (The comparison with fixed T
+  is tested above on synthetic summaries.)"""
   root = str(tmp_path / "runs")
   argv = [f"--root={root}", "--extra_arg=smoke,digits", "--fixed_t=", "--costs=0.05", "--op_costs=",
           "--no_report"]
   sweep.main(argv + ["--only=ann"])
   assert sweep.is_done(root, sweep.Run("ann", "ann", from_ann=False))
-  assert not os.path.exists(os.path.join(root, "learned_0.05", "summary.json"))
-  sweep.main(argv)   # resumes: runs only what is missing
-  learned = json.load(open(os.path.join(root, "learned_0.05", "config.json")))
+  assert not os.path.exists(os.path.join(root, "learned_skip_0.05", "summary.json"))
+  sweep.main(argv + ["--only=ann,learned_skip_0.05"])   # resumes: ann is done and skipped
+  learned = json.load(open(os.path.join(root, "learned_skip_0.05", "config.json")))
   assert learned["snn"]["init_from"].endswith(os.path.join("ann", "ann", "checkpoints"))
   assert learned["snn"]["time_cost"] == 0.05 and learned["model"]["num_steps"] == recipe.T_MAX
+  assert learned["model"]["mask"]["semantics"] == "skip"
   timings = json.load(open(os.path.join(root, "timings.json")))
-  assert {k: len(v) for k, v in timings.items()} == {"ann": 1, "learned_0.05": 1}
+  assert {k: len(v) for k, v in timings.items()} == {"ann": 1, "learned_skip_0.05": 1}
   results = json.load(open(os.path.join(root, "results.json")))
   rows = {r["name"]: r for r in results["rows"]}
-  assert set(rows) == {"ann", "learned_0.05"}
-  assert 0.0 <= rows["learned_0.05"]["T_avg"] <= recipe.T_MAX
+  assert set(rows) == {"ann", "learned_skip_0.05"}
+  r = rows["learned_skip_0.05"]
+  assert r["semantics"] == "skip" and r["seed"] == 0 and r["cost_kind"] == "expected"
+  assert 0.0 <= r["T_avg"] <= recipe.T_MAX and 0.0 <= r["T_sim"] <= recipe.T_MAX
+  assert set(r["per_module"]) == set(r["per_module_sim"])
   assert all(0.0 <= rows[n]["accuracy"] <= 1.0 for n in rows)
-  assert results["comparison"][0]["fixed_at_T_avg"] is None   # no fixed-T run to compare with
+  assert [p["name"] for p in results["pending"]] == ["learned_filter_0.05"]
+  assert results["comparison"][0]["fixed_at_T_sim"] is None   # no fixed-T run to compare with
+  assert results["judgements"]["skip"] == {"T_sim": None, "energy": None}
   text = open(os.path.join(root, "results.md")).read()
-  assert "| learned_0.05 | learned | 4 |" in text and os.path.exists(os.path.join(root, "accuracy_vs_steps.png"))
+  assert "| learned_skip_0.05 | learned | skip | 0 | 4 |" in text and "learned_filter_0.05 (not started)" in text
+  assert os.path.exists(os.path.join(root, "accuracy_vs_steps.png"))
 
 
 def test_snn_run_before_the_twin_is_refused(tmp_path):
