@@ -1,11 +1,12 @@
-# dtvit: `make demo` trains the quickstart end to end; `make test` runs the test suite.
+# dtvit: `make demo` trains the quickstart end to end; `make test` runs the test suite (`make test-fast`: its
+# core, for the edit-test loop).
 # Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo report test venv clean
+.PHONY: demo report test test-fast venv clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,14 @@ report: $(STAMP)
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests
+
+# The edit-test loop: the core (neurons, masks and their accounting, energy, skipped-step inference), no
+# training runs or subprocesses.
+FAST_TESTS := tests/neurons_test.py tests/masks_test.py tests/energy_test.py tests/honesty_test.py \
+	tests/inference_test.py
+
+test-fast: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q $(FAST_TESTS)
 
 clean:
 	rm -rf workdirs

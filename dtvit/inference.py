@@ -227,10 +227,26 @@ def _module_steps_T(masks: Mapping[str, Any], T: int) -> np.ndarray:
   return np.cumsum(m, axis=1).mean(axis=0)
 
 
+def simulated_steps_by_exit(model: SpikingViT, masks: Mapping[str, Any]) -> np.ndarray:
+  """[T]: the mean over mask units of their simulated steps when a sample stops after step t, t = 1..T (the
+  accounting, `masks.step_counts`, on the masks cut to their first t steps: under 'filter' a module that is
+  cut before its last active step simulates only up to the cut)."""
+  units = models.mask_units(model)
+  T = model.num_steps
+  out = []
+  for t in range(1, T + 1):
+    cut = {u: jnp.asarray(m)[:t] for u, m in masks.items()}
+    counts = masks_lib.step_counts(cut, {u: units[u] for u in masks}, model.mask.semantics)
+    out.append(np.mean([c["simulated_steps"] for c in counts.values()]))
+  return np.asarray(out, np.float64)
+
+
 def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "confidence", *,
-                     weights_B=None, masks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-  """Sums to accumulate over batches: {'correct', 'steps', 'module_steps' (with masks), 'count'} per
-  threshold ([R] each; 'count' a scalar). weights_B: 1 for real examples, 0 for padding (default all 1)."""
+                     weights_B=None, masks: Mapping[str, Any] | None = None,
+                     simulated_T=None) -> dict[str, np.ndarray]:
+  """Sums to accumulate over batches: {'correct', 'steps', 'module_steps' (with masks), 'simulated_steps'
+  (with simulated_T, from `simulated_steps_by_exit`), 'count'} per threshold ([R] each; 'count' a scalar).
+  weights_B: 1 for real examples, 0 for padding (default all 1)."""
   steps_RB, pred_RB = exit_steps(step_logits_TBK, thresholds, criterion)
   labels_B = np.asarray(labels_B).reshape(-1)
   if labels_B.shape[0] != steps_RB.shape[1]:
@@ -241,6 +257,8 @@ def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "co
   if masks:
     per_t = _module_steps_T(masks, np.shape(step_logits_TBK)[0])
     out["module_steps"] = (per_t[steps_RB - 1] * w_B).sum(axis=1)
+  if simulated_T is not None:
+    out["simulated_steps"] = (np.asarray(simulated_T)[steps_RB - 1] * w_B).sum(axis=1)
   return out
 
 
@@ -252,6 +270,8 @@ def _summarise(thresholds, stats) -> list[dict]:
            "avg_steps": float(stats["steps"][i]) / n}
     if "module_steps" in stats:
       row["avg_module_steps"] = float(stats["module_steps"][i]) / n
+    if "simulated_steps" in stats:
+      row["avg_simulated_steps"] = float(stats["simulated_steps"][i]) / n
     rows.append(row)
   return rows
 
@@ -272,9 +292,11 @@ def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapp
                             criterion: str = "confidence", *, skip_steps: bool = True) -> list[dict]:
   """`early_exit_eval` over a dataset: batches are {'image', 'label'[, 'mask']} (as from
   `input_pipeline.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
-  steps skipped when `skip_steps` (same step logits either way)."""
+  steps skipped when `skip_steps` (same step logits either way). Rows also have 'avg_simulated_steps' (the
+  mean over mask units of their simulated steps up to each sample's exit, `simulated_steps_by_exit`)."""
   _check_early_exit_args(criterion, thresholds)
   masks = models.hard_masks(model, variables["params"])
+  simulated_T = simulated_steps_by_exit(model, masks) if masks else None
   if skip_steps:
     run_model = scheduled_model(model, make_schedule(model, variables["params"]))
   else:
@@ -287,7 +309,7 @@ def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapp
   total = None
   for batch in batches:
     stats = early_exit_stats(step_logits(jnp.asarray(batch["image"])), batch["label"], thresholds, criterion,
-                             weights_B=batch.get("mask"), masks=masks or None)
+                             weights_B=batch.get("mask"), masks=masks or None, simulated_T=simulated_T)
     total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
   if total is None:
     raise ValueError("early_exit_over_batches got no batches.")

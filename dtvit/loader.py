@@ -78,6 +78,21 @@ class Loaded:
       return None
     return sum(self.steps_per_module.values()) / len(self.steps_per_module)
 
+  @property
+  def simulated_steps_per_module(self) -> dict:
+    """{masked module: its simulated steps} (the steps whose work any output depends on, under the model's
+    `mask.semantics`; `models.step_counts`); {} for the ANN twin."""
+    if not self.steps_per_module:
+      return {}
+    from dtvit import models  # pylint: disable=g-import-not-at-top
+    return {k: c["simulated_steps"] for k, c in models.step_counts(self.model, self.variables["params"]).items()}
+
+  @property
+  def average_simulated_steps(self) -> float | None:
+    """The mean over masked modules of their simulated steps (None for the ANN twin)."""
+    sim = self.simulated_steps_per_module
+    return sum(sim.values()) / len(sim) if sim else None
+
   # -- running the model ---------------------------------------------------------------------------------------
 
   def _images(self, images):
@@ -150,7 +165,8 @@ class Loaded:
   def __repr__(self) -> str:
     m = self.model
     what = "ANN twin" if not self.is_snn else ("SNN, masks off" if not m.mask.enabled else "SNN, hard masks")
-    steps = (f", T_max={self.num_steps}, T_avg={self.average_time_steps:.2f}" if self.steps_per_module else
+    steps = (f", T_max={self.num_steps}, T_avg={self.average_time_steps:.2f}, "
+             f"simulated={self.average_simulated_steps:.2f} ({m.mask.semantics})" if self.steps_per_module else
              f", T_max={self.num_steps}" if self.is_snn else "")
     return (f"Loaded({self.workdir!r}, phase={self.phase!r}: {what}, {m.stem} stem, depth {m.depth}, dim {m.dim}"
             f"{steps})")

@@ -305,6 +305,12 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
     if not config.model.mask.enabled:  # every step of every module is simulated
       row["T_sim"] = row["T_sim"] if row["T_sim"] is not None else float(row["T_max"])
       row["T_sim_op"] = row["T_sim_op"] if row["T_sim_op"] is not None else float(row["T_max"])
+    elif row["T_sim"] is None and s.get("masks") and config.model.mask.get("granularity", "module") == "module":
+      # A summary from before simulated steps were reported ('filter' runs): from its masks, each module
+      # simulates every step up to its last active one.
+      sim = [float(np.max(np.flatnonzero(np.asarray(m)) + 1, initial=0)) for m in s["masks"].values()]
+      row["T_sim"] = float(np.mean(sim))
+      row["note"] = (row["note"] + "; " if row["note"] else "") + "T_sim from its masks ('filter')"
     totals = (s.get("energy") or {}).get("totals") or {}
     if totals:
       row.update(snn_energy_uj=totals["snn_energy_j"] * 1e6, ann_energy_uj=totals["ann_energy_j"] * 1e6,
@@ -339,7 +345,8 @@ def plot_accuracy_vs_steps(rows: Sequence[Mapping[str, Any]]):
   """Test accuracy vs average time steps for each run (see the module docstring)."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7, 5.2))
-  shown = [r for r in rows if r["accuracy"] is not None and r["T_avg"] is not None]
+  shown = [dict(r, T_x=r["T_sim"] if r.get("T_sim") is not None else r["T_avg"]) for r in rows
+           if r["accuracy"] is not None and (r.get("T_sim") is not None or r["T_avg"] is not None)]
   labelled = set()
 
   def point(x, y, label, **kw):
@@ -349,16 +356,20 @@ def plot_accuracy_vs_steps(rows: Sequence[Mapping[str, Any]]):
   for r in shown:
     acc = 100 * r["accuracy"]
     if r["masks"] == "fixed T":
-      point(r["T_avg"], acc, "fixed T (masks disabled in training)", marker="s", color=_COLORS["ann"], ms=8)
+      point(r["T_x"], acc, "fixed T (masks disabled in training)", marker="s", color=_COLORS["ann"], ms=8)
     else:
       if r["accuracy_all_steps"] is not None:
         acc_all = 100 * r["accuracy_all_steps"]
-        ax.plot([r["T_avg"], r["T_max"]], [acc, acc_all], ":", color="0.6", lw=1)
+        ax.plot([r["T_x"], r["T_max"]], [acc, acc_all], ":", color="0.6", lw=1)
         # A ring larger than the dot, so that both stay visible when the masks keep every step.
         point(r["T_max"], acc_all, "same weights, every step on (masks off)", marker="o", mfc="none",
               color=_COLORS["snn"], ms=12, mew=1.5)
-      point(r["T_avg"], acc, "learned time steps (hard masks)", marker="o", color=_COLORS["snn"], ms=7, zorder=3)
-    ax.annotate(r["name"], (r["T_avg"], acc), textcoords="offset points", xytext=(6, 6), fontsize=8)
+      if r["T_avg"] is not None and r["T_avg"] != r["T_x"]:  # active steps short of simulated ones ('filter')
+        ax.plot([r["T_avg"], r["T_x"]], [acc, acc], "-", color=_COLORS["snn"], lw=1, alpha=0.5)
+        point(r["T_avg"], acc, "its active steps (T_avg), where they differ", marker="|", color=_COLORS["snn"],
+              ms=10, mew=1.5)
+      point(r["T_x"], acc, "learned time steps (hard masks)", marker="o", color=_COLORS["snn"], ms=7, zorder=3)
+    ax.annotate(r["name"], (r["T_x"], acc), textcoords="offset points", xytext=(6, 6), fontsize=8)
   anns = [r for r in rows if r["ann_accuracy"] is not None]
   if anns:
     ax.axhline(100 * anns[0]["ann_accuracy"], color="0.3", ls="--", lw=1,
@@ -366,9 +377,9 @@ def plot_accuracy_vs_steps(rows: Sequence[Mapping[str, Any]]):
   t_max = max([r["T_max"] for r in rows if r["T_max"]] or [1])
   ax.set_xlim(0, t_max + 0.5)
   ax.set_xticks(range(0, t_max + 1))
-  ax.set_xlabel("average time steps T_avg (mean active steps per masked module)")
+  ax.set_xlabel("average simulated time steps (mean per masked module of the steps its work is needed at)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title("Accuracy vs average time steps" + (f" ({len(shown)} runs)" if len(shown) > 1 else ""))
+  ax.set_title("Accuracy vs average simulated time steps" + (f" ({len(shown)} runs)" if len(shown) > 1 else ""))
   ax.grid(alpha=0.3)
   ys = [100 * r[k] for r in rows for k in ("accuracy", "accuracy_all_steps", "ann_accuracy") if r[k] is not None]
   if ys:
@@ -385,20 +396,29 @@ def plot_accuracy_vs_steps(rows: Sequence[Mapping[str, Any]]):
   return fig
 
 
-def plot_time_steps(steps_per_module: Mapping[str, float], masks: Mapping[str, Any], num_steps: int):
-  """Bar chart of each masked module's learned active steps, its mask pattern written above the bar."""
+def plot_time_steps(steps_per_module: Mapping[str, float], masks: Mapping[str, Any], num_steps: int,
+                    simulated: Mapping[str, float] | None = None):
+  """Bar chart of each masked module's learned active steps (and, as a light bar behind it, its simulated
+  steps), its mask pattern written above the bar."""
   plt = _plt()
   names = list(steps_per_module)
   fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(names) + 2), 5.0))
   kinds = [n.rpartition("/")[2] if n.rpartition("/")[2] in ("attn", "mlp") else "other" for n in names]
   x = np.arange(len(names))
+  if simulated:
+    ax.bar(x, [simulated[n] for n in names], color="0.85", edgecolor="0.5", width=0.75,
+           label="simulated steps (work needed)")
   ax.bar(x, [steps_per_module[n] for n in names], color=[_COLORS[k] for k in kinds], width=0.6)
   for i, n in enumerate(names):
     pattern = "".join(str(int(v)) for v in np.asarray(masks[n]).reshape(-1))
-    ax.text(i, steps_per_module[n] + 0.08, pattern, ha="center", va="bottom", fontsize=8, family="monospace")
+    top = max(steps_per_module[n], simulated[n] if simulated else 0.0)
+    ax.text(i, top + 0.08, pattern, ha="center", va="bottom", fontsize=8, family="monospace")
   t_avg = float(np.mean(list(steps_per_module.values()))) if names else 0.0
-  ax.axhline(num_steps, color="0.3", ls="--", lw=1, label=f"T_max = {num_steps} (simulated steps)")
-  ax.axhline(t_avg, color="0.3", ls=":", lw=1, label=f"T_avg = {t_avg:.2f} (mean over modules)")
+  ax.axhline(num_steps, color="0.3", ls="--", lw=1, label=f"T_max = {num_steps}")
+  ax.axhline(t_avg, color="0.3", ls=":", lw=1, label=f"T_avg = {t_avg:.2f} (mean active steps over modules)")
+  if simulated:
+    t_sim = float(np.mean([simulated[n] for n in names])) if names else 0.0
+    ax.axhline(t_sim, color="0.5", ls="-.", lw=1, label=f"mean simulated steps = {t_sim:.2f}")
   for kind in ("attn", "mlp", "other"):
     if kind in kinds:
       ax.bar([0], [0], color=_COLORS[kind], label={"attn": "self-attention", "mlp": "MLP", "other": "other"}[kind])
@@ -554,7 +574,10 @@ def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criter
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True, layout="constrained")
   acc = [100 * r["accuracy"] for r in rows]
   panels = [("avg_steps", "steps run per image (mean)", "Early exit: accuracy vs latency"),
-            ("avg_module_steps", "T_avg up to the exit step (mean active steps per module)",
+            ("avg_simulated_steps" if all("avg_simulated_steps" in r for r in rows) else "avg_module_steps",
+             "simulated steps up to the exit step (mean per masked module)"
+             if all("avg_simulated_steps" in r for r in rows) else
+             "T_avg up to the exit step (mean active steps per module)",
              "Early exit: accuracy vs module time steps")]
   full = [r for r in rows if r["threshold"] == (1.0 if criterion == "confidence" else 0.0)]
   thr = [r["threshold"] for r in rows]
@@ -594,12 +617,14 @@ def _fmt(v, spec: str = ".2f", scale: float = 1.0) -> str:
 
 
 def _runs_table(rows) -> list[str]:
-  lines = ["| run | masks | T_max | T_avg | T_avg (op-weighted) | SNN acc. (%) | every step on (%) | ANN acc. (%) "
+  lines = ["| run | masks | masked steps | T_max | T_avg (active) | simulated steps | T_avg (op-weighted) "
+           "| SNN acc. (%) | every step on (%) | ANN acc. (%) "
            "| SNN energy (uJ/img) | ANN energy (uJ/img) | SNN / ANN energy | notes |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['name']} | {r['masks'] or '-'} | {r['T_max'] or '-'} "
-                 f"| {_fmt(r['T_avg'])} | {_fmt(r['T_avg_op'])} | {_fmt(r['accuracy'], '.2f', 100)} "
+    lines.append(f"| {r['name']} | {r['masks'] or '-'} | {r.get('semantics') or '-'} | {r['T_max'] or '-'} "
+                 f"| {_fmt(r['T_avg'])} | {_fmt(r.get('T_sim'))} | {_fmt(r['T_avg_op'])} "
+                 f"| {_fmt(r['accuracy'], '.2f', 100)} "
                  f"| {_fmt(r['accuracy_all_steps'], '.2f', 100)} | {_fmt(r['ann_accuracy'], '.2f', 100)} "
                  f"| {_fmt(r['snn_energy_uj'], '.4g')} | {_fmt(r['ann_energy_uj'], '.4g')} "
                  f"| {_fmt(r['energy_ratio'], '.3f')} | {r['note']} |")
@@ -647,7 +672,8 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
         + (f" by `{command}`" if command else "") + ".", "",
         "Workdirs: " + ", ".join(f"`{w}`" for w in result["workdirs"]) + ".", "",
         "## Runs", "",
-        "From each run's `summary.json` (test split). T_avg: mean over masked modules of their active steps "
+        "From each run's `summary.json` (test split). Simulated steps: mean over masked modules of the steps whose "
+        "work any output depends on (the x axis of the plot). T_avg: mean over masked modules of their active steps "
         "(the paper's average time steps); op-weighted: weighted by each module's per-step operations. "
         "\"every step on\": the same weights evaluated with masks off (all T_max steps). Energy per image "
         "(`dtvit.energy`, E_MAC = 4.6 pJ, E_AC = 0.9 pJ).", ""]
@@ -670,12 +696,18 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
 
   if snn is not None:
     T = snn.num_steps
+    sim = snn.simulated_steps_per_module
     result["primary"] = {"phase": snn.phase, "T_max": T, "steps_per_module": snn.steps_per_module,
+                         "simulated_steps_per_module": sim, "mask_semantics": snn.model.mask.semantics,
                          "masks": {k: v.astype(int).tolist() for k, v in snn.masks.items()},
-                         "average_time_steps": snn.average_time_steps}
-    result["plots"]["time_steps"] = _save(plot_time_steps(snn.steps_per_module, snn.masks, T), out, "time_steps")
+                         "average_time_steps": snn.average_time_steps,
+                         "average_simulated_steps": snn.average_simulated_steps}
+    result["plots"]["time_steps"] = _save(plot_time_steps(snn.steps_per_module, snn.masks, T, sim), out,
+                                          "time_steps")
     md += [f"## {rows[0]['name']}: learned time steps ({snn.phase} phase)", "",
-           f"T_max = {T} simulated steps; T_avg = {snn.average_time_steps:.2f}. The digits above each bar are the "
+           f"T_max = {T}; masked steps '{snn.model.mask.semantics}'; T_avg = {snn.average_time_steps:.2f} active "
+           f"steps, {snn.average_simulated_steps:.2f} simulated (the steps whose work any output depends on). "
+           f"The digits above each bar are the "
            f"module's hard mask over steps 1..{T} (1 = the module emits spikes at that step)."
            + ("" if snn.config.model.mask.enabled else " Masks are disabled in this run: every step is on."), "",
            "![time steps](time_steps.png)", ""]
@@ -736,11 +768,12 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
            "run in order and an image stops once its accumulated output is confident. 'steps run' is the mean "
            "number of steps per image (latency); 'T_avg to exit' counts each masked module's active steps up "
            f"to the exit step, averaged over modules (the paper's T_avg; {snn.average_time_steps:.2f} without "
-           "exit).", "", "![early exit](early_exit.png)", "",
-           "| threshold | accuracy (%) | steps run | T_avg to exit |", "|---|---|---|---|"]
+           "exit); 'simulated to exit' counts the steps whose work is needed up to the exit step "
+           f"({snn.average_simulated_steps:.2f} without exit).", "", "![early exit](early_exit.png)", "",
+           "| threshold | accuracy (%) | steps run | T_avg to exit | simulated to exit |", "|---|---|---|---|---|"]
     for r in ee:
       md.append(f"| {r['threshold']:g} | {100 * r['accuracy']:.2f} | {r['avg_steps']:.2f} "
-                f"| {_fmt(r.get('avg_module_steps'))} |")
+                f"| {_fmt(r.get('avg_module_steps'))} | {_fmt(r.get('avg_simulated_steps'))} |")
     md.append("")
 
   with open(os.path.join(out, "report.md"), "w") as f:

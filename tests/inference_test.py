@@ -288,3 +288,17 @@ def test_early_exit_rejects_bad_input():
     inference.early_exit_eval(x, [0, 1, 2], [0.5])
   with pytest.raises(ValueError, match="2 classes"):
     inference.early_exit_eval(jnp.zeros((T, 2, 1)), [0, 0], [0.5], "entropy")
+
+
+def test_simulated_steps_up_to_the_exit_follow_the_semantics():
+  masks = {"blocks_0/attn": jnp.array([0.0, 1.0, 0.0, 1.0]), "blocks_0/mlp": jnp.array([1.0, 0.0, 0.0, 0.0])}
+  # 'filter': a module cut after step t simulates up to its last active step within the first t.
+  np.testing.assert_allclose(inference.simulated_steps_by_exit(tiny(semantics="filter"), masks),
+                             [0.5, 1.5, 1.5, 2.5])
+  # 'skip': its active steps within the first t.
+  np.testing.assert_allclose(inference.simulated_steps_by_exit(tiny(semantics="skip"), masks), [0.5, 1.0, 1.0, 1.5])
+  rows = inference.early_exit_eval(jnp.zeros((T, 2, 3)), np.array([0, 1]), [1.0], masks=masks)
+  assert rows[0]["avg_module_steps"] == 1.5 and "avg_simulated_steps" not in rows[0]
+  stats = inference.early_exit_stats(jnp.zeros((T, 2, 3)), np.array([0, 1]), [1.0], masks=masks,
+                                     simulated_T=[0.5, 1.5, 1.5, 2.5])
+  assert stats["simulated_steps"][0] == 2 * 2.5  # both samples run all T steps
