@@ -75,18 +75,30 @@ def hard_mask(scores_T: jax.Array, *, monotone: bool = False) -> jax.Array:
 
 
 def expected_steps(scores_T: jax.Array, *, temperature: jax.Array | float = 1.0,
-                   monotone: bool = False) -> jax.Array:
-  """Differentiable expected number of active steps of one module: sum_t sigmoid(s[t] / temperature)."""
+                   monotone: bool = False, semantics: str = "skip") -> jax.Array:
+  """Differentiable expected number of steps one module costs, with each step on with p[t] = sigmoid(s[t] / T):
+  'skip': its active steps, sum_t p[t]; 'filter': its simulated steps (every step up to the last active one),
+  sum_t (1 - prod_{k >= t} (1 - p[k])), the probability that some step at or after t is active."""
+  check_semantics(semantics)
   p_T = jax.nn.sigmoid(scores_T / temperature)
   if monotone:
     p_T = jnp.cumprod(p_T)
+  if semantics == "filter":
+    none_after_T = jnp.flip(jnp.cumprod(jnp.flip(1.0 - p_T)))
+    return jnp.sum(1.0 - none_after_T)
   return jnp.sum(p_T)
 
 
 def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
                    op_weights: Mapping[str, float] | None = None, target: float | None = None,
-                   temperature: jax.Array | float = 1.0, monotone: bool = False) -> jax.Array:
+                   temperature: jax.Array | float = 1.0, monotone: bool = False,
+                   semantics: str = "skip") -> jax.Array:
   """The time-step cost added to the loss (before its weight lambda_T).
+
+  The steps it counts are the steps a module costs under `semantics` (`expected_steps`): its active steps under
+  'skip', its simulated steps (up to the last active one) under 'filter', so that training lowers the work the
+  accounting reports. (With granularity 'layer' each neuron's own mask is counted; the steps its consumers
+  make free are not.)
 
   Args:
     scores: module name -> scores [T].
@@ -100,7 +112,8 @@ def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
   if not scores:
     return jnp.zeros(())
   names = sorted(scores)
-  steps = jnp.stack([expected_steps(scores[n], temperature=temperature, monotone=monotone) for n in names])
+  steps = jnp.stack([expected_steps(scores[n], temperature=temperature, monotone=monotone, semantics=semantics)
+                     for n in names])
   if kind == "expected":
     return jnp.mean(steps)
   if kind == "op_weighted":

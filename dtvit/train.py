@@ -109,7 +109,8 @@ def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None):
     if use_cost:
       cost = masks_lib.time_step_cost(models.active_scores(model, params), kind=pc.cost_kind,
                                       op_weights=op_weights, target=pc.target_steps or None,
-                                      temperature=temperature, monotone=model.mask.monotone)
+                                      temperature=temperature, monotone=model.mask.monotone,
+                                      semantics=model.mask.semantics)
     loss = ce + pc.time_cost * cost
     return loss, (ce, cost, logits, new_bs)
 

@@ -72,3 +72,21 @@ def test_bad_arguments():
     masks.time_step_cost({"a": SCORES}, kind="hinge")
   with pytest.raises(ValueError, match="missing: \\['a'\\]"):
     masks.time_step_cost({"a": SCORES}, kind="op_weighted", op_weights={})
+
+
+def test_the_cost_counts_the_steps_each_semantics_costs():
+  s = jnp.array([-30.0, 30.0, -30.0, -30.0])  # hard: only step 1 on
+  assert float(masks.expected_steps(s, semantics="skip")) == pytest.approx(1.0, abs=1e-6)
+  assert float(masks.expected_steps(s, semantics="filter")) == pytest.approx(2.0, abs=1e-6)  # steps 0 and 1
+  # Soft: 'filter' counts P(some step at or after t is on) = 1 - prod_{k >= t} (1 - p[k]).
+  p = np.array([0.2, 0.7, 0.1, 0.4])
+  sc = jnp.asarray(np.log(p / (1 - p)), jnp.float32)
+  want = sum(1 - np.prod(1 - p[t:]) for t in range(4))
+  assert float(masks.expected_steps(sc, semantics="filter")) == pytest.approx(want, rel=1e-5)
+  assert float(masks.time_step_cost({"a": sc}, semantics="filter")) == pytest.approx(want, rel=1e-5)
+  # Moving an active step earlier lowers the 'filter' cost, not the 'skip' cost.
+  late, early = jnp.array([-9.0, -9.0, -9.0, 9.0]), jnp.array([9.0, -9.0, -9.0, -9.0])
+  assert float(masks.expected_steps(early, semantics="filter")) < float(masks.expected_steps(late, semantics="filter"))
+  assert float(masks.expected_steps(early)) == pytest.approx(float(masks.expected_steps(late)), rel=1e-6)
+  with pytest.raises(ValueError, match="semantics"):
+    masks.expected_steps(s, semantics="drop")
