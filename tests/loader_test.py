@@ -105,7 +105,9 @@ def test_call_apply_inference_fn_agree(run_dir, snn):
   assert set(aux["block_outputs"]) == {"blocks_0"}
   fast, schedule = run.inference_fn()
   np.testing.assert_allclose(np.asarray(fast(images)), logits, rtol=1e-5, atol=1e-5)
-  assert schedule == {k: (int(np.flatnonzero(m)[-1]) + 1 if m.any() else 0) for k, m in run.masks.items()}
+  # Under 'skip' (the default) each module runs exactly its active steps.
+  assert run.model.mask.semantics == "skip"
+  assert schedule == {k: tuple(int(t) for t in np.flatnonzero(m)) for k, m in run.masks.items()}
   np.testing.assert_array_equal(run.predict(images), logits.argmax(-1))
   # The ANN twin of the same variables is another function of the images.
   twin = run.variant(phase="ann")

@@ -97,7 +97,8 @@ def test_report_command_on_a_sweep(run_dir, tmp_path):
   assert main_row["T_avg"] == snn["average_time_steps"]
   assert main_row["snn_energy_uj"] == pytest.approx(snn["energy"]["totals"]["snn_energy_j"] * 1e6)
   assert fixed_row["masks"] == "fixed T" and fixed_row["accuracy"] == 0.125 and fixed_row["energy_ratio"] == 0.5
-  assert f"| {fixed_row['name']} | fixed T | 3 | 3.00 | 3.00 | 12.50 | - | 25.00 | 2 | 4 | 0.500 |  |" in md
+  # Masks off: no semantics, and every step simulated (T_avg = simulated steps = T).
+  assert f"| {fixed_row['name']} | fixed T | - | 3 | 3.00 | 3.00 | 3.00 | 12.50 | - | 25.00 | 2 | 4 | 0.500 |  |" in md
 
   assert result["primary"]["steps_per_module"] == snn["per_module_time_steps"]
   rows = {r["threshold"]: r for r in result["early_exit"]["rows"]}
