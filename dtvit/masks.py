@@ -127,29 +127,6 @@ def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
   return jnp.maximum(0.0, jnp.mean(steps) - target)
 
 
-def steps_per_module(masks: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Active steps of each module: sum_t m[t]."""
-  return {n: jnp.sum(m) for n, m in masks.items()}
-
-
-def average_steps(masks: Mapping[str, jax.Array]) -> jax.Array:
-  """T_avg: the mean over masked modules of their active steps (the paper's 'average time steps')."""
-  if not masks:
-    raise ValueError("average_steps needs at least one masked module.")
-  return jnp.mean(jnp.stack([jnp.sum(m) for m in masks.values()]))
-
-
-def op_weighted_average_steps(masks: Mapping[str, jax.Array], op_weights: Mapping[str, float]) -> jax.Array:
-  """The op-weighted mean over modules of their active steps: sum_l w_l T_l / sum_l w_l."""
-  names = sorted(masks)
-  missing = [n for n in names if n not in op_weights]
-  if missing:
-    raise ValueError(f"No op count for masked modules {missing}.")
-  w = jnp.asarray([float(op_weights[n]) for n in names])
-  t = jnp.stack([jnp.sum(masks[n]) for n in names])
-  return jnp.sum(w * t) / jnp.sum(w)
-
-
 def binary(mask_T: jax.Array) -> jax.Array:
   """1 where a mask is on (> 0), 0 elsewhere, float32 without gradient: [T] -> [T]."""
   return (jax.lax.stop_gradient(jnp.asarray(mask_T)) > 0).astype(jnp.float32)

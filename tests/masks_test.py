@@ -59,8 +59,8 @@ def test_costs_and_averages():
   g = jax.grad(lambda s: masks.time_step_cost(s))(scores)
   assert all(np.all(np.asarray(v) > 0) for v in g.values())
   hard = {k: masks.hard_mask(v) for k, v in {"a": jnp.array([1.0, 1.0, -1.0]), "b": jnp.array([1.0, -1, -1])}.items()}
-  assert float(masks.average_steps(hard)) == 1.5
-  assert float(masks.op_weighted_average_steps(hard, {"a": 3.0, "b": 1.0})) == pytest.approx(7 / 4)
+  counts = masks.step_counts(hard, {"a": (masks.OUTPUT,), "b": (masks.OUTPUT,)}, "skip")
+  assert [counts[k]["active_steps"] for k in "ab"] == [2.0, 1.0]
 
 
 def test_bad_arguments():
