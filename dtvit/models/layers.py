@@ -342,11 +342,21 @@ class SpikingModule(nn.Module):
     if run is None or len(run) == self.num_steps:
       return y
     b = y.shape[0] // len(run)
-    if self._prefix() is not None:
-      return jnp.concatenate([y, jnp.zeros(((self.num_steps - len(run)) * b,) + y.shape[1:], y.dtype)])
-    out = jnp.zeros((self.num_steps, b) + y.shape[1:], y.dtype)
-    out = out.at[np.asarray(run)].set(y.reshape((len(run), b) + y.shape[1:]))
-    return out.reshape((-1,) + y.shape[1:])
+    zeros = lambda steps: jnp.zeros((steps * b,) + y.shape[1:], y.dtype)
+    # Contiguous pieces of y and zero blocks for the gaps, concatenated: a scatter (`.at[].set`) into a zero
+    # [T_max*B, ...] buffer measured ~25% slower on XLA:CPU (experiments/inference_benchmark/).
+    pieces, t, i = [], 0, 0
+    while i < len(run):
+      j = i
+      while j + 1 < len(run) and run[j + 1] == run[j] + 1:
+        j += 1
+      if run[i] > t:
+        pieces.append(zeros(run[i] - t))
+      pieces.append(y[i * b:(j + 1) * b])
+      t, i = run[j] + 1, j + 1
+    if t < self.num_steps:
+      pieces.append(zeros(self.num_steps - t))
+    return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
   def skipped_output(self, images_BHWC, downsampling: int):
     """A stem's output when scheduled out (every step masked): zero tokens [T_max*B, N, dim]."""
