@@ -214,14 +214,14 @@ def multistep(
     xs = None
     u0 = jnp.full(current_TX.shape, init_membrane, membrane_dtype) * threshold
   T = num_steps if num_steps is not None else current_TX.shape[0]
-  step_mask_T = _check_step_mask(step_mask_T, T)
+  step_mask_T = check_step_mask(step_mask_T, T)
   _, (spikes_TX, membrane_TX) = jax.lax.scan(body, u0, (xs, step_mask_T), length=T, unroll=unroll)
   if return_membrane:
     return spikes_TX, membrane_TX
   return spikes_TX
 
 
-def _check_step_mask(step_mask_T, num_steps: int):
+def check_step_mask(step_mask_T, num_steps: int):
   if step_mask_T is None:
     return None
   step_mask_T = jnp.asarray(step_mask_T)

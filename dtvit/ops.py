@@ -287,7 +287,7 @@ def lif_multistep(current_TX, *, num_steps=None, neuron="lif", leak=1.0, thresho
   static = num_steps is not None
   T = int(num_steps) if static else current_TX.shape[0]
   masked = step_mask_T is not None
-  mask_T = (neurons_lib._check_step_mask(step_mask_T, T).astype(jnp.float32) if masked  # pylint: disable=protected-access
+  mask_T = (neurons_lib.check_step_mask(step_mask_T, T).astype(jnp.float32) if masked
             else jnp.zeros((0,), jnp.float32))
   cfg = (T, static, neuron, float(tau), surrogate, alpha, reset, bool(detach_reset), jnp.dtype(membrane_dtype),
          float(init_membrane), surrogate_input, masked)

@@ -266,7 +266,8 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
   rows = []
   for name, wd in zip(names, workdirs):
     row = {"name": name, "workdir": os.path.abspath(wd), "phase": None, "masks": None, "semantics": None,
-           "T_max": None, "T_avg": None, "T_avg_op": None, "T_sim": None, "T_sim_op": None, "accuracy": None, "accuracy_all_steps": None, "ann_accuracy": None,
+           "T_max": None, "T_avg": None, "T_avg_op": None, "T_sim": None, "T_sim_op": None, "accuracy": None,
+           "accuracy_all_steps": None, "ann_accuracy": None,
            "snn_energy_uj": None, "ann_energy_uj": None, "energy_ratio": None, "note": ""}
     try:
       config = loader.read_config(wd)

@@ -15,8 +15,8 @@ those steps only, and its synaptic layers' input rates are counted at those step
 
 Side outputs go to the 'aux' collection (collected by `dtvit.models.apply_model`): masks, work masks, per-step
 spike rates of each neuron, per-step input event rates of each synaptic layer (already multiplied by the work
-mask of the unit it feeds: zero at the steps whose work nothing depends on), per-step logits. Static per-layer op counts are recorded at trace time through
-`record_ops` (see `dtvit.energy`).
+mask of the unit it feeds: zero at the steps whose work nothing depends on), per-step logits. Static per-layer
+op counts are recorded at trace time through `record_ops` (see `dtvit.energy`).
 """
 
 from __future__ import annotations
