@@ -123,3 +123,22 @@ def test_if_rate_approaches_clipped_relu():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     neurons.multistep(jnp.ones((3, 2)), **kwargs)
+
+
+@pytest.mark.parametrize("neuron", ["lif", "if", "spikformer"])
+def test_a_skip_masked_step_does_not_exist_for_the_neuron(neuron):
+  """With mask [1, 0, 0, 1, 1] the neuron's spikes at the active steps equal those of a run over the active
+  steps' inputs alone (membrane held: no leak, no charge at masked steps), and it emits nothing at masked steps;
+  the inputs at masked steps change nothing."""
+  x = 1.2 * jax.random.normal(jax.random.key(2), (5, 3, 16)) + 0.4
+  m = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0])
+  kw = dict(neuron=neuron, leak=0.7, threshold=0.8, init_membrane=0.5)
+  masked = neurons.multistep(x, step_mask_T=m, **kw)
+  alone = neurons.multistep(x[jnp.array([0, 3, 4])], **kw)
+  np.testing.assert_array_equal(masked[jnp.array([0, 3, 4])], alone)
+  np.testing.assert_array_equal(masked[1:3], 0.0)
+  noisy = x.at[1:3].add(5.0 * jax.random.normal(jax.random.key(3), (2, 3, 16)))
+  np.testing.assert_array_equal(neurons.multistep(noisy, step_mask_T=m, **kw), masked)
+  assert float(jnp.sum(alone)) > 0
+  with pytest.raises(ValueError, match="one value per time step"):
+    neurons.multistep(x, step_mask_T=jnp.ones(4), **kw)
