@@ -1,7 +1,7 @@
-"""Learned time-step masks in pure JAX: scores -> binary per-step masks, the time-step cost, step averages.
+"""Learned time-step masks in pure JAX: scores -> binary per-step masks, the time-step cost, step counts.
 
-Each masked module l owns scores s_l in R^{T_max} (ordinary parameters). Its mask m_l[t] in {0, 1} multiplies
-the spikes its LIF layers emit at step t, so the module learns how many steps it needs.
+Each masked module l owns scores s_l in R^{T_max} (ordinary parameters). Its mask m_l[t] in {0, 1} switches step
+t of its LIF layers on or off (how, `semantics` below says), so the module learns how many steps it needs.
 
 Modes (see ../shared/PAPER.md, "The time-step mask"):
 - 'ste' (default): forward m = 1[s > 0] exactly; backward dm/ds = sigmoid'(s / temperature) / temperature.
@@ -24,7 +24,11 @@ work some output depends on. Its spikes at step t matter if the unit is active a
 spikes works at t (a module's output neurons feed the residual stream, which the head reads at every step).
 Then under 'skip' the unit works at its active steps at or before its last mattering emission, and under
 'filter' at every step at or before it. Synaptic layers feeding a unit, and its batch norm statistics, do
-work exactly at the unit's working steps; the SOPs count nothing else (see `dtvit.energy`).
+work exactly at the unit's working steps; the SOPs count nothing else (see `dtvit.energy`). A consumer may
+receive the product of several units' spikes (attention: Q K^T V), which is 0 where any of them is inactive.
+
+The time-step cost (`time_step_cost`) counts what each semantics costs: expected active steps under 'skip',
+expected simulated steps (up to the last active one) under 'filter'.
 """
 
 from __future__ import annotations
