@@ -68,6 +68,7 @@ import numpy as np
 from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models import layers
+from dtvit.models import paths
 
 E_MAC = 4.6e-12  # J per 32-bit float multiply-accumulate, 45 nm (Horowitz, ISSCC 2014)
 E_AC = 0.9e-12   # J per 32-bit float accumulate
@@ -215,12 +216,12 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
   rates, sources = {}, {}
   for p in rate_layers:
     rates[p], sources[p] = _rate(aux["input_rates"][p], f"layer {p!r}", T), f"input_rates[{p!r}]"
-  for m, paths in attn_layers.items():
+  for m, products in attn_layers.items():
     pair = aux["attention_rates"][m]
-    if not isinstance(pair, (tuple, list)) or len(pair) != len(paths):
-      raise ValueError(f"attention_rates[{m!r}] must hold {len(paths)} rates (one per attention product "
-                       f"{paths}), got {pair!r}.")
-    for i, p in enumerate(paths):
+    if not isinstance(pair, (tuple, list)) or len(pair) != len(products):
+      raise ValueError(f"attention_rates[{m!r}] must hold {len(products)} rates (one per attention product "
+                       f"{products}), got {pair!r}.")
+    for i, p in enumerate(products):
       rates[p] = _rate(pair[i], f"attention product {p!r} (attention_rates[{m!r}][{i}])", T)
       sources[p] = f"attention_rates[{m!r}][{i}]"
 
@@ -233,7 +234,7 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
     if given_masks:
       raise ValueError(f"aux has masks {sorted(given_masks)} but the model's masks are disabled.")
     mask_T = {m: np.ones(T) for m in masked}
-  units = layers.mask_units(model)
+  units = paths.mask_units(model)
   counts_per_unit = masks_lib.step_counts({m: jnp.asarray(v) for m, v in mask_T.items()},
                                           {m: units[m] for m in masked}, model.mask.semantics)
   given_work = aux.get("work") or {}

@@ -45,6 +45,7 @@ import numpy as np
 
 from dtvit import masks as masks_lib
 from dtvit import models
+from dtvit.models import paths
 from dtvit.models.layers import SpikingViT
 
 CRITERIA = ("confidence", "entropy")
@@ -63,14 +64,14 @@ def schedule_from_masks(model: SpikingViT, masks: Mapping[str, Any]) -> dict[str
   """{masked module path: the sorted step indices it runs} from hard masks {unit: [T]} as returned by
   `models.hard_masks` (modules for granularity 'module', neurons for 'layer'): the steps at which any of the
   module's units works (`masks.work_masks` under the model's semantics)."""
-  units = models.mask_units(model)
+  units = paths.mask_units(model)
   unknown = sorted(set(masks) - set(units))
   if unknown:
     raise ValueError(f"No mask unit {unknown} in this model; its units are {sorted(units)}.")
   work = masks_lib.work_masks({u: jnp.asarray(m) for u, m in masks.items()}, {u: units[u] for u in masks},
                               model.mask.semantics)
   by_module: dict[str, np.ndarray] = {}
-  modules = models.masked_modules(model)
+  modules = paths.masked_modules(model)
   for unit, w in work.items():
     module = unit if unit in modules else unit.rpartition("/")[0]
     w = np.asarray(w) > 0
@@ -231,7 +232,7 @@ def simulated_steps_by_exit(model: SpikingViT, masks: Mapping[str, Any]) -> np.n
   """[T]: the mean over mask units of their simulated steps when a sample stops after step t, t = 1..T (the
   accounting, `masks.step_counts`, on the masks cut to their first t steps: under 'filter' a module that is
   cut before its last active step simulates only up to the cut)."""
-  units = models.mask_units(model)
+  units = paths.mask_units(model)
   T = model.num_steps
   out = []
   for t in range(1, T + 1):

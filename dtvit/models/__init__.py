@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from dtvit import masks as masks_lib
-from dtvit.models.layers import (MaskConfig, NeuronConfig, SpikingViT, mask_units, masked_modules,  # noqa: F401
-                                 record_ops)
+from dtvit.models import paths
+from dtvit.models.layers import MaskConfig, NeuronConfig, SpikingViT, record_ops  # noqa: F401
 from dtvit.models.spikformer import spikformer
 from dtvit.models.vit import vit
 
@@ -93,49 +93,14 @@ def apply_model(model: SpikingViT, variables, images, *, train: bool = False, ma
   return result if len(result) > 1 else result[0]
 
 
-def _paths(tree) -> dict[tuple[str, ...], Any]:
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree) if hasattr(tree, "unfreeze") else tree)
-  return flat
-
-
 def collect_aux(aux_tree) -> dict:
-  """Flattens the 'aux' collection into name -> value dicts keyed by module path ('blocks_0/attn')."""
-  out = {"masks": {}, "work": {}, "spike_rates": {}, "input_rates": {}, "attention_rates": {},
-         "block_outputs": {}}
-  for path, value in _paths(aux_tree).items():
-    leaf, owner = path[-1], "/".join(path[:-1])
-    if leaf == "mask":
-      out["masks"][_mask_owner(owner)] = value
-    elif leaf == "work":
-      out["work"][owner] = value
-    elif leaf.endswith("_work"):
-      out["work"][f"{owner}/{leaf[:-len('_work')]}"] = value
-    elif leaf == "spike_rate":
-      out["spike_rates"][owner] = value
-    elif leaf == "input_rate":
-      out["input_rates"][owner] = value
-    elif leaf.startswith("attention_rate_"):
-      out["attention_rates"].setdefault(owner, [None, None])[int(leaf[-1]) - 1] = value
-    elif leaf == "step_logits":
-      out["step_logits"] = value
-    elif leaf == "output":
-      out["block_outputs"][owner] = value
-  out["attention_rates"] = {k: tuple(v) for k, v in out["attention_rates"].items()}
-  return out
-
-
-def _mask_owner(path: str) -> str:
-  """'blocks_0/attn/time_mask' -> 'blocks_0/attn'; 'blocks_0/attn/q_lif_mask' -> 'blocks_0/attn/q_lif'."""
-  if path.endswith("/time_mask"):
-    return path[: -len("/time_mask")]
-  if path.endswith("_mask"):
-    return path[: -len("_mask")]
-  return path
+  """Flattens the 'aux' collection (see `paths.collect_aux`)."""
+  return paths.collect_aux(aux_tree)
 
 
 def time_step_scores(params) -> dict[str, jax.Array]:
-  """Every masked module's scores: {module name: [T]}."""
-  return {_mask_owner("/".join(p[:-1])): v for p, v in _paths(params).items() if p[-1] == "time_scores"}
+  """Every mask unit's scores: {unit: [T]}."""
+  return paths.scores(params)
 
 
 def active_scores(model: SpikingViT, params) -> dict[str, jax.Array]:
@@ -143,16 +108,14 @@ def active_scores(model: SpikingViT, params) -> dict[str, jax.Array]:
   scores = time_step_scores(params)
   if not model.mask.enabled:
     return {}
-  if not model.mask.mask_stem:
-    scores = {k: v for k, v in scores.items() if not k.startswith("embedding")}
-  return scores
+  return {k: scores[k] for k in paths.used_units(model, scores)}
 
 
 def hard_masks(model: SpikingViT, params) -> dict[str, jax.Array]:
   """The binary masks the model uses at evaluation: {module: [T] in {0, 1}}. All ones when masks are off."""
   if not model.mask.enabled:
-    return {k: jnp.ones((model.num_steps,), jnp.float32) for k in time_step_scores(params)
-            if model.mask.mask_stem or not k.startswith("embedding")}
+    return {k: jnp.ones((model.num_steps,), jnp.float32)
+            for k in paths.used_units(model, time_step_scores(params))}
   return {k: masks_lib.hard_mask(v, monotone=model.mask.monotone) for k, v in active_scores(model, params).items()}
 
 
@@ -166,7 +129,7 @@ def step_counts(model: SpikingViT, params) -> dict[str, dict]:
   (`dtvit.masks.step_counts` over `layers.mask_units`): the numbers the summary, energy report and inference
   schedule all use. Units are keyed like `hard_masks`."""
   masks = hard_masks(model, params)
-  units = mask_units(model)
+  units = paths.mask_units(model)
   return masks_lib.step_counts(masks, {u: units[u] for u in masks}, model.mask.semantics)
 
 
@@ -179,18 +142,18 @@ def ann_to_snn(params, *, scale: float | Mapping[str, float] = 1.0):
 
   Returns a new params tree (the input is not modified).
   """
-  flat = _paths(params)
+  flat = flax.traverse_util.flatten_dict(params)
   if isinstance(scale, Mapping):
-    known = {"/".join(p[:-1]) for p in flat if p[-1] == "threshold"}
+    known = {paths.neuron_of_param(p) for p in flat if paths.is_threshold(p)}
     unknown = sorted(set(scale) - known)
     if unknown:
       raise ValueError(f"ann_to_snn: no neuron at {unknown}; neuron paths look like {sorted(known)[:3]}.")
   new = {}
   for path, value in flat.items():
-    if path[-1] == "threshold":
-      s = scale.get("/".join(path[:-1]), 1.0) if isinstance(scale, Mapping) else scale
+    if paths.is_threshold(path):
+      s = scale.get(paths.neuron_of_param(path), 1.0) if isinstance(scale, Mapping) else scale
       if s <= 0:
-        raise ValueError(f"ann_to_snn: threshold scale must be > 0, got {s} for {'/'.join(path[:-1])}.")
+        raise ValueError(f"ann_to_snn: threshold scale must be > 0, got {s} for {paths.neuron_of_param(path)}.")
       value = value * s
     new[path] = value
   return flax.traverse_util.unflatten_dict(new)

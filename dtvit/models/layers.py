@@ -34,6 +34,7 @@ import numpy as np
 from dtvit import masks as masks_lib
 from dtvit import neurons as neurons_lib
 from dtvit import ops
+from dtvit.models import paths
 
 PHASES = ("ann", "snn")
 GRANULARITIES = ("module", "layer")
@@ -417,9 +418,7 @@ class SpikingSelfAttention(SpikingModule):
 
   # Q, K and V spikes meet in the products Q K^T V before the attention neuron: each matters at a step only
   # if the other two are active there too.
-  UNITS: ClassVar[dict] = {"q_lif": (("attn_lif", "k_lif", "v_lif"),), "k_lif": (("attn_lif", "q_lif", "v_lif"),),
-                           "v_lif": (("attn_lif", "q_lif", "k_lif"),), "attn_lif": ("proj_lif",),
-                           "proj_lif": (_OUT,)}
+  UNITS: ClassVar[dict] = paths.ATTN_UNITS
 
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
@@ -471,7 +470,7 @@ class SpikingMLP(SpikingModule):
   """neuron(BN(fc2(neuron(BN(fc1(x)))))); the neurons replace GELU and BN replaces LayerNorm."""
   hidden_dim: int = 4
 
-  UNITS: ClassVar[dict] = {"fc1_lif": ("fc2_lif",), "fc2_lif": (_OUT,)}
+  UNITS: ClassVar[dict] = paths.MLP_UNITS
 
   @nn.compact
   def __call__(self, x_XND, *, train: bool, temperature=1.0):
@@ -499,31 +498,6 @@ class Block(SpikingModule):
         x_XND, train=train, temperature=temperature)
     sow(self, "output", x_XND)
     return x_XND
-
-
-def masked_modules(model: "SpikingViT") -> dict[str, dict]:
-  """{masked module path: its neuron graph (`SpikingModule.UNITS`)}: each block's attn and mlp, and the stem
-  ('embedding') with mask_stem."""
-  modules = {}
-  for i in range(model.depth):
-    modules[f"blocks_{i}/attn"] = SpikingSelfAttention.UNITS
-    modules[f"blocks_{i}/mlp"] = SpikingMLP.UNITS
-  if model.mask.mask_stem:
-    modules["embedding"] = (SPSStem if model.stem == "sps" else PatchStem).UNITS
-  return modules
-
-
-def mask_units(model: "SpikingViT") -> dict[str, tuple[str, ...]]:
-  """The mask units and what their spikes feed: {unit: consumer units or `masks.OUTPUT`}, keyed like
-  `dtvit.models.hard_masks` (modules for granularity 'module', neurons 'blocks_0/attn/q_lif' for 'layer').
-  With `masks.work_masks` / `masks.step_counts` this gives every unit's working (simulated) steps."""
-  modules = masked_modules(model)
-  if model.mask.granularity == "module":
-    return {m: (_OUT,) for m in modules}
-  path = lambda m, c: c if c == _OUT else f"{m}/{c}"
-  return {f"{m}/{n}": tuple(tuple(path(m, x) for x in c) if isinstance(c, tuple) else path(m, c)
-                            for c in consumers)
-          for m, units in modules.items() for n, consumers in units.items()}
 
 
 def max_pool(x, phase):
@@ -595,7 +569,7 @@ class SpikingViT(nn.Module):
       raise ValueError("A skipped-step schedule needs phase='snn'.")
     if self.mask.enabled and not self.mask.hard:
       raise ValueError("A skipped-step schedule needs hard masks: use models.with_mask(model, hard=True).")
-    known = set(masked_modules(self))
+    known = set(paths.masked_modules(self))
     for entry in self.schedule:
       if not (isinstance(entry, tuple) and len(entry) == 2):
         raise ValueError(f"Schedule entries are (module path, steps) pairs, got {entry!r}.")
@@ -700,8 +674,7 @@ class SPSStem(SpikingModule):
   patch_size: int = 4
   pool_first: bool = False
 
-  UNITS: ClassVar[dict] = {"conv0_lif": ("conv1_lif",), "conv1_lif": ("conv2_lif",),
-                           "conv2_lif": ("conv3_lif",), "conv3_lif": ("rpe_lif", _OUT), "rpe_lif": (_OUT,)}
+  UNITS: ClassVar[dict] = paths.SPS_UNITS
 
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
@@ -736,7 +709,7 @@ class PatchStem(SpikingModule):
   pools: Sequence[bool] = ()
   patch_size: int = 16
 
-  UNITS: ClassVar[dict] = {"patch_lif": (_OUT,)}
+  UNITS: ClassVar[dict] = paths.PATCH_UNITS
 
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
