@@ -23,26 +23,15 @@ RECIPES = [
 # tests/paper_scale_test.py, through the paper settings that name them.
 
 
-def _image_folder(root, size, num_classes, per_class=1):
-  rng = np.random.default_rng(0)
-  for split in ("train", "test"):
-    for c in range(num_classes):
-      d = os.path.join(root, split, f"class{c:03d}")
-      os.makedirs(d)
-      for i in range(per_class):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(os.path.join(d, f"{i}.png"))
-  return root
-
-
 @pytest.mark.parametrize("name,arg,synthetic,phases", RECIPES, ids=[r[0] for r in RECIPES])
-def test_recipe_tiny_variant_trains(name, arg, synthetic, phases, tmp_path):
+def test_recipe_tiny_variant_trains(name, arg, synthetic, phases, tmp_path, image_folder):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   full = importlib.import_module(f"configs.{name}").get_config("")
   assert full.model.arch == config.model.arch and full.phases == config.phases
   if synthetic:
     size, classes = synthetic
     config.data.name = "image_folder"
-    config.data.archive = _image_folder(str(tmp_path / "images"), size, classes)
+    config.data.archive = image_folder(str(tmp_path / "images"), size, classes)
     config.data.data_dir = str(tmp_path / "data_dir")
     config.data.image_size = size if name != "imagenet_spikformer" else 32
     config.data.augment.randaugment_ops = 0

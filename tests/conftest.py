@@ -12,3 +12,77 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dtvit-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import fcntl
+
+import numpy as np
+import pytest
+
+
+def _tiny_config(**overrides):
+  """The quickstart recipe at its tiny size on a ViT (compiles faster than the SPS stem on CPU; the code paths
+  are the same), with dotted overrides: tiny_config(**{"ann.num_steps": 4})."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top  # after the XLA flags above
+  c = quickstart.get_config("tiny")
+  c.model.arch = "vit"
+  c.model.variant = "tiny"
+  c.model.patch_size = 2
+  c.eval_fixed_steps = False
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """A factory of tiny configs: tiny_config(**{"phases": "ann", "ann.num_steps": 4})."""
+  return _tiny_config
+
+
+def _image_folder(root, size, num_classes, per_class=1):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for c in range(num_classes):
+      d = os.path.join(root, split, f"class{c:03d}")
+      os.makedirs(d)
+      for i in range(per_class):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(os.path.join(d, f"{i}.png"))
+  return root
+
+
+@pytest.fixture(scope="session")
+def image_folder():
+  """A factory of image-folder datasets (train/ and test/, one folder per class of random PNGs):
+  image_folder(root, size, num_classes, per_class=1) -> root."""
+  return _image_folder
+
+
+def tiny_run_config():
+  """ViT tiny (1 block, T_max = 3), ANN -> SNN with a time-step cost that switches some steps off; every step
+  also evaluated with masks off."""
+  return _tiny_config(**{"ann.num_steps": 16, "ann.optimizer.lr": 5e-3, "snn.num_steps": 6, "snn.time_cost": 0.15,
+                         "snn.optimizer.score_lr": 0.3, "model.mask.score_init": 0.1, "eval_fixed_steps": True,
+                         "mesh.num_devices": 1})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> str:
+  """The workdir of one trained tiny run (`tiny_run_config`) per test session.
+
+  Under pytest-xdist every worker has its own basetemp below one session directory: the run goes there, made by
+  whichever worker comes first while the others wait on a file lock (the pattern pytest-xdist documents for
+  session fixtures)."""
+  from dtvit import train  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = root / "dtvit_tiny_run"
+  with open(root / "dtvit_tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "summary.json").exists():
+      train.run(tiny_run_config(), str(workdir))
+  return str(workdir)

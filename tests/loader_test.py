@@ -1,7 +1,6 @@
 """dtvit.load on a tiny trained run: the restored model reproduces the run's own test results; clear errors;
 the example notebook executes against the run."""
 
-import fcntl
 import json
 import os
 import shutil
@@ -13,40 +12,14 @@ import pytest
 
 import dtvit
 from dtvit import train
-from train_test import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
 
 
-def tiny_run_config():
-  """ViT tiny (1 block, T_max = 3), ANN -> SNN with a time-step cost that switches some
-  steps off (attn [1, 0, 0], mlp [0, 0, 0] at the time of writing); every step also evaluated with masks off."""
-  return tiny_config(**{"ann.num_steps": 16, "ann.optimizer.lr": 5e-3, "snn.num_steps": 6, "snn.time_cost": 0.15,
-                        "snn.optimizer.score_lr": 0.3, "model.mask.score_init": 0.1, "eval_fixed_steps": True,
-                        "mesh.num_devices": 1})
-
-
-def shared_tiny_run(tmp_path_factory) -> str:
-  """The workdir of one tiny run per test session, shared by loader_test and report_test.
-
-  Under pytest-xdist every worker has its own basetemp below one session directory: the run goes there, made
-  by whichever worker comes first while the others wait on a file lock (the pattern pytest-xdist documents
-  for session fixtures).
-  """
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  workdir = root / "dtvit_tiny_run"
-  with open(root / "dtvit_tiny_run.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (workdir / "summary.json").exists():
-      train.run(tiny_run_config(), str(workdir))
-  return str(workdir)
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return shared_tiny_run(tmp_path_factory)
+def run_dir(tiny_run):
+  return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from dtvit import models
 from dtvit import train
 from experiments.paper_scale import compute
 from experiments.paper_scale import settings
-from tests.configs_test import _image_folder
 
 # name -> (recipe module, variant, (depth, dim, heads, tokens), dataset, batch, ANN epochs, SNN epochs, image side)
 PAPER = {
@@ -93,7 +92,7 @@ def test_tiny_groups_cover_every_setting():
 
 
 @pytest.mark.parametrize("group", TINY_GROUPS, ids=["+".join(g) for g in TINY_GROUPS])
-def test_setting_tiny_variant_trains(group, tmp_path):
+def test_setting_tiny_variant_trains(group, tmp_path, image_folder):
   name = group[0]
   config = settings.get_config(f"{name},tiny")
   full = settings.get_config(name)
@@ -101,7 +100,7 @@ def test_setting_tiny_variant_trains(group, tmp_path):
   assert config.data.name == full.data.name and config.snn.time_cost == full.snn.time_cost
   classes = 4 if full.data.name == "imagenet2012" else settings.dataset(full).num_classes
   config.data.name = "image_folder"
-  config.data.archive = _image_folder(str(tmp_path / "images"), 32, classes)
+  config.data.archive = image_folder(str(tmp_path / "images"), 32, classes)
   config.data.data_dir = str(tmp_path / "data_dir")
   config.data.image_size = 32
   config.data.augment.randaugment_ops = 0

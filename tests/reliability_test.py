@@ -34,7 +34,6 @@ from dtvit import input_pipeline
 from dtvit import metrics as metrics_lib
 from dtvit import sharding
 from dtvit import train
-from tests.train_test import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 3
@@ -69,7 +68,7 @@ _LAUNCHER = textwrap.dedent("""
 """)
 
 
-def _config(**overrides):
+def _config(tiny_config, **overrides):
   return tiny_config(**{"phases": "ann", "ann.num_steps": STEPS, "ann.checkpoint_every": EVERY,
                         "ann.log_every": 1, "ann.max_to_keep": 10, **overrides})
 
@@ -118,9 +117,9 @@ def _assert_matches_reference(workdir, reference, extra_steps=()):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tiny_config, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reference"))
-  train.run(_config(), workdir)
+  train.run(_config(tiny_config), workdir)
   return workdir
 
 
@@ -233,21 +232,21 @@ def _inject_inf(at_step):
   return hook
 
 
-def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path):
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteError,
                      match=r"ann: non-finite values at step 5: first non-finite module: 'embedding/patch', its "
                            r"output in the forward pass .*last good checkpoint \(step 3\) is kept"):
-    train.run(_config(), workdir, batch_hook=_inject_inf(at_step=4))
+    train.run(_config(tiny_config), workdir, batch_hook=_inject_inf(at_step=4))
   assert _steps(workdir) == [3]
   assert not [n for n in os.listdir(_ckpt_dir(workdir)) if "tmp" in n]
   # The kept checkpoint is the good one: resuming from it without the bad batch gives the reference run.
-  train.run(_config(), workdir)
+  train.run(_config(tiny_config), workdir)
   _assert_matches_reference(workdir, reference)
 
 
-def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tmp_path, caplog):
-  config = _config(**{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
+def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_config, tmp_path, caplog):
+  config = _config(tiny_config, **{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
   summary = train.run(config, str(tmp_path), batch_hook=_inject_inf(at_step=1))
   assert "step 2 skipped (params unchanged), first non-finite module: 'embedding/patch'" in caplog.text
   s1, s2, s3 = (_state(str(tmp_path), k) for k in (1, 2, 3))
@@ -259,8 +258,8 @@ def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tmp_pat
   assert np.isfinite(summary["ann"]["train_loss_last"])
 
 
-def test_diagnosis_names_the_leaf_module_the_loss_or_the_update():
-  config = _config(**{"ann.batch_size": 8})
+def test_diagnosis_names_the_leaf_module_the_loss_or_the_update(tiny_config):
+  config = _config(tiny_config, **{"ann.batch_size": 8})
   pc = config.ann
   info = input_pipeline.get_info(config.data)
   model = train.phase_model(config, info.num_classes, "ann")
@@ -365,7 +364,7 @@ def _parse_cli(*args):
   return fv.config
 
 
-def test_mistyped_config_keys_and_values_are_errors():
+def test_mistyped_config_keys_and_values_are_errors(tiny_config):
   assert _parse_cli("--config=configs/quickstart.py:tiny", "--config.snn.time_cost=0.5").snn.time_cost == 0.5
   for bad, message in [("--config.snn.time_csot=0.1", 'Did you mean "time_cost" instead of "time_csot"'),
                        ("--config.modle.depth=2", 'Did you mean "model" instead of "modle"'),
@@ -376,7 +375,7 @@ def test_mistyped_config_keys_and_values_are_errors():
     _parse_cli("--config=configs/quickstart.py:tiny", "--config.snn.num_steps=1.5")
   with pytest.raises(flags.IllegalFlagValueError, match="Unknown quickstart argument 'tiyn'"):
     _parse_cli("--config=configs/quickstart.py:tiyn")
-  config = _config()
+  config = _config(tiny_config)
   config.lock()
   with pytest.raises(AttributeError, match="time_csot"):
     config.snn.time_csot = 0.1
@@ -391,13 +390,13 @@ def test_mistyped_config_keys_and_values_are_errors():
     ("phases", "ann,distill", "each phase must be one of"),
     ("eval_batch_size", 100, "eval_batch_size=100 is not divisible by the 8 devices"),
 ])
-def test_invalid_values_are_named_before_anything_is_written(tmp_path, key, value, message):
+def test_invalid_values_are_named_before_anything_is_written(tiny_config, tmp_path, key, value, message):
   with pytest.raises(ValueError, match=re.escape(message)):
-    train.run(_config(**{key: value}), str(tmp_path / "run"), stop_at_step=0)
+    train.run(_config(tiny_config, **{key: value}), str(tmp_path / "run"), stop_at_step=0)
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_init_from_an_interrupted_write_says_so(reference, tmp_path):
+def test_init_from_an_interrupted_write_says_so(tiny_config, reference, tmp_path):
   partial = tmp_path / "partial"
   partial.mkdir()
   # What a kill mid-write leaves: a full copy of the step under Orbax's tmp name, never committed.
@@ -405,10 +404,10 @@ def test_init_from_an_interrupted_write_says_so(reference, tmp_path):
                   partial / f"{EVERY}.orbax-checkpoint-tmp")  # Orbax 0.12 names it so
   with pytest.raises(FileNotFoundError, match=r"snn.init_from: .*partial holds no complete checkpoint: it holds "
                                               r"only unfinished writes \['3\.orbax-checkpoint-tmp'\]"):
-    train.run(_config(**{"phases": "snn", "snn.init_from": str(partial)}), str(tmp_path / "run"))
+    train.run(_config(tiny_config, **{"phases": "snn", "snn.init_from": str(partial)}), str(tmp_path / "run"))
 
 
-def test_corrupt_image_in_a_local_archive_is_named(tmp_path):
+def test_corrupt_image_in_a_local_archive_is_named(tiny_config, tmp_path):
   good = io.BytesIO()
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good, "PNG")
   files = {"train/cat/0.png": good.getvalue(), "test/cat/0.png": good.getvalue(),
@@ -419,7 +418,7 @@ def test_corrupt_image_in_a_local_archive_is_named(tmp_path):
       member = tarfile.TarInfo(name)
       member.size = len(data)
       tar.addfile(member, io.BytesIO(data))
-  config = _config(**{"data.name": "cifar10_local", "data.archive": str(archive),
+  config = _config(tiny_config, **{"data.name": "cifar10_local", "data.archive": str(archive),
                       "data.data_dir": str(tmp_path / "data_dir")})
   with pytest.raises(ValueError, match=r"Cannot decode image file 'train/dog/7\.jpg'"):
     train.run(config, str(tmp_path / "run"))
@@ -429,8 +428,8 @@ def test_corrupt_image_in_a_local_archive_is_named(tmp_path):
 # 5. Determinism.
 
 
-def test_data_order_depends_only_on_seed_step_and_process():
-  config = _config()
+def test_data_order_depends_only_on_seed_step_and_process(tiny_config):
+  config = _config(tiny_config)
   take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
   base = dict(global_batch_size=16, num_classes=10)
   a = take(input_pipeline.train_batches(config.data, seed=3, start_step=5, process_index=1, process_count=2,

@@ -12,14 +12,13 @@ import pytest
 
 import dtvit
 from dtvit import report
-from loader_test import shared_tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  return shared_tiny_run(tmp_path_factory)
+def run_dir(tiny_run):
+  return tiny_run
 
 
 def test_activation_error_against_hand_values():

@@ -19,21 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
 
 
-def tiny_config(**overrides):
-  c = quickstart.get_config("tiny")
-  c.model.arch = "vit"  # compiles faster than the SPS stem on CPU; the code paths are the same
-  c.model.variant = "tiny"
-  c.model.patch_size = 2
-  c.eval_fixed_steps = False
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
 def load_params(phase_dir):
   ckpt = checkpointing.Checkpointer(os.path.join(phase_dir, "checkpoints"))
   step = ckpt.latest_step()
@@ -45,7 +30,7 @@ def load_params(phase_dir):
 
 
 @pytest.fixture(scope="module")
-def ann_run(tmp_path_factory):
+def ann_run(tiny_config, tmp_path_factory):
   """One tiny ANN phase shared by the SNN tests."""
   workdir = str(tmp_path_factory.mktemp("ann"))
   config = tiny_config(**{"phases": "ann", "ann.num_steps": 30, "ann.optimizer.lr": 3e-3})
@@ -53,7 +38,7 @@ def ann_run(tmp_path_factory):
   return workdir, summary
 
 
-def test_ann_then_snn_on_8_devices_with_summary(tmp_path):
+def test_ann_then_snn_on_8_devices_with_summary(tiny_config, tmp_path):
   assert jax.device_count() == 8
   workdir = str(tmp_path)
   config = tiny_config(**{"ann.num_steps": 20, "ann.optimizer.lr": 3e-3, "snn.num_steps": 6, "eval_fixed_steps": True})
@@ -77,7 +62,7 @@ def test_ann_then_snn_on_8_devices_with_summary(tmp_path):
   assert load_params(os.path.join(workdir, "snn"))[0] == 6
 
 
-def test_time_step_cost_lowers_learned_steps(ann_run, tmp_path):
+def test_time_step_cost_lowers_learned_steps(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   steps = {}
   for cost in (0.0, 1.0):
@@ -90,7 +75,7 @@ def test_time_step_cost_lowers_learned_steps(ann_run, tmp_path):
   assert steps[1.0] < steps[0.0]
 
 
-def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(ann_run, tmp_path):
+def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
   info = train.input_pipeline.get_info(config.data)
@@ -111,7 +96,7 @@ def _flatten(tree):
   return flax.traverse_util.flatten_dict(tree)
 
 
-def test_sharded_training_matches_single_device(tmp_path):
+def test_sharded_training_matches_single_device(tiny_config, tmp_path):
   results = {}
   for n in (1, 8):
     # SGD: Adam turns float noise in near-zero gradients into full-size steps, hiding real differences.
@@ -128,7 +113,7 @@ def test_sharded_training_matches_single_device(tmp_path):
   assert max(jax.tree.leaves(moved)) > 1e-2
 
 
-def test_resume_gives_the_same_params(tmp_path):
+def test_resume_gives_the_same_params(tiny_config, tmp_path):
   config = tiny_config(**{"phases": "snn", "snn.num_steps": 6, "snn.time_cost": 0.1})
   train.run(config, str(tmp_path / "straight"))
   stopped = train.run(config, str(tmp_path / "resumed"), stop_at_step=3)
@@ -157,7 +142,7 @@ def test_cifar10_archive_tiny_training(tmp_path):
   assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
 
 
-def test_bad_input_errors(ann_run, tmp_path):
+def test_bad_input_errors(tiny_config, ann_run, tmp_path):
   with pytest.raises(ValueError, match="model.num_steps \\(T_max\\) must be >= 1"):
     train.run(tiny_config(**{"model.num_steps": 0}), str(tmp_path / "a"))
   with pytest.raises(ValueError, match="time_cost must be >= 0"):
