@@ -1,4 +1,4 @@
-"""Checkpoints and workdir bookkeeping: the only module of dtvit that talks to Orbax.
+"""Checkpoints: the only module of dtvit that talks to Orbax.
 
 One `Checkpointer` (one `ocp.CheckpointManager`) per checkpoint directory. Each step is saved as a composite of
 two items:
@@ -13,14 +13,12 @@ deletes such leftovers when it opens a directory; `restore_variables` (read-only
 `restore_variables` loads a subset of a finished run's state (params, optionally batch_stats) into a new model:
 the SNN phase starts from the ANN phase this way, and so does `init_from`.
 
-`check_workdir` stops a run from resuming into a workdir that holds a run with a different config.
+The workdir's own records (config.json, summary.json) and the resume rules are in `dtvit.workdir`.
 """
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import os
-import time
 from typing import Callable, Any
 
 import jax
@@ -30,19 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath  # Orbax's path library: the same checks work on local disk and gs://
 
-# Top-level config keys (last component of the dotted key, at any depth) that may change between a run and its
-# resume without making the saved checkpoints wrong: extending training, logging / eval / checkpoint cadence.
-# Everything else (model, data, optimizer, seeds, phase) must match. Keep this list short: every key added here
-# is a way to resume into a silently different experiment.
-RESUME_NEUTRAL_KEYS = frozenset({
-    'total_steps',
-    'num_train_steps',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
-})
-
-CONFIG_FILENAME = 'config.json'
+from dtvit import workdir as workdir_lib
 
 # Orbax's marker of an unfinished step directory (`<step>.orbax-checkpoint-tmp`); used only to explain errors.
 _ORBAX_TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -82,22 +68,6 @@ _quiet_orbax_logs()
 def _abspath(directory: str) -> str:
   # Orbax wants absolute paths; leave URLs (gs://...) alone.
   return directory if '://' in directory else os.path.abspath(directory)
-
-
-def _json_default(x: Any) -> Any:
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, (np.ndarray, jax.Array)):
-    return np.asarray(x).tolist()
-  raise TypeError(f'{type(x).__name__} is not JSON-serialisable')
-
-
-def _to_json(meta: dict) -> dict:
-  """Round-trips meta through JSON now, so a bad value fails here and not in Orbax's background thread."""
-  try:
-    return json.loads(json.dumps(meta, default=_json_default))
-  except (TypeError, ValueError) as e:
-    raise TypeError(f'Checkpoint meta must be JSON-serialisable (numpy scalars/arrays are converted): {e}') from e
 
 
 def _key_str(key: Any) -> str:
@@ -174,13 +144,22 @@ class Checkpointer:
   Saves are asynchronous: `save` returns once arrays are copied off device, the write finishes in background
   threads; `wait` blocks until it is on disk. `latest_step` never reports a step still being written.
   Use as a context manager or call `close` so the last write completes before the process exits.
+
+  A save without `force` happens every `save_interval_steps` steps and, with `save_first`, at the first save
+  into an empty directory (Orbax's default); `max_to_keep` newest steps are kept.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+               save_first: bool = True):
     self.directory = _abspath(directory)
+    # What Orbax makes of `save_interval_steps` by default, less its save on a JAX preemption notice: dtvit
+    # handles preemption itself (SIGTERM, agreed across processes in `dtvit.train`) and saves with `force`.
+    policies = [ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps)]
+    if save_first:  # the first save into an empty directory happens whatever its step
+      policies.append(ocp.checkpoint_managers.InitialSavePolicy())
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        save_interval_steps=save_interval_steps,
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
         create=True,
         cleanup_tmp_directories=True,  # leftovers of a killed run are garbage; they can be large
     )
@@ -203,15 +182,19 @@ class Checkpointer:
     in_flight = self._pending_step if self._manager.is_saving_in_progress() else None
     return sorted(s for s in self._manager.all_steps() if s != in_flight)
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without `force` would write: `step` is a multiple of `save_interval_steps`
+    (or, with `save_first`, the first save into an empty directory) and newer than every saved step."""
+    return self._manager.should_save(int(step))
+
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     """Starts saving `state` (pytree of arrays / scalars) and `meta` (JSON-able dict) as `step`.
 
-    Returns whether a save was started: False when `step` is not a multiple of `save_interval_steps` (unless
-    `force`) or is already saved (e.g. the step a run resumed from). Orbax's policy also saves the first call
-    into an empty directory, whatever its step, and on a JAX-detected preemption.
+    Returns whether a save was started: False when `should_save(step)` is False (unless `force`) or `step` is
+    already saved (e.g. the step a run resumed from).
     """
     step = int(step)
-    meta = _to_json(meta)
+    meta = workdir_lib.to_json(meta)
     if step in self._manager.all_steps():
       logging.info('Checkpoint for step %d already in %s; not saving it again.', step, self.directory)
       return False
@@ -277,8 +260,60 @@ def _with_default_sharding(abstract: Any) -> Any:
   return jax.tree.map(fill, abstract)
 
 
+def _read_only_manager(directory: str, what: str) -> ocp.CheckpointManager:
+  if not epath.Path(directory).is_dir():
+    raise FileNotFoundError(
+        f'{what}: checkpoint directory {directory} does not exist. Point {what} at the checkpoint directory '
+        f'written by an earlier run (the directory that holds numbered step folders).')
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      # PyTreeCheckpointHandler reads what StandardCheckpointHandler wrote and allows restoring a subtree.
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+  )
+
+
+def _finished_step(manager: ocp.CheckpointManager, directory: str, what: str, step: int | None) -> int:
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise _no_checkpoint_error(directory, what)
+  elif step not in manager.all_steps():
+    raise FileNotFoundError(f'{what}: no checkpoint for step {step} in {directory}; it has steps '
+                            f'{sorted(manager.all_steps())}.')
+  return step
+
+
+def _leaves_to_reinit(saved_tree: dict, abstract_variables: dict, fresh, reinit_on_mismatch) -> dict[str, Any]:
+  """{leaf path: fresh value} for the leaves `reinit_on_mismatch` accepts whose saved shape differs (or that
+  the checkpoint lacks)."""
+  if reinit_on_mismatch is None:
+    return {}
+  if fresh is None:
+    raise ValueError('restore_variables: reinit_on_mismatch needs `fresh` values.')
+  saved_flat = _flat_paths({k: saved_tree[k] for k in abstract_variables if k in saved_tree})
+  paths = [p for p, leaf in _flat_paths(abstract_variables).items()
+           if reinit_on_mismatch(p) and (p not in saved_flat
+                                         or _shape_dtype(saved_flat[p])[0] != _shape_dtype(leaf)[0])]
+  if not paths:
+    return {}
+  fresh_flat = _flat_paths(fresh() if callable(fresh) else fresh)
+  return {p: fresh_flat[p] for p in paths}
+
+
+def _set_leaves(tree: dict, values: dict[str, Any]) -> dict:
+  """`tree` with the 'a/b/c' leaf paths of `values` set (parents created as needed)."""
+  for path, value in values.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
 def restore_variables(directory: str, abstract_variables: dict[str, Any], *, what: str = 'init_from',
-                      step: int | None = None, fresh: dict[str, Any] | None = None,
+                      step: int | None = None, fresh: dict[str, Any] | Callable[[], dict] | None = None,
                       reinit_on_mismatch: Callable[[str], bool] | None = None) -> dict[str, Any]:
   """Restores only some collections of another run's checkpoint, e.g. {'params': ..., 'batch_stats': ...}.
 
@@ -288,7 +323,8 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
       result has this structure, dtypes and shardings.
     what: how the caller names this source in errors and logs (a flag or config key, e.g. 'init_from').
     step: which step; default the latest finished one.
-    fresh: concrete variables with the structure of `abstract_variables` (e.g. a fresh init).
+    fresh: concrete variables with the structure of `abstract_variables` (e.g. a fresh init), or a function
+      returning them (called only when a leaf is re-initialised).
     reinit_on_mismatch: predicate on a leaf path ('params/blocks_0/attn/time_mask/time_scores'): such leaves
       whose saved shape differs from the target (e.g. time-step scores of another T_max) are taken from
       `fresh` instead of raising. Other mismatches still raise.
@@ -301,66 +337,30 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
     ValueError: a collection, key path, shape or dtype differs between checkpoint and target.
   """
   directory = _abspath(directory)
-  if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(
-        f'{what}: checkpoint directory {directory} does not exist. Point {what} at the checkpoint directory '
-        f'written by an earlier run (the directory that holds numbered step folders).')
-  manager = ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-      # PyTreeCheckpointHandler reads what StandardCheckpointHandler wrote and allows restoring a subtree.
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
-  )
+  manager = _read_only_manager(directory, what)
   try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise _no_checkpoint_error(directory, what)
-    elif step not in manager.all_steps():
-      raise FileNotFoundError(f'{what}: no checkpoint for step {step} in {directory}; it has steps '
-                              f'{sorted(manager.all_steps())}.')
+    step = _finished_step(manager, directory, what, step)
     saved_tree = manager.item_metadata(step)['state'].tree
     source = f'{what} checkpoint {directory}/{step}'
     fix = (f'Make the model config match the run that wrote {directory}, or point {what} at a checkpoint of '
            f'the same model.')
-    reinit = {}
-    if reinit_on_mismatch is not None:
-      if fresh is None:
-        raise ValueError('restore_variables: reinit_on_mismatch needs `fresh` values.')
-      saved_flat = _flat_paths({k: saved_tree[k] for k in abstract_variables if k in saved_tree})
-      for path, leaf in _flat_paths(abstract_variables).items():
-        if reinit_on_mismatch(path) and (path not in saved_flat
-                                         or _shape_dtype(saved_flat[path])[0] != _shape_dtype(leaf)[0]):
-          reinit[path] = _flat_paths(fresh)[path]
-      if reinit:
-        logging.warning('%s: %s differ in shape from the checkpoint; they start fresh.', what, sorted(reinit))
-        abstract_variables = _drop_paths(abstract_variables, reinit)
-        saved_tree = _drop_paths({k: v for k, v in saved_tree.items()}, reinit)
+    reinit = _leaves_to_reinit(saved_tree, abstract_variables, fresh, reinit_on_mismatch)
+    if reinit:
+      logging.warning('%s: %s differ in shape from the checkpoint; they start fresh.', what, sorted(reinit))
+      abstract_variables = _drop_paths(abstract_variables, reinit)
+      saved_tree = _drop_paths(dict(saved_tree), reinit)
     for name, abstract in abstract_variables.items():
       if name not in saved_tree:
         raise ValueError(f'Tree structure mismatch: {source} has no {name!r} collection (it has '
                          f'{sorted(saved_tree)}). {fix}')
       _check_compatible(saved_tree[name], abstract, prefix=name, source=source, fix=fix)
     abstract = _with_default_sharding(dict(abstract_variables))
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True,
-        )),
-    )
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
   finally:
     manager.close()
   logging.info('%s: restored %s from %s step %d.', what, sorted(abstract_variables), directory, step)
-  result = dict(restored.state)
-  for path, value in reinit.items():
-    node = result
-    *parents, leaf = path.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return result
+  return _set_leaves(dict(restored.state), reinit)
 
 
 def _drop_paths(tree: dict, paths: dict) -> dict:
@@ -380,74 +380,3 @@ def _drop_paths(tree: dict, paths: dict) -> dict:
 def restore_params(directory: str, abstract_params: Any, *, what: str = 'init_from') -> Any:
   """`restore_variables` for the 'params' collection alone."""
   return restore_variables(directory, {'params': abstract_params}, what=what)['params']
-
-
-def _flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(d, dict) and d:
-    out = {}
-    for k, v in d.items():
-      out.update(_flatten_config(v, f'{prefix}.{k}' if prefix else str(k)))
-    return out
-  return {prefix: d}
-
-
-def _config_differences(saved: dict, current: dict) -> list[str]:
-  saved_flat, current_flat = _flatten_config(saved), _flatten_config(current)
-  missing = object()
-  diffs = []
-  for key in sorted(set(saved_flat) | set(current_flat)):
-    if key.rsplit('.', 1)[-1] in RESUME_NEUTRAL_KEYS:
-      continue
-    old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
-    if old != new:
-      fmt = lambda v: '<absent>' if v is missing else json.dumps(v)  # noqa: E731
-      diffs.append(f'{key}: saved {fmt(old)}, now {fmt(new)}')
-  return diffs
-
-
-def _write_config(path: str, config: dict) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)  # readers never see a half-written config
-
-
-def check_workdir(workdir: str, config_dict: dict, *, overwrite: bool = False) -> None:
-  """Makes sure `workdir` is safe to (re)use for a run with `config_dict`, and records the config there.
-
-  - No earlier run (no <workdir>/config.json): writes it.
-  - Earlier run with the same config, up to RESUME_NEUTRAL_KEYS: the run resumes; config.json is updated.
-  - Earlier run with a different config: ValueError naming the differing keys, unless `overwrite`.
-  - `overwrite=True` and an earlier run: its workdir is renamed to <workdir>.old-<timestamp> (nothing is
-    deleted) and the run starts fresh, even when the configs match.
-
-  Only process 0 writes; other processes check only.
-  """
-  config = _to_json(config_dict)
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  writer = jax.process_index() == 0
-  if os.path.exists(path):
-    if overwrite:
-      if writer:
-        old = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
-        n = 1
-        while os.path.exists(old):
-          old, n = f'{old.rsplit("~", 1)[0]}~{n}', n + 1
-        os.rename(workdir, old)
-        logging.warning('overwrite: moved the earlier run in %s to %s; starting fresh.', workdir, old)
-    else:
-      with open(path) as f:
-        saved = json.load(f)
-      diffs = _config_differences(saved, config)
-      if diffs:
-        shown = '\n  '.join(diffs[:10]) + (f'\n  ... and {len(diffs) - 10} more' if len(diffs) > 10 else '')
-        raise ValueError(
-            f'Workdir {workdir} holds a run with a different config; resuming it would mix two experiments. '
-            f'Differing keys:\n  {shown}\nPass --overwrite (overwrite=True) to move that run aside and start '
-            f'fresh, or choose another --workdir.')
-      if saved == config:
-        return
-  if writer:
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(path, config)

@@ -6,17 +6,14 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits_BK: jax.Array, targets_BK: jax.Array, *, label_smoothing: float = 0.0,
-                  weights_B: jax.Array | None = None) -> jax.Array:
+def cross_entropy(logits_BK: jax.Array, targets_BK: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
   """Mean cross-entropy against soft targets [B, K] (one-hot or mixed), with label smoothing."""
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
   k = logits_BK.shape[-1]
   targets_BK = targets_BK * (1.0 - label_smoothing) + label_smoothing / k
-  per_example = -jnp.sum(targets_BK * jax.nn.log_softmax(logits_BK.astype(jnp.float32)), axis=-1)
-  if weights_B is None:
-    return jnp.mean(per_example)
-  return jnp.sum(per_example * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+  per_example_B = -jnp.sum(targets_BK * jax.nn.log_softmax(logits_BK.astype(jnp.float32)), axis=-1)
+  return jnp.mean(per_example_B)
 
 
 def correct(logits_BK: jax.Array, labels_B: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 """Metric writing: TensorBoard event files plus log lines, a progress bar, and a between-log-points averager.
 
 `MetricWriter` has the method names of `clu.metric_writers` (write_scalars / write_histograms / write_texts /
-write_hparams / flush / close) so it can be swapped for clu's writer where TensorFlow is installed; clu's package
+flush / close) so it can be swapped for clu's writer where TensorFlow is installed; clu's package
 imports TensorFlow, which dtvit does not depend on, so this module writes events with tensorboardX instead.
 
 `read_events` / `read_scalars` read event files back (for report.py and tests) without TensorFlow.
@@ -9,7 +9,6 @@ imports TensorFlow, which dtvit does not depend on, so this module writes events
 from __future__ import annotations
 
 import glob
-import json
 import os
 import struct
 import sys
@@ -80,13 +79,6 @@ class MetricWriter:
       logging.info('[%d] %s: %s', step, tag, text)
       if self._tb is not None:
         self._tb.add_text(tag, text, global_step=step)
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    """Logs the hyper-parameters and stores them as a JSON text summary 'hparams' at step 0."""
-    text = json.dumps(dict(hparams), sort_keys=True, default=str)
-    logging.info('hparams: %s', text)
-    if self._tb is not None:
-      self._tb.add_text(self._tag('hparams'), text, global_step=0)
 
   def flush(self) -> None:
     if self._tb is not None:

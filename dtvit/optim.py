@@ -9,34 +9,28 @@ Each phase trains some groups and freezes the others with `optax.set_to_zero()`:
 from __future__ import annotations
 
 import flax
-import jax
-import jax.numpy as jnp
 import optax
+
+from dtvit.models import paths
 
 GROUPS = ("weights", "neuron", "scores")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def param_group(path: tuple[str, ...]) -> str:
-  """The group of a parameter from its path in the params tree."""
-  if path[-1] == "time_scores":
-    return "scores"
-  if path[-1] in ("threshold", "leak"):
-    return "neuron"
-  return "weights"
+def _per_leaf(fn):
+  """params -> a tree like params holding fn(path, leaf) at each leaf (path: a tuple of names)."""
+
+  def tree(params):
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({p: fn(p, v) for p, v in flat.items()})
+
+  return tree
 
 
-def param_groups(params):
-  """A tree like `params` with each leaf's group name."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict({p: param_group(p) for p in flat})
-
-
-def _decay_mask(params):
-  """Weight decay on matrices and conv kernels only (not BN scales, biases, embeddings' positions)."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict(
-      {p: (getattr(v, "ndim", 0) > 1 and p[-1] == "kernel") for p, v in flat.items()})
+# Each leaf's group name ('weights' / 'neuron' / 'scores'), and where weight decay applies (matrices and conv
+# kernels only); `dtvit.models.paths` knows which names are which.
+param_groups = _per_leaf(lambda path, _: paths.param_group(path))
+_decay_mask = _per_leaf(paths.decays)
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int):

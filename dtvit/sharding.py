@@ -7,6 +7,7 @@ Works the same on one CPU, 8 fake CPU devices, a GPU node or a multi-host TPU/GP
 from __future__ import annotations
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -48,3 +49,17 @@ def global_batch(mesh, local_batch: dict) -> dict:
 
 def replicate(mesh, tree):
   return jax.device_put(tree, replicated(mesh))
+
+
+def state_shardings(mesh, abstract_state):
+  """The sharding of every leaf of a train state (a pytree of arrays or `jax.ShapeDtypeStruct`s): replicated
+  (data parallel). The one place to change for sharded params."""
+  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is True in any process. A collective: every process must call it at the same point (e.g.
+  after the same train step), and then all get the same answer."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))

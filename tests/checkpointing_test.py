@@ -1,5 +1,5 @@
-"""Tests for dtvit/checkpointing.py: round trips, atomicity, pruning, partial restore errors, workdir guard,
-sharded restore on 8 fake CPU devices."""
+"""Tests for dtvit/checkpointing.py (round trips, atomicity, pruning, partial restore errors, sharded restore on
+8 fake CPU devices) and dtvit/workdir.py (the workdir guard)."""
 import json
 import os
 import subprocess
@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dtvit import checkpointing
+from dtvit import workdir as workdir_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,25 +264,25 @@ def test_sharded_restore_uses_the_given_shardings(tmp_path):
 def test_check_workdir(tmp_path):
   workdir = str(tmp_path / 'run')
   config = {'model': {'depth': 4, 'dim': 64}, 'total_steps': 100, 'seed': 0}
-  checkpointing.check_workdir(workdir, config)
+  workdir_lib.check_workdir(workdir, config)
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f) == config
   (tmp_path / 'run' / 'marker').write_text('earlier run')
 
-  checkpointing.check_workdir(workdir, config)  # same config: resume
+  workdir_lib.check_workdir(workdir, config)  # same config: resume
   extended = {**config, 'total_steps': 200}
-  checkpointing.check_workdir(workdir, extended)  # resume-neutral key
+  workdir_lib.check_workdir(workdir, extended)  # resume-neutral key
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['total_steps'] == 200
 
   changed = {**extended, 'model': {'depth': 6, 'dim': 64}, 'seed': 1}
   with pytest.raises(ValueError, match=r'(?s)different config.*model\.depth: saved 4, now 6.*seed: saved 0, '
                                        r'now 1.*--overwrite'):
-    checkpointing.check_workdir(workdir, changed)
+    workdir_lib.check_workdir(workdir, changed)
   with pytest.raises(ValueError, match=r'new_key: saved <absent>, now true'):
-    checkpointing.check_workdir(workdir, {**extended, 'new_key': True})
+    workdir_lib.check_workdir(workdir, {**extended, 'new_key': True})
 
-  checkpointing.check_workdir(workdir, changed, overwrite=True)
+  workdir_lib.check_workdir(workdir, changed, overwrite=True)
   old = [n for n in os.listdir(tmp_path) if n.startswith('run.old-')]
   assert len(old) == 1
   assert (tmp_path / old[0] / 'marker').read_text() == 'earlier run'
@@ -290,4 +291,4 @@ def test_check_workdir(tmp_path):
   assert os.listdir(workdir) == ['config.json']
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f) == changed
-  checkpointing.check_workdir(workdir, changed)
+  workdir_lib.check_workdir(workdir, changed)

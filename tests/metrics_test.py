@@ -34,12 +34,11 @@ def test_scalars_reach_event_files_and_log(tmp_path, info_logs):
   assert '[2] train/loss=0.125' in _messages(info_logs)
 
 
-def test_histograms_texts_and_hparams(tmp_path, info_logs):
+def test_histograms_and_texts(tmp_path, info_logs):
   logdir = str(tmp_path / 'tb')
   writer = metrics.create_default_writer(logdir)  # process 0: writes files
   writer.write_histograms(3, {'spike_rate': jnp.array([0.0, 0.5, 1.0, 1.0])}, num_buckets=4)
   writer.write_texts(3, {'note': 'hello spikes'})
-  writer.write_hparams({'lr': 0.1, 'model': 'vit'})
   writer.close()
 
   histos, texts = {}, {}
@@ -53,7 +52,6 @@ def test_histograms_texts_and_hparams(tmp_path, info_logs):
   assert step == 3
   assert (histo.num, histo.min, histo.max, histo.sum) == (4, 0.0, 1.0, 2.5)
   assert texts['note/text_summary'] == (3, 'hello spikes')
-  assert texts['hparams/text_summary'] == (0, '{"lr": 0.1, "model": "vit"}')
   logged = _messages(info_logs)
   assert '[3] spike_rate: n=4 min=0 mean=0.625 max=1' in logged
   assert '[3] note: hello spikes' in logged

@@ -2,10 +2,12 @@
 steps, several processes over jax.distributed, clear errors, run-to-run determinism.
 
 The subprocess tests run the real CLI (`python -m dtvit.main`) through a launcher that can only slow it down:
-each step by a sleep before the batch is sharded (so a kill lands at a chosen step), and each checkpoint commit
-by a sleep before Orbax renames the finished tmp directory (so a kill lands mid-write). Neither changes a value.
-Every result is compared with one uninterrupted in-process run (`reference`, compiled afresh), bitwise. The CLI
-launches share a persistent compilation cache (the first compiles, the others load), as a preemptible job would.
+each step by a sleep before the batch is sharded (so a kill lands at a chosen step); it changes no value. A kill
+mid checkpoint write is reproduced by leaving on disk what such a kill leaves (`leave_unfinished_write`: a fully
+written step under Orbax's tmp name, never committed; tests/checkpointing_test.py kills a real save midway and
+finds that state). Every result is compared with one uninterrupted in-process run (`reference`, compiled
+afresh), bitwise. The CLI launches share a persistent compilation cache (the first compiles, the others load),
+as a preemptible job would.
 """
 
 import io
@@ -33,6 +35,7 @@ from PIL import Image
 from dtvit import input_pipeline
 from dtvit import metrics as metrics_lib
 from dtvit import sharding
+from dtvit import steps
 from dtvit import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +48,8 @@ CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", 
 TIME_KEYS = ("train_time_s", "wall_time_s", "workdir")
 
 _LAUNCHER = textwrap.dedent("""
-    import asyncio, os, runpy, sys, time
+    import os, runpy, sys, time
     step_delay = float(os.environ.get("TEST_STEP_DELAY", "0"))
-    commit_delay = float(os.environ.get("TEST_COMMIT_DELAY", "0"))
     if step_delay:
       from dtvit import sharding
       _global_batch = sharding.global_batch
@@ -55,14 +57,6 @@ _LAUNCHER = textwrap.dedent("""
         time.sleep(step_delay)
         return _global_batch(*args, **kwargs)
       sharding.global_batch = slow_global_batch
-    if commit_delay:
-      from orbax.checkpoint._src.path import async_path  # the tmp dir -> step dir rename that commits a save
-      _rename = async_path.rename
-      async def slow_rename(src, dst):
-        if dst.name.isdigit():  # a step directory (each item's own tmp dir inside it is renamed first)
-          await asyncio.sleep(commit_delay)
-        return await _rename(src, dst)
-      async_path.rename = slow_rename
     sys.argv[0] = "dtvit.main"
     runpy.run_module("dtvit.main", run_name="__main__", alter_sys=True)
 """)
@@ -133,9 +127,9 @@ def cache(tmp_path_factory):
 class _Cli:
   """`python -m dtvit.main` with CLI_CONFIG in a subprocess, stderr read line by line."""
 
-  def __init__(self, workdir, *extra, step_delay=0.0, commit_delay=0.0, devices=8, cache=None):
+  def __init__(self, workdir, *extra, step_delay=0.0, devices=8, cache=None):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TEST_STEP_DELAY=str(step_delay),
-               TEST_COMMIT_DELAY=str(commit_delay), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if cache:  # a persistent compilation cache: a rerun loads what the first launch compiled (as users would)
       env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -158,6 +152,16 @@ class _Cli:
     out, err = self.proc.communicate(timeout=timeout)
     self.lines.append(err)
     return self.proc.returncode, out, "".join(self.lines)
+
+
+def leave_unfinished_write(ckpt_dir, finished_ckpt_dir, step):
+  """Leaves in `ckpt_dir` what a kill between the last file write and the commit of `step` leaves: the step
+  fully written (copied from `finished_ckpt_dir`, a run that finished it) under the tmp name Orbax 0.12 writes
+  into, `<step>.orbax-checkpoint-tmp`, never renamed to `<step>`. Returns its name."""
+  name = f"{step}.orbax-checkpoint-tmp"
+  shutil.copytree(os.path.join(finished_ckpt_dir, str(step)), os.path.join(ckpt_dir, name))
+  assert os.path.exists(os.path.join(ckpt_dir, name, "state", "manifest.ocdbt"))
+  return name
 
 
 def _run_cli(workdir, *extra, **kwargs):
@@ -184,17 +188,9 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
   assert done_first and max(done_first) < STEPS
 
   # Killed mid checkpoint write: every file of the next step is written, only Orbax's commit rename is pending.
-  cli = _Cli(workdir, step_delay=0.2, commit_delay=60, cache=cache)
-  deadline = time.time() + 240
-  while not (unfinished := [n for n in os.listdir(_ckpt_dir(workdir)) if ".orbax-checkpoint-tmp" in n
-                            and os.path.exists(os.path.join(_ckpt_dir(workdir), n, "commit_success.txt"))]):
-    assert time.time() < deadline and cli.proc.poll() is None, cli.finish()[2][-4000:]
-    time.sleep(0.005)
-  cli.proc.send_signal(signal.SIGKILL)
-  assert cli.finish()[0] == -signal.SIGKILL
-  interrupted_step = int(unfinished[0].split(".")[0])
-  assert _steps(workdir) == done_first and interrupted_step > max(done_first)
-  assert os.path.exists(os.path.join(_ckpt_dir(workdir), unfinished[0], "state", "manifest.ocdbt"))
+  interrupted_step = max(done_first) + EVERY
+  unfinished = leave_unfinished_write(_ckpt_dir(workdir), _ckpt_dir(reference), interrupted_step)
+  assert _steps(workdir) == done_first and ".orbax-checkpoint-tmp" in unfinished
 
   # The rerun resumes from the last finished checkpoint, never the interrupted one, and drops the leftover.
   out, err = _run_cli(workdir, cache=cache)
@@ -265,10 +261,10 @@ def test_diagnosis_names_the_leaf_module_the_loss_or_the_update(tiny_config):
   model = train.phase_model(config, info.num_classes, "ann")
   mesh = sharding.make_mesh(-1)
   tx = optax.sgd(0.1)
-  state = train.init_state(model, tx, jax.random.key(0), info.image_shape, mesh)
+  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
   local = next(input_pipeline.train_batches(config.data, global_batch_size=8, seed=0))
   batch = {k: local[k] for k in ("image", "label", "target")}
-  diagnose = lambda s, b, t=tx: train.diagnose_nonfinite(model, t, pc, s, sharding.global_batch(mesh, b), 0,  # noqa: E731
+  diagnose = lambda s, b, t=tx: steps.diagnose_nonfinite(model, t, pc, s, sharding.global_batch(mesh, b), 0,  # noqa: E731
                                                           phase="ann", op_weights=None)
   assert "not reproduced" in diagnose(state, batch)
 
@@ -399,9 +395,7 @@ def test_invalid_values_are_named_before_anything_is_written(tiny_config, tmp_pa
 def test_init_from_an_interrupted_write_says_so(tiny_config, reference, tmp_path):
   partial = tmp_path / "partial"
   partial.mkdir()
-  # What a kill mid-write leaves: a full copy of the step under Orbax's tmp name, never committed.
-  shutil.copytree(os.path.join(_ckpt_dir(reference), str(EVERY)),
-                  partial / f"{EVERY}.orbax-checkpoint-tmp")  # Orbax 0.12 names it so
+  leave_unfinished_write(str(partial), _ckpt_dir(reference), EVERY)
   with pytest.raises(FileNotFoundError, match=r"snn.init_from: .*partial holds no complete checkpoint: it holds "
                                               r"only unfinished writes \['3\.orbax-checkpoint-tmp'\]"):
     train.run(_config(tiny_config, **{"phases": "snn", "snn.init_from": str(partial)}), str(tmp_path / "run"))

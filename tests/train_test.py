@@ -80,7 +80,8 @@ def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config,
   config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
   info = train.input_pipeline.get_info(config.data)
   model = train.phase_model(config, info.num_classes, "snn")
-  variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0))
+  variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
+                                      mesh=train.sharding.make_mesh(-1))
   _, ann_params = load_params(os.path.join(ann_dir, "ann"))
   flat_ann = {"/".join(p): v for p, v in _flatten(ann_params).items()}
   flat_snn = {"/".join(p): v for p, v in _flatten(variables["params"]).items()}

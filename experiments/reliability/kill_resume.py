@@ -3,7 +3,7 @@
   .venv/bin/python experiments/reliability/kill_resume.py --trials=8       # SNN phase, 24 steps (recorded)
   .venv/bin/python experiments/reliability/kill_resume.py --phase=ann --trials=3
 
-Runs the real CLI (tests/reliability_test.py's launcher: it can only slow steps and checkpoint commits down) on
+Runs the real CLI (tests/reliability_test.py's launcher: it can only slow steps down) on
 the tiny quickstart ViT on 8 CPU devices, each step slowed by --step_delay so that kills spread over training:
   reference  one uninterrupted run, fresh compile;
   again      a second uninterrupted run (another process; it fills the persistent compilation cache that all
@@ -11,8 +11,9 @@ the tiny quickstart ViT on 8 CPU devices, each step slowed by --step_delay so th
   random     per trial, two launches each SIGKILLed at a random moment (a quarter at U(0, 6 s) after the start:
              start-up, compile, anything; the rest at a uniform time within the remaining training after the
              first logged step: steps and asynchronous checkpoint writes), then a launch that runs to the end;
-  mid-write  SIGKILL once a chosen checkpoint is committed; rerun, SIGKILL while the next checkpoint's files are
-             all written and only Orbax's commit rename is pending (held back 60 s); rerun to the end;
+  mid-write  SIGKILL once a chosen checkpoint is committed; then the next checkpoint left on disk as a kill
+             between its last file write and Orbax's commit rename leaves it (`leave_unfinished_write`); rerun
+             to the end;
   sigterm    SIGTERM after a logged step: exit status 143, a checkpoint at that step; rerun to the end.
 Each workdir must then hold the reference's checkpoints (every leaf of the state, bitwise) and its summary (up to
 times).
@@ -160,16 +161,11 @@ def main():
     cli.proc.send_signal(signal.SIGKILL)
     cli.finish()
     before = checkpoints(workdir, args.phase)[0]
-    cli = rt._Cli(workdir, *flags, step_delay=args.step_delay, commit_delay=60, cache=cache)
-    while not (tmp := [n for n in os.listdir(ckpt_dir) if "tmp" in n
-                       and os.path.exists(os.path.join(ckpt_dir, n, "commit_success.txt"))]):
-      assert cli.proc.poll() is None, cli.finish()[2][-3000:]
-      time.sleep(0.005)
-    cli.proc.send_signal(signal.SIGKILL)
-    cli.finish()
+    tmp = rt.leave_unfinished_write(ckpt_dir, os.path.join(reference, args.phase, "checkpoints"),
+                                    max(before) + args.every)
     rows.append((f"mid-write {trial}", f"SIGKILL once step {committed} is committed (checkpoints {before}) -> "
-                 f"rerun, SIGKILL when {tmp} is fully written but not yet renamed", launch(workdir, kill=False),
-                 compare(workdir, reference, args.phase)))
+                 f"{tmp} left fully written but not renamed (what a kill before Orbax's commit leaves)",
+                 launch(workdir, kill=False), compare(workdir, reference, args.phase)))
 
   workdir = os.path.join(root, "sigterm")
   cli = rt._Cli(workdir, *flags, step_delay=args.step_delay * 3, cache=cache)

@@ -1,0 +1,192 @@
+"""The loss, the train step and the eval step: pure functions of (state, batch), jitted by `dtvit.train`.
+
+A train state is a dict {'params', 'batch_stats', 'opt_state', 'step'}; a batch a dict of global arrays
+{'image' [B, H, W, C], 'label' [B], 'target' [B, K]} (eval: 'image', 'label', 'mask' [B], 1 for real examples).
+`diagnose_nonfinite` re-runs a train step that went non-finite and says where it first did.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dtvit import losses
+from dtvit import masks as masks_lib
+from dtvit import models
+from dtvit.models import paths
+
+# (rng, batch) -> batch, applied inside the jitted step (e.g. mixup / cutmix on device).
+AugmentFn = Callable[[jax.Array, dict], dict]
+
+
+def temperature_at(pc, step, num_steps):
+  """The mask temperature at `step`: geometric from `temperature_start` to `temperature_end` over the phase."""
+  frac = jnp.clip(step / max(num_steps, 1), 0.0, 1.0)
+  return pc.temperature_start * (pc.temperature_end / pc.temperature_start) ** frac
+
+
+def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None):
+  """(params, batch_stats, batch, temperature) -> (loss, (cross-entropy, cost, logits, new batch_stats)).
+
+  loss = cross-entropy + `time_cost` * time-step cost; the cost is 0 outside the 'snn' phase.
+  """
+  use_cost = phase == "snn" and model.mask.enabled and pc.time_cost > 0
+
+  def loss_fn(params, batch_stats, batch, temperature):
+    logits, new_bs = models.apply_model(model, {"params": params, "batch_stats": batch_stats}, batch["image"],
+                                        train=True, mask_temperature=temperature, with_aux=False)
+    ce = losses.cross_entropy(logits, batch["target"], label_smoothing=pc.label_smoothing)
+    cost = jnp.zeros(())
+    if use_cost:
+      cost = masks_lib.time_step_cost(models.active_scores(model, params), kind=pc.cost_kind,
+                                      op_weights=op_weights, target=pc.target_steps or None,
+                                      temperature=temperature, monotone=model.mask.monotone,
+                                      semantics=model.mask.semantics)
+    loss = ce + pc.time_cost * cost
+    return loss, (ce, cost, logits, new_bs)
+
+  return loss_fn
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every float leaf of `tree` is finite everywhere (a scalar bool array)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None,
+                    rng: jax.Array | None = None):
+  """The jitted-to-be step: (state, batch) -> (state, metrics).
+
+  When the loss, a gradient or an updated parameter is not finite the step returns the state it was given
+  (params, batch_stats, optimizer state untouched) and metric 'finite' False; under `nonfinite='skip'` the step
+  counter still advances past the batch. `augment_fn`, if given, transforms the batch first, with the key
+  `fold_in(rng, step)` (so a resumed run draws the same).
+  """
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+
+  def step_fn(state, batch):
+    if augment_fn is not None:
+      batch = augment_fn(jax.random.fold_in(rng, state["step"]), batch)
+    temperature = temperature_at(pc, state["step"], pc.num_steps)
+    (loss, (ce, cost, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, temperature)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params) & all_finite(new_bs)
+    new_state = {"params": params, "batch_stats": new_bs, "opt_state": opt_state, "step": state["step"] + 1}
+    # A non-finite step leaves the state as it was: the error policy can then say where it happened by
+    # re-running the step (`diagnose_nonfinite`), and the skip policy moves on from the last good state.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    if pc.nonfinite == "skip":
+      new_state["step"] = state["step"] + 1
+    metrics = {"loss": loss, "cross_entropy": ce, "time_cost": cost,
+               "accuracy": jnp.mean(losses.correct(logits, batch["label"])), "temperature": temperature,
+               "finite": finite}
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(model):
+  """(variables, batch) -> sums of correct / count over the batch's real examples; for the SNN also the aux
+  rates and masks (per step, averaged over the batch)."""
+
+  def eval_fn(variables, batch):
+    logits, aux = models.apply_model(model, variables, batch["image"])
+    w = batch["mask"]
+    out = {"correct": jnp.sum(losses.correct(logits, batch["label"]) * w), "count": jnp.sum(w)}
+    if model.phase == "snn":
+      for key in ("input_rates", "attention_rates", "spike_rates", "masks"):
+        out[key] = aux[key]
+    return out
+
+  return eval_fn
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Where a step went non-finite.
+
+
+def _forward_flags(model, variables, images, temperature) -> tuple[list[str], dict]:
+  """(module paths in the order their outputs are computed, {path: whether its outputs are finite})."""
+  order, flags = [], {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = paths.path_str(context.module.scope.path)
+    floats = [x for x in jax.tree.leaves(out) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if context.method_name == "__call__" and path and floats:
+      ok = all_finite(floats)
+      if path in flags:  # a subclass calling its parent's __call__: one module, ordered by its first return
+        flags[path] = flags[path] & ok
+      else:
+        order.append(path)
+        flags[path] = ok
+    return out
+
+  with nn.intercept_methods(interceptor):
+    models.apply_model(model, variables, images, train=True, mask_temperature=temperature, with_aux=False)
+  return order, flags
+
+
+def _finite_by_module(tree) -> dict[str, jax.Array]:
+  """{module: whether all its leaves in a params-like tree are finite}, in tree order."""
+  by_module: dict[str, list] = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    by_module.setdefault(paths.module_of_param(path), []).append(jnp.all(jnp.isfinite(x)))
+  return {m: jnp.all(jnp.stack(v)) for m, v in by_module.items()}
+
+
+def _describe(forward: list[str], modules: list[str], out: dict) -> str:
+  # Modules in execution order; a parameter of the root module (e.g. 'cls') counts as used first.
+  position = {m: (forward.index(m) if m in forward else -1) for m in modules}
+  bad_forward = [p for p, ok in zip(forward, out["forward"]) if not ok]
+  bad_grads = [m for m, ok in zip(modules, out["grads"]) if not ok]
+  bad_params = [m for m, ok in zip(modules, out["params"]) if not ok]
+  if bad_forward:
+    return (f"first non-finite module: {bad_forward[0]!r}, its output in the forward pass "
+            f"({len(bad_forward)} of {len(forward)} module outputs non-finite)")
+  if not out["loss"]:
+    return "first non-finite value: the loss (every module output was finite; check the targets and the loss)"
+  if bad_grads:
+    first = max(bad_grads, key=lambda m: position[m])
+    return (f"first non-finite module: {first!r}, its gradients in the backward pass (forward pass and loss "
+            f"finite; {len(bad_grads)} of {len(modules)} modules with non-finite gradients)")
+  if bad_params:
+    first = min(bad_params, key=lambda m: position[m])
+    return (f"first non-finite module: {first!r}, its parameters after the optimizer update (gradients finite; "
+            f"the learning rate is too high for them)")
+  return "not reproduced when the step was re-run (first non-finite module unknown)"
+
+
+def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None) -> str:
+  """Re-runs a non-finite train step from `state` on `batch` and says where the values first went non-finite.
+
+  In the order they are computed: the forward pass (the first leaf module whose output is non-finite, in
+  execution order, e.g. 'blocks_0/attn/q'), then the loss, then the backward pass (the first module in
+  backward order, i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer
+  update (the first module whose updated parameters are non-finite). Returns a one-line description.
+  """
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+  names: dict[str, list[str]] = {}
+
+  def fn(state, batch, step):
+    temperature = temperature_at(pc, step, pc.num_steps)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    names["forward"], flags = _forward_flags(model, variables, batch["image"], temperature)
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, state["batch_stats"], batch, temperature)[0])(
+        state["params"])
+    updates, _ = tx.update(grads, state["opt_state"], state["params"])
+    grads_ok = _finite_by_module(grads)
+    names["modules"] = list(grads_ok)
+    return {"forward": [flags[p] for p in names["forward"]], "loss": jnp.isfinite(loss),
+            "grads": list(grads_ok.values()),
+            "params": list(_finite_by_module(optax.apply_updates(state["params"], updates)).values())}
+
+  out = jax.device_get(jax.jit(fn)(state, batch, jnp.asarray(step, jnp.int32)))
+  return _describe(names["forward"], names["modules"], out)
