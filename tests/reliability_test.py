@@ -264,8 +264,8 @@ def test_diagnosis_names_the_leaf_module_the_loss_or_the_update(tiny_config):
   state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
   local = next(input_pipeline.train_batches(config.data, global_batch_size=8, seed=0))
   batch = {k: local[k] for k in ("image", "label", "target")}
-  diagnose = lambda s, b, t=tx: steps.diagnose_nonfinite(model, t, pc, s, sharding.global_batch(mesh, b), 0,  # noqa: E731
-                                                          phase="ann", op_weights=None)
+  diagnose = lambda s, b, t=tx: steps.diagnose_nonfinite(  # noqa: E731
+      model, t, pc, s, sharding.global_batch(mesh, b), 0, phase="ann", op_weights=None)
   assert "not reproduced" in diagnose(state, batch)
 
   params = jax.tree.map(np.array, jax.device_get(state["params"]))
