@@ -6,13 +6,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import cifar10_spikformer
 from configs import quickstart
 from dtvit import checkpointing
 from dtvit import models
+from dtvit import steps
 from dtvit import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,3 +179,25 @@ def test_cli_rejects_unknown_config_key(tmp_path):
        "--config.snn.time_csot=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "time_csot" in proc.stderr
+
+
+def test_train_step_applies_an_on_device_augmentation_with_a_key_per_step(tiny_config):
+  """`augment_fn(rng, batch)` runs inside the step on the batch, with the key fold_in(rng, step)."""
+  config = tiny_config(**{"phases": "ann"})
+  info = train.input_pipeline.get_info(config.data)
+  model = train.phase_model(config, info.num_classes, "ann")
+  tx = optax.sgd(0.1)
+  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, train.sharding.make_mesh(1))
+  local = next(train.input_pipeline.train_batches(config.data, global_batch_size=8, seed=0,
+                                                  num_classes=info.num_classes))
+  batch = {k: jnp.asarray(local[k]) for k in ("image", "label", "target")}
+  noise = lambda rng, b: dict(b, image=b["image"] + jax.random.normal(rng, b["image"].shape))  # noqa: E731
+  rng = jax.random.key(7)
+  make = lambda **kw: jax.jit(steps.make_train_step(model, tx, config.ann, phase="ann", op_weights=None, **kw))  # noqa: E731
+  augmented = make(augment_fn=noise, rng=rng)(state, batch)[0]["params"]
+  plain = make()
+  # The same program but for where the noise is drawn: equal up to float32 rounding of a fused computation.
+  want = plain(state, noise(jax.random.fold_in(rng, 0), batch))[0]["params"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), augmented, want)
+  other_step = plain(state, noise(jax.random.fold_in(rng, 1), batch))[0]["params"]
+  assert not np.allclose(augmented["head"]["kernel"], other_step["head"]["kernel"], rtol=1e-5, atol=1e-6)
