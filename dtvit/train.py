@@ -114,7 +114,7 @@ def _abstract(fn, mesh, *args):
 def _run_once(fn, mesh, *args):
   """`fn(*args)` under one jit whose outputs are created with the state's shardings, never on one device
   first. It runs once, so XLA's backend optimisations (seconds of compile time on CPU) are skipped, as in
-  `models.init`: the initial values are the bits `models.init` gives."""
+  `models.init`; they also change the initialisers' last bits, so this keeps the values `models.init` gives."""
   shardings = jax.tree.map(lambda x: x.sharding, _abstract(fn, mesh, *args))
   lowered = jax.jit(fn, out_shardings=shardings).lower(*args)
   try:

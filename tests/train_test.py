@@ -95,6 +95,26 @@ def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config,
   assert any(k.endswith("/threshold") for k in flat_ann)
 
 
+def test_ann_checkpoint_of_another_t_max_starts_the_scores_fresh(tiny_config, ann_run):
+  ann_dir, _ = ann_run
+  config = tiny_config(**{"phases": "ann,snn", "model.num_steps": 4})  # the ANN twin was saved with T_max = 3
+  info = train.input_pipeline.get_info(config.data)
+  model = train.phase_model(config, info.num_classes, "snn")
+  mesh = train.sharding.make_mesh(-1)
+  variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
+                                      mesh=mesh)
+  _, ann_params = load_params(os.path.join(ann_dir, "ann"))
+  flat_ann = {"/".join(p): v for p, v in _flatten(ann_params).items()}
+  flat_snn = {"/".join(p): v for p, v in _flatten(variables["params"]).items()}
+  assert flat_ann.keys() == flat_snn.keys()
+  for k, v in flat_snn.items():
+    if k.endswith("/time_scores"):
+      assert v.shape == (4,) and flat_ann[k].shape == (3,), k
+    else:
+      np.testing.assert_array_equal(v, flat_ann[k], err_msg=k)
+    assert v.sharding == train.sharding.replicated(mesh), k
+
+
 def _flatten(tree):
   import flax
   return flax.traverse_util.flatten_dict(tree)
