@@ -33,6 +33,7 @@ BLOCK_PREFIX = "blocks_"
 SCORES = "time_scores"          # a unit's scores [T_max]: the leaf of its mask holder
 MODULE_MASK = "time_mask"       # the mask holder of a module (granularity 'module')
 NEURON_PARAMS = ("threshold", "leak")
+ATTN_NEURON = "attn_lif"         # the neuron after the attention products
 ATTENTION_PRODUCTS = ("qk", "kv", "qkv")  # op-count suffixes of the spike products (see `dtvit.energy`)
 OUTPUT = masks_lib.OUTPUT
 
@@ -97,7 +98,7 @@ def neuron_work(neuron: str) -> str:
 
 def attention_neuron(module: str) -> str:
   """The neuron the attention products of `module` feed."""
-  return join(module, "attn_lif")
+  return join(module, ATTN_NEURON)
 
 
 def attention_product(module: str, product: str) -> str:
@@ -105,6 +106,11 @@ def attention_product(module: str, product: str) -> str:
   if product not in ATTENTION_PRODUCTS:
     raise ValueError(f"Unknown attention product {product!r}; choose one of {ATTENTION_PRODUCTS}.")
   return join(module, product)
+
+
+def attention_module(product: str) -> str:
+  """The attention module an attention product's op-count name belongs to: 'blocks_0/attn/kv' -> 'blocks_0/attn'."""
+  return product.rpartition("/")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
