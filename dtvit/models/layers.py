@@ -96,8 +96,8 @@ class Neuron(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask_T=None, *, static: bool = False):
-    threshold = self.param("threshold", nn.initializers.constant(self.init_threshold), (), jnp.float32)
-    leak = self.param("leak", nn.initializers.constant(self.cfg.init_leak), (), jnp.float32)
+    threshold = self.param(paths.THRESHOLD, nn.initializers.constant(self.init_threshold), (), jnp.float32)
+    leak = self.param(paths.LEAK, nn.initializers.constant(self.cfg.init_leak), (), jnp.float32)
     # A threshold driven to <= 0 by an optimiser step would fire on every step; keep it positive.
     threshold = jnp.maximum(threshold, 1e-3)
     if self.phase == "ann":
@@ -325,21 +325,21 @@ class SpikingSelfAttention(SpikingModule):
     x_XND = self.take_steps(x_XND)
     heads = x_XND.shape[:-1] + (self.num_heads, D // self.num_heads)
     masks, works = self.unit_masks(temperature)
-    q, k, v = (self.dense_unit(x_XND, D, n, masks, works, train=train).reshape(heads) for n in ("q", "k", "v"))
-    y, first, second = SpikeProducts(name="products")(q, k, v)
+    q, k, v = (self.dense_unit(x_XND, D, n, masks, works, train=train).reshape(heads) for n in paths.QKV)
+    y, first, second = SpikeProducts(name=paths.PRODUCTS)(q, k, v)
     attn = paths.ATTN_NEURON
     if self.phase == "snn":
       # The products feed the attention neuron: their work is needed at its working steps at which none of
       # Q, K, V is masked (a masked operand makes the product 0).
       prod_T = works[attn]
       if prod_T is not None:
-        for n in ("q", "k", "v"):
+        for n in paths.QKV:
           prod_T = prod_T * masks_lib.binary(masks[paths.neuron_of(n)])
       for name, operand in zip(paths.AUX_ATTENTION_RATES, (first, second)):
         sow(self, name, _gate(step_rate(operand, self.sim_steps), prod_T))
     y = (y * self.scale).reshape(x_XND.shape)
     y = self.neuron_layer(y, attn, masks[attn], threshold=self.neuron.attn_threshold)
-    return self.pad_steps(self.dense_unit(y, D, "proj", masks, works, train=train))
+    return self.pad_steps(self.dense_unit(y, D, paths.PROJ, masks, works, train=train))
 
 
 class SpikingMLP(SpikingModule):
@@ -354,8 +354,9 @@ class SpikingMLP(SpikingModule):
       return jnp.zeros_like(x_XND)
     x_XND = self.take_steps(x_XND)
     masks, works = self.unit_masks(temperature)
-    h = self.dense_unit(x_XND, self.hidden_dim, "fc1", masks, works, train=train)
-    return self.pad_steps(self.dense_unit(h, x_XND.shape[-1], "fc2", masks, works, train=train))
+    fc1, fc2 = paths.FC
+    h = self.dense_unit(x_XND, self.hidden_dim, fc1, masks, works, train=train)
+    return self.pad_steps(self.dense_unit(h, x_XND.shape[-1], fc2, masks, works, train=train))
 
 
 class Block(SpikingModule):
@@ -398,8 +399,7 @@ class SPSStem(SpikingModule):
       return self.skipped_tokens(images_BHWC, 2 ** sum(bool(p) for p in self.pools))
     masks, works = self.unit_masks(temperature, enabled=self.mask.mask_stem)
     x = images_BHWC
-    for i, c in enumerate((self.dim // 8, self.dim // 4, self.dim // 2, self.dim)):
-      layer = f"conv{i}"
+    for i, (layer, c) in enumerate(zip(paths.SPS_CONVS, (self.dim // 8, self.dim // 4, self.dim // 2, self.dim))):
       unit = paths.neuron_of(layer)
       # The analog stage runs once per image ([B, ...], no time axis): its statistics cover the images.
       work_T = None if i == 0 else works[unit]
@@ -410,9 +410,9 @@ class SPSStem(SpikingModule):
       x = self.neuron_layer(x, unit, masks[unit], static=(i == 0))
       if self.pools[i] and not self.pool_first:
         x = max_pool(x, self.fused)
-    unit = paths.neuron_of("rpe")
-    r = self.conv(self.dim, "rpe")(x, works[unit])
-    r = batch_norm(train, paths.batch_norm_of("rpe"))(r, works[unit])
+    unit = paths.neuron_of(paths.RPE)
+    r = self.conv(self.dim, paths.RPE)(x, works[unit])
+    r = batch_norm(train, paths.batch_norm_of(paths.RPE))(r, works[unit])
     x = x + self.neuron_layer(r, unit, masks[unit])
     return self.pad_steps(x.reshape(x.shape[0], -1, self.dim))
 
@@ -433,9 +433,9 @@ class PatchStem(SpikingModule):
     masks, _ = self.unit_masks(temperature, enabled=self.mask.mask_stem)
     p = self.patch_size
     x = conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, phase=self.phase,
-             num_steps=self.sim_steps, kind="analog", fast=self.fused, name="patch")(images_BHWC)
+             num_steps=self.sim_steps, kind="analog", fast=self.fused, name=paths.PATCH)(images_BHWC)
     x = x.reshape(x.shape[0], -1, self.dim)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim), jnp.float32)
-    x = batch_norm(train, paths.batch_norm_of("patch"))(x + pos.astype(x.dtype))
-    unit = paths.neuron_of("patch")
+    x = batch_norm(train, paths.batch_norm_of(paths.PATCH))(x + pos.astype(x.dtype))
+    unit = paths.neuron_of(paths.PATCH)
     return self.pad_steps(self.neuron_layer(x, unit, masks[unit], static=True))
