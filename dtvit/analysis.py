@@ -279,7 +279,8 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
   name, workdir, phase, masks ('learned' | 'fixed T'), semantics, T_max, T_avg, T_avg_op, T_sim, T_sim_op,
   accuracy, accuracy_all_steps, ann_accuracy, snn_energy_uj, ann_energy_uj, energy_ratio, note.
   T_sim (the mean of the masked modules' simulated steps) is T_max for a fixed-T run; for a learned run whose
-  summary predates it, None."""
+  summary predates it, that of its masks under 'filter' (the only semantics then; granularity 'module'), else
+  None."""
   rows = []
   for name, wd in zip(run_names(workdirs), workdirs):
     row = {"name": name, "workdir": os.path.abspath(wd), **{k: None for k in _ROW_KEYS}, "note": ""}

@@ -128,18 +128,18 @@ def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], num_steps: int
   fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(names) + 2), 5.0))
   kinds = [_kind(n) for n in names]
   x = np.arange(len(names))
-  if simulated:
+  if names:
     ax.bar(x, [simulated[n] for n in names], color="0.85", edgecolor="0.5", width=0.75,
            label="simulated steps (work needed)")
   ax.bar(x, [steps_per_module[n] for n in names], color=[_COLORS[k] for k in kinds], width=0.6)
   for i, n in enumerate(names):
     pattern = "".join(str(int(v)) for v in np.asarray(step_counts[n]["mask"]).reshape(-1))
-    top = max(steps_per_module[n], simulated[n] if simulated else 0.0)
+    top = max(steps_per_module[n], simulated[n])
     ax.text(i, top + 0.08, pattern, ha="center", va="bottom", fontsize=8, family="monospace")
   t_avg = masks_lib.average_steps(step_counts, "active_steps") or 0.0
   ax.axhline(num_steps, color="0.3", ls="--", lw=1, label=f"T_max = {num_steps}")
   ax.axhline(t_avg, color="0.3", ls=":", lw=1, label=f"T_avg = {t_avg:.2f} (mean active steps over modules)")
-  if simulated:
+  if names:
     t_sim = masks_lib.average_steps(step_counts, "simulated_steps")
     ax.axhline(t_sim, color="0.5", ls="-.", lw=1, label=f"mean simulated steps = {t_sim:.2f}")
   for kind in (paths.ATTN, paths.MLP, "other"):
@@ -158,7 +158,7 @@ def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], num_steps: int
 
 
 def _kind(module: str) -> str:
-  """A masked module's colour: its kind ('attn' | 'mlp'), else 'other' (the stem; neurons with granularity
+  """The colour group of a masked unit: 'attn', 'mlp', or 'other' (the stem; single neurons with granularity
   'layer')."""
   kind = paths.short_name(module)
   return kind if kind in (paths.ATTN, paths.MLP) else "other"
