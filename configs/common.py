@@ -2,7 +2,7 @@
 
 Layout:
   seed, workdir-independent run settings
-  data.*     input pipeline (dtvit/input_pipeline.py)
+  data.*     data sources, augmentation and batching (dtvit/data/)
   model.*    architecture, T_max, neuron and mask settings (dtvit/models)
   phases     which phases run, in order: 'ann', 'snn', 'finetune' (comma-separated)
   ann.*, snn.*, finetune.*   one training phase each (optimizer, steps, logging, time-step cost...)
@@ -11,7 +11,7 @@ Layout:
 
 import ml_collections
 
-from dtvit import input_pipeline
+from dtvit import data
 
 
 def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.ConfigDict:
@@ -49,7 +49,7 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = input_pipeline.default_data_config()
+  c.data = data.default_data_config()
   c.eval_batch_size = 256
   c.eval_examples = 0                # > 0: evaluate an evenly strided subset of the test split (quick runs)
 

@@ -40,7 +40,7 @@ class Loaded:
     workdir: the run's directory (absolute).
     phase: 'ann' | 'snn' | 'finetune': which phase's checkpoint the variables come from.
     config: the run's config (`ml_collections.ConfigDict` of `<workdir>/config.json`).
-    info: the data set's `input_pipeline.DatasetInfo` (num_classes, image_shape (H, W, C), split sizes).
+    info: the data set's `data.DatasetInfo` (num_classes, image_shape (H, W, C), split sizes).
     model: the `SpikingViT` this object runs: phase 'ann' (ANN twin) or 'snn' with hard masks (or masks off,
       see `variant`).
     variables: {'params', 'batch_stats'} restored from the checkpoint.
@@ -160,10 +160,9 @@ class Loaded:
     """One pass over the run's data split, as its evaluation saw it: dicts of numpy 'image' [B, H, W, C]
     (normalised), 'label' [B], 'mask' [B] (0 on the padding of the last batch). Default batch size: the
     run's eval_batch_size."""
-    from dtvit import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.eval_batches(self.config.data, split=split,
-                                       global_batch_size=batch_size or self.config.eval_batch_size,
-                                       process_index=0, process_count=1)
+    from dtvit import data  # pylint: disable=g-import-not-at-top
+    return data.eval_batches(self.config.data, split=split, global_batch_size=batch_size or self.config.eval_batch_size,
+                             process_index=0, process_count=1)
 
   def __repr__(self) -> str:
     m = self.model
@@ -271,10 +270,10 @@ def _load_phase(workdir: str, config, phase: str) -> Loaded:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dtvit import checkpointing  # pylint: disable=g-import-not-at-top
-  from dtvit import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dtvit import data  # pylint: disable=g-import-not-at-top
   from dtvit import models  # pylint: disable=g-import-not-at-top
 
-  info = input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   model = models.build_model(config.model, info.num_classes, phase="ann" if phase == "ann" else "snn")
   if phase != "ann":
     model = models.with_mask(model, hard=True)

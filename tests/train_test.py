@@ -12,6 +12,7 @@ import pytest
 from configs import cifar10_spikformer
 from configs import quickstart
 from dtvit import checkpointing
+from dtvit import data
 from dtvit import models
 from dtvit import train
 
@@ -78,7 +79,7 @@ def test_time_step_cost_lowers_learned_steps(tiny_config, ann_run, tmp_path):
 def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
-  info = train.input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   model = train.phase_model(config, info.num_classes, "snn")
   variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0))
   _, ann_params = load_params(os.path.join(ann_dir, "ann"))
@@ -137,7 +138,7 @@ def test_cifar10_archive_tiny_training(tmp_path):
   config.eval_examples = 1000
   summary = train.run(config, str(tmp_path / "run"))
   assert summary["ann"]["steps"] == config.ann.num_steps
-  info = train.input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   assert (info.num_train, info.num_test, info.num_classes) == (50000, 10000, 10)
   assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
 
