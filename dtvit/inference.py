@@ -279,7 +279,7 @@ def early_exit_eval(step_logits_TBK, labels_B, thresholds, criterion: str = "con
 def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapping[str, Any]], thresholds,
                             criterion: str = "confidence", *, skip_steps: bool = True) -> list[dict]:
   """`early_exit_eval` over a dataset: batches are {'image', 'label'[, 'mask']} (as from
-  `input_pipeline.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
+  `data.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
   steps skipped when `skip_steps` (same step logits either way). Rows also have 'avg_simulated_steps' (the
   mean over mask units of their simulated steps up to each sample's exit, `simulated_steps_by_exit`)."""
   _check_early_exit_args(criterion, thresholds)

@@ -1,6 +1,6 @@
 """Training: the ANN twin, the SNN with learned time steps, an optional mask-frozen fine-tune; summary.
 
-The path of a batch: `input_pipeline.train_batches` (numpy, this process's slice) -> `sharding.global_batch`
+The path of a batch: `data.train_batches` (numpy, this process's slice) -> `sharding.global_batch`
 (global array split over the 'data' mesh axis) -> `train_step` (one `jax.jit`: model forward on the folded
 time x batch axis, cross-entropy + time-step cost, gradients, optax update) -> metrics.
 
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from dtvit import checkpointing
-from dtvit import input_pipeline
+from dtvit import data
 from dtvit import losses
 from dtvit import masks as masks_lib
 from dtvit import metrics as metrics_lib
@@ -253,7 +253,7 @@ def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
   eval_fn = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
   correct = count = 0.0
   rate_sums, n_full = None, 0
-  for local in input_pipeline.eval_batches(config.data, split=split, global_batch_size=gb,
+  for local in data.eval_batches(config.data, split=split, global_batch_size=gb,
                                            max_examples=config.get("eval_examples", 0)):
     batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
     out = jax.device_get(eval_fn(variables, batch))
@@ -379,7 +379,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   history = meta.get("history", [])
   t0 = time.time()
   if start < end:
-    batches = input_pipeline.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
+    batches = data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
                                            start_step=start, num_classes=info.num_classes)
     bar = metrics_lib.progress_bar(pc.num_steps, initial=start, desc=phase)
     with _SigtermFlag() as sigterm:
@@ -531,7 +531,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
     sharding.check_batch_size(config[phase].batch_size, mesh, f"{phase}.batch_size")
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   checkpointing.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
-  info = input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   t0 = time.time()
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}
