@@ -2,7 +2,7 @@
 
 Layout:
   seed, workdir-independent run settings
-  data.*     input pipeline (dtvit/input_pipeline.py)
+  data.*     data sources, augmentation and batching (dtvit/data/)
   model.*    architecture, T_max, neuron and mask settings (dtvit/models)
   phases     which phases run, in order: 'ann', 'snn', 'finetune' (comma-separated)
   ann.*, snn.*, finetune.*   one training phase each (optimizer, steps, logging, time-step cost...)
@@ -11,7 +11,7 @@ Layout:
 
 import ml_collections
 
-from dtvit import input_pipeline
+from dtvit import data
 
 
 def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.ConfigDict:
@@ -49,13 +49,13 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = input_pipeline.default_data_config()
+  c.data = data.default_data_config()
   c.eval_batch_size = 256
   c.eval_examples = 0                # > 0: evaluate an evenly strided subset of the test split (quick runs)
 
   m = c.model = ml_collections.ConfigDict()
   m.arch = "spikformer"              # 'spikformer' | 'vit'
-  m.variant = "4-384"                # see dtvit/models/spikformer.py, vit.py
+  m.variant = "4-384"                # see dtvit/models/spiking_vit.py (SPIKFORMER_VARIANTS, VIT_VARIANTS)
   m.num_steps = 4                    # T_max
   m.patch_size = 4                   # 'vit' only
   m.depth = 0                        # 0: the variant's; else an override
@@ -66,6 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.stem_pool_first = False          # 'spikformer': pool before the stem neuron (SpikingJelly's order)
   m.dtype = "float32"                # matmul dtype: 'float32' | 'bfloat16' (membranes stay float32)
   m.attn_scale = 0.125
+  m.kernels = "fused"                # or 'reference' (lax.scan, lax conv, Flax pool): same numbers, slower
   n = m.neuron = ml_collections.ConfigDict()
   n.neuron = "lif"                   # 'lif' (authors') | 'if' | 'spikformer'
   n.surrogate = "pwl"                # 'pwl' | 'sigmoid' | 'atan'
@@ -79,9 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   n.init_membrane = 0.5              # U[0] / threshold (0.5: rate rounds the input; better ANN -> SNN)
   n.surrogate_input = "normalized"   # the surrogate acts on U/Vth - 1 | 'difference': on U - Vth (SpikingJelly)
   # False | 'blocks': the backward pass recomputes the stem and each block from its input (bounded BPTT memory,
-  # ~1.15x step time); True | 'spikes': jax.checkpoint variants, which XLA:CPU does not honour (see ops.py).
+  # ~1.15x step time).
   n.remat = ml_collections.FieldReference(False, field_type=object)
-  n.unroll = 1
   k = m.mask = ml_collections.ConfigDict()
   k.enabled = True                   # False: fixed T = T_max
   k.mode = "ste"                     # 'ste' | 'sigmoid'
@@ -157,12 +157,12 @@ def make_tiny(c: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int =
 
 
 def set_neuron_preset(c, name: str, **overrides):
-  """Sets every field of `c.model.neuron` that a named preset fixes (dtvit.models.layers.NEURON_PRESETS, e.g.
+  """Sets every field of `c.model.neuron` that a named preset fixes (dtvit.models.settings.NEURON_PRESETS, e.g.
   'spikingjelly': all settings equal SpikingJelly's Spikformer); `overrides` change some of them."""
-  from dtvit.models import layers  # pylint: disable=g-import-not-at-top
-  if name not in layers.NEURON_PRESETS:
-    raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(layers.NEURON_PRESETS)}.")
-  for k, v in {**layers.NEURON_PRESETS[name], **overrides}.items():
+  from dtvit.models import settings  # pylint: disable=g-import-not-at-top
+  if name not in settings.NEURON_PRESETS:
+    raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(settings.NEURON_PRESETS)}.")
+  for k, v in {**settings.NEURON_PRESETS[name], **overrides}.items():
     c.model.neuron[k] = v
   return c
 

@@ -1,8 +1,9 @@
 """Energy accounting for the spiking ViTs: dense op counts, synaptic operations (SOPs), ANN vs SNN energy.
 
 Everything here is plain numpy / jnp on numbers the model reports; the only model hooks are the static op
-counts recorded while the model is traced under `dtvit.models.layers.record_ops()` (with `jax.eval_shape`, so
-nothing is computed) and the 'aux' side outputs of an SNN evaluation (`models.apply_model`).
+counts of its counted layers (their `op_counts`, collected by a Flax method interceptor while the model is
+traced with `jax.eval_shape`, so nothing is computed) and the 'aux' side outputs of an SNN evaluation
+(`models.apply_model`).
 
 Op counts (`op_counts`). For each layer that does synaptic work, 'macs' is the dense multiply-accumulate count
 for ONE sample at ONE time step, as the layer records it:
@@ -61,13 +62,13 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dtvit import masks as masks_lib
 from dtvit import models
-from dtvit.models import layers
 from dtvit.models import paths
 
 E_MAC = 4.6e-12  # J per 32-bit float multiply-accumulate, 45 nm (Horowitz, ISSCC 2014)
@@ -77,12 +78,20 @@ UNMASKED = "<unmasked>"  # the per-module table's row for layers no mask gates (
 
 
 def _trace(model, image_shape) -> tuple[dict, list[str]]:
-  """(op counts {layer: {'kind', 'macs', 'module'}}, sorted masked-module names) from one abstract trace."""
+  """(op counts {layer: {'kind', 'macs', 'module'}}, sorted masked-unit names) from one abstract trace."""
   image_shape = tuple(int(d) for d in image_shape)
   if len(image_shape) != 3:
     raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}.")
   model.validate()
-  with layers.record_ops() as rec:
+  rec: dict = {}
+
+  def count(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and hasattr(context.module, "op_counts"):
+      rec.update(context.module.op_counts(args, out))
+    return out
+
+  with nn.intercept_methods(count):
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                                jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
   if not rec:
@@ -91,22 +100,9 @@ def _trace(model, image_shape) -> tuple[dict, list[str]]:
   if bad:
     raise ValueError(f"Unknown op kinds {bad}; expected one of {KINDS}.")
   masked = sorted(models.time_step_scores(variables["params"]))
-  granularity = model.mask.granularity
-  counts = {}
-  for path, r in rec.items():
-    counts[path] = {"kind": r["kind"], "macs": int(r["macs"]),
-                    "module": _gating_module(path, r["kind"], masked, granularity)}
+  counts = {path: dict(r, module=paths.gating_unit(path, r["kind"], masked, model.mask.granularity))
+            for path, r in rec.items()}
   return counts, masked
-
-
-def _gating_module(path: str, kind: str, masked: list[str], granularity: str):
-  if kind == "analog":
-    return None  # runs once per image: no per-step mask gates it
-  if granularity == "layer":
-    unit = path.rpartition("/")[0] + "/attn_lif" if kind == "attention" else path + "_lif"
-    return unit if unit in masked else None
-  owners = [m for m in masked if path.startswith(m + "/")]
-  return max(owners, key=len) if owners else None
 
 
 def op_counts(model, image_shape) -> dict[str, dict[str, Any]]:
@@ -192,99 +188,20 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
       active), 'average_simulated_steps', 'op_weighted_average_steps', 'op_weighted_average_simulated_steps',
       'stem' (an unmasked stem's own steps, or None), 'masks_binary'.
   """
-  for name, e in (("e_mac", e_mac), ("e_ac", e_ac)):
-    if not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
-      raise ValueError(f"{name} must be a finite number >= 0 (joules), got {e!r}.")
-  if not isinstance(aux, Mapping):
-    raise ValueError(f"aux must be the dict returned by models.apply_model, got {type(aux).__name__}.")
-  for key in ("input_rates", "attention_rates"):
-    if not isinstance(aux.get(key), Mapping):
-      raise ValueError(f"aux has no {key!r} dict; pass the aux of an SNN evaluation (models.apply_model).")
+  _check_inputs(aux, e_mac, e_ac)
   T = int(model.num_steps)
   counts, masked = _trace(model, image_shape)
-  hint = ("The SNN records them at every synaptic layer: pass the aux of an SNN evaluation (phase='snn') of "
-          "this model, with_aux=True.")
-
-  rate_layers = [p for p, c in counts.items() if c["kind"] == "synaptic"]
-  attn_layers: dict[str, list[str]] = {}
-  for p, c in counts.items():
-    if c["kind"] == "attention":
-      attn_layers.setdefault(p.rpartition("/")[0], []).append(p)
-  _check_keys("input rates (layers)", aux["input_rates"], rate_layers, hint)
-  _check_keys("attention rates (attention modules)", aux["attention_rates"], attn_layers, hint)
-
-  rates, sources = {}, {}
-  for p in rate_layers:
-    rates[p], sources[p] = _rate(aux["input_rates"][p], f"layer {p!r}", T), f"input_rates[{p!r}]"
-  for m, products in attn_layers.items():
-    pair = aux["attention_rates"][m]
-    if not isinstance(pair, (tuple, list)) or len(pair) != len(products):
-      raise ValueError(f"attention_rates[{m!r}] must hold {len(products)} rates (one per attention product "
-                       f"{products}), got {pair!r}.")
-    for i, p in enumerate(products):
-      rates[p] = _rate(pair[i], f"attention product {p!r} (attention_rates[{m!r}][{i}])", T)
-      sources[p] = f"attention_rates[{m!r}][{i}]"
-
-  # Masks: with masks disabled the model sows none and every step is active.
-  given_masks = aux.get("masks") or {}
-  if model.mask.enabled:
-    _check_keys("masks (masked modules)", given_masks, masked, hint)
-    mask_T = {m: _rate(given_masks[m], f"mask of {m!r}", T) for m in masked}
-  else:
-    if given_masks:
-      raise ValueError(f"aux has masks {sorted(given_masks)} but the model's masks are disabled.")
-    mask_T = {m: np.ones(T) for m in masked}
-  units = paths.mask_units(model)
-  counts_per_unit = masks_lib.step_counts({m: jnp.asarray(v) for m, v in mask_T.items()},
-                                          {m: units[m] for m in masked}, model.mask.semantics)
-  given_work = aux.get("work") or {}
-  if model.mask.enabled and given_work:
-    # The model gated its rates by the work masks it computed; they must be the accounting's.
-    _check_keys("work masks (masked modules)", given_work, masked, hint)
-    for m in masked:
-      if [int(v) for v in np.asarray(given_work[m]) > 0] != counts_per_unit[m]["work"]:
-        raise ValueError(f"aux's work mask of {m!r} {np.asarray(given_work[m]).tolist()} is not the accounting's "
-                         f"{counts_per_unit[m]['work']} for mask {counts_per_unit[m]['mask']} under "
-                         f"{model.mask.semantics!r}: was aux produced with other mask semantics?")
-
-  table = {}
-  ann_total = snn_analog = sops = 0
-  for p, c in counts.items():
-    macs = c["macs"]
-    ann_total += macs
-    row = {"kind": c["kind"], "module": c["module"], "macs": macs}
-    if c["kind"] == "analog":
-      snn_analog += macs
-      row.update(rate_source=None, input_rate_per_step=None, mean_input_rate=None, acs_per_step=None,
-                 acs=0.0, energy_j=float(e_mac * macs))
-    else:
-      acs_T = macs * rates[p]
-      acs = float(np.sum(acs_T))
-      sops += acs
-      row.update(rate_source=sources[p], input_rate_per_step=[float(r) for r in rates[p]],
-                 mean_input_rate=float(np.mean(rates[p])), acs_per_step=[float(a) for a in acs_T], acs=acs,
-                 energy_j=float(e_ac * acs))
-    table[p] = row
-
+  rates, sources = _layer_rates(counts, aux, T)
+  mask_T, per_unit = _unit_steps(model, masked, aux)
+  table = _layer_table(counts, rates, sources, e_mac, e_ac)
   weights = _module_weights(counts, masked)
-  modules = {m: {"macs": 0, "analog_macs": 0, "steps": counts_per_unit[m]["active_steps"],
-                 "simulated_steps": counts_per_unit[m]["simulated_steps"],
-                 "mask": [float(v) for v in mask_T[m]], "work": counts_per_unit[m]["work"], "acs": 0.0,
-                 "energy_j": 0.0, "layers": []} for m in masked}
-  modules[UNMASKED] = {"macs": 0, "analog_macs": 0, "steps": None, "simulated_steps": None, "mask": None,
-                       "work": None, "acs": 0.0, "energy_j": 0.0, "layers": []}
-  for p, row in table.items():
-    group = modules[UNMASKED if row["module"] is None else row["module"]]
-    group["analog_macs" if row["kind"] == "analog" else "macs"] += row["macs"]
-    group["acs"] += row["acs"]
-    group["energy_j"] += row["energy_j"]
-    group["layers"].append(p)
-
-  active = {m: counts_per_unit[m]["active_steps"] for m in masked}
-  simulated = {m: counts_per_unit[m]["simulated_steps"] for m in masked}
-  t_avg, t_op = _averages(active, weights, T)
-  t_sim, t_sim_op = _averages(simulated, weights, T)
-
+  active = {m: per_unit[m]["active_steps"] for m in masked}
+  simulated = {m: per_unit[m]["simulated_steps"] for m in masked}
+  t_avg, t_op = _averages(per_unit, "active_steps", weights, T)
+  t_sim, t_sim_op = _averages(per_unit, "simulated_steps", weights, T)
+  ann_total = sum(row["macs"] for row in table.values())
+  snn_analog = sum(row["macs"] for row in table.values() if row["kind"] == "analog")
+  sops = sum(row["acs"] for row in table.values())
   ann_energy = float(e_mac * ann_total)
   snn_energy = float(e_mac * snn_analog + e_ac * sops)
   return {
@@ -295,7 +212,7 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
                  "ann_energy_j": ann_energy, "snn_energy_j": snn_energy,
                  "energy_ratio": snn_energy / ann_energy if ann_energy > 0 else None},
       "layers": table,
-      "modules": modules,
+      "modules": _module_table(table, masked, mask_T, per_unit),
       "mask_semantics": model.mask.semantics,
       "steps_per_module": active,
       "simulated_steps_per_module": simulated,
@@ -308,11 +225,107 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
   }
 
 
-def _averages(steps: Mapping[str, float], weights: Mapping[str, int], T: int) -> tuple[float, float | None]:
-  """(mean over units, op-weighted mean) of per-unit step counts; (T, T) without masked units."""
-  if not steps:
+_HINT = ("The SNN records them at every synaptic layer: pass the aux of an SNN evaluation (phase='snn') of this "
+         "model, with_aux=True.")
+
+
+def _check_inputs(aux, e_mac, e_ac) -> None:
+  for name, e in (("e_mac", e_mac), ("e_ac", e_ac)):
+    if not (isinstance(e, (int, float)) and math.isfinite(e) and e >= 0):
+      raise ValueError(f"{name} must be a finite number >= 0 (joules), got {e!r}.")
+  if not isinstance(aux, Mapping):
+    raise ValueError(f"aux must be the dict returned by models.apply_model, got {type(aux).__name__}.")
+  for key in ("input_rates", "attention_rates"):
+    if not isinstance(aux.get(key), Mapping):
+      raise ValueError(f"aux has no {key!r} dict; pass the aux of an SNN evaluation (models.apply_model).")
+
+
+def _layer_rates(counts, aux, T: int) -> tuple[dict, dict]:
+  """({layer: input rate [T]}, {layer: where in aux it came from}) for every non-analog layer."""
+  rate_layers = [p for p, c in counts.items() if c["kind"] == "synaptic"]
+  attn_layers: dict[str, list[str]] = {}
+  for p, c in counts.items():
+    if c["kind"] == "attention":
+      attn_layers.setdefault(paths.attention_module(p), []).append(p)
+  _check_keys("input rates (layers)", aux["input_rates"], rate_layers, _HINT)
+  _check_keys("attention rates (attention modules)", aux["attention_rates"], attn_layers, _HINT)
+  rates, sources = {}, {}
+  for p in rate_layers:
+    rates[p], sources[p] = _rate(aux["input_rates"][p], f"layer {p!r}", T), f"input_rates[{p!r}]"
+  for m, products in attn_layers.items():
+    pair = aux["attention_rates"][m]
+    if not isinstance(pair, (tuple, list)) or len(pair) != len(products):
+      raise ValueError(f"attention_rates[{m!r}] must hold {len(products)} rates (one per attention product "
+                       f"{products}), got {pair!r}.")
+    for i, p in enumerate(products):
+      rates[p] = _rate(pair[i], f"attention product {p!r} (attention_rates[{m!r}][{i}])", T)
+      sources[p] = f"attention_rates[{m!r}][{i}]"
+  return rates, sources
+
+
+def _unit_steps(model, masked, aux) -> tuple[dict, dict]:
+  """({unit: mask [T]}, `masks.step_counts` of the units), checking aux's work masks against the accounting."""
+  T = int(model.num_steps)
+  given_masks = aux.get("masks") or {}
+  if model.mask.enabled:
+    _check_keys("masks (masked modules)", given_masks, masked, _HINT)
+    mask_T = {m: _rate(given_masks[m], f"mask of {m!r}", T) for m in masked}
+  else:  # with masks disabled the model sows none and every step is active
+    if given_masks:
+      raise ValueError(f"aux has masks {sorted(given_masks)} but the model's masks are disabled.")
+    mask_T = {m: np.ones(T) for m in masked}
+  units = paths.mask_units(model)
+  per_unit = masks_lib.step_counts({m: jnp.asarray(v) for m, v in mask_T.items()}, {m: units[m] for m in masked},
+                                   model.mask.semantics)
+  given_work = aux.get("work") or {}
+  if model.mask.enabled and given_work:
+    # The model gated its rates by the work masks it computed; they must be the accounting's.
+    _check_keys("work masks (masked modules)", given_work, masked, _HINT)
+    for m in masked:
+      if [int(v) for v in np.asarray(given_work[m]) > 0] != per_unit[m]["work"]:
+        raise ValueError(f"aux's work mask of {m!r} {np.asarray(given_work[m]).tolist()} is not the accounting's "
+                         f"{per_unit[m]['work']} for mask {per_unit[m]['mask']} under "
+                         f"{model.mask.semantics!r}: was aux produced with other mask semantics?")
+  return mask_T, per_unit
+
+
+def _layer_table(counts, rates, sources, e_mac, e_ac) -> dict:
+  table = {}
+  for p, c in counts.items():
+    macs = c["macs"]
+    row = {"kind": c["kind"], "module": c["module"], "macs": macs}
+    if c["kind"] == "analog":
+      row.update(rate_source=None, input_rate_per_step=None, mean_input_rate=None, acs_per_step=None,
+                 acs=0.0, energy_j=float(e_mac * macs))
+    else:
+      acs_T = macs * rates[p]
+      acs = float(np.sum(acs_T))
+      row.update(rate_source=sources[p], input_rate_per_step=[float(r) for r in rates[p]],
+                 mean_input_rate=float(np.mean(rates[p])), acs_per_step=[float(a) for a in acs_T], acs=acs,
+                 energy_j=float(e_ac * acs))
+    table[p] = row
+  return table
+
+
+def _module_table(table, masked, mask_T, per_unit) -> dict:
+  modules = {m: {"macs": 0, "analog_macs": 0, "steps": per_unit[m]["active_steps"],
+                 "simulated_steps": per_unit[m]["simulated_steps"],
+                 "mask": [float(v) for v in mask_T[m]], "work": per_unit[m]["work"], "acs": 0.0,
+                 "energy_j": 0.0, "layers": []} for m in masked}
+  modules[UNMASKED] = {"macs": 0, "analog_macs": 0, "steps": None, "simulated_steps": None, "mask": None,
+                       "work": None, "acs": 0.0, "energy_j": 0.0, "layers": []}
+  for p, row in table.items():
+    group = modules[UNMASKED if row["module"] is None else row["module"]]
+    group["analog_macs" if row["kind"] == "analog" else "macs"] += row["macs"]
+    group["acs"] += row["acs"]
+    group["energy_j"] += row["energy_j"]
+    group["layers"].append(p)
+  return modules
+
+
+def _averages(per_unit, key: str, weights: Mapping[str, int], T: int) -> tuple[float, float | None]:
+  """(mean over units, op-weighted mean) of per-unit step counts (`masks.average_steps`); (T, T) without
+  masked units."""
+  if not per_unit:
     return float(T), float(T)
-  mean = float(np.mean(list(steps.values())))
-  total = sum(weights[m] for m in steps)
-  op = float(sum(weights[m] * steps[m] for m in steps) / total) if total > 0 else None
-  return mean, op
+  return masks_lib.average_steps(per_unit, key), masks_lib.average_steps(per_unit, key, weights)

@@ -1,7 +1,7 @@
 """Evaluation of a trained phase: test accuracy, and for the SNN its time steps, spike rates and energy.
 
-Every time-step figure comes from `models.step_counts` (the accounting of `dtvit.masks`); `step_averages` is
-the one place their means are taken, for the log lines during training and for summary.json.
+Every time-step figure comes from `models.step_counts` and its means from `masks.average_steps` (the accounting
+of `dtvit.masks`), through `step_averages` for the log lines during training and for summary.json alike.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from dtvit import energy as energy_lib
-from dtvit import input_pipeline
+from dtvit import masks as masks_lib
+from dtvit import data
 from dtvit import models
 from dtvit import sharding
 from dtvit import steps
@@ -29,7 +30,7 @@ def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
   eval_fn = jax.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
   correct = count = 0.0
   rate_sums, n_full = None, 0
-  for local in input_pipeline.eval_batches(config.data, split=split, global_batch_size=gb,
+  for local in data.eval_batches(config.data, split=split, global_batch_size=gb,
                                            max_examples=config.get("eval_examples", 0)):
     batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
     out = jax.device_get(eval_fn(variables, batch))
@@ -46,19 +47,16 @@ def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
 
 
 def step_averages(counts: Mapping[str, dict], op_weights: Mapping[str, float] | None = None) -> dict:
-  """The means over masked units of their active steps ('average_time_steps', the paper's T_avg) and of their
-  simulated steps ('average_simulated_steps'); with `op_weights` ({unit: per-step MACs}) also both weighted by
-  the units' op counts ('op_weighted_time_steps', 'op_weighted_simulated_steps'; None if all weights are 0).
+  """The summary's names for `masks.average_steps` of the units' active steps ('average_time_steps', the paper's
+  T_avg) and simulated steps ('average_simulated_steps'); with `op_weights` ({unit: per-step MACs}) also both
+  weighted by the units' op counts ('op_weighted_time_steps', 'op_weighted_simulated_steps').
 
   counts: `models.step_counts(model, params)`."""
   out = {}
   for name, key in (("time_steps", "active_steps"), ("simulated_steps", "simulated_steps")):
-    values = {k: c[key] for k, c in counts.items()}
-    out[f"average_{name}"] = float(np.mean(list(values.values())))
+    out[f"average_{name}"] = masks_lib.average_steps(counts, key)
     if op_weights is not None:
-      total = sum(op_weights[k] for k in values)
-      weighted = sum(op_weights[k] * v for k, v in values.items())
-      out[f"op_weighted_{name}"] = float(weighted / total) if total else None
+      out[f"op_weighted_{name}"] = masks_lib.average_steps(counts, key, weights=op_weights)
   return out
 
 

@@ -46,7 +46,7 @@ import numpy as np
 from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models import paths
-from dtvit.models.layers import SpikingViT
+from dtvit.models import SpikingViT
 
 CRITERIA = ("confidence", "entropy")
 
@@ -73,7 +73,7 @@ def schedule_from_masks(model: SpikingViT, masks: Mapping[str, Any]) -> dict[str
   by_module: dict[str, np.ndarray] = {}
   modules = paths.masked_modules(model)
   for unit, w in work.items():
-    module = unit if unit in modules else unit.rpartition("/")[0]
+    module = paths.owner(unit, modules)
     w = np.asarray(w) > 0
     by_module[module] = w if module not in by_module else (by_module[module] | w)
   return {m: tuple(int(t) for t in np.flatnonzero(w)) for m, w in sorted(by_module.items())}
@@ -222,24 +222,11 @@ def exit_steps(step_logits_TBK, thresholds, criterion: str = "confidence"):
   return (t_RB + 1).astype(np.int32), pred_RB.astype(np.int32)
 
 
-def _module_steps_T(masks: Mapping[str, Any], T: int) -> np.ndarray:
-  """[T]: the mean over masked modules of their active steps among the first t steps, t = 1..T."""
-  m = np.stack([np.asarray(v, np.float64).reshape(T) for v in masks.values()])
-  return np.cumsum(m, axis=1).mean(axis=0)
-
-
 def simulated_steps_by_exit(model: SpikingViT, masks: Mapping[str, Any]) -> np.ndarray:
-  """[T]: the mean over mask units of their simulated steps when a sample stops after step t, t = 1..T (the
-  accounting, `masks.step_counts`, on the masks cut to their first t steps: under 'filter' a module that is
-  cut before its last active step simulates only up to the cut)."""
+  """[T]: the mean over mask units of their simulated steps when a sample stops after step t, t = 1..T
+  (`masks.simulated_steps_by_exit` over the model's unit graph)."""
   units = paths.mask_units(model)
-  T = model.num_steps
-  out = []
-  for t in range(1, T + 1):
-    cut = {u: jnp.asarray(m)[:t] for u, m in masks.items()}
-    counts = masks_lib.step_counts(cut, {u: units[u] for u in masks}, model.mask.semantics)
-    out.append(np.mean([c["simulated_steps"] for c in counts.values()]))
-  return np.asarray(out, np.float64)
+  return masks_lib.simulated_steps_by_exit(masks, {u: units[u] for u in masks}, model.mask.semantics)
 
 
 def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "confidence", *,
@@ -256,7 +243,7 @@ def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "co
   out = {"correct": ((pred_RB == labels_B[None]) * w_B).sum(axis=1), "steps": (steps_RB * w_B).sum(axis=1),
          "count": w_B.sum()}
   if masks:
-    per_t = _module_steps_T(masks, np.shape(step_logits_TBK)[0])
+    per_t = masks_lib.active_steps_by_exit(masks)
     out["module_steps"] = (per_t[steps_RB - 1] * w_B).sum(axis=1)
   if simulated_T is not None:
     out["simulated_steps"] = (np.asarray(simulated_T)[steps_RB - 1] * w_B).sum(axis=1)
@@ -292,7 +279,7 @@ def early_exit_eval(step_logits_TBK, labels_B, thresholds, criterion: str = "con
 def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapping[str, Any]], thresholds,
                             criterion: str = "confidence", *, skip_steps: bool = True) -> list[dict]:
   """`early_exit_eval` over a dataset: batches are {'image', 'label'[, 'mask']} (as from
-  `input_pipeline.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
+  `data.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
   steps skipped when `skip_steps` (same step logits either way). Rows also have 'avg_simulated_steps' (the
   mean over mask units of their simulated steps up to each sample's exit, `simulated_steps_by_exit`)."""
   _check_early_exit_args(criterion, thresholds)

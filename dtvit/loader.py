@@ -40,13 +40,15 @@ class Loaded:
     workdir: the run's directory (absolute).
     phase: 'ann' | 'snn' | 'finetune': which phase's checkpoint the variables come from.
     config: the run's config (`ml_collections.ConfigDict` of `<workdir>/config.json`).
-    info: the data set's `input_pipeline.DatasetInfo` (num_classes, image_shape (H, W, C), split sizes).
+    info: the data set's `data.DatasetInfo` (num_classes, image_shape (H, W, C), split sizes).
     model: the `SpikingViT` this object runs: phase 'ann' (ANN twin) or 'snn' with hard masks (or masks off,
       see `variant`).
     variables: {'params', 'batch_stats'} restored from the checkpoint.
     masks: {masked module: float32 [T_max] in {0, 1}} the hard masks the SNN uses ({} for the ANN twin; all
       ones with masks off or disabled in the config).
-    steps_per_module: {masked module: number of active steps} (sum of each mask); {} for the ANN twin.
+    step_counts: {mask unit: {'active_steps', 'simulated_steps', 'mask', 'work'}} under the model's
+      `mask.semantics` (`models.step_counts`): the one source of every step count and average below; {} for
+      the ANN twin.
     summary: this phase's entry of `<workdir>/summary.json` (test accuracy, time steps, energy, ...), or None
       when the run has not written one yet.
     checkpoint_dir: where the variables were restored from.
@@ -58,7 +60,7 @@ class Loaded:
   model: Any
   variables: dict
   masks: dict
-  steps_per_module: dict
+  step_counts: dict
   summary: dict | None
   checkpoint_dir: str
 
@@ -72,26 +74,27 @@ class Loaded:
     return int(self.model.num_steps) if self.is_snn else 1
 
   @property
-  def average_time_steps(self) -> float | None:
-    """The paper's T_avg: mean over masked modules of their active steps (None for the ANN twin)."""
-    if not self.steps_per_module:
-      return None
-    return sum(self.steps_per_module.values()) / len(self.steps_per_module)
+  def steps_per_module(self) -> dict:
+    """{masked module: its active steps} (the sum of its hard mask); {} for the ANN twin."""
+    return {k: c["active_steps"] for k, c in self.step_counts.items()}
 
   @property
   def simulated_steps_per_module(self) -> dict:
     """{masked module: its simulated steps} (the steps whose work any output depends on, under the model's
-    `mask.semantics`; `models.step_counts`); {} for the ANN twin."""
-    if not self.steps_per_module:
-      return {}
-    from dtvit import models  # pylint: disable=g-import-not-at-top
-    return {k: c["simulated_steps"] for k, c in models.step_counts(self.model, self.variables["params"]).items()}
+    `mask.semantics`); {} for the ANN twin."""
+    return {k: c["simulated_steps"] for k, c in self.step_counts.items()}
+
+  @property
+  def average_time_steps(self) -> float | None:
+    """The paper's T_avg: mean over masked modules of their active steps (None for the ANN twin)."""
+    from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
+    return masks_lib.average_steps(self.step_counts, "active_steps")
 
   @property
   def average_simulated_steps(self) -> float | None:
     """The mean over masked modules of their simulated steps (None for the ANN twin)."""
-    sim = self.simulated_steps_per_module
-    return sum(sim.values()) / len(sim) if sim else None
+    from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
+    return masks_lib.average_steps(self.step_counts, "simulated_steps")
 
   # -- running the model ---------------------------------------------------------------------------------------
 
@@ -148,8 +151,8 @@ class Loaded:
       model = models.with_mask(model, enabled=False)
     else:
       model = models.with_mask(model, enabled=configured, hard=True)
-    hard, steps = _masks_of(model, self.variables["params"])
-    return dataclasses.replace(self, model=model, masks=hard, steps_per_module=steps)
+    hard, counts = _masks_of(model, self.variables["params"])
+    return dataclasses.replace(self, model=model, masks=hard, step_counts=counts)
 
   # -- data ------------------------------------------------------------------------------------------------------
 
@@ -157,10 +160,9 @@ class Loaded:
     """One pass over the run's data split, as its evaluation saw it: dicts of numpy 'image' [B, H, W, C]
     (normalised), 'label' [B], 'mask' [B] (0 on the padding of the last batch). Default batch size: the
     run's eval_batch_size."""
-    from dtvit import input_pipeline  # pylint: disable=g-import-not-at-top
-    return input_pipeline.eval_batches(self.config.data, split=split,
-                                       global_batch_size=batch_size or self.config.eval_batch_size,
-                                       process_index=0, process_count=1)
+    from dtvit import data  # pylint: disable=g-import-not-at-top
+    return data.eval_batches(self.config.data, split=split, global_batch_size=batch_size or self.config.eval_batch_size,
+                             process_index=0, process_count=1)
 
   def __repr__(self) -> str:
     m = self.model
@@ -184,12 +186,13 @@ def _jitted(kind: str):
 
 
 def _masks_of(model, params) -> tuple[dict, dict]:
+  """({unit: hard mask float32 [T_max]}, `models.step_counts`); both {} for the ANN twin."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dtvit import models  # pylint: disable=g-import-not-at-top
   if model.phase != "snn":
     return {}, {}
-  hard = {k: np.asarray(v, np.float32) for k, v in sorted(models.hard_masks(model, params).items())}
-  return hard, {k: float(v.sum()) for k, v in hard.items()}
+  counts = models.step_counts(model, params)
+  return {k: np.asarray(c["mask"], np.float32) for k, c in counts.items()}, counts
 
 
 def read_config(workdir: str):
@@ -267,10 +270,10 @@ def _load_phase(workdir: str, config, phase: str) -> Loaded:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dtvit import checkpointing  # pylint: disable=g-import-not-at-top
-  from dtvit import input_pipeline  # pylint: disable=g-import-not-at-top
+  from dtvit import data  # pylint: disable=g-import-not-at-top
   from dtvit import models  # pylint: disable=g-import-not-at-top
 
-  info = input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   model = models.build_model(config.model, info.num_classes, phase="ann" if phase == "ann" else "snn")
   if phase != "ann":
     model = models.with_mask(model, hard=True)
@@ -279,7 +282,7 @@ def _load_phase(workdir: str, config, phase: str) -> Loaded:
   abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
   ckpt_dir = os.path.join(workdir, phase, "checkpoints")
   variables = checkpointing.restore_variables(ckpt_dir, abstract, what=f"dtvit.load(phase={phase!r})")
-  masks, steps = _masks_of(model, variables["params"])
+  masks, counts = _masks_of(model, variables["params"])
   summary = read_summary(workdir)
   return Loaded(workdir=workdir, phase=phase, config=config, info=info, model=model, variables=variables,
-                masks=masks, steps_per_module=steps, summary=(summary or {}).get(phase), checkpoint_dir=ckpt_dir)
+                masks=masks, step_counts=counts, summary=(summary or {}).get(phase), checkpoint_dir=ckpt_dir)

@@ -202,3 +202,36 @@ def step_counts(masks: Mapping[str, jax.Array], consumers: Mapping[str, tuple[st
     out[u] = {"active_steps": float(m.sum()), "simulated_steps": float(w.sum()),
               "mask": [int(v) for v in m], "work": [int(v) for v in w]}
   return out
+
+
+def average_steps(counts: Mapping[str, Mapping[str, float]], key: str = "active_steps",
+                  weights: Mapping[str, float] | None = None) -> float | None:
+  """The mean over units of `counts[unit][key]` (`step_counts`' 'active_steps' or 'simulated_steps'); with
+  `weights` {unit: w} (e.g. the per-step MACs each mask gates) the weighted mean, None if they sum to 0. None
+  without units."""
+  if not counts:
+    return None
+  if weights is None:
+    return float(np.mean([c[key] for c in counts.values()]))
+  total = sum(weights[u] for u in counts)
+  return float(sum(weights[u] * c[key] for u, c in counts.items()) / total) if total > 0 else None
+
+
+def active_steps_by_exit(masks: Mapping[str, jax.Array]) -> np.ndarray:
+  """[T]: the mean over units of their active steps among the first t steps, t = 1..T (a sample that exits
+  after step t)."""
+  m = np.stack([np.asarray(binary(jnp.asarray(v)), np.float64).reshape(-1) for v in masks.values()])
+  return np.cumsum(m, axis=1).mean(axis=0)
+
+
+def simulated_steps_by_exit(masks: Mapping[str, jax.Array], consumers: Mapping[str, tuple[str, ...]],
+                            semantics: str) -> np.ndarray:
+  """[T]: the mean over units of their simulated steps when a sample exits after step t, t = 1..T: `step_counts`
+  on the masks cut to their first t steps (under 'filter' a unit cut before its last active step simulates
+  only up to the cut)."""
+  T = len(next(iter(masks.values())))
+  out = []
+  for t in range(1, T + 1):
+    cut = {u: jnp.asarray(m)[:t] for u, m in masks.items()}
+    out.append(average_steps(step_counts(cut, consumers, semantics), "simulated_steps"))
+  return np.asarray(out, np.float64)

@@ -1,7 +1,8 @@
 """Spiking neurons in pure JAX: spike functions with surrogate gradients and multi-step LIF/IF dynamics.
 
-No Flax here: the functions take arrays and return arrays. `dtvit.models.layers.Neuron` holds the trainable
-leak and threshold and calls `multistep`.
+No Flax here: the functions take arrays and return arrays. A neuron's settings are one frozen `NeuronSpec`,
+resolved once (`NeuronSpec.resolve` fills every default); `dtvit.models.layers.Neuron` holds the trainable leak
+and threshold and calls `multistep` with its spec.
 
 Conventions (see ../shared/PAPER.md, "Neurons"):
 - 'lif' (default, the authors' convention): U[t] = lam * U[t-1] + I[t]; S[t] = H(U[t]/Vth - 1);
@@ -21,10 +22,18 @@ Masked steps ('skip' semantics, see `dtvit.masks`): with a per-step mask m [T] t
 so at m[t] = 0 the neuron takes no input, does not leak and emits nothing (membrane held), and at m[t] = 1 it
 is the plain step; both exactly (the products with 0 and 1 are exact). A soft m in (0, 1) interpolates, and
 the mask's gradient is d/dm = (U_step - U[t-1]) and S_step (straight-through for 'ste' masks).
+
+Two implementations of the same recurrence (`multistep(fused=...)`): a `lax.scan` over `make_step` (the
+reference), and a fused one with a hand-written backward (`lif_multistep`, the default in training): the T
+steps are unrolled in Python (T is static and small) so XLA fuses each direction into a few elementwise loops,
+and the only residual is the membrane before reset h [T, ...], from which the backward recomputes spikes,
+surrogate slopes and the pre-step membranes, instead of `lax.scan`'s stacked per-step intermediates.
+`tests/neurons_test.py` checks that both give the same values and gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable
@@ -36,6 +45,7 @@ NEURONS = ("lif", "if", "spikformer")
 SURROGATES = ("pwl", "sigmoid", "atan")
 RESETS = ("soft", "hard")
 SURROGATE_INPUTS = ("normalized", "difference")
+DEFAULT_ALPHA = {"pwl": 0.3, "sigmoid": 4.0, "atan": 2.0}  # each surrogate's customary sharpness
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
@@ -43,15 +53,67 @@ def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
     raise ValueError(f"Unknown {kind} {value!r}; choose one of {', '.join(repr(c) for c in choices)}.")
 
 
-def surrogate_grad(x: jax.Array, surrogate: str = "pwl", alpha: float = 0.3) -> jax.Array:
-  """The surrogate derivative dS/dx at x = U/Vth - 1.
+@dataclasses.dataclass(frozen=True)
+class NeuronSpec:
+  """A neuron's dynamics with every setting resolved (build it with `NeuronSpec.resolve`).
 
-  Args:
-    x: normalised membrane distance to threshold, any shape.
-    surrogate: 'pwl' -> alpha * max(0, 1 - |x|) (the authors' piecewise linear, alpha = gamma = 0.3);
-      'sigmoid' -> alpha * sig(alpha x) * (1 - sig(alpha x)) (Spikformer, alpha = 4);
-      'atan' -> alpha / 2 / (1 + (pi/2 * alpha * x)^2) (alpha = 2).
-    alpha: the surrogate's sharpness or height.
+  neuron: 'lif' | 'if' | 'spikformer'; surrogate: 'pwl' | 'sigmoid' | 'atan' with sharpness `alpha`; tau: the
+  'spikformer' time constant; reset: 'soft' | 'hard'; detach_reset: no gradient through the reset;
+  init_membrane: U[0] as a fraction of the threshold (0.5 makes an IF neuron's rate round, not floor, its
+  time-averaged input); surrogate_input: 'normalized' | 'difference' (the module docstring).
+  """
+  neuron: str = "lif"
+  surrogate: str = "pwl"
+  alpha: float = 0.3
+  tau: float = 2.0
+  reset: str = "soft"
+  detach_reset: bool = False
+  init_membrane: float = 0.0
+  surrogate_input: str = "normalized"
+
+  @classmethod
+  def resolve(cls, neuron: str = "lif", *, surrogate: str = "pwl", alpha: float | None = None, tau: float = 2.0,
+              reset: str | None = None, detach_reset: bool | None = None, init_membrane: float = 0.0,
+              surrogate_input: str = "normalized") -> "NeuronSpec":
+    """Checks the settings and fills the defaults: `reset` 'hard' for 'spikformer' and 'soft' otherwise,
+    `detach_reset` True for 'spikformer' (its published form), `alpha` the surrogate's customary value."""
+    _check_choice("neuron", neuron, NEURONS)
+    _check_choice("surrogate", surrogate, SURROGATES)
+    _check_choice("surrogate input", surrogate_input, SURROGATE_INPUTS)
+    reset = reset or ("hard" if neuron == "spikformer" else "soft")
+    _check_choice("reset", reset, RESETS)
+    if tau <= 0:
+      raise ValueError(f"tau must be > 0, got {tau}.")
+    return cls(neuron=neuron, surrogate=surrogate, alpha=float(DEFAULT_ALPHA[surrogate] if alpha is None else alpha),
+               tau=float(tau), reset=reset,
+               detach_reset=bool(neuron == "spikformer" if detach_reset is None else detach_reset),
+               init_membrane=float(init_membrane), surrogate_input=surrogate_input)
+
+  def leak_factor(self, leak) -> jax.Array:
+    """lam of U[t] = lam U[t-1] + I[t]: the trainable leak clipped to [0, 1] for 'lif' (a gain above 1 would
+    make the neuron unstable), 1 for 'if'; unused by 'spikformer'."""
+    if self.neuron == "lif":
+      return jnp.clip(jnp.asarray(leak, jnp.float32), 0.0, 1.0)
+    return jnp.ones((), jnp.float32)
+
+  def charge(self, u, i, lam):
+    """The membrane before reset, H[t], from U[t-1] and I[t]."""
+    return u + (i - u) / self.tau if self.neuron == "spikformer" else lam * u + i
+
+  def distance(self, h, vth):
+    """The spike function's argument x: U/Vth - 1 or U - Vth."""
+    return h / vth - 1.0 if self.surrogate_input == "normalized" else h - vth
+
+  def after_reset(self, h, s, vth):
+    return h - vth * s if self.reset == "soft" else h * (1.0 - s)
+
+
+def surrogate_grad(x: jax.Array, surrogate: str = "pwl", alpha: float = 0.3) -> jax.Array:
+  """The surrogate derivative dS/dx at the distance to threshold x.
+
+  'pwl' -> alpha * max(0, 1 - |x|) (the authors' piecewise linear, alpha = gamma = 0.3); 'sigmoid' ->
+  alpha * sig(alpha x) * (1 - sig(alpha x)) (Spikformer, alpha = 4); 'atan' -> alpha / 2 / (1 + (pi/2 alpha
+  x)^2) (alpha = 2).
   """
   _check_choice("surrogate", surrogate, SURROGATES)
   if surrogate == "pwl":
@@ -76,57 +138,17 @@ def _spike_jvp(surrogate, alpha, primals, tangents):
   return spike(x, surrogate, alpha), surrogate_grad(x, surrogate, alpha).astype(x.dtype) * dx
 
 
-def default_alpha(surrogate: str) -> float:
-  """The customary sharpness of each surrogate (pwl: gamma = 0.3; sigmoid: 4; atan: 2)."""
-  _check_choice("surrogate", surrogate, SURROGATES)
-  return {"pwl": 0.3, "sigmoid": 4.0, "atan": 2.0}[surrogate]
+def make_step(spec: NeuronSpec, *, leak=1.0, threshold=1.0) -> Callable:
+  """One time step: (membrane, input current[, mask]) -> (membrane, (spikes, membrane before reset)).
 
-
-def make_step(
-    neuron: str = "lif",
-    *,
-    leak: jax.Array | float = 1.0,
-    threshold: jax.Array | float = 1.0,
-    tau: float = 2.0,
-    surrogate: str = "pwl",
-    alpha: float | None = None,
-    reset: str | None = None,
-    detach_reset: bool | None = None,
-    surrogate_input: str = "normalized",
-) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
-  """One time step of a neuron: (membrane, input current[, mask]) -> (membrane, (spikes, membrane before reset)).
-
-  `reset` defaults to 'soft' for 'lif'/'if' and 'hard' for 'spikformer'; `detach_reset` defaults to True for
-  'spikformer' (its published form) and False otherwise. With a scalar `mask` the step is the 'skip' step of
-  the module docstring (membrane held and no spike where mask = 0).
-  """
-  _check_choice("neuron", neuron, NEURONS)
-  _check_choice("surrogate", surrogate, SURROGATES)
-  _check_choice("surrogate input", surrogate_input, SURROGATE_INPUTS)
-  reset = reset or ("hard" if neuron == "spikformer" else "soft")
-  _check_choice("reset", reset, RESETS)
-  if detach_reset is None:
-    detach_reset = neuron == "spikformer"
-  if tau <= 0:
-    raise ValueError(f"tau must be > 0, got {tau}.")
-  alpha = default_alpha(surrogate) if alpha is None else alpha
-  if neuron == "lif":
-    lam = jnp.clip(leak, 0.0, 1.0)  # the leak is trainable; a gain above 1 would make the neuron unstable
-  elif neuron == "if":
-    lam = 1.0
+  With a scalar `mask` the step is the 'skip' step of the module docstring (membrane held and no spike where
+  mask = 0)."""
+  lam = spec.leak_factor(leak)
 
   def step(u, i, mask=None):
-    if neuron == "spikformer":
-      h = u + (i - u) / tau
-    else:
-      h = lam * u + i
-    x = h / threshold - 1.0 if surrogate_input == "normalized" else h - threshold
-    s = spike(x, surrogate, alpha)
-    s_reset = jax.lax.stop_gradient(s) if detach_reset else s
-    if reset == "soft":
-      u_next = h - threshold * s_reset
-    else:
-      u_next = h * (1.0 - s_reset)
+    h = spec.charge(u, i, lam)
+    s = spike(spec.distance(h, threshold), spec.surrogate, spec.alpha)
+    u_next = spec.after_reset(h, jax.lax.stop_gradient(s) if spec.detach_reset else s, threshold)
     if mask is not None:
       mask = mask.astype(u_next.dtype)
       u_next = mask * u_next + (1.0 - mask) * u
@@ -136,89 +158,55 @@ def make_step(
   return step
 
 
-def multistep(
-    current_TX: jax.Array,
-    *,
-    num_steps: int | None = None,
-    neuron: str = "lif",
-    leak: jax.Array | float = 1.0,
-    threshold: jax.Array | float = 1.0,
-    tau: float = 2.0,
-    surrogate: str = "pwl",
-    alpha: float | None = None,
-    reset: str | None = None,
-    detach_reset: bool | None = None,
-    return_membrane: bool = False,
-    remat: bool | str = False,
-    unroll: int = 1,
-    membrane_dtype=jnp.float32,
-    init_membrane: float = 0.0,
-    surrogate_input: str = "normalized",
-    step_mask_T: jax.Array | None = None,
-):
-  """Runs a neuron over the leading time axis with `lax.scan` (only the recurrence is scanned).
+def multistep(current_TX: jax.Array, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, threshold=1.0,
+              num_steps: int | None = None, step_mask_T: jax.Array | None = None, fused: bool = True,
+              return_membrane: bool = False, membrane_dtype=jnp.float32):
+  """Runs a neuron over the leading time axis.
 
   Args:
     current_TX: input current, [T, ...]; or, with `num_steps` given, a static input [...] fed at every step
       (direct encoding of a static image: the analog first layer is computed once).
+    spec: the neuron's dynamics (`NeuronSpec.resolve(...)`).
+    leak, threshold: the trainable scalars (leak is used by 'lif').
     num_steps: T for a static input; None when `current_TX` already has the time axis.
-    return_membrane: also return the membrane potential before reset, [T, ...].
-    remat: wrap the step in `jax.checkpoint` (recompute the step in the backward pass; the fast path always
-      does); 'spikes': tag the spikes for `ops.checkpoint_spikes` (saved; the rest recomputed).
-    unroll: `lax.scan` unroll factor.
-    membrane_dtype: dtype of the membrane state (float32 even when the currents are bf16).
-    init_membrane: U[0] as a fraction of the threshold. 0.5 makes an IF neuron's rate round, not floor, its
-      time-averaged input, which halves the conversion error at small T.
-    surrogate_input: 'normalized' (x = U/Vth - 1) or 'difference' (x = U - Vth), see the module docstring.
     step_mask_T: None, or a per-step mask [T] applied inside the recurrence ('skip' semantics: where it is 0
       the membrane is held and nothing is emitted).
+    fused: the fused recurrence with a hand-written backward (`lif_multistep`); False: `lax.scan` over
+      `make_step`. The same values and gradients.
+    return_membrane: also return the membrane before reset [T, ...] (the scan path).
+    membrane_dtype: dtype of the membrane state (float32 even when the currents are bf16).
 
   Returns:
     spikes [T, ...] in {0, 1} with the input's dtype, and, if requested, membranes [T, ...].
   """
-  from dtvit import ops  # pylint: disable=g-import-not-at-top  # ops imports this module
-  if remat == "spikes":  # see `ops.checkpoint_spikes`: the spikes are what its remat policy keeps
-    out = multistep(current_TX, num_steps=num_steps, neuron=neuron, leak=leak, threshold=threshold, tau=tau,
-                    surrogate=surrogate, alpha=alpha, reset=reset, detach_reset=detach_reset, unroll=unroll,
-                    membrane_dtype=membrane_dtype, init_membrane=init_membrane, return_membrane=return_membrane,
-                    surrogate_input=surrogate_input, step_mask_T=step_mask_T)
-    return (ops.tag_spikes(out[0]), out[1]) if return_membrane else ops.tag_spikes(out)
-  if ops.fast_ops() and not return_membrane:
-    # The same values and gradients with a hand-written backward (see dtvit/ops.py); checked in tests. It keeps
-    # only the membrane per step and recomputes the rest in the backward, which is what `remat` asks for.
-    return ops.lif_multistep(current_TX, num_steps=num_steps, neuron=neuron, leak=leak, threshold=threshold,
-                             tau=tau, surrogate=surrogate, alpha=alpha, reset=reset, detach_reset=detach_reset,
-                             membrane_dtype=membrane_dtype, init_membrane=init_membrane,
-                             surrogate_input=surrogate_input, step_mask_T=step_mask_T)
-  step = make_step(neuron, leak=leak, threshold=threshold, tau=tau, surrogate=surrogate, alpha=alpha,
-                   reset=reset, detach_reset=detach_reset, surrogate_input=surrogate_input)
+  T = _num_steps(current_TX, num_steps)
+  step_mask_T = check_step_mask(step_mask_T, T)
+  if fused and not return_membrane:
+    return lif_multistep(current_TX, spec, leak=leak, threshold=threshold, num_steps=num_steps,
+                         step_mask_T=step_mask_T, membrane_dtype=membrane_dtype)
+  step = make_step(spec, leak=leak, threshold=threshold)
   out_dtype = current_TX.dtype
+  static = None if num_steps is None else current_TX.astype(membrane_dtype)
 
   def body(u, inputs):
     i, m = inputs
     u, (s, h) = step(u, i.astype(membrane_dtype) if i is not None else static, m)
     return u, (s.astype(out_dtype), h if return_membrane else None)
 
-  if remat:
-    body = jax.checkpoint(body)
+  u0 = _initial_membrane(current_TX.shape[int(num_steps is None):], spec, threshold, membrane_dtype)
+  xs = current_TX if num_steps is None else None
+  _, (spikes_TX, membrane_TX) = jax.lax.scan(body, u0, (xs, step_mask_T), length=T)
+  return (spikes_TX, membrane_TX) if return_membrane else spikes_TX
+
+
+def _num_steps(current_TX, num_steps: int | None) -> int:
   if num_steps is None:
     if current_TX.ndim < 1:
       raise ValueError("multistep needs a time axis: current_TX must be [T, ...] (or pass num_steps).")
-    static = None
-    xs = current_TX
-    u0 = jnp.full(current_TX.shape[1:], init_membrane, membrane_dtype) * threshold
-  else:
-    if num_steps < 1:
-      raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-    static = current_TX.astype(membrane_dtype)
-    xs = None
-    u0 = jnp.full(current_TX.shape, init_membrane, membrane_dtype) * threshold
-  T = num_steps if num_steps is not None else current_TX.shape[0]
-  step_mask_T = check_step_mask(step_mask_T, T)
-  _, (spikes_TX, membrane_TX) = jax.lax.scan(body, u0, (xs, step_mask_T), length=T, unroll=unroll)
-  if return_membrane:
-    return spikes_TX, membrane_TX
-  return spikes_TX
+    return current_TX.shape[0]
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+  return int(num_steps)
 
 
 def check_step_mask(step_mask_T, num_steps: int):
@@ -229,3 +217,144 @@ def check_step_mask(step_mask_T, num_steps: int):
     raise ValueError(f"step_mask_T must be one value per time step, shape ({num_steps},); got "
                      f"{step_mask_T.shape}.")
   return step_mask_T
+
+
+def _initial_membrane(shape, spec: NeuronSpec, vth, mdtype):
+  return jnp.full(shape, spec.init_membrane, mdtype) * vth
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused recurrence.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fused:
+  """The static part of a fused call (hashable: a custom_vjp non-differentiable argument)."""
+  spec: NeuronSpec
+  num_steps: int
+  static: bool        # a static input fed at every step
+  masked: bool        # a 'skip' mask inside the recurrence
+  membrane_dtype: jnp.dtype
+
+
+def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, threshold=1.0, num_steps=None,
+                  step_mask_T=None, membrane_dtype=jnp.float32):
+  """`multistep` (spikes only) with a hand-written backward: the same values and gradients (module docstring)."""
+  T = _num_steps(current_TX, num_steps)
+  masked = step_mask_T is not None
+  mask_T = (check_step_mask(step_mask_T, T).astype(jnp.float32) if masked else jnp.zeros((0,), jnp.float32))
+  fused = _Fused(spec, T, num_steps is not None, masked, jnp.dtype(membrane_dtype))
+  return _lif(current_TX, spec.leak_factor(leak), jnp.asarray(threshold, jnp.float32), mask_T, fused)
+
+
+def _lif_forward(current, lam, vth, mask_T, f: _Fused):
+  spec, mdtype = f.spec, f.membrane_dtype
+  u = _initial_membrane(current.shape[int(not f.static):], spec, vth, mdtype)
+  spikes, hs = [], []
+  for t in range(f.num_steps):
+    i = (current if f.static else current[t]).astype(mdtype)
+    # The same expressions as `make_step`, so the forward is bitwise the reference's.
+    h = spec.charge(u, i, lam)
+    s = (spec.distance(h, vth) >= 0).astype(mdtype)
+    u_next = spec.after_reset(h, s, vth)
+    if f.masked:
+      m = mask_T[t].astype(mdtype)
+      u_next = m * u_next + (1.0 - m) * u
+      s = s * m
+    u = u_next
+    spikes.append(s.astype(current.dtype))
+    hs.append(h)
+  return jnp.stack(spikes), jnp.stack(hs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lif(current, lam, vth, mask_T, f):
+  return _lif_forward(current, lam, vth, mask_T, f)[0]
+
+
+def _lif_fwd(current, lam, vth, mask_T, f):
+  spikes, h_TX = _lif_forward(current, lam, vth, mask_T, f)
+  return spikes, (h_TX, lam, vth, mask_T)
+
+
+def _held_membranes(h_TX, vth, mask_T, f: _Fused) -> list:
+  """The membrane after each step (held where masked), recomputed forward from the stored h."""
+  spec, mdtype = f.spec, f.membrane_dtype
+  u = _initial_membrane(h_TX.shape[1:], spec, vth, mdtype)
+  out = []
+  for t in range(f.num_steps):
+    h = h_TX[t]
+    r = spec.after_reset(h, (spec.distance(h, vth) >= 0).astype(mdtype), vth)
+    m = mask_T[t].astype(mdtype)
+    u = m * r + (1.0 - m) * u
+    out.append(u)
+  return out
+
+
+def _membrane_before(t, h_TX, vth, u_after, f: _Fused):
+  """The membrane entering step t, or None where it is a constant 0."""
+  spec, mdtype = f.spec, f.membrane_dtype
+  if t == 0:
+    return _initial_membrane(h_TX.shape[1:], spec, vth, mdtype) if (spec.init_membrane or f.masked) else None
+  if f.masked:
+    return u_after[t - 1]
+  h_prev = h_TX[t - 1]  # recomputed from the stored h[t-1]
+  return spec.after_reset(h_prev, (spec.distance(h_prev, vth) >= 0).astype(mdtype), vth)
+
+
+def _step_grads(h, g_o, g_u, u_prev, m, lam, vth, f: _Fused):
+  """The backward of one step: (dL/dI[t], dL/dU[t-1], dL/dlam, dL/dVth, dL/dm) terms, elementwise."""
+  spec, mdtype = f.spec, f.membrane_dtype
+  soft = spec.reset == "soft"
+  x = spec.distance(h, vth)
+  s = (x >= 0).astype(mdtype)
+  g_mask = None
+  if m is not None:
+    g_mask = jnp.sum(g_o * s + g_u * (spec.after_reset(h, s, vth) - u_prev), dtype=jnp.float32)
+    g_s, g_r = m * g_o, m * g_u
+  else:
+    g_s, g_r = g_o, g_u
+  if not spec.detach_reset:  # the reset's dependence on the spike
+    g_s = g_s - (vth * g_r if soft else h * g_r)
+  g_x = g_s * surrogate_grad(x, spec.surrogate, spec.alpha).astype(mdtype)
+  normalized = spec.surrogate_input == "normalized"
+  g_h = (g_x / vth if normalized else g_x) + (g_r if soft else g_r * (1.0 - s))
+  g_vth = (-g_x * h / (vth * vth) if normalized else -g_x) - (s * g_r if soft else 0.0)
+  if spec.neuron == "spikformer":
+    g_in, g_u_prev, g_lam = g_h / spec.tau, g_h - g_h / spec.tau, None
+  else:
+    g_in, g_u_prev = g_h, lam * g_h
+    g_lam = g_h * u_prev if (u_prev is not None and spec.neuron == "lif") else None
+  if m is not None:
+    g_u_prev = g_u_prev + (1.0 - m) * g_u
+  return g_in, g_u_prev, g_lam, g_vth, g_mask
+
+
+def _lif_bwd(f: _Fused, res, g_TX):
+  h_TX, lam, vth, mask_T = res
+  mdtype = f.membrane_dtype
+  u_after = _held_membranes(h_TX, vth, mask_T, f) if f.masked else None
+  g_u = jnp.zeros(h_TX.shape[1:], mdtype)   # dL/du[t] arriving from step t+1
+  # The scalar gradients are accumulated elementwise and reduced once: one pass, not one reduction per step.
+  g_lam = g_vth = None
+  g_in, g_mask = [], []
+  for t in reversed(range(f.num_steps)):
+    m = mask_T[t].astype(mdtype) if f.masked else None
+    u_prev = _membrane_before(t, h_TX, vth, u_after, f)
+    g_i, g_u, g_l, g_v, g_m = _step_grads(h_TX[t], g_TX[t].astype(mdtype), g_u, u_prev, m, lam, vth, f)
+    g_in.append(g_i)
+    g_mask.append(g_m)
+    g_vth = g_v if g_vth is None else g_vth + g_v
+    if g_l is not None:
+      g_lam = g_l if g_lam is None else g_lam + g_l
+  if f.spec.init_membrane:  # U[0] = init * Vth
+    g_vth = g_vth + f.spec.init_membrane * g_u
+  g_vth = jnp.sum(g_vth, dtype=jnp.float32)
+  g_lam = jnp.zeros((), jnp.float32) if g_lam is None else jnp.sum(g_lam, dtype=jnp.float32)
+  g_in = g_in[::-1]
+  g_current = sum(g_in[1:], g_in[0]) if f.static else jnp.stack(g_in)
+  g_mask_T = jnp.stack(g_mask[::-1]).astype(mask_T.dtype) if f.masked else jnp.zeros_like(mask_T)
+  return g_current.astype(g_TX.dtype), g_lam, g_vth, g_mask_T
+
+
+_lif.defvjp(_lif_fwd, _lif_bwd)

@@ -5,42 +5,30 @@
 
 The first workdir is the primary run: every plot below is made for it; with several workdirs the accuracy vs
 time steps plot and the table of runs cover all of them (each read from its summary.json and config.json).
+This module draws and writes; the numbers come from `dtvit.analysis`, which defines them.
 
 What it shows (the file of each plot in brackets):
-- The runs (table): accuracy, average time steps and energy per image from each summary.json.
+- The runs (table, `analysis.run_rows`): accuracy, average time steps and energy per image from each
+  summary.json.
 - Accuracy vs average time steps [accuracy_vs_steps.png]: each run's SNN test accuracy with its learned masks at
   its T_avg; runs with masks disabled (model.mask.enabled=False) at T_max; for runs evaluated with every step on
   as well (eval_fixed_steps), the same weights with masks off at T_max.
 - Learned time steps [time_steps.png]: each masked module's active steps and mask pattern.
 - Spike rates [spike_rates.png]: mean spike rate of every spiking layer at every step, with the learned masks
   (summary.json's test-set rates; masked steps hatched).
-- ANN vs SNN activations [activation_histograms.png, sensitivity.png]: the paper's motivating analysis. An ANN
-  and the SNN run on the same test images and each block's output (the residual stream, aux['block_outputs'])
-  is compared. The ANN (`--ann_params`, see `ann_reference`) is by default the ANN phase the SNN was converted
-  from, else the ANN twin of the SNN's own weights. Its neurons output clip(x / c, 0, 1), what an IF neuron's
-  spike rate approximates, so the SNN's output averaged over steps is on the ANN's scale: no rescaling.
-  With a_b the ANN output of block b and r_b(T) the SNN output of block b averaged over its first T steps, run
-  with masks off (every block sees every step; the dynamics are causal, so the first T steps of a T_max run are
-  a T-step run), both over all evaluated (image, token, channel) entries:
-      e_b(T) = ||r_b(T) - a_b||_2 / ||a_b||_2        (normalised L2 error, T = 1..T_max)
-      sensitivity S_b = e_b(1) - e_b(T_max)           (how much of the error more steps remove)
-      T90_b = the fewest steps T with e_b(1) - e_b(T) >= 0.9 S_b   (how fast the error falls)
-  A block with a large S_b needs its steps: with one step its activations are far from the ANN's and they
-  approach them only as steps are added. S_b near 0: one step is as good as T_max. The errors compound over
-  depth (block b sees the SNN outputs of blocks < b), as in the network itself. e_b(T_max) is what T_max steps
-  leave: the rate error at finite T and, against the ANN phase, the weight changes of SNN training. Also
-  reported: e_b with the learned masks (rate over T_max).
-- Early exit [early_exit.png]: per-sample exit (`dtvit.inference.early_exit_over_batches`) on top of the
-  learned masks for a range of confidence thresholds: accuracy vs steps run per image, and vs the paper's T_avg
-  counted up to each image's exit step.
+- ANN vs SNN activations [activation_histograms.png, sensitivity.png]: each block's output of an ANN and of the
+  SNN averaged over its first T steps, their normalised error e_b(T), the sensitivity S_b = e_b(1) - e_b(T_max)
+  and T90_b (`analysis.analyse_activations`, `analysis.sensitivity_table`).
+- Early exit [early_exit.png]: per-sample exit on top of the learned masks for a range of confidence
+  thresholds (`analysis.early_exit_rows`): accuracy vs steps run per image, and vs the paper's T_avg counted up
+  to each image's exit step.
 
-Library use (e.g. in a notebook): `analyse_activations`, `sensitivity_table`, `early_exit_rows`, `run_rows` and
-the `plot_*` functions (each returns a matplotlib Figure); `write_report` does everything.
+Library use (e.g. in a notebook): the `plot_*` functions (each returns a matplotlib Figure) on what
+`dtvit.analysis` computes; `write_report` does everything.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -50,292 +38,19 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dtvit import analysis as analysis_lib
 from dtvit import loader
+from dtvit import masks as masks_lib
+from dtvit.models import paths
 
-DEFAULT_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 PLOTS = ("accuracy_vs_steps", "time_steps", "spike_rates", "activation_histograms", "sensitivity", "early_exit")
-_COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", "attn": "#4c72b0", "mlp": "#dd8452",
-           "other": "#8c8c8c"}
+_COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", paths.ATTN: "#4c72b0",
+           paths.MLP: "#dd8452", "other": "#8c8c8c"}
 
 
 def _plt():
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
-
-
-# ------------------------------------------------------------------------------------------------------------
-# ANN vs SNN activations per block.
-
-
-def activation_error_sums(ann_XND, snn_TXND, weights_X):
-  """Sums for the normalised error of time-averaged SNN outputs against ANN outputs (plain jnp).
-
-  Args:
-    ann_XND: ANN block output [X, ...] (X = batch).
-    snn_TXND: SNN block output per step [T, X, ...].
-    weights_X: 1 for real examples, 0 for padding.
-  Returns:
-    (err_T, ref): err_T[t] = sum_w (r(t+1) - a)^2 with r(T) = mean of the first T steps; ref = sum_w a^2.
-    e(T) = sqrt(err_T[T-1] / ref).
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  T = snn_TXND.shape[0]
-  s = snn_TXND.astype(jnp.float32)
-  a = ann_XND.astype(jnp.float32)
-  rate_TXND = jnp.cumsum(s, axis=0) / jnp.arange(1, T + 1, dtype=jnp.float32).reshape((T,) + (1,) * (s.ndim - 1))
-  w = weights_X.astype(jnp.float32).reshape((1, -1) + (1,) * (s.ndim - 2))
-  err_T = jnp.sum(w * (rate_TXND - a[None]) ** 2, axis=tuple(range(1, s.ndim)))
-  ref = jnp.sum(w[0] * a ** 2)
-  return err_T, ref
-
-
-@dataclasses.dataclass
-class ActivationAnalysis:
-  """What `analyse_activations` measured on `num_examples` test images.
-
-  errors: {block: e_b(T) [T_max]} (masks off); masked_errors: {block: e_b with the learned masks, rate over
-  T_max}; values: {block: {'ann', 'snn', 'snn_masked': 1-D samples of the outputs (the first `hist_examples`
-  images)}}; spike_rates: {neuron: [T_max]} with the learned masks; masks_enabled: whether the run learned masks;
-  ann_source: which ANN the SNN was compared with, in words; hist_examples: images in `values`.
-  """
-  blocks: list
-  num_steps: int
-  errors: dict
-  masked_errors: dict
-  values: dict
-  spike_rates: dict
-  num_examples: int
-  masks_enabled: bool
-  ann_source: str
-  hist_examples: int = 0
-
-
-def analyse_activations(snn: loader.Loaded, ann: loader.Loaded | None = None, *, num_batches: int = 2,
-                        batch_size: int | None = None, hist_examples: int = 64) -> ActivationAnalysis:
-  """Runs an ANN and the SNN on the first `num_batches` test batches; see the module docstring.
-
-  Args:
-    snn: a loaded SNN phase (`dtvit.load(workdir, 'snn')`).
-    ann: where the ANN's variables come from: None = the SNN's own (its ANN twin: same weights), or a loaded
-      ANN phase (`dtvit.load(workdir, 'ann')`, see `ann_reference`).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
-
-  if not snn.is_snn:
-    raise ValueError("analyse_activations needs an SNN phase (dtvit.load(workdir, phase='snn')).")
-  if ann is None:
-    ann, ann_source = snn.variant(phase="ann"), "the ANN twin of the SNN's own weights"
-  else:
-    ann, ann_source = ann.variant(phase="ann"), f"the ANN phase of {ann.workdir}"
-  off = snn.variant(masks="off")
-  hard = snn.variant(masks="hard")
-  T = snn.num_steps
-
-  def fn(ann_vars, snn_vars, images, w_B):
-    _, a_aux = models.apply_model(ann.model, ann_vars, images)
-    _, o_aux = models.apply_model(off.model, snn_vars, images)
-    _, h_aux = models.apply_model(hard.model, snn_vars, images)
-    if set(a_aux["block_outputs"]) != set(o_aux["block_outputs"]):
-      raise ValueError(f"The ANN ({ann_source}) has blocks {sorted(a_aux['block_outputs'])}, the SNN "
-                       f"{sorted(o_aux['block_outputs'])}: compare runs of one architecture.")
-    out = {}
-    h = min(images.shape[0], hist_examples)
-    for name, a in a_aux["block_outputs"].items():
-      o = o_aux["block_outputs"][name].reshape((T, -1) + a.shape[1:])
-      m = h_aux["block_outputs"][name].reshape((T, -1) + a.shape[1:]).mean(axis=0)
-      err_T, ref = activation_error_sums(a, o, w_B)
-      masked_err = jnp.sum(w_B.reshape((-1,) + (1,) * (a.ndim - 1)) * (m - a) ** 2)
-      out[name] = {"err": err_T, "ref": ref, "masked_err": masked_err,
-                   "ann": a[:h], "snn": o.mean(axis=0)[:h], "snn_masked": m[:h]}
-    return out, h_aux["spike_rates"]
-
-  fn = jax.jit(fn)
-  sums: dict = {}
-  values: dict = {}
-  batch_rates, count, taken = [], 0.0, 0
-  for i, batch in enumerate(snn.batches(batch_size=batch_size)):
-    if i >= num_batches:
-      break
-    w = np.asarray(batch["mask"], np.float32)
-    out, rates = jax.device_get(fn(ann.variables, snn.variables, jnp.asarray(batch["image"]), jnp.asarray(w)))
-    count += float(w.sum())
-    batch_rates.append((rates, bool(w.all())))
-    keep = int(min(hist_examples - taken, w[:hist_examples].sum()))
-    for name, o in out.items():
-      s = sums.setdefault(name, {"err": 0.0, "ref": 0.0, "masked_err": 0.0})
-      for k in s:
-        s[k] = s[k] + np.asarray(o[k], np.float64)
-      v = values.setdefault(name, {"ann": [], "snn": [], "snn_masked": []})
-      if keep > 0:
-        for k in v:
-          v[k].append(np.asarray(o[k][:keep]).reshape(-1))
-    taken += max(keep, 0)
-  if not sums:
-    raise ValueError("analyse_activations: the test split gave no batches.")
-  blocks = sorted(sums, key=_block_index)
-  errors = {b: np.sqrt(sums[b]["err"] / max(sums[b]["ref"], 1e-30)) for b in blocks}
-  masked_errors = {b: float(np.sqrt(sums[b]["masked_err"] / max(sums[b]["ref"], 1e-30))) for b in blocks}
-  flat = {b: {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in values[b].items()}
-          for b in blocks}
-  # Spike rates average over whole batches (padding included), so use the full batches when there are any.
-  used = [r for r, full in batch_rates if full] or [r for r, _ in batch_rates]
-  spike_rates = {k: np.mean([np.asarray(r[k]) for r in used], axis=0) for k in sorted(used[0])}
-  return ActivationAnalysis(blocks=blocks, num_steps=T, errors=errors, masked_errors=masked_errors, values=flat,
-                            spike_rates=spike_rates, num_examples=int(count),
-                            masks_enabled=bool(snn.config.model.mask.enabled),
-                            ann_source=ann_source, hist_examples=taken)
-
-
-def ann_reference(snn: loader.Loaded, ann_params: str = "auto") -> loader.Loaded | None:
-  """The ANN to compare the SNN with: 'snn' -> None (the ANN twin of the SNN's own weights); 'ann' -> the ANN
-  phase the SNN started from: its own workdir's, or that of the workdir its `snn.init_from` points into;
-  'auto' -> that ANN phase if there is one, else None."""
-  if ann_params not in ("auto", "ann", "snn"):
-    raise ValueError(f"ann_params must be 'auto', 'ann' or 'snn', got {ann_params!r}.")
-  if ann_params == "snn":
-    return None
-  candidates = [snn.workdir] + [w for w in [_init_from_workdir(snn.config)] if w]
-  errors = []
-  for wd in candidates:
-    try:
-      return loader.load(wd, "ann")
-    except FileNotFoundError as e:
-      errors.append(str(e))
-  if ann_params == "ann":
-    raise FileNotFoundError("ann_params='ann': no ANN phase checkpoint for the run in " + snn.workdir + ": "
-                            + " ".join(errors))
-  return None
-
-
-def _block_index(name: str) -> tuple:
-  head, _, tail = name.rpartition("_")
-  return (head, int(tail)) if tail.isdigit() else (name, 0)
-
-
-def sensitivity_table(errors: Mapping[str, Sequence[float]]) -> dict[str, dict]:
-  """{block: {'e_1', 'e_T', 'sensitivity' (e_1 - e_T), 'T90', 'errors'}} from {block: e_b(T), T = 1..T_max};
-  see the module docstring."""
-  out = {}
-  for block, e in errors.items():
-    e = np.asarray(e, np.float64).reshape(-1)
-    drop = e[0] - e[-1]
-    if drop > 0:
-      t90 = int(np.argmax(e[0] - e >= 0.9 * drop - 1e-12)) + 1
-    else:
-      t90 = 1
-    out[block] = {"e_1": float(e[0]), "e_T": float(e[-1]), "sensitivity": float(drop), "T90": t90,
-                  "errors": [float(x) for x in e]}
-  return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Early exit, runs.
-
-
-def early_exit_rows(snn: loader.Loaded, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
-                    criterion: str = "confidence", max_batches: int = 0,
-                    batch_size: int | None = None) -> list[dict]:
-  """`inference.early_exit_over_batches` on the test split (all of it when max_batches = 0):
-  [{'threshold', 'accuracy', 'avg_steps', 'avg_module_steps'}]."""
-  from dtvit import inference  # pylint: disable=g-import-not-at-top
-  if not snn.is_snn:
-    raise ValueError("Early exit needs an SNN phase.")
-  batches = snn.batches(batch_size=batch_size)
-  if max_batches:
-    batches = (b for i, b in zip(range(max_batches), batches))
-  return inference.early_exit_over_batches(snn.variant(masks="hard").model, snn.variables, batches, thresholds,
-                                           criterion)
-
-
-def _snn_phase(summary: Mapping[str, Any]) -> str | None:
-  for p in ("finetune", "snn"):
-    if p in summary and "test_accuracy" in summary[p]:
-      return p
-  return None
-
-
-def run_rows(workdirs: Sequence[str]) -> list[dict]:
-  """One row per workdir from its summary.json and config.json (None where a value is missing):
-  name, workdir, phase, masks ('learned' | 'fixed T'), semantics, T_max, T_avg, T_avg_op, T_sim, T_sim_op,
-  accuracy, accuracy_all_steps, ann_accuracy, snn_energy_uj, ann_energy_uj, energy_ratio, note.
-  T_sim (the mean of the masked modules' simulated steps) is T_max for a fixed-T run; for a learned run whose
-  summary predates it, None."""
-  names = _run_names(workdirs)
-  rows = []
-  for name, wd in zip(names, workdirs):
-    row = {"name": name, "workdir": os.path.abspath(wd), "phase": None, "masks": None, "semantics": None,
-           "T_max": None, "T_avg": None, "T_avg_op": None, "T_sim": None, "T_sim_op": None, "accuracy": None,
-           "accuracy_all_steps": None, "ann_accuracy": None,
-           "snn_energy_uj": None, "ann_energy_uj": None, "energy_ratio": None, "note": ""}
-    try:
-      config = loader.read_config(wd)
-    except FileNotFoundError as e:
-      row["note"] = str(e)
-      rows.append(row)
-      continue
-    row["masks"] = "learned" if config.model.mask.enabled else "fixed T"
-    if config.model.mask.enabled:
-      row["semantics"] = config.model.mask.get("semantics", "filter")  # configs before the option: 'filter'
-
-    row["T_max"] = int(config.model.num_steps)
-    summary = loader.read_summary(wd)
-    if summary is None:
-      row["note"] = "no summary.json (run unfinished?)"
-      rows.append(row)
-      continue
-    if "ann" in summary and "test_accuracy" in summary["ann"]:
-      row["ann_accuracy"] = summary["ann"]["test_accuracy"]
-    else:
-      source = _init_from_workdir(config)
-      ann_summary = (loader.read_summary(source) or {}).get("ann", {}) if source else {}
-      if "test_accuracy" in ann_summary:
-        row["ann_accuracy"] = ann_summary["test_accuracy"]
-        row["note"] = f"ANN: the run it started from ({source})"
-    phase = _snn_phase(summary)
-    if phase is None:
-      row["note"] = "no SNN phase in summary.json"
-      rows.append(row)
-      continue
-    s = summary[phase]
-    row.update(phase=phase, T_max=s.get("T_max", row["T_max"]), T_avg=s.get("average_time_steps"),
-               T_avg_op=s.get("op_weighted_time_steps"), T_sim=s.get("average_simulated_steps"),
-               T_sim_op=s.get("op_weighted_simulated_steps"), accuracy=s.get("test_accuracy"),
-               accuracy_all_steps=s.get("test_accuracy_fixed_T"))
-    if not config.model.mask.enabled:  # every step of every module is simulated
-      row["T_sim"] = row["T_sim"] if row["T_sim"] is not None else float(row["T_max"])
-      row["T_sim_op"] = row["T_sim_op"] if row["T_sim_op"] is not None else float(row["T_max"])
-    elif row["T_sim"] is None and s.get("masks") and config.model.mask.get("granularity", "module") == "module":
-      # A summary from before simulated steps were reported ('filter' runs): from its masks, each module
-      # simulates every step up to its last active one.
-      sim = [float(np.max(np.flatnonzero(np.asarray(m)) + 1, initial=0)) for m in s["masks"].values()]
-      row["T_sim"] = float(np.mean(sim))
-      row["note"] = (row["note"] + "; " if row["note"] else "") + "T_sim from its masks ('filter')"
-    totals = (s.get("energy") or {}).get("totals") or {}
-    if totals:
-      row.update(snn_energy_uj=totals["snn_energy_j"] * 1e6, ann_energy_uj=totals["ann_energy_j"] * 1e6,
-                 energy_ratio=totals.get("energy_ratio"))
-    rows.append(row)
-  return rows
-
-
-def _init_from_workdir(config) -> str | None:
-  """The workdir whose ANN phase the SNN phase started from (`snn.init_from` = <workdir>/ann/checkpoints)."""
-  init_from = config.get("snn", {}).get("init_from") or ""
-  path = os.path.abspath(init_from.rstrip(os.sep)) if init_from else ""
-  if path and os.path.basename(path) == "checkpoints" and os.path.basename(os.path.dirname(path)) == "ann":
-    return os.path.dirname(os.path.dirname(path))
-  return None
-
-
-def _run_names(workdirs: Sequence[str]) -> list[str]:
-  paths = [os.path.abspath(w).rstrip(os.sep) for w in workdirs]
-  if len(paths) == 1:
-    return [os.path.basename(paths[0])]
-  root = os.path.commonpath(paths)
-  names = [os.path.relpath(p, root) if p != root else os.path.basename(p) for p in paths]
-  return names if len(set(names)) == len(names) else paths
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -397,32 +112,40 @@ def plot_accuracy_vs_steps(rows: Sequence[Mapping[str, Any]]):
   return fig
 
 
-def plot_time_steps(steps_per_module: Mapping[str, float], masks: Mapping[str, Any], num_steps: int,
-                    simulated: Mapping[str, float] | None = None):
+def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], num_steps: int):
   """Bar chart of each masked module's learned active steps (and, as a light bar behind it, its simulated
-  steps), its mask pattern written above the bar."""
+  steps), its mask pattern written above the bar.
+
+  Args:
+    step_counts: {module: {'active_steps', 'simulated_steps', 'mask'}}, as `dtvit.load(...).step_counts`
+      (`models.step_counts`).
+    num_steps: T_max.
+  """
   plt = _plt()
-  names = list(steps_per_module)
+  names = list(step_counts)
+  steps_per_module = {n: step_counts[n]["active_steps"] for n in names}
+  simulated = {n: step_counts[n]["simulated_steps"] for n in names}
   fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(names) + 2), 5.0))
-  kinds = [n.rpartition("/")[2] if n.rpartition("/")[2] in ("attn", "mlp") else "other" for n in names]
+  kinds = [_kind(n) for n in names]
   x = np.arange(len(names))
-  if simulated:
+  if names:
     ax.bar(x, [simulated[n] for n in names], color="0.85", edgecolor="0.5", width=0.75,
            label="simulated steps (work needed)")
   ax.bar(x, [steps_per_module[n] for n in names], color=[_COLORS[k] for k in kinds], width=0.6)
   for i, n in enumerate(names):
-    pattern = "".join(str(int(v)) for v in np.asarray(masks[n]).reshape(-1))
-    top = max(steps_per_module[n], simulated[n] if simulated else 0.0)
+    pattern = "".join(str(int(v)) for v in np.asarray(step_counts[n]["mask"]).reshape(-1))
+    top = max(steps_per_module[n], simulated[n])
     ax.text(i, top + 0.08, pattern, ha="center", va="bottom", fontsize=8, family="monospace")
-  t_avg = float(np.mean(list(steps_per_module.values()))) if names else 0.0
+  t_avg = masks_lib.average_steps(step_counts, "active_steps") or 0.0
   ax.axhline(num_steps, color="0.3", ls="--", lw=1, label=f"T_max = {num_steps}")
   ax.axhline(t_avg, color="0.3", ls=":", lw=1, label=f"T_avg = {t_avg:.2f} (mean active steps over modules)")
-  if simulated:
-    t_sim = float(np.mean([simulated[n] for n in names])) if names else 0.0
+  if names:
+    t_sim = masks_lib.average_steps(step_counts, "simulated_steps")
     ax.axhline(t_sim, color="0.5", ls="-.", lw=1, label=f"mean simulated steps = {t_sim:.2f}")
-  for kind in ("attn", "mlp", "other"):
+  for kind in (paths.ATTN, paths.MLP, "other"):
     if kind in kinds:
-      ax.bar([0], [0], color=_COLORS[kind], label={"attn": "self-attention", "mlp": "MLP", "other": "other"}[kind])
+      ax.bar([0], [0], color=_COLORS[kind], label={paths.ATTN: "self-attention", paths.MLP: "MLP",
+                                                   "other": "other"}[kind])
   ax.set_xticks(x)
   ax.set_xticklabels(names, rotation=30, ha="right")
   ax.set_ylim(0, num_steps + 0.6)
@@ -434,35 +157,25 @@ def plot_time_steps(steps_per_module: Mapping[str, float], masks: Mapping[str, A
   return fig
 
 
-def _gating_mask(neuron: str, masks: Mapping[str, Any]):
-  owners = [m for m in masks if neuron == m or neuron.startswith(m + "/")]
-  return np.asarray(masks[max(owners, key=len)]).reshape(-1) if owners else None
-
-
-_NEURON_ORDER = ("conv0_lif", "conv1_lif", "conv2_lif", "conv3_lif", "rpe_lif", "patch_lif", "q_lif", "k_lif",
-                 "v_lif", "attn_lif", "proj_lif", "fc1_lif", "fc2_lif")
-
-
-def _layer_order(name: str) -> tuple:
-  """Network order: the stem, then blocks in order; attention before MLP; neurons in the order they run."""
-  parts = name.split("/")
-  block = -1 if parts[0] == "embedding" else _block_index(parts[0])[1]
-  module = {"attn": 0, "mlp": 1}.get(parts[1] if len(parts) > 2 else "", 0)
-  leaf = parts[-1]
-  return (block, module, _NEURON_ORDER.index(leaf) if leaf in _NEURON_ORDER else len(_NEURON_ORDER), name)
+def _kind(module: str) -> str:
+  """The colour group of a masked unit: 'attn', 'mlp', or 'other' (the stem; single neurons with granularity
+  'layer')."""
+  kind = paths.short_name(module)
+  return kind if kind in (paths.ATTN, paths.MLP) else "other"
 
 
 def plot_spike_rates(spike_rates: Mapping[str, Sequence[float]], masks: Mapping[str, Any], *, source: str = ""):
   """Heatmap: spiking layer x time step, colour = mean spike rate (fraction of the layer's neurons that fire),
   masked steps hatched."""
   plt = _plt()
-  names = sorted(spike_rates, key=_layer_order)
+  names = sorted(spike_rates, key=paths.order_key)
   R = np.asarray([np.asarray(spike_rates[n], np.float64).reshape(-1) for n in names])
   T = R.shape[1]
   fig, ax = plt.subplots(figsize=(max(4.5, 1.0 * T + 3.5), 0.32 * len(names) + 1.6))
   im = ax.imshow(R, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(R.max()), 1e-6))
   for i, n in enumerate(names):
-    m = _gating_mask(n, masks)
+    unit = paths.owner(n, masks)
+    m = None if unit is None else np.asarray(masks[unit]).reshape(-1)
     for t in range(T):
       if m is not None and m[t] == 0:
         ax.add_patch(plt.Rectangle((t - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.85", lw=0))
@@ -495,7 +208,8 @@ def _bins(values: Iterable[np.ndarray], num_steps: int, max_bins: int = 120) -> 
   return start + width * np.arange(n + 1)
 
 
-def plot_activation_histograms(analysis: ActivationAnalysis, sensitivity: Mapping[str, Mapping[str, float]]):
+def plot_activation_histograms(analysis: analysis_lib.ActivationAnalysis,
+                               sensitivity: Mapping[str, Mapping[str, float]]):
   """Per block: histograms of the ANN twin's output and of the SNN's output averaged over time."""
   plt = _plt()
   blocks = analysis.blocks
@@ -555,8 +269,7 @@ def plot_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]], steps_per_mod
   ax2.bar(x, vals, color=_COLORS["snn"], width=0.6)
   top = max(vals + [1e-6])
   for i, b in enumerate(blocks):
-    learned = [f"{m.rpartition('/')[2]} {steps_per_module[m]:g}" for m in steps_per_module
-               if m.startswith(b + "/")]
+    learned = [f"{k} {v:g}" for k, v in analysis_lib.steps_in_block(steps_per_module, b).items()]
     text = f"T90={sensitivity[b]['T90']}" + (("\nlearned: " + ", ".join(learned)) if learned else "")
     ax2.text(i, max(vals[i], 0) + 0.02 * top, text, ha="center", va="bottom", fontsize=8)
   ax2.set_xticks(x)
@@ -610,7 +323,8 @@ def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criter
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The report.
+# The report: report.md, the PNGs and report.json. Each section below adds its Markdown lines, plots and
+# report.json entries.
 
 
 def _fmt(v, spec: str = ".2f", scale: float = 1.0) -> str:
@@ -632,42 +346,15 @@ def _runs_table(rows) -> list[str]:
   return lines
 
 
-def _save(fig, out: str, name: str) -> str:
+def _save(fig, out: str, name: str, result: dict) -> None:
+  """Writes `fig` to <out>/<name>.png and records it in result['plots']."""
   plt = _plt()
-  path = os.path.join(out, f"{name}.png")
-  fig.savefig(path, dpi=110)
+  fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
   plt.close(fig)
-  return f"{name}.png"
+  result["plots"][name] = f"{name}.png"
 
 
-def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches: int = 2,
-                 batch_size: int | None = None, early_exit_batches: int = 0, ann_params: str = "auto",
-                 criterion: str = "confidence", thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                 command: str = "") -> dict:
-  """Writes `report.md`, the PNGs and `report.json` into `out`; returns the report.json dict.
-
-  Args:
-    workdirs: training runs; the first is the primary run (see the module docstring).
-    out: output directory; default `<workdir>/report` for one run, `<common parent>/report` for several.
-    num_batches: test batches for the activation analysis.
-    batch_size: test batch size (default: the primary run's eval_batch_size).
-    early_exit_batches: test batches for early exit (0: the whole test split).
-    ann_params: the ANN of the activation analysis: 'auto' | 'ann' | 'snn', see `ann_reference`.
-  """
-  if not workdirs:
-    raise ValueError("write_report needs at least one workdir.")
-  if ann_params not in ("auto", "ann", "snn"):
-    raise ValueError(f"ann_params must be 'auto', 'ann' or 'snn', got {ann_params!r}.")
-  for wd in workdirs:
-    loader.read_config(wd)  # a clear error for a wrong path before any work
-  if out is None:
-    paths = [os.path.abspath(w) for w in workdirs]
-    out = os.path.join(paths[0] if len(paths) == 1 else os.path.commonpath(paths), "report")
-  os.makedirs(out, exist_ok=True)
-  primary = workdirs[0]
-  rows = run_rows(workdirs)
-  result: dict[str, Any] = {"workdirs": [os.path.abspath(w) for w in workdirs],
-                            "report": os.path.join(os.path.abspath(out), "report.md"), "runs": rows, "plots": {}}
+def _runs_section(rows, result: dict, out: str, command: str) -> list[str]:
   md = [f"# dtvit report: {rows[0]['name']}", "",
         f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}"
         + (f" by `{command}`" if command else "") + ".", "",
@@ -679,104 +366,144 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
         "\"every step on\": the same weights evaluated with masks off (all T_max steps). Energy per image "
         "(`dtvit.energy`, E_MAC = 4.6 pJ, E_AC = 0.9 pJ).", ""]
   md += _runs_table(rows) + [""]
-  result["plots"]["accuracy_vs_steps"] = _save(plot_accuracy_vs_steps(rows), out, "accuracy_vs_steps")
-  md += ["## Accuracy vs average time steps", "",
-         "Filled circles: SNN with learned masks at its T_avg. Open circles: the same weights with every step on. "
-         "Squares: runs trained with masks disabled (fixed T = T_max). Dashed: the ANN phase of the first run that "
-         "has one (or that it started from).", "",
-         "![accuracy vs steps](accuracy_vs_steps.png)", ""]
+  _save(plot_accuracy_vs_steps(rows), out, "accuracy_vs_steps", result)
+  return md + [
+      "## Accuracy vs average time steps", "",
+      "Filled circles: SNN with learned masks at its T_avg. Open circles: the same weights with every step on. "
+      "Squares: runs trained with masks disabled (fixed T = T_max). Dashed: the ANN phase of the first run that "
+      "has one (or that it started from).", "",
+      "![accuracy vs steps](accuracy_vs_steps.png)", ""]
 
-  snn = None
+
+def _primary_snn(workdir: str) -> tuple[loader.Loaded | None, list[str]]:
+  """The primary run's SNN phase to analyse, or None and the reason in Markdown."""
   try:
-    snn = loader.load(primary)
+    snn = loader.load(workdir)
   except FileNotFoundError as e:
-    md += [f"No checkpoint to analyse in {primary}: {e}", ""]
-  if snn is not None and not snn.is_snn:
-    md += [f"The primary run's latest phase is '{snn.phase}': no SNN to analyse.", ""]
-    snn = None
+    return None, [f"No checkpoint to analyse in {workdir}: {e}", ""]
+  if not snn.is_snn:
+    return None, [f"The primary run's latest phase is '{snn.phase}': no SNN to analyse.", ""]
+  return snn, []
 
+
+def _time_steps_section(snn: loader.Loaded, name: str, result: dict, out: str) -> list[str]:
+  T = snn.num_steps
+  result["primary"] = analysis_lib.primary_summary(snn)
+  _save(plot_time_steps(snn.step_counts, T), out, "time_steps", result)
+  return [f"## {name}: learned time steps ({snn.phase} phase)", "",
+          f"T_max = {T}; masked steps '{snn.model.mask.semantics}'; T_avg = {snn.average_time_steps:.2f} active "
+          f"steps, {snn.average_simulated_steps:.2f} simulated (the steps whose work any output depends on). "
+          f"The digits above each bar are the "
+          f"module's hard mask over steps 1..{T} (1 = the module emits spikes at that step)."
+          + ("" if snn.config.model.mask.enabled else " Masks are disabled in this run: every step is on."), "",
+          "![time steps](time_steps.png)", ""]
+
+
+def _spike_rates_section(snn: loader.Loaded, analysis, result: dict, out: str) -> list[str]:
+  rates, source = analysis_lib.spike_rates(snn, analysis)
+  _save(plot_spike_rates(rates, snn.masks, source=source), out, "spike_rates", result)
+  return ["## Spike rates per layer and step", "",
+          f"Mean spike rate of every spiking layer at every step ({source}). Hatched 'off' cells: steps the "
+          "layer's module mask switches off (its spikes are dropped there).", "",
+          "![spike rates](spike_rates.png)", ""]
+
+
+def _activations_section(snn: loader.Loaded, analysis, sens: dict, result: dict, out: str) -> list[str]:
+  T = snn.num_steps
+  result["sensitivity"] = sens
+  result["masked_errors"] = analysis.masked_errors
+  result["activation_examples"] = analysis.num_examples
+  _save(plot_activation_histograms(analysis, sens), out, "activation_histograms", result)
+  _save(plot_sensitivity(sens, snn.steps_per_module), out, "sensitivity", result)
+  md = ["## ANN vs SNN activations per block (time-step sensitivity)", "",
+        f"The ANN ({analysis.ann_source}) and the SNN run on {analysis.num_examples} test images (histograms: "
+        f"the first {analysis.hist_examples}). For each block b, a_b is the ANN's block output (residual "
+        "stream) and r_b(T) the SNN's block output averaged over its first T steps, simulated with masks off "
+        "so that every block sees every step. The ANN's neurons output clip(x / threshold, 0, 1), the rate an "
+        "IF neuron approximates, so r_b is on the ANN's scale.", "",
+        "- e_b(T) = ||r_b(T) - a_b||_2 / ||a_b||_2 over all images, tokens and channels (normalised L2 "
+        f"error), T = 1..{T};",
+        f"- sensitivity S_b = e_b(1) - e_b({T}): how much error the extra steps remove. High S_b: the block's "
+        "activations need many steps to approach the ANN's; S_b near 0: one step is as good as all;",
+        "- T90_b: the fewest steps that remove 90% of S_b (how fast the error falls);",
+        f"- e_b with learned masks: the error of the SNN with its hard masks (rate over T_max = {T} steps).", "",
+        "Errors compound over depth: block b sees the SNN outputs of the blocks before it.", "",
+        "![activation histograms](activation_histograms.png)", "", "![sensitivity](sensitivity.png)", "",
+        f"| block | e(1) | e({T}) | S = e(1) - e({T}) | T90 | e with learned masks | learned steps |",
+        "|---|---|---|---|---|---|---|"]
+  for b, s in sens.items():
+    learned = ", ".join(f"{k} {v:g}" for k, v in analysis_lib.steps_in_block(snn.steps_per_module, b).items())
+    masked = f"{analysis.masked_errors[b]:.3f}" if analysis.masks_enabled else "- (masks disabled)"
+    md.append(f"| {b} | {s['e_1']:.3f} | {s['e_T']:.3f} | {s['sensitivity']:.3f} | {s['T90']} "
+              f"| {masked} | {(learned or '-') if analysis.masks_enabled else f'fixed T = {T}'} |")
+  return md + [""]
+
+
+def _early_exit_section(snn: loader.Loaded, rows: list[dict], criterion: str, early_exit_batches: int,
+                        result: dict, out: str) -> list[str]:
+  result["early_exit"] = {"criterion": criterion, "rows": rows}
+  _save(plot_early_exit(rows, snn.num_steps, criterion=criterion), out, "early_exit", result)
+  md = ["## Early exit", "",
+        f"Per-image early exit on top of the learned masks ({criterion} criterion, "
+        f"{'whole test split' if not early_exit_batches else f'{early_exit_batches} test batches'}): steps "
+        "run in order and an image stops once its accumulated output is confident. 'steps run' is the mean "
+        "number of steps per image (latency); 'T_avg to exit' counts each masked module's active steps up "
+        f"to the exit step, averaged over modules (the paper's T_avg; {snn.average_time_steps:.2f} without "
+        "exit); 'simulated to exit' counts the steps whose work is needed up to the exit step "
+        f"({snn.average_simulated_steps:.2f} without exit).", "", "![early exit](early_exit.png)", "",
+        "| threshold | accuracy (%) | steps run | T_avg to exit | simulated to exit |", "|---|---|---|---|---|"]
+  for r in rows:
+    md.append(f"| {r['threshold']:g} | {100 * r['accuracy']:.2f} | {r['avg_steps']:.2f} "
+              f"| {_fmt(r.get('avg_module_steps'))} | {_fmt(r.get('avg_simulated_steps'))} |")
+  return md + [""]
+
+
+def _output_dir(workdirs: Sequence[str], out: str | None, ann_params: str) -> str:
+  """Checks the arguments (a clear error for a wrong path before any work) and makes the output directory:
+  `out`, or by default <workdir>/report for one run, <common parent>/report for several."""
+  if not workdirs:
+    raise ValueError("write_report needs at least one workdir.")
+  analysis_lib.check_ann_params(ann_params)
+  for wd in workdirs:
+    loader.read_config(wd)
+  if out is None:
+    abs_paths = [os.path.abspath(w) for w in workdirs]
+    out = os.path.join(abs_paths[0] if len(abs_paths) == 1 else os.path.commonpath(abs_paths), "report")
+  os.makedirs(out, exist_ok=True)
+  return out
+
+
+def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches: int = 2,
+                 batch_size: int | None = None, early_exit_batches: int = 0, ann_params: str = "auto",
+                 criterion: str = "confidence", thresholds: Sequence[float] = analysis_lib.DEFAULT_THRESHOLDS,
+                 command: str = "") -> dict:
+  """Writes `report.md`, the PNGs and `report.json` into `out`; returns the report.json dict.
+
+  Args:
+    workdirs: training runs; the first is the primary run (see the module docstring).
+    out: output directory; default `<workdir>/report` for one run, `<common parent>/report` for several.
+    num_batches: test batches for the activation analysis.
+    batch_size: test batch size (default: the primary run's eval_batch_size).
+    early_exit_batches: test batches for early exit (0: the whole test split).
+    ann_params: the ANN of the activation analysis: 'auto' | 'ann' | 'snn', see `analysis.ann_reference`.
+  """
+  out = _output_dir(workdirs, out, ann_params)
+  rows = analysis_lib.run_rows(workdirs)
+  result: dict[str, Any] = {"workdirs": [os.path.abspath(w) for w in workdirs],
+                            "report": os.path.join(os.path.abspath(out), "report.md"), "runs": rows, "plots": {}}
+  md = _runs_section(rows, result, out, command)
+  snn, md_none = _primary_snn(workdirs[0])
+  md += md_none
   if snn is not None:
-    T = snn.num_steps
-    sim = snn.simulated_steps_per_module
-    result["primary"] = {"phase": snn.phase, "T_max": T, "steps_per_module": snn.steps_per_module,
-                         "simulated_steps_per_module": sim, "mask_semantics": snn.model.mask.semantics,
-                         "masks": {k: v.astype(int).tolist() for k, v in snn.masks.items()},
-                         "average_time_steps": snn.average_time_steps,
-                         "average_simulated_steps": snn.average_simulated_steps}
-    result["plots"]["time_steps"] = _save(plot_time_steps(snn.steps_per_module, snn.masks, T, sim), out,
-                                          "time_steps")
-    md += [f"## {rows[0]['name']}: learned time steps ({snn.phase} phase)", "",
-           f"T_max = {T}; masked steps '{snn.model.mask.semantics}'; T_avg = {snn.average_time_steps:.2f} active "
-           f"steps, {snn.average_simulated_steps:.2f} simulated (the steps whose work any output depends on). "
-           f"The digits above each bar are the "
-           f"module's hard mask over steps 1..{T} (1 = the module emits spikes at that step)."
-           + ("" if snn.config.model.mask.enabled else " Masks are disabled in this run: every step is on."), "",
-           "![time steps](time_steps.png)", ""]
-
-    ann = ann_reference(snn, ann_params)
-    analysis = analyse_activations(snn, ann, num_batches=num_batches, batch_size=batch_size)
-    sens = sensitivity_table(analysis.errors)
-
-    summary_rates = (snn.summary or {}).get("spike_rates")
-    if summary_rates:
-      rates, source = summary_rates, "whole test split, learned hard masks; from summary.json"
-    else:
-      rates = {k: v.tolist() for k, v in analysis.spike_rates.items()}
-      source = f"{analysis.num_examples} test images, learned hard masks"
-    result["plots"]["spike_rates"] = _save(plot_spike_rates(rates, snn.masks, source=source), out, "spike_rates")
-    md += ["## Spike rates per layer and step", "",
-           f"Mean spike rate of every spiking layer at every step ({source}). Hatched 'off' cells: steps the "
-           "layer's module mask switches off (its spikes are dropped there).", "",
-           "![spike rates](spike_rates.png)", ""]
-
-    result["sensitivity"] = sens
-    result["masked_errors"] = analysis.masked_errors
-    result["activation_examples"] = analysis.num_examples
-    result["plots"]["activation_histograms"] = _save(plot_activation_histograms(analysis, sens), out,
-                                                     "activation_histograms")
-    result["plots"]["sensitivity"] = _save(plot_sensitivity(sens, snn.steps_per_module), out, "sensitivity")
-    md += ["## ANN vs SNN activations per block (time-step sensitivity)", "",
-           f"The ANN ({analysis.ann_source}) and the SNN run on {analysis.num_examples} test images (histograms: "
-           f"the first {analysis.hist_examples}). For each block b, a_b is the ANN's block output (residual "
-           "stream) and r_b(T) the SNN's block output averaged over its first T steps, simulated with masks off "
-           "so that every block sees every step. The ANN's neurons output clip(x / threshold, 0, 1), the rate an "
-           "IF neuron approximates, so r_b is on the ANN's scale.", "",
-           "- e_b(T) = ||r_b(T) - a_b||_2 / ||a_b||_2 over all images, tokens and channels (normalised L2 "
-           f"error), T = 1..{T};",
-           f"- sensitivity S_b = e_b(1) - e_b({T}): how much error the extra steps remove. High S_b: the block's "
-           "activations need many steps to approach the ANN's; S_b near 0: one step is as good as all;",
-           "- T90_b: the fewest steps that remove 90% of S_b (how fast the error falls);",
-           f"- e_b with learned masks: the error of the SNN with its hard masks (rate over T_max = {T} steps).", "",
-           "Errors compound over depth: block b sees the SNN outputs of the blocks before it.", "",
-           "![activation histograms](activation_histograms.png)", "", "![sensitivity](sensitivity.png)", "",
-           f"| block | e(1) | e({T}) | S = e(1) - e({T}) | T90 | e with learned masks | learned steps |",
-           "|---|---|---|---|---|---|---|"]
-    for b, s in sens.items():
-      learned = ", ".join(f"{m.rpartition('/')[2]} {v:g}" for m, v in snn.steps_per_module.items()
-                          if m.startswith(b + "/")) or "-"
-      masked = f"{analysis.masked_errors[b]:.3f}" if analysis.masks_enabled else "- (masks disabled)"
-      md.append(f"| {b} | {s['e_1']:.3f} | {s['e_T']:.3f} | {s['sensitivity']:.3f} | {s['T90']} "
-                f"| {masked} | {learned if analysis.masks_enabled else f'fixed T = {T}'} |")
-    md.append("")
-
-    ee = early_exit_rows(snn, thresholds, criterion=criterion, max_batches=early_exit_batches,
-                         batch_size=batch_size)
-    result["early_exit"] = {"criterion": criterion, "rows": ee}
-    result["plots"]["early_exit"] = _save(plot_early_exit(ee, T, criterion=criterion), out, "early_exit")
-    md += ["## Early exit", "",
-           f"Per-image early exit on top of the learned masks ({criterion} criterion, "
-           f"{'whole test split' if not early_exit_batches else f'{early_exit_batches} test batches'}): steps "
-           "run in order and an image stops once its accumulated output is confident. 'steps run' is the mean "
-           "number of steps per image (latency); 'T_avg to exit' counts each masked module's active steps up "
-           f"to the exit step, averaged over modules (the paper's T_avg; {snn.average_time_steps:.2f} without "
-           "exit); 'simulated to exit' counts the steps whose work is needed up to the exit step "
-           f"({snn.average_simulated_steps:.2f} without exit).", "", "![early exit](early_exit.png)", "",
-           "| threshold | accuracy (%) | steps run | T_avg to exit | simulated to exit |", "|---|---|---|---|---|"]
-    for r in ee:
-      md.append(f"| {r['threshold']:g} | {100 * r['accuracy']:.2f} | {r['avg_steps']:.2f} "
-                f"| {_fmt(r.get('avg_module_steps'))} | {_fmt(r.get('avg_simulated_steps'))} |")
-    md.append("")
-
+    md += _time_steps_section(snn, rows[0]["name"], result, out)
+    ann = analysis_lib.ann_reference(snn, ann_params)
+    analysis = analysis_lib.analyse_activations(snn, ann, num_batches=num_batches, batch_size=batch_size)
+    sens = analysis_lib.sensitivity_table(analysis.errors)
+    md += _spike_rates_section(snn, analysis, result, out)
+    md += _activations_section(snn, analysis, sens, result, out)
+    ee = analysis_lib.early_exit_rows(snn, thresholds, criterion=criterion, max_batches=early_exit_batches,
+                                      batch_size=batch_size)
+    md += _early_exit_section(snn, ee, criterion, early_exit_batches, result, out)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(md))
   with open(os.path.join(out, "report.json"), "w") as f:
@@ -793,7 +520,7 @@ def _json_default(x):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Command line.
+# The command line.
 
 
 def main(argv):
@@ -823,7 +550,7 @@ def _define_flags():
                     "the ANN phase the SNN started from (this workdir's, or the one snn.init_from points into), "
                     "'snn' = the ANN twin of the SNN's own weights, 'auto' = 'ann' when there is one, else 'snn'.")
   flags.DEFINE_enum("criterion", "confidence", ["confidence", "entropy"], "Early-exit criterion.")
-  flags.DEFINE_list("thresholds", [str(t) for t in DEFAULT_THRESHOLDS], "Early-exit thresholds in [0, 1].")
+  flags.DEFINE_list("thresholds", [str(t) for t in analysis_lib.DEFAULT_THRESHOLDS], "Early-exit thresholds in [0, 1].")
   flags.mark_flag_as_required("workdir")
 
 

@@ -19,7 +19,9 @@ from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models import paths
 
-# (rng, batch) -> batch, applied inside the jitted step (e.g. mixup / cutmix on device).
+# (step, batch) -> batch, applied inside the jitted step (e.g. mixup / cutmix on device). `step` is the traced
+# int32 step counter, so the function draws its keys from (seed, step) and a resumed run augments as the
+# uninterrupted one did.
 AugmentFn = Callable[[jax.Array, dict], dict]
 
 
@@ -58,20 +60,18 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None,
-                    rng: jax.Array | None = None):
+def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None):
   """The jitted-to-be step: (state, batch) -> (state, metrics).
 
   When the loss, a gradient or an updated parameter is not finite the step returns the state it was given
   (params, batch_stats, optimizer state untouched) and metric 'finite' False; under `nonfinite='skip'` the step
-  counter still advances past the batch. `augment_fn`, if given, transforms the batch first, with the key
-  `fold_in(rng, step)` (so a resumed run draws the same).
+  counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
   """
   loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
 
   def step_fn(state, batch):
     if augment_fn is not None:
-      batch = augment_fn(jax.random.fold_in(rng, state["step"]), batch)
+      batch = augment_fn(state["step"], batch)
     temperature = temperature_at(pc, state["step"], pc.num_steps)
     (loss, (ce, cost, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["batch_stats"], batch, temperature)

@@ -1,6 +1,6 @@
 """Training: the ANN twin, the SNN with learned time steps, an optional mask-frozen fine-tune; the run's phases.
 
-The path of a batch: `input_pipeline.train_batches` (numpy, this process's slice) -> `sharding.global_batch`
+The path of a batch: `data.train_batches` (numpy, this process's slice) -> `sharding.global_batch`
 (global array split over the 'data' mesh axis) -> the train step (`steps.make_train_step` under one `jax.jit`:
 model forward on the folded time x batch axis, cross-entropy + time-step cost, gradients, optax update) ->
 metrics.
@@ -27,7 +27,7 @@ import ml_collections
 from dtvit import checkpointing
 from dtvit import energy as energy_lib
 from dtvit import evaluate as evaluate_lib
-from dtvit import input_pipeline
+from dtvit import data
 from dtvit import masks as masks_lib
 from dtvit import metrics as metrics_lib
 from dtvit import models
@@ -81,13 +81,6 @@ def validate_config(config) -> None:
       raise ValueError(f"{p}.batch_size must be >= 1, got {pc.batch_size}.")
   for p in phases:
     models.build_model(config.model, 2, phase="snn" if p != "ann" else "ann")
-
-
-def phase_model(config, num_classes: int, phase: str) -> models.SpikingViT:
-  model = models.build_model(config.model, num_classes, phase="ann" if phase == "ann" else "snn")
-  if phase == "finetune":
-    model = models.with_mask(model, hard=True)
-  return model
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -244,6 +237,22 @@ class Phase:
   schedule: Any             # step -> the weights' learning rate
   op_weights: dict | None   # `energy.module_op_weights` of the SNN phases, traced once per phase
   mesh: Any
+  augment_fn: Any = None    # (step, batch) -> batch inside the train step: mixup / cutmix
+
+
+def _mixing(config):
+  """The on-device mixup / cutmix of the train batches (`data.mix_batch`, keyed by (seed, step)), or None when
+  both are off."""
+  aug = config.data.augment
+  if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
+    return None
+
+  def mix(step, batch):
+    image, target = data.mix_batch(data.mix_key(config.seed, step), batch["image"], batch["target"],
+                                   mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha)
+    return dict(batch, image=image, target=target)
+
+  return mix
 
 
 def _stop_on_nonfinite(ph: Phase, ckpt, state, batch, step: int) -> None:
@@ -271,7 +280,8 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
   `end`, and at the step after a SIGTERM reached any process, then raises `Preempted`.
   """
   state_sharding = sharding.state_shardings(ph.mesh, state)
-  train_step = jax.jit(steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights),
+  train_step = jax.jit(steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
+                                             augment_fn=ph.augment_fn),
                        in_shardings=(state_sharding, sharding.batch_sharded(ph.mesh)),
                        out_shardings=(state_sharding, sharding.replicated(ph.mesh)), donate_argnums=(0,))
   log = _MetricLog(writer, meta)
@@ -327,11 +337,11 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary."""
   pc = config[phase]
   phase_dir = os.path.join(workdir, phase)
-  model = phase_model(config, info.num_classes, phase)
+  model = models.phase_model(config.model, info.num_classes, phase)
   sharding.check_batch_size(pc.batch_size, mesh, f"{phase}.batch_size")
   tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
   op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, info.image_shape)
-  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh)
+  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, _mixing(config))
   ckpt = checkpointing.Checkpointer(os.path.join(phase_dir, "checkpoints"), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
@@ -340,7 +350,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   writer = metrics_lib.create_default_writer(phase_dir)
   t0 = time.time()
   if start < end:
-    batches = input_pipeline.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
+    batches = data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
                                            start_step=start, num_classes=info.num_classes)
     state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
                                 batch_hook=batch_hook)
@@ -378,7 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
     sharding.check_batch_size(config[phase].batch_size, mesh, f"{phase}.batch_size")
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   workdir_lib.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
-  info = input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   t0 = time.time()
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}

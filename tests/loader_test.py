@@ -49,6 +49,11 @@ def test_latest_phase_reproduces_the_runs_snn_results(run_dir, snn):
   assert run.steps_per_module == summary["snn"]["per_module_time_steps"]
   assert {k: v.astype(int).tolist() for k, v in run.masks.items()} == summary["snn"]["masks"]
   assert run.average_time_steps == pytest.approx(summary["snn"]["average_time_steps"])
+  # Every step count comes from `run.step_counts` (models.step_counts), as the training's summary does.
+  assert run.simulated_steps_per_module == summary["snn"]["per_module_simulated_steps"]
+  assert run.average_simulated_steps == pytest.approx(summary["snn"]["average_simulated_steps"])
+  assert {k: c["work"] for k, c in run.step_counts.items()} == {
+      k: summary["snn"]["step_counts"][k]["work"] for k in run.masks}
   # The restored variables, hard masks and model give the training's own evaluation, image for image.
   assert _accuracy(run) == pytest.approx(summary["snn"]["test_accuracy"], abs=1e-9)
   assert _accuracy(run.variant(masks="off")) == pytest.approx(summary["snn"]["test_accuracy_fixed_T"], abs=1e-9)

@@ -94,7 +94,8 @@ def test_masked_step_emits_no_spikes(arch):
   for k in ("blocks_0/mlp/fc1_lif", "blocks_0/mlp/fc2_lif"):
     np.testing.assert_array_equal(aux["spike_rates"][k][:2], 0.0)
   assert np.all(aux["spike_rates"]["blocks_0/mlp/fc1_lif"][2:] > 0)
-  assert models.steps_per_module(model, params) == {"blocks_0/attn": 2.0, "blocks_0/mlp": 2.0}
+  assert {k: c["active_steps"] for k, c in models.step_counts(model, params).items()} == {
+      "blocks_0/attn": 2.0, "blocks_0/mlp": 2.0}
   # Masked steps do no synaptic work in the energy accounting.
   np.testing.assert_array_equal(aux["input_rates"]["blocks_0/mlp/fc1"][:2], 0.0)
 
@@ -158,7 +159,7 @@ class _Layer(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = nn.Dense(16)(x)
-    cfg = layers.NeuronConfig(neuron="if", reset="soft")
+    cfg = models.NeuronConfig(neuron="if", reset="soft")
     return layers.Neuron(self.phase, self.num_steps, cfg, 0.7, name="lif")(y, static=True)
 
 
@@ -189,10 +190,10 @@ def test_ann_to_snn_scales_thresholds():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_steps=0), "T_max \\(num_steps\\) must be an integer >= 1"),
     (dict(phase="hybrid"), "Unknown phase 'hybrid'"),
-    (dict(neuron=layers.NeuronConfig(neuron="adex")), "Unknown neuron 'adex'"),
-    (dict(neuron=layers.NeuronConfig(surrogate="erf")), "Unknown surrogate 'erf'"),
-    (dict(mask=layers.MaskConfig(mode="gumbel")), "Unknown mask mode 'gumbel'"),
-    (dict(mask=layers.MaskConfig(granularity="head")), "Unknown mask granularity 'head'"),
+    (dict(neuron=models.NeuronConfig(neuron="adex")), "Unknown neuron 'adex'"),
+    (dict(neuron=models.NeuronConfig(surrogate="erf")), "Unknown surrogate 'erf'"),
+    (dict(mask=models.MaskConfig(mode="gumbel")), "Unknown mask mode 'gumbel'"),
+    (dict(mask=models.MaskConfig(granularity="head")), "Unknown mask granularity 'head'"),
 ])
 def test_bad_model_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
-"""Every fast op equals its reference path: values and gradients (dtvit/ops.py)."""
+"""Every fast op equals its reference path: values and gradients (dtvit/ops.py); the model's kernels and remat
+options (each changes the program, never the numbers)."""
 
 import chex
 import flax.linen as nn
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtvit import models, neurons, ops
+from dtvit import models, ops
 from dtvit.models import NeuronConfig
 
 
@@ -51,17 +52,12 @@ def test_conv2d_matches_lax(shape, kernel, strides, padding):
 
 
 def test_conv_general_dilated_dispatch():
-  """The drop-in takes the fast path only for plain NHWC convs and only while fast_ops() is on."""
+  """The drop-in takes the fast path only for plain NHWC convs without dilation."""
   x = _spikes(jax.random.key(1), (2, 8, 8, 3))
   w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
   dn = ("NHWC", "HWIO", "NHWC")
   fast = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w)
   assert "custom_vjp" in str(fast)
-  with ops.use_fast_ops(False):
-    assert not ops.fast_ops()
-    ref = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w)
-  assert ops.fast_ops()
-  assert "custom_vjp" not in str(ref)
   dilated = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
                                                                  dimension_numbers=dn))(x, w)
   assert "custom_vjp" not in str(dilated)
@@ -101,57 +97,10 @@ def test_max_pool_routes_ties_to_first_maximum():
   np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0], expected)
 
 
-# Each neuron, surrogate, reset and detach setting at least once (the full product passes too; it is slow).
-_NEURON_CASES = [
-    ("lif", "pwl", "soft", False, False, 0.0), ("lif", "sigmoid", "hard", True, True, 0.5),
-    ("lif", "atan", "soft", True, False, 0.5), ("if", "pwl", "hard", False, True, 0.0),
-    ("if", "atan", "soft", False, False, 0.5), ("spikformer", "sigmoid", "hard", True, False, 0.0),
-    ("spikformer", "sigmoid", "hard", True, True, 0.5), ("spikformer", "pwl", "soft", False, False, 0.5),
-    ("spikformer", "atan", "hard", False, False, 0.0),
-]
-
-
-@pytest.mark.parametrize("neuron,surrogate,reset,detach,static,init", _NEURON_CASES)
-def test_lif_multistep_matches_scan(neuron, surrogate, reset, detach, static, init):
-  x = 1.5 * jax.random.normal(jax.random.key(4), (5, 3, 40)) + 0.3
-  inp = x[0] if static else x
-  w = jax.random.normal(jax.random.key(5), (5, 3, 40))
-
-  def run(inp, leak, threshold, fast):
-    with ops.use_fast_ops(fast):
-      s = neurons.multistep(inp, num_steps=5 if static else None, neuron=neuron, surrogate=surrogate, reset=reset,
-                            detach_reset=detach, leak=leak, threshold=threshold, init_membrane=init)
-    return jnp.sum(s * w), s
-
-  grad = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
-  (_, s_ref), g_ref = grad(inp, 0.8, 0.9, False)
-  (_, s_fast), g_fast = grad(inp, 0.8, 0.9, True)
-  chex.assert_trees_all_equal(s_fast, s_ref)
-  _close(g_fast[0], g_ref[0])
-  # The leak and threshold gradients are sums over all neurons and steps: float32 sums in another order.
-  _close(g_fast[1], g_ref[1], rtol=1e-4)
-  _close(g_fast[2], g_ref[2], rtol=1e-4)
-
-
-def test_lif_multistep_validates_like_reference():
-  with pytest.raises(ValueError, match="surrogate"):
-    ops.lif_multistep(jnp.zeros((2, 3)), surrogate="relu")
-  with pytest.raises(ValueError, match="num_steps"):
-    ops.lif_multistep(jnp.zeros((3,)), num_steps=0)
-
-
-def test_fast_ops_are_used_by_default_and_switchable():
-  x = jnp.zeros((4, 2, 3))
-  assert "custom_vjp" in str(jax.make_jaxpr(lambda x: neurons.multistep(x))(x))
-  with ops.use_fast_ops(False):
-    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: neurons.multistep(x))(x))
-  # return_membrane keeps the scan (the fused op returns spikes only).
-  assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: neurons.multistep(x, return_membrane=True))(x))
-
-
 @pytest.mark.parametrize("pool_first", [False, True])
-def test_model_fast_equals_reference(pool_first):
-  """A whole tiny Spikformer (convs, pools, every neuron): the same logits and the same parameter gradients."""
+def test_model_fused_equals_reference(pool_first):
+  """A whole tiny Spikformer (convs, pools, every neuron): kernels='fused' gives the same logits and the same
+  parameter gradients as kernels='reference', and the two trace different programs."""
   model = models.spikformer("tiny", 10, num_steps=3, stem_pool_first=pool_first,
                             neuron=NeuronConfig(neuron="spikformer", surrogate="sigmoid"))
   variables = models.init(model, jax.random.key(0), (8, 8, 3))
@@ -159,8 +108,8 @@ def test_model_fast_equals_reference(pool_first):
   labels = jnp.arange(4) % 10
 
   def loss(params, fast):
-    with ops.use_fast_ops(fast):
-      logits, _ = models.apply_model(model, {**variables, "params": params}, images, train=True, with_aux=False)
+    m = model.clone(kernels="fused" if fast else "reference")
+    logits, _ = models.apply_model(m, {**variables, "params": params}, images, train=True, with_aux=False)
     return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
 
   (_, logits_ref), g_ref = _compile(lambda p: jax.value_and_grad(loss, has_aux=True)(p, False),
@@ -168,31 +117,17 @@ def test_model_fast_equals_reference(pool_first):
   (_, logits_fast), g_fast = _compile(lambda p: jax.value_and_grad(loss, has_aux=True)(p, True),
                                       variables["params"])(variables["params"])
   chex.assert_trees_all_equal(logits_fast, logits_ref)
+  jaxprs = {fast: str(jax.make_jaxpr(lambda p: loss(p, fast))(variables["params"])) for fast in (True, False)}
+  assert "custom_vjp" in jaxprs[True] and "custom_vjp" not in jaxprs[False]
   # Some gradients are analytically 0 (e.g. the Spikformer neuron's unused leak): compare at the tree's scale.
   floor = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
   jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4, floor=1e-3 * floor), g_fast, g_ref)
 
 
-def test_remat_spikes_policy_changes_nothing():
-  """NeuronConfig(remat='spikes') + ops.checkpoint_spikes recomputes everything but the spikes: same numbers."""
-  images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  out = {}
-  for remat in (False, "spikes"):
-    model = models.spikformer("tiny", 10, num_steps=2,
-                              neuron=NeuronConfig(neuron="spikformer", surrogate="sigmoid", remat=remat))
-    variables = models.init(model, jax.random.key(0), (8, 8, 3))
-
-    def loss(params):
-      logits, _ = models.apply_model(model, {**variables, "params": params}, images, train=True, with_aux=False)
-      return jnp.sum(logits * jnp.arange(10.0))
-
-    fn = ops.checkpoint_spikes(loss) if remat else loss
-    out[remat] = _compile(jax.value_and_grad(fn), variables["params"])(variables["params"])
-  assert float(out[False][0]) == float(out["spikes"][0])
-  floor = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(out[False][1]))
-  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4, floor=1e-3 * floor), out["spikes"][1], out[False][1])
-  with pytest.raises(ValueError, match="remat"):
-    NeuronConfig(remat="layers").validate()
+def test_retired_remat_modes_are_errors():
+  for remat in ("layers", "spikes", True):
+    with pytest.raises(ValueError, match="remat"):
+      NeuronConfig(remat=remat).validate()
 
 
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
@@ -222,32 +157,3 @@ def test_remat_blocks_is_exact_and_bounds_memory(arch):
   chex.assert_trees_all_equal(out["blocks"], out[False])
   if arch == "spikformer":
     assert temp["blocks"] <= 0.7 * temp[False], temp
-
-
-@pytest.mark.parametrize("neuron,surrogate,reset,detach,static,init", _NEURON_CASES[::2])
-@pytest.mark.parametrize("surrogate_input", ["normalized", "difference"])
-@pytest.mark.parametrize("mask", [[0.0, 1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.3, 0.8, 1.0]])
-def test_lif_multistep_with_a_skip_mask_matches_scan(neuron, surrogate, reset, detach, static, init,
-                                                      surrogate_input, mask):
-  """The 'skip' mask inside the recurrence (binary and soft), and the 'difference' surrogate input: the same
-  spikes and the same gradients (the mask's included) on the fast path as on the scan."""
-  x = 1.5 * jax.random.normal(jax.random.key(4), (5, 3, 40)) + 0.3
-  inp = x[0] if static else x
-  w = jax.random.normal(jax.random.key(5), (5, 3, 40))
-
-  def run(inp, leak, threshold, m, fast):
-    with ops.use_fast_ops(fast):
-      s = neurons.multistep(inp, num_steps=5 if static else None, neuron=neuron, surrogate=surrogate, reset=reset,
-                            detach_reset=detach, leak=leak, threshold=threshold, init_membrane=init,
-                            surrogate_input=surrogate_input, step_mask_T=m)
-    return jnp.sum(s * w), s
-
-  grad = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
-  m = jnp.asarray(mask, jnp.float32)
-  (_, s_ref), g_ref = grad(inp, 0.8, 0.9, m, False)
-  (_, s_fast), g_fast = grad(inp, 0.8, 0.9, m, True)
-  chex.assert_trees_all_equal(s_fast, s_ref)
-  _close(g_fast[0], g_ref[0])
-  for a, b in zip(g_fast[1:], g_ref[1:]):
-    _close(a, b, rtol=1e-4)
-  assert float(jnp.max(jnp.abs(g_ref[3]))) > 0  # the mask does get a gradient

@@ -32,8 +32,9 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from dtvit import input_pipeline
+from dtvit import data
 from dtvit import metrics as metrics_lib
+from dtvit import models
 from dtvit import sharding
 from dtvit import steps
 from dtvit import train
@@ -257,12 +258,12 @@ def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_co
 def test_diagnosis_names_the_leaf_module_the_loss_or_the_update(tiny_config):
   config = _config(tiny_config, **{"ann.batch_size": 8})
   pc = config.ann
-  info = input_pipeline.get_info(config.data)
-  model = train.phase_model(config, info.num_classes, "ann")
+  info = data.get_info(config.data)
+  model = models.phase_model(config.model, info.num_classes, "ann")
   mesh = sharding.make_mesh(-1)
   tx = optax.sgd(0.1)
   state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
-  local = next(input_pipeline.train_batches(config.data, global_batch_size=8, seed=0))
+  local = next(data.train_batches(config.data, global_batch_size=8, seed=0))
   batch = {k: local[k] for k in ("image", "label", "target")}
   diagnose = lambda s, b, t=tx: steps.diagnose_nonfinite(  # noqa: E731
       model, t, pc, s, sharding.global_batch(mesh, b), 0, phase="ann", op_weights=None)
@@ -348,7 +349,7 @@ def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4. Clear errors (more in train_test.test_bad_input_errors, input_pipeline_test, checkpointing_test).
+# 4. Clear errors (more in train_test.test_bad_input_errors, data_test, checkpointing_test).
 
 
 def _parse_cli(*args):
@@ -408,10 +409,10 @@ def test_corrupt_image_in_a_local_archive_is_named(tiny_config, tmp_path):
            "train/dog/7.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}
   archive = tmp_path / "cifar.tar.gz"
   with tarfile.open(archive, "w:gz") as tar:
-    for name, data in files.items():
+    for name, blob in files.items():
       member = tarfile.TarInfo(name)
-      member.size = len(data)
-      tar.addfile(member, io.BytesIO(data))
+      member.size = len(blob)
+      tar.addfile(member, io.BytesIO(blob))
   config = _config(tiny_config, **{"data.name": "cifar10_local", "data.archive": str(archive),
                       "data.data_dir": str(tmp_path / "data_dir")})
   with pytest.raises(ValueError, match=r"Cannot decode image file 'train/dog/7\.jpg'"):
@@ -426,16 +427,13 @@ def test_data_order_depends_only_on_seed_step_and_process(tiny_config):
   config = _config(tiny_config)
   take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
   base = dict(global_batch_size=16, num_classes=10)
-  a = take(input_pipeline.train_batches(config.data, seed=3, start_step=5, process_index=1, process_count=2,
-                                        **base), 2)
+  a = take(data.train_batches(config.data, seed=3, start_step=5, process_index=1, process_count=2, **base), 2)
   config.data.num_threads, config.data.prefetch = 0, 1  # how batches are prepared does not matter
-  b = take(input_pipeline.train_batches(config.data, seed=3, start_step=6, process_index=1, process_count=2,
-                                        **base), 1)
-  whole = take(input_pipeline.train_batches(config.data, seed=3, start_step=6, process_index=0,
-                                            process_count=1, **base), 1)
+  b = take(data.train_batches(config.data, seed=3, start_step=6, process_index=1, process_count=2, **base), 1)
+  whole = take(data.train_batches(config.data, seed=3, start_step=6, process_index=0, process_count=1, **base), 1)
   for k in ("image", "label", "target"):
     np.testing.assert_array_equal(a[1][k], b[0][k])
     np.testing.assert_array_equal(b[0][k], whole[0][k][8:])  # process 1 of 2 holds the second half
-  other_seed = next(input_pipeline.train_batches(config.data, seed=4, start_step=6, process_index=0,
-                                                 process_count=1, **base))
+  other_seed = next(data.train_batches(config.data, seed=4, start_step=6, process_index=0, process_count=1,
+                                       **base))
   assert not np.array_equal(other_seed["label"], whole[0]["label"])

@@ -8,7 +8,7 @@ experiments/benchmarks/make_golden.py, which states how to rerun it; no torch is
 dtvit's model: `models.spikformer(...)` with `NeuronConfig.preset('spikingjelly')`, `stem_pool_first=True` (the
 stem pools before its neurons, as SpikingJelly's does) and masks off. The weights are mapped from torch's
 layouts; SpikingJelly's fused Q/K/V 1x1 conv (and its batch norm) is split into dtvit's three Dense layers.
-Checked on both op paths (`ops.use_fast_ops(True / False)`), in eval mode (running statistics) and train mode
+Checked on both kernel paths (the model's `kernels='fused' / 'reference'`), in eval mode (running statistics) and train mode
 (batch statistics):
 - logits within LOGITS_ATOL (measured: max |diff| 1.5e-8 eval, 3.0e-8 train, on logits up to 0.16);
 - per-step spike counts of every LIF layer (SpikingJelly's qkv_lif split into its Q, K, V thirds) equal
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtvit import models, ops
+from dtvit import models
 from dtvit.models import MaskConfig, NeuronConfig
 
 FIXTURE = Path(__file__).parent / "data" / "spikformer_sj_golden.npz"
@@ -132,7 +132,7 @@ def _variables():
 def _run(fast: bool, mode: str, surrogate_input: str = "difference"):
   """dtvit's logits, per-step spike rates and input gradient on the fixture's images."""
   arrays, _ = _golden()
-  model, variables = _model(surrogate_input), _variables()
+  model, variables = _model(surrogate_input).clone(kernels="fused" if fast else "reference"), _variables()
   images = jnp.asarray(arrays["images"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
   cot = jnp.asarray(arrays["cotangent"])
   train = mode == "train"
@@ -142,12 +142,11 @@ def _run(fast: bool, mode: str, surrogate_input: str = "difference"):
     logits, aux = out[0], out[1]
     return jnp.sum(logits * cot), (logits, aux["spike_rates"])
 
-  with ops.use_fast_ops(fast):
-    # Compiled without XLA's backend optimisations: about half the compile time on CPU (same ops; the measured
-    # differences to SpikingJelly are the same with and without them).
-    fn = jax.jit(jax.grad(loss, has_aux=True)).lower(images).compile(
-        compiler_options={"xla_backend_optimization_level": 0})
-    grad, (logits, rates) = fn(images)
+  # Compiled without XLA's backend optimisations: about half the compile time on CPU (same ops; the measured
+  # differences to SpikingJelly are the same with and without them).
+  fn = jax.jit(jax.grad(loss, has_aux=True)).lower(images).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  grad, (logits, rates) = fn(images)
   return (np.asarray(logits), {k: np.asarray(v) for k, v in rates.items()},
           np.asarray(grad).transpose(0, 3, 1, 2))  # back to NCHW
 

@@ -14,6 +14,7 @@ import pytest
 from configs import cifar10_spikformer
 from configs import quickstart
 from dtvit import checkpointing
+from dtvit import data
 from dtvit import models
 from dtvit import steps
 from dtvit import train
@@ -81,8 +82,8 @@ def test_time_step_cost_lowers_learned_steps(tiny_config, ann_run, tmp_path):
 def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
-  info = train.input_pipeline.get_info(config.data)
-  model = train.phase_model(config, info.num_classes, "snn")
+  info = data.get_info(config.data)
+  model = models.phase_model(config.model, info.num_classes, "snn")
   variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
                                       mesh=train.sharding.make_mesh(-1))
   _, ann_params = load_params(os.path.join(ann_dir, "ann"))
@@ -98,8 +99,8 @@ def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config,
 def test_ann_checkpoint_of_another_t_max_starts_the_scores_fresh(tiny_config, ann_run):
   ann_dir, _ = ann_run
   config = tiny_config(**{"phases": "ann,snn", "model.num_steps": 4})  # the ANN twin was saved with T_max = 3
-  info = train.input_pipeline.get_info(config.data)
-  model = train.phase_model(config, info.num_classes, "snn")
+  info = data.get_info(config.data)
+  model = models.phase_model(config.model, info.num_classes, "snn")
   mesh = train.sharding.make_mesh(-1)
   variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
                                       mesh=mesh)
@@ -132,7 +133,7 @@ def test_sharded_training_matches_single_device(tiny_config, tmp_path):
   # element sits right at the clip boundary, so after 4 steps leaves agree to ~1e-3, not bitwise.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=5e-4), results[1], results[8])
   # And the runs did move the params (the comparison is not between two untouched inits).
-  init = train.models.init(train.phase_model(tiny_config(), 10, "ann"), jax.random.key(0), (8, 8, 1))["params"]
+  init = models.init(models.phase_model(tiny_config().model, 10, "ann"), jax.random.key(0), (8, 8, 1))["params"]
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), results[1], init)
   assert max(jax.tree.leaves(moved)) > 1e-2
 
@@ -161,7 +162,7 @@ def test_cifar10_archive_tiny_training(tmp_path):
   config.eval_examples = 1000
   summary = train.run(config, str(tmp_path / "run"))
   assert summary["ann"]["steps"] == config.ann.num_steps
-  info = train.input_pipeline.get_info(config.data)
+  info = data.get_info(config.data)
   assert (info.num_train, info.num_test, info.num_classes) == (50000, 10000, 10)
   assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
 
@@ -201,23 +202,27 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   assert "time_csot" in proc.stderr
 
 
-def test_train_step_applies_an_on_device_augmentation_with_a_key_per_step(tiny_config):
-  """`augment_fn(rng, batch)` runs inside the step on the batch, with the key fold_in(rng, step)."""
+def test_train_step_applies_an_on_device_augmentation_given_the_step(tiny_config):
+  """`augment_fn(step, batch)` runs inside the step on the batch, with the state's step counter."""
   config = tiny_config(**{"phases": "ann"})
-  info = train.input_pipeline.get_info(config.data)
-  model = train.phase_model(config, info.num_classes, "ann")
+  info = data.get_info(config.data)
+  model = models.phase_model(config.model, info.num_classes, "ann")
   tx = optax.sgd(0.1)
   state = train.create_state(model, tx, jax.random.key(0), info.image_shape, train.sharding.make_mesh(1))
-  local = next(train.input_pipeline.train_batches(config.data, global_batch_size=8, seed=0,
-                                                  num_classes=info.num_classes))
+  state["step"] = jnp.int32(5)
+  local = next(data.train_batches(config.data, global_batch_size=8, seed=0, num_classes=info.num_classes))
   batch = {k: jnp.asarray(local[k]) for k in ("image", "label", "target")}
-  noise = lambda rng, b: dict(b, image=b["image"] + jax.random.normal(rng, b["image"].shape))  # noqa: E731
-  rng = jax.random.key(7)
-  make = lambda **kw: jax.jit(steps.make_train_step(model, tx, config.ann, phase="ann", op_weights=None, **kw))  # noqa: E731
-  augmented = make(augment_fn=noise, rng=rng)(state, batch)[0]["params"]
+
+  def noise(step, b):
+    return dict(b, image=b["image"] + jax.random.normal(jax.random.key(step), b["image"].shape))
+
+  def make(**kw):
+    return jax.jit(steps.make_train_step(model, tx, config.ann, phase="ann", op_weights=None, **kw))
+
+  augmented = make(augment_fn=noise)(state, batch)[0]["params"]
   plain = make()
   # The same program but for where the noise is drawn: equal up to float32 rounding of a fused computation.
-  want = plain(state, noise(jax.random.fold_in(rng, 0), batch))[0]["params"]
+  want = plain(state, noise(5, batch))[0]["params"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), augmented, want)
-  other_step = plain(state, noise(jax.random.fold_in(rng, 1), batch))[0]["params"]
+  other_step = plain(state, noise(6, batch))[0]["params"]
   assert not np.allclose(augmented["head"]["kernel"], other_step["head"]["kernel"], rtol=1e-5, atol=1e-6)

@@ -6,7 +6,11 @@ Quick use:
   model = models.spikformer('tiny', num_classes=10, num_steps=4)
   variables = models.init(model, jax.random.key(0), (32, 32, 3))
   logits, aux = models.apply_model(model, variables, images)
-  print(models.steps_per_module(variables['params']))
+  print(models.step_counts(model, variables['params']))   # {'blocks_0/attn': {'active_steps': 4.0, ...}, ...}
+
+Layout: `settings` (neuron and mask settings), `paths` (every name in a model), `layers` (building blocks),
+`spiking_vit` (the model and its variant tables), `schedule` (skipped-step rows), `remat` (recompute in the
+backward pass).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import jax.numpy as jnp
 
 from dtvit import masks as masks_lib
 from dtvit.models import paths
-from dtvit.models.layers import MaskConfig, NeuronConfig, SpikingViT, record_ops  # noqa: F401
-from dtvit.models.spikformer import spikformer
-from dtvit.models.vit import vit
+from dtvit.models.settings import KERNELS, MaskConfig, NeuronConfig  # noqa: F401
+from dtvit.models.spiking_vit import SpikingViT, spikformer, vit  # noqa: F401
 
 ARCHS = ("spikformer", "vit")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Neuron settings older configs carry that no longer exist, with the value that made them a no-op.
+_RETIRED_NEURON_KEYS = {"unroll": 1}
 
 
 def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> SpikingViT:
@@ -37,10 +42,11 @@ def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> Spi
   dtype = get("dtype", "float32")
   if dtype not in _DTYPES:
     raise ValueError(f"Unknown model.dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
-  neuron_cfg = NeuronConfig(**{k: v for k, v in dict(get("neuron", {})).items()})
-  mask_cfg = MaskConfig(**{k: v for k, v in dict(get("mask", {})).items()})
+  neuron_cfg = NeuronConfig(**_neuron_settings(dict(get("neuron", {}))))
+  mask_cfg = MaskConfig(**dict(get("mask", {})))
   kwargs = dict(phase=phase or get("phase", "snn"), num_steps=get("num_steps", 4), neuron=neuron_cfg,
-                mask=mask_cfg, dtype=_DTYPES[dtype], attn_scale=get("attn_scale", 0.125))
+                mask=mask_cfg, dtype=_DTYPES[dtype], attn_scale=get("attn_scale", 0.125),
+                kernels=get("kernels", "fused"))
   for k in ("depth", "dim", "num_heads", "mlp_ratio"):
     if get(k):
       kwargs[k] = get(k)
@@ -53,6 +59,24 @@ def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> Spi
     model = vit(get("variant", "Ti"), num_classes, patch_size=get("patch_size", 16), **kwargs)
   model.validate()
   return model
+
+
+def _neuron_settings(settings: dict) -> dict:
+  for key, inert in _RETIRED_NEURON_KEYS.items():
+    if key in settings and settings.pop(key) != inert:
+      raise ValueError(f"model.neuron.{key} no longer exists (the fused neuron runs every step unrolled); "
+                       f"remove it from the config.")
+  if settings.get("remat") is True:
+    raise ValueError("model.neuron.remat=True no longer exists (it did nothing on the fused neuron): use "
+                     "'blocks' to recompute each block in the backward pass, or False.")
+  return settings
+
+
+def phase_model(model_cfg, num_classes: int, phase: str) -> SpikingViT:
+  """The model a training phase runs: 'ann' the ANN twin, 'snn' the SNN with learned masks, 'finetune' the SNN
+  with its masks frozen hard."""
+  model = build_model(model_cfg, num_classes, phase="ann" if phase == "ann" else "snn")
+  return with_mask(model, hard=True) if phase == "finetune" else model
 
 
 def init(model: SpikingViT, rng, image_shape) -> dict:
@@ -119,14 +143,9 @@ def hard_masks(model: SpikingViT, params) -> dict[str, jax.Array]:
   return {k: masks_lib.hard_mask(v, monotone=model.mask.monotone) for k, v in active_scores(model, params).items()}
 
 
-def steps_per_module(model: SpikingViT, params) -> dict[str, float]:
-  """Each masked module's learned number of active steps (from the hard masks)."""
-  return {k: float(jnp.sum(v)) for k, v in sorted(hard_masks(model, params).items())}
-
-
 def step_counts(model: SpikingViT, params) -> dict[str, dict]:
   """Every mask unit's {'active_steps', 'simulated_steps', 'mask', 'work'} under the model's mask semantics
-  (`dtvit.masks.step_counts` over `layers.mask_units`): the numbers the summary, energy report and inference
+  (`dtvit.masks.step_counts` over `paths.mask_units`): the numbers the summary, energy report and inference
   schedule all use. Units are keyed like `hard_masks`."""
   masks = hard_masks(model, params)
   units = paths.mask_units(model)

@@ -32,24 +32,45 @@ MLP = "mlp"
 BLOCK_PREFIX = "blocks_"
 SCORES = "time_scores"          # a unit's scores [T_max]: the leaf of its mask holder
 MODULE_MASK = "time_mask"       # the mask holder of a module (granularity 'module')
-NEURON_PARAMS = ("threshold", "leak")
+THRESHOLD, LEAK = "threshold", "leak"   # a neuron's trainable scalars
+NEURON_PARAMS = (THRESHOLD, LEAK)
 ATTENTION_PRODUCTS = ("qk", "kv", "qkv")  # op-count suffixes of the spike products (see `dtvit.energy`)
 OUTPUT = masks_lib.OUTPUT
+
+# Synaptic layers (each feeds the neuron `neuron_of(layer)` through the batch norm `batch_norm_of(layer)`).
+QKV = ("q", "k", "v")            # attention: Q, K, V
+PROJ = "proj"                    # attention: the output projection, after the attention neuron
+FC = ("fc1", "fc2")              # MLP
+SPS_CONVS = ("conv0", "conv1", "conv2", "conv3")  # the SPS stem's stages (conv0 sees the pixels)
+RPE = "rpe"                      # the SPS stem's relative position embedding
+PATCH = "patch"                  # the patch stem's embedding
+PRODUCTS = "products"            # attention's spike products (no parameters)
+ATTN_NEURON = "attn_lif"         # the neuron after the attention products
+
+
+def neuron_of(layer: str) -> str:
+  """The neuron a synaptic layer feeds: 'blocks_0/attn/q' -> 'blocks_0/attn/q_lif'."""
+  return f"{layer}_lif"
+
+
+def _chain(*neurons: str) -> dict:
+  return {n: (c,) for n, c in zip(neurons, neurons[1:] + (OUTPUT,))}
+
 
 # Each module's neuron graph: {neuron: the neurons its spikes feed}, OUTPUT for the module output (the residual
 # stream, read at every step). Q, K and V meet in the products Q K^T V before the attention neuron, so each of
 # them matters at a step only if the other two are active there too (a tuple: (consumer, *partners)).
-ATTN_UNITS = {"q_lif": (("attn_lif", "k_lif", "v_lif"),), "k_lif": (("attn_lif", "q_lif", "v_lif"),),
-              "v_lif": (("attn_lif", "q_lif", "k_lif"),), "attn_lif": ("proj_lif",), "proj_lif": (OUTPUT,)}
-MLP_UNITS = {"fc1_lif": ("fc2_lif",), "fc2_lif": (OUTPUT,)}
-SPS_UNITS = {"conv0_lif": ("conv1_lif",), "conv1_lif": ("conv2_lif",), "conv2_lif": ("conv3_lif",),
-             "conv3_lif": ("rpe_lif", OUTPUT), "rpe_lif": (OUTPUT,)}
-PATCH_UNITS = {"patch_lif": (OUTPUT,)}
+_Q, _K, _V = (neuron_of(n) for n in QKV)
+ATTN_UNITS = {_Q: ((ATTN_NEURON, _K, _V),), _K: ((ATTN_NEURON, _Q, _V),), _V: ((ATTN_NEURON, _Q, _K),),
+              **_chain(ATTN_NEURON, neuron_of(PROJ))}
+MLP_UNITS = _chain(*(neuron_of(n) for n in FC))
+SPS_UNITS = {**_chain(*(neuron_of(n) for n in SPS_CONVS)), neuron_of(SPS_CONVS[-1]): (neuron_of(RPE), OUTPUT),
+             neuron_of(RPE): (OUTPUT,)}
+PATCH_UNITS = _chain(neuron_of(PATCH))
 STEM_UNITS = {"sps": SPS_UNITS, "patch": PATCH_UNITS}
 
 # Neurons in the order they run within their module (stems first, then attention, then MLP).
-NEURON_ORDER = tuple(SPS_UNITS) + tuple(PATCH_UNITS) + ("q_lif", "k_lif", "v_lif", "attn_lif", "proj_lif") + \
-    tuple(MLP_UNITS)
+NEURON_ORDER = tuple(SPS_UNITS) + tuple(PATCH_UNITS) + tuple(ATTN_UNITS) + tuple(MLP_UNITS)
 
 # Leaves of the 'aux' collection (sown by the layers) and the `collect_aux` entries they go to.
 AUX_MASK = "mask"
@@ -75,11 +96,6 @@ def path_str(keys: Iterable[Any]) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
 
 
-def neuron_of(layer: str) -> str:
-  """The neuron a synaptic layer feeds: 'blocks_0/attn/q' -> 'blocks_0/attn/q_lif'."""
-  return f"{layer}_lif"
-
-
 def batch_norm_of(layer: str) -> str:
   """The batch norm after a synaptic layer: 'q' -> 'q_bn'."""
   return f"{layer}_bn"
@@ -97,7 +113,7 @@ def neuron_work(neuron: str) -> str:
 
 def attention_neuron(module: str) -> str:
   """The neuron the attention products of `module` feed."""
-  return join(module, "attn_lif")
+  return join(module, ATTN_NEURON)
 
 
 def attention_product(module: str, product: str) -> str:
@@ -105,6 +121,11 @@ def attention_product(module: str, product: str) -> str:
   if product not in ATTENTION_PRODUCTS:
     raise ValueError(f"Unknown attention product {product!r}; choose one of {ATTENTION_PRODUCTS}.")
   return join(module, product)
+
+
+def attention_module(product: str) -> str:
+  """The attention module an attention product's op-count name belongs to: 'blocks_0/attn/kv' -> 'blocks_0/attn'."""
+  return product.rpartition("/")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,15 +157,6 @@ def mask_units(model) -> dict[str, tuple]:
   if model.mask.granularity == "module":
     return {m: (OUTPUT,) for m in modules}
   return {u: c for m, units in modules.items() for u, c in unit_graph(m, units).items()}
-
-
-def unit_scores_path(unit: str, granularity: str) -> tuple[str, ...]:
-  """The params path of a unit's scores."""
-  holder = MODULE_MASK if granularity == "module" else None
-  if holder is not None:
-    return tuple(unit.split("/")) + (holder, SCORES)
-  module, _, neuron = unit.rpartition("/")
-  return tuple(module.split("/")) + (neuron_mask(neuron), SCORES)
 
 
 def _unit_of_holder(holder_path: str) -> str:
@@ -198,7 +210,7 @@ def is_scores_path(path: str) -> bool:
 
 
 def is_threshold(path: tuple[str, ...]) -> bool:
-  return str(path[-1]) == "threshold"
+  return str(path[-1]) == THRESHOLD
 
 
 def decays(path: tuple[str, ...], value) -> bool:

@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dtvit import models, neurons, ops  # noqa: E402
+from dtvit import models, neurons  # noqa: E402
 from dtvit.models import NeuronConfig  # noqa: E402
 
 DEFAULT_TORCH_PY = HERE / ".venv-torch" / "bin" / "python"
@@ -66,8 +66,7 @@ MB = 1e6
 def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_infer: bool = True):
   """Compiled train and inference steps of dtvit's Spikformer for one (T, phase, variant).
 
-  variant: 'fast' (default ops), 'ref' (reference ops: `ops.use_fast_ops(False)`), 'remat:spikes'
-  (NeuronConfig.remat='spikes' with the loss under `ops.checkpoint_spikes`), 'remat:blocks' (the stem and each
+  variant: 'fast' (default kernels), 'ref' (the model's kernels='reference'), 'remat:blocks' (the stem and each
   block recomputed in the backward pass), 'bf16' (model dtype bfloat16), or
   'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model).
   """
@@ -77,7 +76,8 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32  # bf16 matmuls and convs, float32 membranes
   model = models.spikformer("2-128", args.classes, depth=args.depth, dim=args.dim, num_heads=args.heads,
                             num_steps=T, phase=phase, neuron=NeuronConfig(**neuron_kw), dtype=dtype,
-                            stem_pool_first=variant != "pool-after")
+                            stem_pool_first=variant != "pool-after",
+                            kernels="reference" if variant == "ref" else "fused")
   variables = models.init(model, jax.random.key(0), (args.image, args.image, 3))
   tx = optax.adamw(5e-4, weight_decay=0.06)
   # The train step donates its state: give it its own copy of the arrays the inference step keeps using.
@@ -94,19 +94,17 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
                                              with_aux=False)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
 
-    lf = ops.checkpoint_spikes(loss_fn) if neuron_kw.get("remat") == "spikes" else loss_fn
-    (loss, new_stats), grads = jax.value_and_grad(lf, has_aux=True)(params)
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
   def infer_step(variables, x):
     return models.apply_model(model, variables, x, train=False, with_aux=False)
 
-  with ops.use_fast_ops(variant != "ref"):
-    t0 = time.perf_counter()
-    train = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
-    infer = jax.jit(infer_step).lower(variables, x).compile() if with_infer else None
-    compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  train = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
+  infer = jax.jit(infer_step).lower(variables, x).compile() if with_infer else None
+  compile_s = time.perf_counter() - t0
   holder = {"state": state}
 
   def run_train():
@@ -185,11 +183,11 @@ def lif_check(worker, *, T=8, n=2000, seed=0) -> dict:
   out = {}
   for vth in (1.0, 0.5):
     ref = worker(cmd="lif", x=x.tolist(), g=g.tolist(), threshold=vth)
+    spec = neurons.NeuronSpec.resolve("spikformer", surrogate="sigmoid")
     for fast in (True, False):
-      with ops.use_fast_ops(fast):
-        f = lambda x_: neurons.multistep(x_, neuron="spikformer", surrogate="sigmoid", threshold=vth)
-        s, vjp = jax.vjp(f, jnp.asarray(x))
-        (dx,) = vjp(jnp.asarray(g))
+      f = lambda x_: neurons.multistep(x_, spec, threshold=vth, fused=fast)  # pylint: disable=cell-var-from-loop
+      s, vjp = jax.vjp(f, jnp.asarray(x))
+      (dx,) = vjp(jnp.asarray(g))
       s_sj, dx_sj = np.asarray(ref["spikes"], np.float32), np.asarray(ref["grad"], np.float32)
       out[f"vth={vth} {'fast' if fast else 'ref'}"] = {
           "spikes_equal": bool(np.array_equal(np.asarray(s), s_sj)),
@@ -238,7 +236,7 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:spikes', 'remat:blocks', 'bf16', 'pool-after' (default 'remat:blocks,pool-after'; "
+                      "'remat:blocks', 'bf16', 'pool-after' (default 'remat:blocks,pool-after'; "
                       "none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))

@@ -171,15 +171,15 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def collect(root: str, all_runs: Sequence[Run]) -> list[dict]:
-  """One row per finished run (summary.json present), in run order: dtvit.report.run_rows' fields (semantics,
+  """One row per finished run (summary.json present), in run order: dtvit.analysis.run_rows' fields (semantics,
   T_max, T_avg active, T_avg_op, T_sim simulated, T_sim_op, accuracy, accuracy_all_steps, energy_ratio, ...)
   plus name, base, seed, kind ('ann' | 'fixed' | 'learned'), cost_kind, cost, per-module active and simulated
   steps, n_test, optimizer steps and wall time."""
-  from dtvit import report  # pylint: disable=g-import-not-at-top
+  from dtvit import analysis  # pylint: disable=g-import-not-at-top
   timings = _load_json(os.path.join(root, "timings.json"), {})
   done = [r for r in all_runs if is_done(root, r)]
   rows = []
-  for run, row in zip(done, report.run_rows([os.path.join(root, r.name) for r in done])):
+  for run, row in zip(done, analysis.run_rows([os.path.join(root, r.name) for r in done])):
     summary = _load_json(os.path.join(root, run.name, "summary.json"), {})
     config = _load_json(os.path.join(root, run.name, "config.json"), {})
     kind = kind_of(run.name)

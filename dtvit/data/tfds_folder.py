@@ -1,6 +1,6 @@
 """TensorFlow-free tfds datasets: image folders/archives prepared as ArrayRecord, and stock builders.
 
-Two kinds of tfds data reach `dtvit.input_pipeline`, both read with random access through
+Two kinds of tfds data reach `dtvit.data.sources`, both read with random access through
 `builder.as_data_source(split)` (ArrayRecord files, no TensorFlow):
 
 * `folder_builder`: a folder or tar archive laid out `<split>/<class>/<image>` (split in train/test, classes

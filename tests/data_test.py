@@ -1,4 +1,5 @@
-"""Tests for dtvit.input_pipeline and dtvit.datasets: digits in memory, tiny archives prepared via tfds."""
+"""Tests for dtvit.data's sources, augmentation and grain batching: digits in memory, tiny archives prepared via
+tfds. On-device mixing is tested in mixing_test.py."""
 import io
 import itertools
 import os
@@ -9,23 +10,24 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dtvit import datasets
-from dtvit import input_pipeline as ip
+from dtvit import data
+from dtvit.data import augment
+from dtvit.data import tfds_folder
 
 REAL_ARCHIVE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10-jpg.tar.gz')
 
 
 def _config(name='digits', **augment):
-  cfg = ip.default_data_config()
+  cfg = data.default_data_config()
   cfg.name = name
   cfg.augment.update(augment)
   return cfg
 
 
 def _augmented(**overrides):
-  """Every random augmentation on, to exercise every rng stream."""
-  aug = dict(crop_padding=2, flip=True, randaugment_ops=2, randaugment_magnitude=9, mixup_alpha=0.8,
-             cutmix_alpha=1.0)
+  """Every random per-example augmentation on, to exercise every draw from the example's rng."""
+  aug = dict(crop_padding=2, flip=True, randaugment_ops=2, randaugment_magnitude=9, random_resized_crop=True,
+             rrc_min_scale=0.3)
   aug.update(overrides)
   cfg = _config(**aug)
   cfg.image_size = 12
@@ -49,10 +51,10 @@ def _assert_batches_equal(a, b):
 
 
 def test_digits_info_and_stratified_split():
-  info = ip.get_info(_config())
-  assert info == ip.DatasetInfo('digits', 10, (8, 8, 1), 1437, 360)
-  labels = np.concatenate([b['label'] for b in ip.eval_batches(_config(), global_batch_size=360)])
-  all_labels = np.concatenate([labels] + [b['label'] for b in ip.eval_batches(
+  info = data.get_info(_config())
+  assert info == data.DatasetInfo('digits', 10, (8, 8, 1), 1437, 360)
+  labels = np.concatenate([b['label'] for b in data.eval_batches(_config(), global_batch_size=360)])
+  all_labels = np.concatenate([labels] + [b['label'] for b in data.eval_batches(
       _config(), split='train', global_batch_size=1437)])
   # Stratified: each class keeps its share of the 1797 digits in the 360 test images, up to rounding.
   expected = np.bincount(all_labels, minlength=10) * 360 / 1797
@@ -62,7 +64,7 @@ def test_digits_info_and_stratified_split():
 def test_digits_train_batch_shapes_and_normalisation():
   cfg = _config(crop_padding=0)
   # 1437 = 3 * 479: three unaugmented batches are exactly epoch 0, a permutation of the train set.
-  batches = _take(ip.train_batches(cfg, global_batch_size=479, seed=0), 3)
+  batches = _take(data.train_batches(cfg, global_batch_size=479, seed=0), 3)
   b = batches[0]
   chex.assert_shape(b['image'], (479, 8, 8, 1))
   chex.assert_shape(b['label'], (479,))
@@ -74,16 +76,16 @@ def test_digits_train_batch_shapes_and_normalisation():
   np.testing.assert_allclose(images.mean(), 0.0, atol=1e-5)  # stats computed from the train split
   np.testing.assert_allclose(images.std(), 1.0, atol=1e-5)
   # The epoch holds every train example exactly once: same multiset of images as the ordered train split.
-  ordered = next(ip.eval_batches(cfg, split='train', global_batch_size=1437))['image']
+  ordered = next(data.eval_batches(cfg, split='train', global_batch_size=1437))['image']
   as_rows = lambda x: np.sort(x.reshape(len(x), -1).view(np.dtype((np.void, 64 * 4))).ravel())
   np.testing.assert_array_equal(as_rows(images), as_rows(ordered))
 
 
 def test_digits_pixels_are_scaled_counts():
   cfg = _config()
-  normalised = next(ip.eval_batches(cfg, global_batch_size=360))['image']
+  normalised = next(data.eval_batches(cfg, global_batch_size=360))['image']
   cfg.mean, cfg.std = (0.0,), (1.0,)  # normalisation off: pixels are the raw counts 0..16 divided by 16
-  raw = next(ip.eval_batches(cfg, global_batch_size=360))['image'] * 16
+  raw = next(data.eval_batches(cfg, global_batch_size=360))['image'] * 16
   np.testing.assert_allclose(raw, np.round(raw), atol=1e-4)
   assert raw.min() > -1e-4 and raw.max() < 16 + 1e-4
   # The normalised pixels are an increasing affine map of the raw ones.
@@ -93,16 +95,16 @@ def test_digits_pixels_are_scaled_counts():
 
 
 def test_digits_image_size_upsamples():
-  small = next(ip.eval_batches(_config(), global_batch_size=360))
+  small = next(data.eval_batches(_config(), global_batch_size=360))
   cfg = _config()
   cfg.image_size, cfg.resize_method = 16, 'nearest'
-  assert ip.get_info(cfg).image_shape == (16, 16, 1)
-  big = next(ip.eval_batches(cfg, global_batch_size=360))
+  assert data.get_info(cfg).image_shape == (16, 16, 1)
+  big = next(data.eval_batches(cfg, global_batch_size=360))
   chex.assert_shape(big['image'], (360, 16, 16, 1))
   # Nearest 2x upsampling repeats each pixel in a 2x2 block; normalisation stats are the 8x8 ones.
   np.testing.assert_allclose(big['image'], small['image'].repeat(2, axis=1).repeat(2, axis=2), atol=1e-6)
   cfg.resize_method = 'bilinear'
-  chex.assert_shape(next(ip.train_batches(cfg, global_batch_size=4, seed=0))['image'], (4, 16, 16, 1))
+  chex.assert_shape(next(data.train_batches(cfg, global_batch_size=4, seed=0))['image'], (4, 16, 16, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,29 +113,29 @@ def test_digits_image_size_upsamples():
 
 def test_same_seed_same_batches_and_threads_do_not_matter():
   cfg = _augmented()
-  a = _take(ip.train_batches(cfg, global_batch_size=32, seed=3), 3)
+  a = _take(data.train_batches(cfg, global_batch_size=32, seed=3), 3)
   cfg.num_threads = 0
-  b = _take(ip.train_batches(cfg, global_batch_size=32, seed=3), 3)
+  b = _take(data.train_batches(cfg, global_batch_size=32, seed=3), 3)
   _assert_batches_equal(a, b)
-  c = _take(ip.train_batches(cfg, global_batch_size=32, seed=4), 1)[0]
+  c = _take(data.train_batches(cfg, global_batch_size=32, seed=4), 1)[0]
   assert not np.array_equal(a[0]['label'], c['label'])  # a different seed shuffles differently
 
 
 def test_start_step_resumes_exactly_across_an_epoch_boundary():
   cfg = _augmented()
   # 1437 train examples, batch 500: step 2 straddles epochs 0 and 1, step 3 lies in epoch 1.
-  full = _take(ip.train_batches(cfg, global_batch_size=500, seed=7), 5)
-  resumed = _take(ip.train_batches(cfg, global_batch_size=500, seed=7, start_step=2), 3)
+  full = _take(data.train_batches(cfg, global_batch_size=500, seed=7), 5)
+  resumed = _take(data.train_batches(cfg, global_batch_size=500, seed=7, start_step=2), 3)
   _assert_batches_equal(full[2:], resumed)
   assert not np.array_equal(full[0]['label'], full[3]['label'])  # epochs are permuted differently
 
 
-@pytest.mark.parametrize('global_batch_size', [14, 16])  # 14: local 7, so one mixing pair straddles processes
+@pytest.mark.parametrize('global_batch_size', [14, 16])  # 14: an odd local batch of 7
 def test_two_processes_split_the_global_batch(global_batch_size):
   cfg = _augmented()
-  whole = _take(ip.train_batches(cfg, global_batch_size=global_batch_size, seed=1, start_step=5,
+  whole = _take(data.train_batches(cfg, global_batch_size=global_batch_size, seed=1, start_step=5,
                                  process_index=0, process_count=1), 2)
-  parts = [_take(ip.train_batches(cfg, global_batch_size=global_batch_size, seed=1, start_step=5,
+  parts = [_take(data.train_batches(cfg, global_batch_size=global_batch_size, seed=1, start_step=5,
                                   process_index=p, process_count=2), 2) for p in range(2)]
   for step in range(2):
     for k in whole[step]:
@@ -142,9 +144,30 @@ def test_two_processes_split_the_global_batch(global_batch_size):
     assert len(parts[0][step]['label']) == global_batch_size // 2
 
 
+def test_the_stream_does_not_depend_on_the_batch_size():
+  # An example's place in the stream and its augmentation depend only on (seed, stream position): two batches
+  # of 16 are one batch of 32, whatever the step or epoch.
+  cfg = _augmented()
+  small = _take(data.train_batches(cfg, global_batch_size=16, seed=5, start_step=88), 4)  # stream 1408..1471
+  big = _take(data.train_batches(cfg, global_batch_size=32, seed=5, start_step=44), 2)  # crosses epoch 0 -> 1
+  for b, (s0, s1) in zip(big, zip(small[::2], small[1::2])):
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([s0[k], s1[k]]), b[k], err_msg=k)
+
+
+def test_mixing_is_left_to_the_device():
+  # mixup/cutmix settings do not touch the pipeline: targets stay one-hot, images as without them.
+  cfg = _augmented()
+  clean = next(data.train_batches(cfg, global_batch_size=32, seed=2, start_step=3))
+  cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha = 0.8, 1.0
+  mixed = next(data.train_batches(cfg, global_batch_size=32, seed=2, start_step=3))
+  _assert_batches_equal([clean], [mixed])
+  np.testing.assert_array_equal(mixed['target'], np.eye(10)[mixed['label']])
+
+
 def test_eval_covers_the_split_once_with_padding_mask():
   cfg = _config()
-  whole = list(ip.eval_batches(cfg, global_batch_size=64))
+  whole = list(data.eval_batches(cfg, global_batch_size=64))
   assert len(whole) == 6  # ceil(360 / 64)
   mask = np.concatenate([b['mask'] for b in whole])
   assert mask.dtype == np.float32 and mask.sum() == 360 and mask[:360].all()
@@ -152,81 +175,59 @@ def test_eval_covers_the_split_once_with_padding_mask():
   np.testing.assert_array_equal(last['image'][mask[-64:] == 0], 0.0)
   np.testing.assert_array_equal(last['target'][mask[-64:] == 0], 0.0)
   # Two processes: the same number of batches each, and together the same examples, each once.
-  parts = [list(ip.eval_batches(cfg, global_batch_size=64, process_index=p, process_count=2)) for p in (0, 1)]
+  parts = [list(data.eval_batches(cfg, global_batch_size=64, process_index=p, process_count=2)) for p in (0, 1)]
   assert len(parts[0]) == len(parts[1]) == 6
   for b, b0, b1 in zip(whole, *parts):
     for k in b:
       np.testing.assert_array_equal(np.concatenate([b0[k], b1[k]]), b[k], err_msg=k)
   # No augmentation: two passes are identical.
-  _assert_batches_equal(whole, list(ip.eval_batches(cfg, global_batch_size=64)))
+  _assert_batches_equal(whole, list(data.eval_batches(cfg, global_batch_size=64)))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# mixing and RandAugment
+# augmentation
 
 
-def _mixed_and_clean(**mix):
-  """Mixed batch and the same batch without mixing (same seed and step, so the same augmented images)."""
-  cfg = _config(crop_padding=1, **mix)
-  cfg.image_size = 16
-  mixed = next(ip.train_batches(cfg, global_batch_size=64, seed=2, start_step=9))
-  cfg.augment.mixup_alpha = cfg.augment.cutmix_alpha = 0.0
-  clean = next(ip.train_batches(cfg, global_batch_size=64, seed=2, start_step=9))
-  np.testing.assert_array_equal(mixed['label'], clean['label'])
-  return mixed, clean
+def test_shift_is_a_crop_of_the_zero_padded_image():
+  image = np.arange(5 * 6 * 2, dtype=np.float32).reshape(5, 6, 2) + 1
+  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+  for dy in range(-2, 3):
+    for dx in range(-2, 3):
+      np.testing.assert_array_equal(augment.shift(image, dy, dx), padded[2 + dy:7 + dy, 2 + dx:8 + dx])
 
 
-def test_mixup_targets_are_the_convex_weights_of_the_images():
-  mixed, clean = _mixed_and_clean(mixup_alpha=0.4)
-  t = mixed['target']
-  assert (t >= 0).all()
-  np.testing.assert_allclose(t.sum(axis=1), 1.0, atol=1e-6)
-  x, y = clean['image'].reshape(64, -1), clean['label']
-  lams = []
-  for a in range(0, 64, 2):
-    b = a + 1
-    d = x[a] - x[b]
-    lam = np.dot(mixed['image'][a].ravel() - x[b], d) / np.dot(d, d)  # weight of x[a] in the mix
-    np.testing.assert_allclose(mixed['image'][a].ravel(), lam * x[a] + (1 - lam) * x[b], atol=1e-4)
-    np.testing.assert_allclose(mixed['image'][b].ravel(), lam * x[b] + (1 - lam) * x[a], atol=1e-4)
-    np.testing.assert_allclose(t[a], lam * np.eye(10)[y[a]] + (1 - lam) * np.eye(10)[y[b]], atol=1e-4)
-    lams.append(lam)
-  assert 0 <= min(lams) and max(lams) <= 1 and np.std(lams) > 0.05  # one weight per pair
-
-
-def test_cutmix_swaps_a_box_and_weights_targets_by_area():
-  mixed, clean = _mixed_and_clean(cutmix_alpha=1.0)
-  t = mixed['target']
-  np.testing.assert_allclose(t.sum(axis=1), 1.0, atol=1e-6)
-  x, y = clean['image'][..., 0], clean['label']
-  for a in range(0, 64, 2):
-    b = a + 1
-    # Each member of the pair takes the other's pixels inside one shared box.
-    np.testing.assert_allclose(mixed['image'][a, ..., 0] + mixed['image'][b, ..., 0], x[a] + x[b], atol=1e-5)
-    changed = mixed['image'][a, ..., 0] != x[a]
-    rows, cols = np.nonzero(changed)
-    pasted = 0 if not rows.size else (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
-    weight_other = 1.0 if y[a] == y[b] else t[a, y[b]]
-    if y[a] != y[b]:
-      assert pasted / 256 <= weight_other + 1e-6  # the changed pixels lie within the pasted box
-      np.testing.assert_allclose(t[a, y[a]] + t[a, y[b]], 1.0, atol=1e-6)
-      np.testing.assert_allclose(t[b, y[b]], t[a, y[a]], atol=1e-6)  # same box, same area for both
+def test_train_example_flips_half_the_time_and_shifts_within_the_padding():
+  image = np.random.default_rng(0).random((8, 8, 1), dtype=np.float32)
+  aug = data.default_data_config().augment
+  aug.crop_padding, aug.flip = 0, True
+  outs = [augment.train_example(image, np.random.default_rng(i), size=8, aug=aug) for i in range(400)]
+  flipped = [np.array_equal(o, image[:, ::-1]) for o in outs]
+  assert all(f or np.array_equal(o, image) for f, o in zip(flipped, outs))
+  assert 0.4 < np.mean(flipped) < 0.6
+  aug.crop_padding, aug.flip = 2, False
+  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)))
+  crops = {(dy, dx): padded[dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)}
+  seen = set()
+  for i in range(400):
+    out = augment.train_example(image, np.random.default_rng(i), size=8, aug=aug)
+    seen.update(k for k, c in crops.items() if np.array_equal(out, c))
+  assert seen == set(crops)  # every offset in [-2, 2]^2 occurs, and nothing else does (checked by the union)
 
 
 def test_randaugment_ops_keep_shape_and_dtype():
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
   gray = rng.random((8, 8, 1), dtype=np.float32)
-  for name, op in ip.RANDAUGMENT_OPS:
+  for name, op in augment.RANDAUGMENT_OPS:
     for image in (rgb, gray):
       channels = image.shape[-1]
-      img = ip._pil(image)
-      out = ip._from_pil(op(img, 1.0, -1.0, 128 if channels == 1 else (128,) * channels), channels)
+      img = augment.to_pil(image)
+      out = augment.from_pil(op(img, 1.0, -1.0, 128 if channels == 1 else (128,) * channels), channels)
       assert out.shape == image.shape[:2] + (channels,) and out.dtype == np.uint8, name
-  out = ip.randaugment(rgb, np.random.default_rng(1), num_ops=3, magnitude=9)
+  out = augment.randaugment(rgb, np.random.default_rng(1), num_ops=3, magnitude=9)
   assert out.shape == rgb.shape and out.dtype == np.uint8 and not np.array_equal(out, rgb)
-  np.testing.assert_array_equal(out, ip.randaugment(rgb, np.random.default_rng(1), num_ops=3, magnitude=9))
-  out = ip.randaugment(gray, np.random.default_rng(1), num_ops=2, magnitude=5)
+  np.testing.assert_array_equal(out, augment.randaugment(rgb, np.random.default_rng(1), num_ops=3, magnitude=9))
+  out = augment.randaugment(gray, np.random.default_rng(1), num_ops=2, magnitude=5)
   assert out.shape == gray.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
 
 
@@ -260,7 +261,7 @@ def _random_images(side=32, classes=('zebra', 'ant'), per_split=(3, 2)):
 def _raw_batch(cfg, split):
   """All examples of a split as stored: normalisation off (mean 0, std 1), pixels back in 0..255."""
   cfg.mean, cfg.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-  b = next(ip.eval_batches(cfg, split=split, global_batch_size=64))
+  b = next(data.eval_batches(cfg, split=split, global_batch_size=64))
   n = int(b['mask'].sum())
   return np.round(b['image'][:n] * 255).astype(np.uint8), b['label'][:n]
 
@@ -271,20 +272,20 @@ def test_local_archive_prepares_once_and_reads_back_pixels_and_labels(tmp_path):
                        {f'{s}/{c}/{i}.png': _encode(x, 'PNG') for (s, c, i), x in images.items()})
   cfg = _config('cifar10_local', crop_padding=4, flip=True)
   cfg.archive, cfg.data_dir = archive, str(tmp_path / 'data_dir')
-  assert ip.get_info(cfg) == ip.DatasetInfo('cifar10_local', 2, (32, 32, 3), 6, 4)
+  assert data.get_info(cfg) == data.DatasetInfo('cifar10_local', 2, (32, 32, 3), 6, 4)
   for split in ('train', 'test'):
     pixels, labels = _raw_batch(cfg, split)
     expected = {x.tobytes(): ['ant', 'zebra'].index(c) for (s, c, _), x in images.items() if s == split}
     assert sorted(x.tobytes() for x in pixels) == sorted(expected)  # PNG is lossless: exact pixels
     assert [expected[x.tobytes()] for x in pixels] == labels.tolist()
-  b = next(ip.train_batches(cfg, global_batch_size=4, seed=0))
+  b = next(data.train_batches(cfg, global_batch_size=4, seed=0))
   chex.assert_shape(b['image'], (4, 32, 32, 3))
   cfg.image_size = 48  # resized per example from the stored 32x32 copy, which is reused
-  assert ip.get_info(cfg).image_shape == (48, 48, 3)
-  chex.assert_shape(next(ip.train_batches(cfg, global_batch_size=4, seed=0))['image'], (4, 48, 48, 3))
+  assert data.get_info(cfg).image_shape == (48, 48, 3)
+  chex.assert_shape(next(data.train_batches(cfg, global_batch_size=4, seed=0))['image'], (4, 48, 48, 3))
   # Idempotent: with the archive gone, the prepared copy is found and reopened as is.
   os.remove(archive)
-  builder = datasets.folder_builder(archive, data_dir=cfg.data_dir, image_size=32, exact_size=True)
+  builder = tfds_folder.folder_builder(archive, data_dir=cfg.data_dir, image_size=32, exact_size=True)
   assert builder.info.splits['train'].num_examples == 6
   assert builder.info.features['label'].names == ['ant', 'zebra']
 
@@ -298,7 +299,7 @@ def test_image_folder_from_a_directory_resizes_and_counts_classes(tmp_path):
   (root / 'train' / 'a' / 'notes.txt').write_text('not an image, ignored')
   cfg = _config('image_folder', crop_padding=0)
   cfg.archive, cfg.data_dir, cfg.image_size = str(root), str(tmp_path / 'dd'), 10
-  assert ip.get_info(cfg) == ip.DatasetInfo('image_folder', 3, (10, 10, 3), 6, 3)
+  assert data.get_info(cfg) == data.DatasetInfo('image_folder', 3, (10, 10, 3), 6, 3)
   pixels, labels = _raw_batch(cfg, 'test')
   # JPEG is lossy and the images were resized: compare with a resized copy, approximately.
   expected = {['a', 'b', 'c'].index(c): np.asarray(Image.fromarray(x).resize((10, 10), Image.BILINEAR))
@@ -307,7 +308,7 @@ def test_image_folder_from_a_directory_resizes_and_counts_classes(tmp_path):
   for x, label in zip(pixels, labels):
     assert np.abs(x.astype(int) - expected[label]).mean() < 12
   cfg.augment.random_resized_crop = True
-  b = next(ip.train_batches(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1))
+  b = next(data.train_batches(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1))
   chex.assert_shape(b['image'], (6, 10, 10, 3))
 
 
@@ -315,7 +316,7 @@ def test_random_resized_crop_box_bounds():
   rng = np.random.default_rng(0)
   for height, width in [(50, 80), (300, 200), (10, 10)]:
     for _ in range(200):
-      left, top, right, bottom = ip._random_resized_crop_box(rng, height, width, min_scale=0.3)
+      left, top, right, bottom = augment.random_resized_crop_box(rng, height, width, min_scale=0.3)
       assert 0 <= left < right <= width + 1e-9 and 0 <= top < bottom <= height + 1e-9
       w, h = right - left, bottom - top
       if (w, h) != (min(height, width),) * 2:  # the fallback is the central square
@@ -330,7 +331,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
   cfg = _config('cifar10_local')
   cfg.archive, cfg.data_dir = archive, str(tmp_path / 'dd')
   with pytest.raises(ValueError, match=r"Cannot decode image file 'train/cat/broken\.jpg'"):
-    ip.get_info(cfg)
+    data.get_info(cfg)
 
 
 def test_cifar10_local_rejects_other_image_sizes_by_name(tmp_path):
@@ -340,7 +341,7 @@ def test_cifar10_local_rejects_other_image_sizes_by_name(tmp_path):
   cfg = _config('cifar10_local')
   cfg.archive, cfg.data_dir = archive, str(tmp_path / 'dd')
   with pytest.raises(ValueError, match=r"'test/cat/big\.png'.*is 32x40, expected 32x32.*image_folder"):
-    ip.get_info(cfg)
+    data.get_info(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def test_cifar10_local_rejects_other_image_sizes_by_name(tmp_path):
 
 def test_unknown_name_lists_the_choices():
   with pytest.raises(ValueError, match=r"Unknown data.name 'mnist'; valid choices: digits, cifar10_local"):
-    ip.get_info(_config('mnist'))
+    data.get_info(_config('mnist'))
 
 
 @pytest.mark.parametrize('name', ['cifar10', 'imagenet2012'])
@@ -358,46 +359,47 @@ def test_missing_stock_dataset_says_how_to_provide_it(tmp_path, name):
   cfg.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match=rf"'{name}' is not prepared .*tfds build {name} .*"
                                               r"--file_format=array_record"):
-    ip.get_info(cfg)
+    data.get_info(cfg)
   if name == 'cifar10':
     with pytest.raises(FileNotFoundError, match=r"data.name='cifar10_local' with data.archive="):
-      next(ip.train_batches(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1))
+      next(data.train_batches(cfg, global_batch_size=8, seed=0, process_index=0, process_count=1))
 
 
 def test_missing_archive_is_named(tmp_path):
   cfg = _config('cifar10_local')
   cfg.archive, cfg.data_dir = str(tmp_path / 'nowhere.tar.gz'), str(tmp_path)
   with pytest.raises(FileNotFoundError, match='nowhere.tar.gz does not exist'):
-    ip.get_info(cfg)
+    data.get_info(cfg)
   cfg.archive = ''
   with pytest.raises(ValueError, match='set data.archive'):
-    ip.get_info(cfg)
+    data.get_info(cfg)
 
 
 def test_batch_not_divisible_by_process_count():
   with pytest.raises(ValueError, match=r'global_batch_size=10 is not a positive multiple of process_count=3; '
                                        r'set the batch size to a multiple of 3'):
-    ip.train_batches(_config(), global_batch_size=10, seed=0, process_index=0, process_count=3)
+    data.train_batches(_config(), global_batch_size=10, seed=0, process_index=0, process_count=3)
   with pytest.raises(ValueError, match='multiple of process_count=4'):
-    ip.eval_batches(_config(), global_batch_size=10, process_index=1, process_count=4)
+    data.eval_batches(_config(), global_batch_size=10, process_index=1, process_count=4)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the real CIFAR-10 copy (about 20-25 s to prepare on 2 cores)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(REAL_ARCHIVE),
                     reason=f'real CIFAR-10 archive not found at {REAL_ARCHIVE} (see ../shared/data/README.md)')
 def test_real_cifar10_archive(tmp_path):
   cfg = _config('cifar10_local', crop_padding=4, flip=True, randaugment_ops=2)
   cfg.archive, cfg.data_dir = REAL_ARCHIVE, str(tmp_path)
-  assert ip.get_info(cfg) == ip.DatasetInfo('cifar10_local', 10, (32, 32, 3), 50000, 10000)
-  builder = datasets.folder_builder(REAL_ARCHIVE, data_dir=cfg.data_dir, image_size=32, exact_size=True)
+  assert data.get_info(cfg) == data.DatasetInfo('cifar10_local', 10, (32, 32, 3), 50000, 10000)
+  builder = tfds_folder.folder_builder(REAL_ARCHIVE, data_dir=cfg.data_dir, image_size=32, exact_size=True)
   assert builder.info.features['label'].names[:3] == ['airplane', 'automobile', 'bird']
-  b = next(ip.train_batches(cfg, global_batch_size=256, seed=0, process_index=0, process_count=1))
+  b = next(data.train_batches(cfg, global_batch_size=256, seed=0, process_index=0, process_count=1))
   chex.assert_shape(b['image'], (256, 32, 32, 3))
   assert len(np.unique(b['label'])) == 10
-  test = list(ip.eval_batches(cfg, global_batch_size=1000))
+  test = list(data.eval_batches(cfg, global_batch_size=1000))
   assert len(test) == 10 and sum(x['mask'].sum() for x in test) == 10000
   # Normalised with the CIFAR-10 statistics, which this JPEG copy matches closely (per channel).
   images = np.concatenate([x['image'] for x in test])
@@ -406,12 +408,11 @@ def test_real_cifar10_archive(tmp_path):
 
 
 def test_eval_subset_is_strided_and_complete():
-  from dtvit import input_pipeline as ip
-  cfg = ip.default_data_config()
-  full = np.concatenate([b['label'][b['mask'] > 0] for b in ip.eval_batches(cfg, global_batch_size=64)])
-  sub = [b for b in ip.eval_batches(cfg, global_batch_size=64, max_examples=100)]
+  cfg = data.default_data_config()
+  full = np.concatenate([b['label'][b['mask'] > 0] for b in data.eval_batches(cfg, global_batch_size=64)])
+  sub = [b for b in data.eval_batches(cfg, global_batch_size=64, max_examples=100)]
   labels = np.concatenate([b['label'][b['mask'] > 0] for b in sub])
   assert len(labels) == 100 and len(sub) == 2
   np.testing.assert_array_equal(labels, full[::len(full) // 100][:100])
   with pytest.raises(ValueError, match='max_examples must be >= 0'):
-    next(ip.eval_batches(cfg, global_batch_size=64, max_examples=-1))
+    next(data.eval_batches(cfg, global_batch_size=64, max_examples=-1))

@@ -1,0 +1,13 @@
+"""dtvit's data: sources (`sources.py`, `tfds_folder.py`), per-example augmentation (`augment.py`), grain
+batching (`pipeline.py`) and on-device mixup/cutmix (`mixing.py`).
+
+A train batch's path: a source's record -> `augment.train_example` (crop, RandAugment, shift, flip) ->
+normalised, one-hot target -> batched by grain, this process's slice of the global batch -> on device,
+`mixing.mix_batch` inside the jitted train step.
+"""
+from dtvit.data.mixing import mix_batch, mix_key
+from dtvit.data.pipeline import default_data_config, eval_batches, eval_dataset, train_batches, train_dataset
+from dtvit.data.sources import NAMES, DatasetInfo, get_info
+
+__all__ = ['NAMES', 'DatasetInfo', 'default_data_config', 'eval_batches', 'eval_dataset', 'get_info',
+           'mix_batch', 'mix_key', 'train_batches', 'train_dataset']

@@ -1,0 +1,91 @@
+"""The static settings of a model's neurons and time-step masks (frozen: they are Flax module attributes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+from dtvit import masks as masks_lib
+from dtvit import neurons as neurons_lib
+
+PHASES = ("ann", "snn")
+GRANULARITIES = ("module", "layer")
+# False: plain backprop through time; 'blocks': the backward pass recomputes the stem and each block from its
+# input (`dtvit.models.remat.recompute_in_backward`), bounding BPTT memory to one block's intermediates.
+REMAT_MODES = (False, "blocks")
+# 'fused': the fused neuron recurrence (`neurons.lif_multistep`) and the fast-gradient conv and pool of
+# `dtvit.ops`; 'reference': `lax.scan`, lax's conv and `flax.linen.max_pool`. The same values and gradients.
+KERNELS = ("fused", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronConfig:
+  """Neuron settings: the dynamics (`spec`, see `dtvit.neurons`) and the initial values of the trainable
+  threshold and leak."""
+  neuron: str = "lif"               # 'lif' (authors') | 'if' | 'spikformer'
+  surrogate: str = "pwl"            # 'pwl' | 'sigmoid' | 'atan'
+  alpha: Optional[float] = None     # surrogate sharpness; None -> the surrogate's customary value
+  tau: float = 2.0                  # 'spikformer' time constant
+  reset: Optional[str] = None       # None -> 'soft' for lif/if, 'hard' for spikformer
+  detach_reset: Optional[bool] = None
+  init_threshold: float = 1.0       # threshold (SNN) = clip value (ANN) at init
+  attn_threshold: float = 0.5       # the attention neuron's threshold at init
+  init_leak: float = 1.0            # lambda at init ('lif'); clamped to [0, 1]
+  init_membrane: float = 0.5        # U[0] / threshold; 0.5 rounds instead of floors (better conversion)
+  surrogate_input: str = "normalized"  # the surrogate acts on U/Vth - 1 ('normalized') or U - Vth ('difference')
+  remat: Any = False                # one of REMAT_MODES
+
+  @functools.cached_property
+  def spec(self) -> neurons_lib.NeuronSpec:
+    """The dynamics with every default resolved (once per config)."""
+    return neurons_lib.NeuronSpec.resolve(
+        self.neuron, surrogate=self.surrogate, alpha=self.alpha, tau=self.tau, reset=self.reset,
+        detach_reset=self.detach_reset, init_membrane=self.init_membrane, surrogate_input=self.surrogate_input)
+
+  def validate(self):
+    self.spec  # pylint: disable=pointless-statement  # checks the dynamics' choices
+    if self.init_threshold <= 0 or self.attn_threshold <= 0:
+      raise ValueError("Neuron thresholds must be > 0.")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"Unknown neuron.remat {self.remat!r}; choose one of {REMAT_MODES}.")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "NeuronConfig":
+    """A named neuron preset (`NEURON_PRESETS`) with some fields overridden."""
+    if name not in NEURON_PRESETS:
+      raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(NEURON_PRESETS)}.")
+    return cls(**{**NEURON_PRESETS[name], **overrides})
+
+
+# Named neuron settings. 'spikingjelly': every setting equals SpikingJelly 2.0's Spikformer (LIFNode tau 2,
+# v_threshold 1 and 0.5 for the attention neuron, hard reset to 0 detached, sigmoid surrogate alpha 4 acting
+# on U - Vth, membranes starting at 0); with it dtvit's Spikformer (stem_pool_first=True) reproduces
+# SpikingJelly's (tests/spikformer_golden_test.py). 'spikformer_normalized' is the same with the surrogate on
+# U/Vth - 1 (dtvit's convention: at Vth = 0.5 it doubles the slope).
+NEURON_PRESETS = {
+    "spikingjelly": dict(neuron="spikformer", surrogate="sigmoid", alpha=4.0, tau=2.0, reset="hard",
+                         detach_reset=True, init_threshold=1.0, attn_threshold=0.5, init_leak=1.0,
+                         init_membrane=0.0, surrogate_input="difference"),
+}
+NEURON_PRESETS["spikformer_normalized"] = dict(NEURON_PRESETS["spikingjelly"], surrogate_input="normalized")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskConfig:
+  """Static time-step mask settings (see `dtvit.masks`)."""
+  enabled: bool = True          # False: every step active (fixed-T SNN); the scores stay in the params
+  mode: str = "ste"             # 'ste' | 'sigmoid'
+  monotone: bool = False        # m[t] = prod_{k<=t} b[k]
+  granularity: str = "module"   # 'module': each block's attn and mlp; 'layer': every neuron
+  score_init: float = 1.0       # > 0: all steps open at the start
+  mask_stem: bool = False       # also give the stem a mask
+  hard: bool = False            # force the hard mask (evaluation / inference)
+  semantics: str = "skip"       # what a masked step is: 'skip' | 'filter' (see dtvit.masks)
+
+  def validate(self):
+    masks_lib.check_semantics(self.semantics)
+    if self.mode not in masks_lib.MASK_MODES:
+      raise ValueError(f"Unknown mask mode {self.mode!r}; choose one of {masks_lib.MASK_MODES}.")
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"Unknown mask granularity {self.granularity!r}; choose one of {GRANULARITIES}.")
