@@ -84,3 +84,14 @@ def test_param_groups_and_names():
   assert paths.blocks_in(["blocks_10/mlp", "blocks_2/attn/q_lif", "embedding"]) == ["blocks_2", "blocks_10"]
   assert paths.scores({"blocks_0": {"attn": {"q_lif_mask": {"time_scores": 1}, "time_mask": {"time_scores": 2}}}}) == {
       "blocks_0/attn/q_lif": 1, "blocks_0/attn": 2}
+
+
+def test_with_scores_replaces_only_the_named_units():
+  model = _model("vit", "layer", False)
+  params = models.init(model, jax.random.key(0), (16, 16, 3))["params"]
+  new = paths.with_scores(params, {"blocks_1/mlp/fc2_lif": jnp.array([1.0, -1.0])})
+  counts = models.step_counts(model, new)
+  assert counts["blocks_1/mlp/fc2_lif"]["mask"] == [1, 0]
+  assert all(c["mask"] == [1, 1] for u, c in counts.items() if u != "blocks_1/mlp/fc2_lif")
+  with pytest.raises(ValueError, match="No scores for units"):
+    paths.with_scores(params, {"blocks_7/mlp": jnp.ones(2)})

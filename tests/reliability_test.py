@@ -313,7 +313,8 @@ def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices
   change at its kink into a different gradient, and Adam grows these. Measured on this config: per-step losses
   equal to 5e-7 for 8 steps and to 1.2e-4 after; params within 2.1e-3 (step 3) and 3.1e-2 (step 12) of each
   leaf's largest |value|. Asserted: losses to rtol 1e-3 (a wrong data position or state would be far off),
-  params to 1e-2 / 5e-2 of the leaf's scale, the same test accuracy. Left out: embedding/patch/bias, whose exact
+  params to 1e-2 / 5e-2 of the leaf's scale, the test accuracy to 2 of 360 images. Left out:
+  embedding/patch/bias, whose exact
   gradient is 0 (a BatchNorm follows the conv), so Adam moves it by rounding noise alone (it differs as much
   between 4 and 8 devices in one process).
   """
@@ -333,7 +334,9 @@ def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices
   assert "summary:" in results[0][1] and "summary:" not in results[1][1]  # only process 0 reports
   summary, ref = _summary(workdir), _summary(reference)
   assert summary["processes"] == 2 and summary["devices"] == 8
-  assert summary["ann"]["test_accuracy"] == ref["ann"]["test_accuracy"]
+  # The same predictions but for test images whose top two logits are within float32 rounding of each other:
+  # at this tiny run's near-chance accuracy a few are (measured: 1 of 360 flips).
+  assert abs(summary["ann"]["test_accuracy"] - ref["ann"]["test_accuracy"]) <= 2 / 360
   # Only process 0 writes metrics: one events file per launch, steps 1..12 once each.
   losses = [metrics_lib.read_scalars(os.path.join(w, "ann"))["loss"] for w in (workdir, reference)]
   assert [s for s, _ in losses[0]] == list(range(1, STEPS + 1))

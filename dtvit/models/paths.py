@@ -174,6 +174,17 @@ def scores(params) -> dict[str, Any]:
   return {_unit_of_holder(path_str(p[:-1])): v for p, v in _flat(params).items() if p[-1] == SCORES}
 
 
+def with_scores(params, new_scores: Mapping[str, Any]):
+  """A copy of a params tree with the scores of some units replaced: {unit: [T_max]}."""
+  flat = _flat(params)
+  holders = {_unit_of_holder(path_str(p[:-1])): p for p in flat if p[-1] == SCORES}
+  unknown = sorted(set(new_scores) - set(holders))
+  if unknown:
+    raise ValueError(f"No scores for units {unknown}; the tree has {sorted(holders)}.")
+  flat.update({holders[u]: v for u, v in new_scores.items()})
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def is_stem(name: str) -> bool:
   """Whether a module, unit, neuron or layer name belongs to the stem."""
   return name == STEM or name.startswith(STEM + "/")
@@ -261,9 +272,15 @@ def block_of(name: str) -> str | None:
   return first if first.startswith(BLOCK_PREFIX) and first[len(BLOCK_PREFIX):].isdigit() else None
 
 
+def block_number(name: str) -> int | None:
+  """The index of the block a name lies in ('blocks_3/mlp' -> 3); None outside the blocks."""
+  b = block_of(name)
+  return None if b is None else int(b[len(BLOCK_PREFIX):])
+
+
 def blocks_in(names: Iterable[str]) -> list[str]:
   """The blocks that names lie in, in network order."""
-  return sorted({b for b in map(block_of, names) if b is not None}, key=lambda b: int(b[len(BLOCK_PREFIX):]))
+  return sorted({b for b in map(block_of, names) if b is not None}, key=block_number)
 
 
 def short_name(name: str) -> str:
@@ -274,8 +291,8 @@ def short_name(name: str) -> str:
 def order_key(name: str) -> tuple:
   """Sort key for network order: the stem, then blocks in order; attention before MLP; neurons in the order
   they run."""
-  b = block_of(name)
-  index = -1 if b is None else int(b[len(BLOCK_PREFIX):])
+  number = block_number(name)
+  index = -1 if number is None else number
   parts = name.split("/")
   module = {ATTN: 0, MLP: 1}.get(parts[1] if len(parts) > 1 else "", 0)
   leaf = parts[-1]

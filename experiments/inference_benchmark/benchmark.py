@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dtvit import inference  # noqa: E402
 from dtvit import models  # noqa: E402
+from dtvit.models import paths  # noqa: E402
 
 TOLERANCE = 0.15
 INTERIOR = "0011,0101,1001,0110"  # leading and interior zeros, 2 of 4 steps each
@@ -121,13 +122,8 @@ def case_masks(args) -> dict[str, list[int]]:
 
 def set_scores(params, masks: dict[str, list[int]]):
   """A copy of params whose mask scores are +1 at the pattern's 1s and -1 at its 0s."""
-  params = jax.tree.map(lambda a: a, params)
-  for name, m in masks.items():
-    node = params
-    for part in name.split("/"):
-      node = node[part]
-    node["time_mask"]["time_scores"] = jnp.where(jnp.asarray(m) > 0, 1.0, -1.0).astype(jnp.float32)
-  return params
+  return paths.with_scores(params, {name: jnp.where(jnp.asarray(m) > 0, 1.0, -1.0).astype(jnp.float32)
+                                    for name, m in masks.items()})
 
 
 def mask_str(m) -> str:
@@ -137,7 +133,7 @@ def mask_str(m) -> str:
 def run_case(args) -> dict:
   T = args.num_steps
   masks_in = case_masks(args)
-  depth = max(int(n.split("/")[0].split("_")[1]) for n in masks_in if n.startswith("blocks_")) + 1
+  depth = max(paths.block_number(n) for n in masks_in if paths.block_number(n) is not None) + 1
   common = dict(depth=depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, num_steps=T,
                 neuron=models.NeuronConfig(init_threshold=0.5),
                 mask=models.MaskConfig(monotone=False, mask_stem=args.mask_stem, semantics=args.semantics))
