@@ -25,13 +25,10 @@ report: $(STAMP)
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q tests
 
-# The edit-test loop: the core (neurons, masks and their accounting, energy, skipped-step inference), no
-# training runs or subprocesses.
-FAST_TESTS := tests/neurons_test.py tests/masks_test.py tests/energy_test.py tests/honesty_test.py \
-	tests/inference_test.py
-
+# The edit-test loop: every test not marked slow (pyproject.toml's `slow` marker: the tests that train, start
+# subprocesses or compile whole models several times), under 2 minutes on 2 cores.
 test-fast: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q $(FAST_TESTS)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 -q -m "not slow" tests
 
 clean:
 	rm -rf workdirs

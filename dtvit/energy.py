@@ -77,8 +77,17 @@ KINDS = ("analog", "synaptic", "attention")
 UNMASKED = "<unmasked>"  # the per-module table's row for layers no mask gates (analog layer, head, ...)
 
 
-def _trace(model, image_shape) -> tuple[dict, list[str]]:
-  """(op counts {layer: {'kind', 'macs', 'module'}}, sorted masked-unit names) from one abstract trace."""
+def op_counts(model, image_shape) -> dict[str, dict[str, Any]]:
+  """Dense op counts of every synaptic layer, per sample per step, from one abstract trace of the model.
+
+  Args:
+    model: a `SpikingViT` (either phase: the counts are the same).
+    image_shape: (H, W, C) of one image.
+  Returns:
+    {layer path: {'kind': 'analog' | 'synaptic' | 'attention', 'macs': int, 'module': str | None}}, in the
+    order the layers run. See the module docstring for the formulas and the 'module' convention. Trace once
+    and pass the result as `counts=` to `module_op_weights` and `energy_report`.
+  """
   image_shape = tuple(int(d) for d in image_shape)
   if len(image_shape) != 3:
     raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}.")
@@ -92,41 +101,28 @@ def _trace(model, image_shape) -> tuple[dict, list[str]]:
     return out
 
   with nn.intercept_methods(count):
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                               jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                   jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
   if not rec:
     raise ValueError("Tracing the model recorded no op counts: is it a dtvit SpikingViT?")
   bad = {k: v["kind"] for k, v in rec.items() if v["kind"] not in KINDS}
   if bad:
     raise ValueError(f"Unknown op kinds {bad}; expected one of {KINDS}.")
-  masked = sorted(models.time_step_scores(variables["params"]))
-  counts = {path: dict(r, module=paths.gating_unit(path, r["kind"], masked, model.mask.granularity))
-            for path, r in rec.items()}
-  return counts, masked
+  units = sorted(paths.mask_units(model))
+  return {path: dict(r, module=paths.gating_unit(path, r["kind"], units, model.mask.granularity))
+          for path, r in rec.items()}
 
 
-def op_counts(model, image_shape) -> dict[str, dict[str, Any]]:
-  """Dense op counts of every synaptic layer, per sample per step.
+def module_op_weights(model, image_shape=None, *, counts=None) -> dict[str, int]:
+  """{masked unit: sum of the per-step dense MACs of the layers its mask gates}, from `counts` (`op_counts`)
+  or a new trace for `image_shape`.
 
-  Args:
-    model: a `SpikingViT` (either phase: the counts are the same).
-    image_shape: (H, W, C) of one image.
-  Returns:
-    {layer path: {'kind': 'analog' | 'synaptic' | 'attention', 'macs': int, 'module': str | None}}, in the
-    order the layers run. See the module docstring for the formulas and the 'module' convention.
-  """
-  return _trace(model, image_shape)[0]
-
-
-def module_op_weights(model, image_shape) -> dict[str, int]:
-  """{masked module: sum of the per-step dense MACs of the layers its mask gates}.
-
-  Every masked module of the model is listed, including those that gate no per-step work (weight 0, e.g. the
+  Every masked unit of the model is listed, including those that gate no per-step work (weight 0, e.g. the
   ViT patch stem's neuron with mask_stem: its only layer is the analog one). The keys are those of
   `models.time_step_scores`, so the dict goes straight to `masks.time_step_cost(kind='op_weighted')`.
   """
-  counts, masked = _trace(model, image_shape)
-  return _module_weights(counts, masked)
+  counts = op_counts(model, image_shape) if counts is None else counts
+  return _module_weights(counts, sorted(paths.mask_units(model)))
 
 
 def _module_weights(counts, masked) -> dict[str, int]:
@@ -164,7 +160,7 @@ def _check_keys(what: str, given, expected, hint: str) -> None:
     raise ValueError(f"Missing {what} in aux for {missing}. {hint}")
 
 
-def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = E_MAC,
+def energy_report(model, image_shape, aux: Mapping[str, Any], *, counts=None, e_mac: float = E_MAC,
                   e_ac: float = E_AC) -> dict[str, Any]:
   """ANN-twin vs SNN energy per sample, SOPs, per-layer and per-module tables, average time steps.
 
@@ -174,6 +170,7 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
     aux: the aux of an SNN evaluation, `models.apply_model(model, variables, images)[1]` (or any mapping with
       'input_rates' {layer: [T]}, 'attention_rates' {attn module: ([T], [T])} and 'masks' {module: [T]}).
       Evaluate with hard masks (`models.with_mask(model, hard=True)`) for binary masks.
+    counts: the model's `op_counts` when already traced (else traced here).
     e_mac, e_ac: joules per MAC and per AC.
   Returns:
     A JSON-able dict (joules per sample; see the module docstring for every formula):
@@ -190,7 +187,8 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, e_mac: float = 
   """
   _check_inputs(aux, e_mac, e_ac)
   T = int(model.num_steps)
-  counts, masked = _trace(model, image_shape)
+  counts = op_counts(model, image_shape) if counts is None else counts
+  masked = sorted(paths.mask_units(model))
   rates, sources = _layer_rates(counts, aux, T)
   mask_T, per_unit = _unit_steps(model, masked, aux)
   table = _layer_table(counts, rates, sources, e_mac, e_ac)

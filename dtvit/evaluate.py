@@ -99,21 +99,22 @@ def step_summary(model, params, op_weights: Mapping[str, float]) -> dict:
   }
 
 
-def evaluate_phase(model, variables, config, mesh, info, phase, *, op_weights: Mapping[str, float] | None) -> dict:
+def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Mapping[str, dict] | None) -> dict:
   """The phase's test results: accuracy; for SNN phases also time steps, spike rates and energy.
 
-  op_weights: the model's `energy.module_op_weights` (SNN phases), traced once per phase by the caller."""
+  op_counts: the model's `energy.op_counts` (SNN phases), traced once per phase by the caller."""
   if phase == "ann":
     return {"test_accuracy": evaluate(model, variables, config, mesh)["accuracy"]}
   hard = models.with_mask(model, hard=True)
   ev = evaluate(hard, variables, config, mesh)
   out = {"test_accuracy": ev["accuracy"]}
+  op_weights = energy_lib.module_op_weights(model, counts=op_counts)
   out.update(step_summary(model, jax.device_get(variables["params"]), op_weights))
   out["T_max"] = model.num_steps
   if "aux" in ev:
     aux = ev["aux"]
     out["spike_rates"] = {k: np.round(v, 5).tolist() for k, v in sorted(aux["spike_rates"].items())}
-    out["energy"] = energy_lib.energy_report(hard, info.image_shape, aux)
+    out["energy"] = energy_lib.energy_report(hard, info.image_shape, aux, counts=op_counts)
   if config.eval_fixed_steps and model.mask.enabled:
     fixed = models.with_mask(model, enabled=False)
     out["test_accuracy_fixed_T"] = evaluate(fixed, variables, config, mesh)["accuracy"]

@@ -235,7 +235,7 @@ class Phase:
   model: models.SpikingViT
   tx: Any                   # the optax transform
   schedule: Any             # step -> the weights' learning rate
-  op_weights: dict | None   # `energy.module_op_weights` of the SNN phases, traced once per phase
+  op_weights: dict | None   # `energy.module_op_weights` of the SNN phases (from the phase's one op-count trace)
   mesh: Any
   augment_fn: Any = None    # (step, batch) -> batch inside the train step: mixup / cutmix
 
@@ -340,7 +340,8 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   model = models.phase_model(config.model, info.num_classes, phase)
   sharding.check_batch_size(pc.batch_size, mesh, f"{phase}.batch_size")
   tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
-  op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, info.image_shape)
+  op_counts = None if phase == "ann" else energy_lib.op_counts(model, info.image_shape)  # traced once per phase
+  op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, counts=op_counts)
   ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, _mixing(config))
   ckpt = checkpointing.Checkpointer(os.path.join(phase_dir, "checkpoints"), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
@@ -363,7 +364,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
     summary["stopped_at"] = end
   else:
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    summary.update(evaluate_lib.evaluate_phase(model, variables, config, mesh, info, phase, op_weights=op_weights))
+    summary.update(evaluate_lib.evaluate_phase(model, variables, config, mesh, info, phase, op_counts=op_counts))
     writer.write_scalars(summary["steps"], {k: v for k, v in summary.items()
                                             if isinstance(v, float) and k.endswith("accuracy")})
   writer.close()

@@ -40,6 +40,7 @@ def test_sensitivity_table_against_hand_values():
   assert table["blocks_0"]["e_1"] == 0.8 and table["blocks_0"]["e_T"] == 0.2
 
 
+@pytest.mark.slow
 def test_analysis_matches_a_direct_computation(run_dir):
   snn = dtvit.load(run_dir, "snn")
   ann = dtvit.load(run_dir, "ann")

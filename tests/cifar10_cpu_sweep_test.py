@@ -243,6 +243,7 @@ def test_verdict_without_seed_pairs_or_comparable_runs():
   assert "Learned 'skip': no run finished yet" in empty["text"]
 
 
+@pytest.mark.slow
 def test_sweep_runs_resumes_and_tabulates(tmp_path):
   """A smoke sweep on digits: every run in its own process and workdir, the ANN twin first; a rerun skips what
   is done; the table has one row per finished run and lists the rest as pending. (The comparison with fixed T

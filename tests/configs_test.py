@@ -23,6 +23,7 @@ RECIPES = [
 # tests/paper_scale_test.py, through the paper settings that name them.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg,synthetic,phases", RECIPES, ids=[r[0] for r in RECIPES])
 def test_recipe_tiny_variant_trains(name, arg, synthetic, phases, tmp_path, image_folder):
   config = importlib.import_module(f"configs.{name}").get_config(arg)

@@ -181,6 +181,7 @@ def hand_snn_energy(hand, aux, e_mac, e_ac):
   return e_mac * analog + e_ac * sops, sops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vit", "spikformer"])
 def test_energy_matches_a_hand_computation(arch):
   model, hand = (tiny_vit(), vit_hand_macs()) if arch == "vit" else (tiny_spikformer(), spikformer_hand_macs())
@@ -240,6 +241,7 @@ def test_masked_steps_cost_nothing():
   assert rep["op_weighted_average_steps"] == pytest.approx((2 * w_attn + 1 * w_mlp) / (w_attn + w_mlp))
 
 
+@pytest.mark.slow
 def test_layer_granularity_gates_only_the_fed_neurons_layer():
   model = tiny_vit(mask=models.MaskConfig(granularity="layer"))
 

@@ -171,6 +171,7 @@ def compiled(fn, *args):
     return lowered.compile()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,semantics,granularity", CASES)
 def test_every_step_counted_free_can_be_removed_without_changing_anything(arch, semantics, granularity):
   model, img = build(arch, semantics, granularity)
@@ -206,6 +207,7 @@ def test_every_step_counted_free_can_be_removed_without_changing_anything(arch, 
   assert removed > 50 and kept > 50  # both kinds occur
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,semantics,granularity", CASES)
 def test_sops_equal_an_independent_event_counter(arch, semantics, granularity):
   model, img = build(arch, semantics, granularity)
@@ -294,6 +296,7 @@ def _attention_sops(model, inputs, dep, B):
   return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["module", "layer"])
 def test_skip_a_masked_step_input_changes_nothing_downstream_and_filter_does(granularity):
   x = images((8, 8, 3))

@@ -84,6 +84,7 @@ def expected_steps(mask, semantics):
 @pytest.mark.parametrize("semantics", ["skip", "filter"])
 @pytest.mark.parametrize("mode,monotone,seed", [("ste", False, 3), ("ste", True, 4), ("sigmoid", False, 5),
                                                 ("sigmoid", True, 6)])
+@pytest.mark.slow
 def test_skipped_steps_give_the_dense_masked_logits(vit_vars, mode, monotone, seed, semantics):
   model = tiny(mode=mode, monotone=monotone, mask_stem=True, semantics=semantics)
   x = images()
@@ -127,6 +128,7 @@ def test_layer_granularity_schedules_modules_by_their_working_neurons(vit_layer_
   assert schedule == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("semantics", ["skip", "filter"])
 def test_spikformer_sps_stem_and_blocks_skip_exactly(semantics):
   model = tiny("spikformer", mask_stem=True, semantics=semantics)
@@ -252,6 +254,7 @@ def test_early_exit_thresholds_trade_steps_for_accuracy():
     np.testing.assert_array_equal(preds[0], full_pred)
 
 
+@pytest.mark.slow
 def test_early_exit_over_batches_matches_full_evaluation(vit_vars):
   model = tiny(mask_stem=True)
   v = with_scores(vit_vars, HAND)

@@ -68,6 +68,7 @@ def test_ann_phase_reproduces_the_runs_ann_accuracy(run_dir):
     ann.inference_fn()
 
 
+@pytest.mark.slow
 def test_call_apply_inference_fn_agree(run_dir, snn):
   run = dtvit.load(run_dir, phase="snn")
   assert run.model == snn.model and run.masks.keys() == snn.masks.keys()
@@ -130,6 +131,7 @@ def test_import_dtvit_stays_light():
   assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_notebook_executes_against_a_run(run_dir):
   import nbclient  # pylint: disable=g-import-not-at-top  # requirements-dev.txt
   import nbformat  # pylint: disable=g-import-not-at-top

@@ -101,6 +101,7 @@ def test_mixup_weight_follows_beta():
   assert np.mean(lam < 0.1) > np.mean((0.45 < lam) & (lam < 0.55)) * 2
 
 
+@pytest.mark.slow
 def test_odd_batch_leaves_its_last_example():
   images, targets, _ = _batch(batch=7)
   out_images, out = _mix(images, targets, mixup_alpha=1.0, cutmix_alpha=1.0)
@@ -109,6 +110,7 @@ def test_odd_batch_leaves_its_last_example():
   assert not np.array_equal(out_images[:6], images[:6])
 
 
+@pytest.mark.slow
 def test_deterministic_per_step_key():
   images, targets, _ = _batch()
   fn = functools.partial(_jit_mix, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
@@ -123,6 +125,7 @@ def test_deterministic_per_step_key():
   chex.assert_trees_all_close(traced, a, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_batch_mixes_as_one_device():
   images, targets, _ = _batch()
   mesh = jax.make_mesh((len(jax.devices()),), ('data',))

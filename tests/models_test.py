@@ -27,6 +27,7 @@ def shapes(tree):
   return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
 @pytest.mark.parametrize("granularity", ["module", "layer"])
 def test_ann_and_snn_share_one_parameter_tree(arch, granularity):
@@ -46,6 +47,7 @@ def test_ann_and_snn_share_one_parameter_tree(arch, granularity):
   assert all(s.shape == (3,) for s in scores.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
 def test_aux_reports_masks_rates_and_step_logits(arch):
   model = tiny(arch, num_steps=4)
@@ -59,6 +61,7 @@ def test_aux_reports_masks_rates_and_step_logits(arch):
   assert "blocks_0/attn/q" in aux["input_rates"] and "head" in aux["input_rates"]
 
 
+@pytest.mark.slow
 def test_stem_pool_first_moves_the_neuron_after_the_pool():
   """stem_pool_first: a pooled SPS stage runs its neuron on the pooled BN output (4x fewer neurons). The ANN
   computes the same values either way (max pooling commutes with the clipped ReLU); the SNN does not."""
@@ -100,6 +103,7 @@ def test_masked_step_emits_no_spikes(arch):
   np.testing.assert_array_equal(aux["input_rates"]["blocks_0/mlp/fc1"][:2], 0.0)
 
 
+@pytest.mark.slow
 def test_fully_masked_block_is_identity():
   model = tiny("vit", num_steps=3)
   variables = models.init(model, jax.random.key(0), IMG)
@@ -115,6 +119,7 @@ def test_fully_masked_block_is_identity():
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_reach_scores_weights_and_neuron_params():
   model = tiny("vit", num_steps=3)
   variables = models.init(model, jax.random.key(0), IMG)

@@ -164,6 +164,7 @@ _NEURON_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("neuron,surrogate,reset,detach,static,init", _NEURON_CASES)
 def test_lif_multistep_matches_scan(neuron, surrogate, reset, detach, static, init):
   x = 1.5 * jax.random.normal(jax.random.key(4), (5, 3, 40)) + 0.3
@@ -200,6 +201,7 @@ def test_fused_is_the_default_and_switchable():
   assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: neurons.multistep(x, return_membrane=True))(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("neuron,surrogate,reset,detach,static,init", _NEURON_CASES[::2])
 @pytest.mark.parametrize("surrogate_input", ["normalized", "difference"])
 @pytest.mark.parametrize("mask", [[0.0, 1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.3, 0.8, 1.0]])

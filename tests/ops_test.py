@@ -39,6 +39,7 @@ def _conv_ref(x, w, strides, padding):
     ((2, 8, 8, 3), (4, 4), (4, 4), "VALID"),       # the ViT patch embedding
     ((2, 6, 6, 2), (5, 5), (1, 1), ((1, 3), (2, 0))),
 ])
+@pytest.mark.slow
 def test_conv2d_matches_lax(shape, kernel, strides, padding):
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = _spikes(kx, shape)
@@ -73,6 +74,7 @@ def _pool_ref(x, window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))):
     ((2, 8, 8, 2), (2, 2), (2, 2), ((0, 0), (0, 0))),
     ((1, 6, 6, 2), (3, 3), (1, 1), "SAME"),
 ])
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", [True, False])
 def test_max_pool_matches_reference(shape, window, strides, padding, binary):
   kx, kg = jax.random.split(jax.random.key(3))
@@ -97,6 +99,7 @@ def test_max_pool_routes_ties_to_first_maximum():
   np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool_first", [False, True])
 def test_model_fused_equals_reference(pool_first):
   """A whole tiny Spikformer (convs, pools, every neuron): kernels='fused' gives the same logits and the same
@@ -130,6 +133,7 @@ def test_retired_remat_modes_are_errors():
       NeuronConfig(remat=remat).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
 def test_remat_blocks_is_exact_and_bounds_memory(arch):
   """NeuronConfig(remat='blocks') recomputes the stem and each block in the backward pass: the same loss,

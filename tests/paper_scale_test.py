@@ -91,6 +91,7 @@ def test_tiny_groups_cover_every_setting():
   assert ["cifar10_4_384", "cifar100_4_384"] in TINY_GROUPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", TINY_GROUPS, ids=["+".join(g) for g in TINY_GROUPS])
 def test_setting_tiny_variant_trains(group, tmp_path, image_folder):
   name = group[0]

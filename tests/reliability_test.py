@@ -175,6 +175,7 @@ def _run_cli(workdir, *extra, **kwargs):
 # 1. Exact resume after SIGKILL and SIGTERM.
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path):
   workdir = str(tmp_path / "run")
   # Killed between two checkpoints: after step 4 is logged and the (asynchronous) save of step 3 committed.
@@ -201,6 +202,7 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
   assert "summary:" in out
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path):
   workdir = str(tmp_path / "run")
   cli = _Cli(workdir, step_delay=0.3, cache=cache)
@@ -229,6 +231,7 @@ def _inject_inf(at_step):
   return hook
 
 
+@pytest.mark.slow
 def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path):
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteError,
@@ -242,6 +245,7 @@ def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoin
   _assert_matches_reference(workdir, reference)
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_config, tmp_path, caplog):
   config = _config(tiny_config, **{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
   summary = train.run(config, str(tmp_path), batch_hook=_inject_inf(at_step=1))
@@ -255,6 +259,7 @@ def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_co
   assert np.isfinite(summary["ann"]["train_loss_last"])
 
 
+@pytest.mark.slow
 def test_diagnosis_names_the_leaf_module_the_loss_or_the_update(tiny_config):
   config = _config(tiny_config, **{"ann.batch_size": 8})
   pc = config.ann
@@ -302,6 +307,7 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices(reference, cache, tmp_path):
   """2 processes x 4 CPU devices over jax.distributed (Gloo), one workdir; SIGTERM reaches only process 1.
 
@@ -396,6 +402,7 @@ def test_invalid_values_are_named_before_anything_is_written(tiny_config, tmp_pa
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_init_from_an_interrupted_write_says_so(tiny_config, reference, tmp_path):
   partial = tmp_path / "partial"
   partial.mkdir()

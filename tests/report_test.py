@@ -34,6 +34,7 @@ def _fixed_t_run(run_dir, path):
       json.dump(value, f)
 
 
+@pytest.mark.slow
 def test_report_command_on_a_sweep(run_dir, tmp_path):
   fixed = str(tmp_path / "sweep" / "fixed")
   _fixed_t_run(run_dir, fixed)

@@ -190,6 +190,7 @@ def test_fixture_and_mapping_cover_the_model():
   assert {_sj_neuron_to_dtvit(k) for k in _sizes(arrays)} == neuron_paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "ref"])
 def test_matches_spikingjelly(fast, mode):

@@ -42,6 +42,7 @@ def ann_run(tiny_config, tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_ann_then_snn_on_8_devices_with_summary(tiny_config, tmp_path):
   assert jax.device_count() == 8
   workdir = str(tmp_path)
@@ -66,6 +67,7 @@ def test_ann_then_snn_on_8_devices_with_summary(tiny_config, tmp_path):
   assert load_params(os.path.join(workdir, "snn"))[0] == 6
 
 
+@pytest.mark.slow
 def test_time_step_cost_lowers_learned_steps(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   steps = {}
@@ -79,6 +81,7 @@ def test_time_step_cost_lowers_learned_steps(tiny_config, ann_run, tmp_path):
   assert steps[1.0] < steps[0.0]
 
 
+@pytest.mark.slow
 def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
@@ -121,6 +124,7 @@ def _flatten(tree):
   return flax.traverse_util.flatten_dict(tree)
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_single_device(tiny_config, tmp_path):
   results = {}
   for n in (1, 8):
@@ -138,6 +142,7 @@ def test_sharded_training_matches_single_device(tiny_config, tmp_path):
   assert max(jax.tree.leaves(moved)) > 1e-2
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_params(tiny_config, tmp_path):
   config = tiny_config(**{"phases": "snn", "snn.num_steps": 6, "snn.time_cost": 0.1})
   train.run(config, str(tmp_path / "straight"))
@@ -151,6 +156,7 @@ def test_resume_gives_the_same_params(tiny_config, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a[1], b[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(ARCHIVE), reason=f"CIFAR-10 archive not found at {ARCHIVE}")
 def test_cifar10_archive_tiny_training(tmp_path):
   config = cifar10_spikformer.get_config("tiny,local")
@@ -202,6 +208,7 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   assert "time_csot" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_step_applies_an_on_device_augmentation_given_the_step(tiny_config):
   """`augment_fn(step, batch)` runs inside the step on the batch, with the state's step counter."""
   config = tiny_config(**{"phases": "ann"})
