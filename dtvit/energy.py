@@ -193,8 +193,6 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, counts=None, e_
   mask_T, per_unit = _unit_steps(model, masked, aux)
   table = _layer_table(counts, rates, sources, e_mac, e_ac)
   weights = _module_weights(counts, masked)
-  active = {m: per_unit[m]["active_steps"] for m in masked}
-  simulated = {m: per_unit[m]["simulated_steps"] for m in masked}
   t_avg, t_op = _averages(per_unit, "active_steps", weights, T)
   t_sim, t_sim_op = _averages(per_unit, "simulated_steps", weights, T)
   ann_total = sum(row["macs"] for row in table.values())
@@ -212,8 +210,8 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, counts=None, e_
       "layers": table,
       "modules": _module_table(table, masked, mask_T, per_unit),
       "mask_semantics": model.mask.semantics,
-      "steps_per_module": active,
-      "simulated_steps_per_module": simulated,
+      "steps_per_module": {m: per_unit[m]["active_steps"] for m in masked},
+      "simulated_steps_per_module": {m: per_unit[m]["simulated_steps"] for m in masked},
       "average_steps": t_avg,
       "average_simulated_steps": t_sim,
       "op_weighted_average_steps": t_op,
