@@ -10,6 +10,10 @@ Orbax writes a step into `<dir>/<step>.orbax-checkpoint-tmp` and renames it to `
 item is committed, so a crash mid-write leaves a tmp directory that is never listed as a step. `Checkpointer`
 deletes such leftovers when it opens a directory; `restore_variables` (read-only) names them in its error.
 
+A committed step can still be damaged later (a full disk, a truncated copy, files deleted by hand).
+`Checkpointer.restore_latest` then moves the unreadable step to `<dir>/corrupt/<step>` (kept, never deleted),
+logs one line naming it, and restores the step before it.
+
 `restore_variables` loads a subset of a finished run's state (params, optionally batch_stats) into a new model:
 the SNN phase starts from the ANN phase this way, and so does `init_from`.
 
@@ -17,17 +21,20 @@ The workdir's own records (config.json, summary.json) and the resume rules are i
 """
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 from typing import Callable, Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath  # Orbax's path library: the same checks work on local disk and gs://
 
+from dtvit import sharding
 from dtvit import workdir as workdir_lib
 
 # Orbax's marker of an unfinished step directory (`<step>.orbax-checkpoint-tmp`); used only to explain errors.
@@ -44,10 +51,12 @@ class _QuietOrbaxFilter(std_logging.Filter):
   """Drops Orbax's INFO/DEBUG chatter (~80 lines per save+restore at absl's default verbosity) and a few known
   harmless warnings. Real warnings and errors pass. Set DTVIT_ORBAX_LOGS=1 to see everything."""
 
+  silenced = False  # True while a restore is being tried: its failure is reported in one line of dtvit's own
+
   def filter(self, record: std_logging.LogRecord) -> bool:
     if f'{os.sep}orbax{os.sep}' not in record.pathname:
       return True
-    if record.levelno < std_logging.WARNING:
+    if record.levelno < std_logging.WARNING or _QuietOrbaxFilter.silenced:
       return False
     message = record.getMessage()
     return not any(m in message for m in _HARMLESS_ORBAX_WARNINGS)
@@ -63,6 +72,23 @@ def _quiet_orbax_logs() -> None:
 
 
 _quiet_orbax_logs()
+
+
+@contextlib.contextmanager
+def _orbax_silenced():
+  _QuietOrbaxFilter.silenced = True
+  try:
+    yield
+  finally:
+    _QuietOrbaxFilter.silenced = False
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint is readable but holds another tree than the one asked for (code or config changed)."""
+
+
+class UnreadableCheckpointError(OSError):
+  """Checkpoints that cannot be read although they were committed."""
 
 
 def _abspath(directory: str) -> str:
@@ -112,17 +138,18 @@ def _check_compatible(saved_tree: Any, abstract_tree: Any, *, prefix: str, sourc
       parts.append(f'the checkpoint lacks {join(missing[0])!r} ({len(missing)} missing in all)')
     if extra:
       parts.append(f'the checkpoint has {join(extra[0])!r} which the target lacks ({len(extra)} extra in all)')
-    raise ValueError(f'Tree structure mismatch between {source} and the target: {"; ".join(parts)}. {fix}')
+    raise CheckpointMismatch(f'Tree structure mismatch between {source} and the target: {"; ".join(parts)}. '
+                             f'{fix}')
   for path, want in wanted.items():
     want_shape, want_dtype = _shape_dtype(want)
     found_shape, found_dtype = _shape_dtype(saved[path])
     if want_shape is not None and found_shape is not None and want_shape != found_shape:
-      raise ValueError(f'Shape mismatch at {join(path)!r}: expected {want_shape}, found {found_shape} in '
-                       f'{source}. {fix}')
+      raise CheckpointMismatch(f'Shape mismatch at {join(path)!r}: expected {want_shape}, found {found_shape} '
+                               f'in {source}. {fix}')
     # Orbax casts on restore (f32 -> bf16, int64 -> int32 are fine); a float/int/bool swap is a real mismatch.
     if want_dtype is not None and found_dtype is not None and _kind(want_dtype) != _kind(found_dtype):
-      raise ValueError(f'Dtype mismatch at {join(path)!r}: expected {want_dtype}, found {found_dtype} in '
-                       f'{source}. {fix}')
+      raise CheckpointMismatch(f'Dtype mismatch at {join(path)!r}: expected {want_dtype}, found {found_dtype} '
+                               f'in {source}. {fix}')
 
 
 def _unfinished_writes(directory: str) -> list[str]:
@@ -146,12 +173,14 @@ class Checkpointer:
   Use as a context manager or call `close` so the last write completes before the process exits.
 
   A save without `force` happens every `save_interval_steps` steps and, with `save_first`, at the first save
-  into an empty directory (Orbax's default); `max_to_keep` newest steps are kept.
+  into an empty directory (Orbax's default); `max_to_keep` newest steps are kept. `extra_meta()`, when given,
+  is called at each save and its dict merged into the step's meta (e.g. the training time so far).
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               save_first: bool = True):
+               save_first: bool = True, extra_meta: Callable[[], dict] | None = None):
     self.directory = _abspath(directory)
+    self.extra_meta = extra_meta
     # What Orbax makes of `save_interval_steps` by default, less its save on a JAX preemption notice: dtvit
     # handles preemption itself (SIGTERM, agreed across processes in `dtvit.train`) and saves with `force`.
     policies = [ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps)]
@@ -194,7 +223,7 @@ class Checkpointer:
     already saved (e.g. the step a run resumed from).
     """
     step = int(step)
-    meta = workdir_lib.to_json(meta)
+    meta = workdir_lib.to_json({**meta, **(self.extra_meta() if self.extra_meta else {})})
     if step in self._manager.all_steps():
       logging.info('Checkpoint for step %d already in %s; not saving it again.', step, self.directory)
       return False
@@ -233,6 +262,51 @@ class Checkpointer:
     )
     return restored.state, restored.meta
 
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    """(state, meta) of the newest readable step, as `restore`; None when no step is left.
+
+    A committed step that cannot be read (truncated or deleted files) is moved to `<dir>/corrupt/<step>`, one
+    warning line names it, and the step before it is tried. A second unreadable step raises
+    `UnreadableCheckpointError` and moves nothing more: that is no longer one damaged checkpoint. A step that
+    reads but holds another tree raises `CheckpointMismatch`. A collective: every process calls it.
+    """
+    moved = None
+    while (step := self.latest_step()) is not None:
+      try:
+        with _orbax_silenced():
+          restored, error = self.restore(abstract_state, step), None
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore / JSON read errors
+        restored, error = None, e
+      if not sharding.any_process(error is not None):  # every process must agree on the step
+        return restored
+      reason = _short_reason(error) if error is not None else 'unreadable on another process'
+      if moved is not None:
+        raise UnreadableCheckpointError(
+            f'Checkpoints {moved[0]} and {step} in {self.directory} are both unreadable ({reason}); that is '
+            f'more than one damaged checkpoint. Step {moved[0]} was moved to {moved[1]}; check the disk and '
+            f'the files, then rerun (or start afresh with --overwrite).')
+      moved = (step, self._set_aside(step))
+      logging.warning('Checkpoint step %d in %s is unreadable (%s); moved it to %s and resuming from the step '
+                      'before it.', step, self.directory, reason, moved[1])
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves `<dir>/<step>` to `<dir>/corrupt/<step>` (`.1`, `.2`... if taken); returns where."""
+    target = epath.Path(self.directory) / 'corrupt' / str(step)
+    n = 0
+    while target.exists():
+      n += 1
+      target = target.parent / f'{step}.{n}'
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'dtvit_checkpoint_aside_{step}')
+    self._manager.reload()
+    return str(target)
+
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()
@@ -246,6 +320,24 @@ class Checkpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _short_reason(error: Exception) -> str:
+  """'Type: first line of the message', without TensorStore's spec dump, at most ~300 characters."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = text.split(' [tensorstore_spec=')[0]
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+def check_source(directory: str, what: str) -> None:
+  """Raises the errors `restore_variables` would (no directory, no finished step) without reading arrays."""
+  directory = _abspath(directory)
+  manager = _read_only_manager(directory, what)
+  try:
+    _finished_step(manager, directory, what, None)
+  finally:
+    manager.close()
 
 
 def _with_default_sharding(abstract: Any) -> Any:
@@ -351,8 +443,8 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
       saved_tree = _drop_paths(dict(saved_tree), reinit)
     for name, abstract in abstract_variables.items():
       if name not in saved_tree:
-        raise ValueError(f'Tree structure mismatch: {source} has no {name!r} collection (it has '
-                         f'{sorted(saved_tree)}). {fix}')
+        raise CheckpointMismatch(f'Tree structure mismatch: {source} has no {name!r} collection (it has '
+                                 f'{sorted(saved_tree)}). {fix}')
       _check_compatible(saved_tree[name], abstract, prefix=name, source=source, fix=fix)
     abstract = _with_default_sharding(dict(abstract_variables))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

@@ -37,7 +37,7 @@ from dtvit import steps
 from dtvit import workdir as workdir_lib
 from dtvit.models import paths
 
-PHASES = ("ann", "snn", "finetune")
+PHASES = workdir_lib.PHASES  # ("ann", "snn", "finetune")
 TRAINABLE = {"ann": ("weights", "neuron"), "snn": ("weights", "neuron", "scores"),
              "finetune": ("weights", "neuron")}
 NONFINITE_POLICIES = ("error", "skip")
@@ -49,7 +49,9 @@ class NonFiniteError(FloatingPointError):
 
 
 class Preempted(Exception):
-  """Raised after SIGTERM once the current state is checkpointed."""
+  """Raised after SIGTERM (preemption) or SIGINT (Ctrl-C) once the current state is checkpointed; `signum` says
+  which (`dtvit.main` exits with 128 + signum: 143 or 130)."""
+  signum = signal.SIGTERM
 
 
 def parse_phases(config) -> list[str]:
@@ -177,26 +179,42 @@ def initial_variables(config, workdir, phases, phase, model, info, rng, *, mesh)
 
 
 class _SigtermFlag:
-  """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks after each step, so either
+  checkpoints the current step and raises `Preempted` (its `signum` and message name the signal). A second
+  Ctrl-C stops at once with KeyboardInterrupt, without that checkpoint."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.raised = False
-    self._previous = None
+    self.signum = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
     self.raised = True
+    self.signum = self.signum or signum
+    if signum == signal.SIGINT:  # os.write: logging may hold its lock in the interrupted frame
+      os.write(2, b"\nCtrl-C: checkpointing after this step, then stopping (Ctrl-C again: stop now, unsaved)\n")
 
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  def __exit__(self, exc_type, exc, tb):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    if isinstance(exc, Preempted) and self.signum is not None:
+      exc.signum = self.signum
+      name = signal.Signals(self.signum).name
+      if name != "SIGTERM":
+        exc.args = (str(exc).replace("SIGTERM", name, 1),)
 
 
 class _MetricLog:
@@ -322,19 +340,62 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
 
 
 def _start(ph: Phase, config, workdir, phases, info, ckpt) -> tuple[dict, dict]:
-  """The phase's state and checkpoint meta: restored from its latest checkpoint, else created (meta {})."""
+  """The phase's state and checkpoint meta: restored from its newest readable checkpoint (an unreadable one is
+  moved aside, `Checkpointer.restore_latest`), else created (meta {})."""
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_state(ph.model, ph.tx, info.image_shape, ph.mesh))
-    logging.info("%s: resumed from step %d", ph.name, int(meta["step"]))
-    return state, meta
+    restored = ckpt.restore_latest(abstract_state(ph.model, ph.tx, info.image_shape, ph.mesh))
+    if restored is not None:
+      logging.info("%s: resumed from step %d", ph.name, int(restored[1]["step"]))
+      return restored
+    logging.warning("%s: no readable checkpoint left; the phase starts afresh.", ph.name)
   rng = jax.random.key(config.seed)
   variables = initial_variables(config, workdir, phases, ph.name, ph.model, info, rng, mesh=ph.mesh)
   return create_state(ph.model, ph.tx, rng, info.image_shape, ph.mesh, variables), {}
 
 
+class _NoRewrites:
+  """A metric writer that leaves out the values of steps its event files already hold for a tag, so a run
+  resumed from a checkpoint older than its last log line adds no duplicate TensorBoard steps. (The resumed run
+  recomputes those steps bitwise; after an allowed config change the first launch's values stay.)"""
+
+  def __init__(self, writer, logdir: str):
+    self._writer = writer
+    self._last = {tag: max(s for s, _ in points) for tag, points in metrics_lib.read_scalars(logdir).items()}
+
+  def _tag(self, key: str) -> str:
+    prefix = getattr(self._writer, "prefix", "")
+    return f"{prefix}/{key}" if prefix else key
+
+  def write_scalars(self, step: int, scalars) -> None:
+    new = {k: v for k, v in scalars.items() if step > self._last.get(self._tag(k), -1)}
+    if new:
+      self._writer.write_scalars(step, new)
+
+  def __getattr__(self, name):
+    return getattr(self._writer, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._writer.close()
+
+
+def _phase_summary(state, history, train_time_s: float) -> dict:
+  summary: dict[str, Any] = {"steps": int(jax.device_get(state["step"])), "train_time_s": round(train_time_s, 1)}
+  if history:
+    summary["train_loss_first"] = history[0]["loss"]
+    summary["train_loss_last"] = history[-1]["loss"]
+  return summary
+
+
 def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at_step: int | None = None,
                 batch_hook=None) -> dict:
-  """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary."""
+  """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary.
+
+  `train_time_s` is the training time of every launch up to the state reached (it travels in the checkpoint
+  meta; time spent after the last checkpoint of a killed launch is redone, not counted twice).
+  """
   pc = config[phase]
   phase_dir = os.path.join(workdir, phase)
   model = models.phase_model(config.model, info.num_classes, phase)
@@ -343,44 +404,56 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   op_counts = None if phase == "ann" else energy_lib.op_counts(model, info.image_shape)  # traced once per phase
   op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, counts=op_counts)
   ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, _mixing(config))
-  ckpt = checkpointing.Checkpointer(os.path.join(phase_dir, "checkpoints"), max_to_keep=pc.max_to_keep,
+  ckpt = checkpointing.Checkpointer(workdir_lib.checkpoint_dir(workdir, phase), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
   start, history = int(meta.get("step", 0)), meta.get("history", [])
   end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
-  writer = metrics_lib.create_default_writer(phase_dir)
-  t0 = time.time()
-  if start < end:
-    batches = data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
-                                           start_step=start, num_classes=info.num_classes)
-    state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
-                                batch_hook=batch_hook)
-  ckpt.close()
-  summary: dict[str, Any] = {"steps": int(jax.device_get(state["step"])), "train_time_s": round(time.time() - t0, 1)}
-  if history:
-    summary["train_loss_first"] = history[0]["loss"]
-    summary["train_loss_last"] = history[-1]["loss"]
-  if stop_at_step is not None and end < pc.num_steps:
-    summary["stopped_at"] = end
-  else:
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    summary.update(evaluate_lib.evaluate_phase(model, variables, config, mesh, info, phase, op_counts=op_counts))
-    writer.write_scalars(summary["steps"], {k: v for k, v in summary.items()
-                                            if isinstance(v, float) and k.endswith("accuracy")})
-  writer.close()
+  t0, before = time.time(), float(meta.get("train_time_s", 0.0))
+  ckpt.extra_meta = lambda: {"train_time_s": before + time.time() - t0}
+  # Closed however the phase ends (a non-finite step, a preemption), so what was logged reaches the disk.
+  with _NoRewrites(metrics_lib.create_default_writer(phase_dir), phase_dir) as writer:
+    if start < end:
+      batches = data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
+                                   start_step=start, num_classes=info.num_classes)
+      state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
+                                  batch_hook=batch_hook)
+    ckpt.close()
+    summary = _phase_summary(state, history, before + (time.time() - t0 if start < end else 0.0))
+    if stop_at_step is not None and end < pc.num_steps:
+      summary["stopped_at"] = end
+    else:
+      variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+      summary.update(evaluate_lib.evaluate_phase(model, variables, config, mesh, info, phase,
+                                                 op_counts=op_counts))
+      writer.write_scalars(summary["steps"], {k: v for k, v in summary.items()
+                                              if isinstance(v, float) and k.endswith("accuracy")})
   return summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+def _check_sources(config, phases) -> None:
+  """Every `init_from` checkpoint exists and holds a finished step (checked before anything is written)."""
+  for phase in phases:
+    if config[phase].init_from:
+      checkpointing.check_source(config[phase].init_from, f"{phase}.init_from")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False, allow_changes=(),
         stop_at_step: int | None = None, batch_hook=None) -> dict:
   """Runs every phase of `config.phases` in `workdir`; writes and returns `<workdir>/summary.json`.
+
+  A workdir holding a run resumes it: keys that do not change the result so far may differ, any other only when
+  named in `allow_changes` (dotted keys; `dtvit.workdir` has the rules; each launch is kept in
+  `<workdir>/config_history.json`). `overwrite` moves that run aside instead. A finished run is not touched: its
+  summary is returned. config.json is written only once the config, data and `init_from` checks pass.
 
   `stop_at_step` stops the first unfinished phase after that many steps (for tests of resume).
   `batch_hook(phase, step, local_batch) -> local_batch` may edit this process's numpy train batch (dict of
   'image', 'label', 'target') before it is sharded; step counts from 0 (fault injection in tests).
 
-  Raises `Preempted` after SIGTERM (state checkpointed at the current step), `NonFiniteError` on a non-finite
-  step with `nonfinite='error'` (naming the step and the first module; the last good checkpoint is kept).
+  Raises `Preempted` after SIGTERM or SIGINT (state checkpointed at the current step), `NonFiniteError` on a
+  non-finite step with `nonfinite='error'` (naming the step and the first module; the last good checkpoint is
+  kept; its `phase` and `lr` attributes say what to change).
   """
   validate_config(config)
   phases = parse_phases(config)
@@ -388,15 +461,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   for phase in phases:  # now, not after hours of training
     sharding.check_batch_size(config[phase].batch_size, mesh, f"{phase}.batch_size")
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  workdir_lib.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
+  launch = workdir_lib.plan_launch(workdir, config.to_dict(), overwrite=overwrite, allow_changes=allow_changes)
+  finished = workdir_lib.finished_summary(launch)
+  if finished is not None:
+    logging.info("%s holds this run, finished (summary.json); nothing to do.%s", workdir,
+                 f" The allowed changes {list(launch.allowed)} would need a new run." if launch.allowed else "")
+    return finished
   info = data.get_info(config.data)
+  _check_sources(config, phases)
+  workdir_lib.record_launch(launch)
   t0 = time.time()
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}
   for phase in phases:
     logging.info("=== phase %s ===", phase)
-    summary[phase] = train_phase(config, workdir, phase, mesh=mesh, info=info, phases=phases,
-                                 stop_at_step=stop_at_step, batch_hook=batch_hook)
+    try:
+      summary[phase] = train_phase(config, workdir, phase, mesh=mesh, info=info, phases=phases,
+                                   stop_at_step=stop_at_step, batch_hook=batch_hook)
+    except NonFiniteError as e:
+      e.phase, e.lr = phase, float(config[phase].optimizer.lr)
+      e.args = (f"{e} (A rerun resumes with a lower {phase}.optimizer.lr when allowed: "
+                f"--allow_changes={phase}.optimizer.lr, or train.run(..., allow_changes=['{phase}.optimizer.lr']); "
+                f"{phase}.nonfinite='skip' needs no permission.)",)
+      raise
     if "stopped_at" in summary[phase]:
       return summary
   summary["wall_time_s"] = round(time.time() - t0, 1)

@@ -1,15 +1,26 @@
 """The records of a run in its workdir, and the rules for resuming into one.
 
-  <workdir>/config.json    the run's config, written before the first step (process 0)
-  <workdir>/summary.json   the run's results, written at the end (process 0)
-  <workdir>/<phase>/       each phase's checkpoints (`dtvit.checkpointing`) and metrics
+  <workdir>/config.json           the run's config, written once the config, data and model checks pass
+  <workdir>/config_history.json   one entry per launch that trained: time, the steps it resumed from, the keys
+                                  it changed (process 0)
+  <workdir>/summary.json          the run's results, written at the end (process 0)
+  <workdir>/<phase>/              each phase's checkpoints (`dtvit.checkpointing`) and metrics
 
-`check_workdir` stops a run from resuming into a workdir that holds a run with another config: only the keys in
-`RESUME_NEUTRAL_KEYS` may differ. Both records are written atomically (a temporary file, then a rename), so a
-reader never sees half a file.
+A launch into a workdir that holds a run (`plan_launch`) compares the configs:
+- keys that change how a run is watched or stored, never what it computes, may differ freely
+  (`RESUME_NEUTRAL_KEYS`: the logging, evaluation and checkpoint cadences, how batches are prepared);
+- `<phase>.num_steps` may grow, to extend a phase that no later phase has started from: the phase's
+  schedules (learning-rate warmup/cosine, mask temperature) are recomputed for the new length and followed from
+  the resume step on, so the steps already run keep the old schedule (the history says so);
+- `<phase>.nonfinite` may go from 'error' to 'skip': a run under 'error' had only finite steps;
+- any other key only when named in `allow_changes` (`--allow_changes=key,...`; a key names its subtree too);
+  the change is kept in config_history.json.
+`record_launch` then writes config.json and the history entry. The records are written atomically (a temporary
+file, then a rename), so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -19,20 +30,23 @@ from absl import logging
 import jax
 import numpy as np
 
-# Config keys (last component of the dotted key, at any depth) that may change between a run and its resume
-# without making the saved checkpoints wrong: extending training, logging / eval / checkpoint cadence.
-# Everything else (model, data, optimizer, seeds, phase) must match. Keep this list short: every key added here
-# is a way to resume into a silently different experiment.
-RESUME_NEUTRAL_KEYS = frozenset({
-    'total_steps',
-    'num_train_steps',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
-})
+# The config sections that are training phases, in the order they can run.
+PHASES = ('ann', 'snn', 'finetune')
+
+# Dotted keys that may change between a run and its resume: they change how the run is watched (log and eval
+# cadence), stored (checkpoint cadence and count) or fed (threads preparing the same batches), never a value
+# it computes. Keep this set short: every key added here is a way to resume into a silently different run.
+RESUME_NEUTRAL_KEYS = frozenset(
+    {f'{p}.{k}' for p in PHASES for k in ('log_every', 'eval_every', 'checkpoint_every', 'max_to_keep')}
+    | {'data.num_threads', 'data.prefetch'})
 
 CONFIG_FILENAME = 'config.json'
+HISTORY_FILENAME = 'config_history.json'
 SUMMARY_FILENAME = 'summary.json'
+
+
+def checkpoint_dir(workdir: str, phase: str) -> str:
+  return os.path.join(workdir, phase, 'checkpoints')
 
 
 def _json_default(x: Any) -> Any:
@@ -51,12 +65,19 @@ def to_json(record: dict) -> dict:
     raise TypeError(f'A record must be JSON-serialisable (numpy scalars/arrays are converted): {e}') from e
 
 
-def _write_json(path: str, record: dict, *, sort_keys: bool = False) -> None:
+def _write_json(path: str, record: Any, *, sort_keys: bool = False) -> None:
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     json.dump(record, f, indent=2, sort_keys=sort_keys, default=_json_default)
     f.write('\n')
   os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _read_json(path: str, default: Any = None) -> Any:
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
 
 
 def write_summary(workdir: str, summary: dict) -> None:
@@ -74,64 +95,163 @@ def _flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix: d}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """'key: saved X, now Y' for every dotted key whose value differs, except the resume-neutral ones."""
+_ABSENT = '<absent>'
+
+
+def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved value, current value)} for every leaf that differs; a missing side is '<absent>'."""
   saved_flat, current_flat = _flatten_config(saved), _flatten_config(current)
-  missing = object()
-  diffs = []
+  diffs = {}
   for key in sorted(set(saved_flat) | set(current_flat)):
-    if key.rsplit('.', 1)[-1] in RESUME_NEUTRAL_KEYS:
-      continue
-    old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
+    old, new = saved_flat.get(key, _ABSENT), current_flat.get(key, _ABSENT)
     if old != new:
-      fmt = lambda v: '<absent>' if v is missing else json.dumps(v)  # noqa: E731
-      diffs.append(f'{key}: saved {fmt(old)}, now {fmt(new)}')
+      diffs[key] = (old, new)
   return diffs
 
 
-def _move_aside(workdir: str) -> None:
+def checkpoint_steps(workdir: str, phases) -> dict[str, int]:
+  """{phase: its newest committed checkpoint step} for the phases that have one."""
+  out = {}
+  for phase in phases:
+    d = checkpoint_dir(workdir, phase)
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    if steps:
+      out[phase] = max(steps)
+  return out
+
+
+def _phases(config: dict) -> list[str]:
+  return [p.strip() for p in str(config.get('phases', '')).split(',') if p.strip()]
+
+
+def _judge(key: str, old: Any, new: Any, config: dict, started: dict[str, int]) -> tuple[bool, str]:
+  """(whether the change is free on resume, why / what it means)."""
+  if key in RESUME_NEUTRAL_KEYS:
+    return True, ''
+  section, _, leaf = key.partition('.')
+  if section not in PHASES:
+    return False, ''
+  if leaf == 'nonfinite' and (old, new) == ('error', 'skip'):
+    return True, ''
+  if leaf == 'num_steps' and isinstance(old, int) and isinstance(new, int) and new > old:
+    phases = _phases(config)
+    later = [p for p in phases[phases.index(section) + 1:] if p in started] if section in phases else []
+    if later:
+      return False, f'{later[0]} already started from the {old}-step {section}'
+    return True, (f'{section} extended from {old} to {new} steps: its learning-rate and mask-temperature '
+                  f'schedules are recomputed for {new} steps and followed from step {started.get(section, 0)} '
+                  f'on')
+  return False, ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """What a launch into a workdir will do, decided by `plan_launch` before anything is written."""
+  workdir: str
+  config: dict                          # the config as JSON
+  earlier: bool                         # the workdir holds a run (config.json) that this launch continues
+  overwrite: bool                       # move that run aside first
+  changes: dict = dataclasses.field(default_factory=dict)   # key -> (saved, now): every differing key
+  allowed: tuple[str, ...] = ()         # the changed keys that needed `allow_changes`
+  notes: tuple[str, ...] = ()           # what the free changes mean (an extension's schedules)
+  resumed_from: dict = dataclasses.field(default_factory=dict)  # phase -> its newest checkpoint step
+
+
+def _fmt(v: Any) -> str:
+  return v if v is _ABSENT else json.dumps(v)
+
+
+def _refuse_other_config(workdir: str, refused: dict[str, tuple[Any, Any, str]]) -> ValueError:
+  lines = [f'{k}: saved {_fmt(old)}, now {_fmt(new)}' + (f' ({why})' if why else '')
+           for k, (old, new, why) in refused.items()]
+  shown = '\n  '.join(lines[:10]) + (f'\n  ... and {len(lines) - 10} more' if len(lines) > 10 else '')
+  return ValueError(
+      f'Workdir {workdir} holds a run with a different config; resuming it would mix two experiments. '
+      f'Changed keys:\n  {shown}\nTo resume with these changes (kept in {HISTORY_FILENAME}), add '
+      f'--allow_changes={",".join(refused)} (train.run(..., allow_changes=...)); to start afresh, --overwrite '
+      f'moves that run aside; or choose another --workdir.')
+
+
+def _check_allow_keys(allow_changes, saved: dict, current: dict) -> tuple[str, ...]:
+  keys = set(_flatten_config(saved)) | set(_flatten_config(current))
+  allow = tuple(a.strip() for a in allow_changes if a.strip())
+  for a in allow:
+    if not any(k == a or k.startswith(a + '.') for k in keys):
+      raise ValueError(f'allow_changes names {a!r}, which is not a config key; give dotted keys such as '
+                       f'snn.optimizer.lr.')
+  return allow
+
+
+def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, allow_changes=()) -> Launch:
+  """Decides whether a run with `config_dict` may use `workdir`; reads, never writes (see `record_launch`).
+
+  - No earlier run (no <workdir>/config.json), or `overwrite`: a fresh run.
+  - An earlier run: every changed key must be free on resume (module docstring) or covered by
+    `allow_changes` (dotted keys, each also naming its subtree); else ValueError naming each refused key and
+    the fix.
+  """
+  config = to_json(config_dict)
+  saved = _read_json(os.path.join(workdir, CONFIG_FILENAME))
+  if saved is None or overwrite:
+    return Launch(workdir, config, earlier=saved is not None, overwrite=overwrite)
+  allow = _check_allow_keys(allow_changes, saved, config)
+  started = checkpoint_steps(workdir, PHASES)
+  changes = config_differences(saved, config)
+  refused, allowed, notes = {}, [], []
+  for key, (old, new) in changes.items():
+    free, why = _judge(key, old, new, config, started)
+    if free:
+      notes += [why] if why else []
+    elif any(key == a or key.startswith(a + '.') for a in allow):
+      allowed.append(key)
+    else:
+      refused[key] = (old, new, why)
+  if refused:
+    raise _refuse_other_config(workdir, refused)
+  return Launch(workdir, config, earlier=True, overwrite=False, changes=changes, allowed=tuple(allowed),
+                notes=tuple(notes), resumed_from=started)
+
+
+def finished_summary(launch: Launch) -> dict | None:
+  """The earlier run's summary when it already ran every phase of `launch.config` to its end, else None."""
+  if not launch.earlier or launch.overwrite:
+    return None
+  summary = _read_json(os.path.join(launch.workdir, SUMMARY_FILENAME))
+  phases = _phases(launch.config)
+  if summary is None or summary.get('phases') != phases:
+    return None
+  done = all(summary.get(p, {}).get('steps', -1) >= launch.config[p]['num_steps'] for p in phases)
+  return summary if done else None
+
+
+def _move_aside(workdir: str) -> str:
   old = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
   n = 1
   while os.path.exists(old):
     old, n = f'{old.rsplit("~", 1)[0]}~{n}', n + 1
   os.rename(workdir, old)
   logging.warning('overwrite: moved the earlier run in %s to %s; starting fresh.', workdir, old)
+  return old
 
 
-def _refuse_other_config(workdir: str, diffs: list[str]) -> ValueError:
-  shown = '\n  '.join(diffs[:10]) + (f'\n  ... and {len(diffs) - 10} more' if len(diffs) > 10 else '')
-  return ValueError(
-      f'Workdir {workdir} holds a run with a different config; resuming it would mix two experiments. '
-      f'Differing keys:\n  {shown}\nPass --overwrite (overwrite=True) to move that run aside and start '
-      f'fresh, or choose another --workdir.')
-
-
-def check_workdir(workdir: str, config_dict: dict, *, overwrite: bool = False) -> None:
-  """Makes sure `workdir` is safe to (re)use for a run with `config_dict`, and records the config there.
-
-  - No earlier run (no <workdir>/config.json): writes it.
-  - Earlier run with the same config, up to RESUME_NEUTRAL_KEYS: the run resumes; config.json is updated.
-  - Earlier run with a different config: ValueError naming the differing keys, unless `overwrite`.
-  - `overwrite=True` and an earlier run: its workdir is renamed to <workdir>.old-<timestamp> (nothing is
-    deleted) and the run starts fresh, even when the configs match.
-
-  Only process 0 writes; other processes check only.
-  """
-  config = to_json(config_dict)
-  path = os.path.join(workdir, CONFIG_FILENAME)
-  writer = jax.process_index() == 0
-  if os.path.exists(path):
-    if overwrite:
-      if writer:
-        _move_aside(workdir)
-    else:
-      with open(path) as f:
-        saved = json.load(f)
-      diffs = config_differences(saved, config)
-      if diffs:
-        raise _refuse_other_config(workdir, diffs)
-      if saved == config:
-        return
-  if writer:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(path, config, sort_keys=True)
+def record_launch(launch: Launch) -> None:
+  """Writes what `launch` decided (process 0 only): moves an overwritten run aside, writes config.json, and
+  appends the launch to config_history.json ({'time', 'resumed_from', 'changes', 'allowed', 'notes'})."""
+  if jax.process_index() != 0:
+    return
+  entry: dict[str, Any] = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+  if launch.overwrite and launch.earlier:
+    entry['moved_aside'] = _move_aside(launch.workdir)
+  os.makedirs(launch.workdir, exist_ok=True)
+  _write_json(os.path.join(launch.workdir, CONFIG_FILENAME), launch.config, sort_keys=True)
+  path = os.path.join(launch.workdir, HISTORY_FILENAME)
+  history = _read_json(path, default=[])
+  entry.update(launch=len(history) + 1, resumed_from=launch.resumed_from if launch.earlier else {},
+               changes={k: {'from': old, 'to': new} for k, (old, new) in launch.changes.items()},
+               allowed=list(launch.allowed), notes=list(launch.notes))
+  for note in launch.notes:
+    logging.info('resume: %s', note)
+  if launch.allowed:
+    logging.warning('resume with changed keys (allowed): %s', ', '.join(
+        f'{k} {_fmt(launch.changes[k][0])} -> {_fmt(launch.changes[k][1])}' for k in launch.allowed))
+  _write_json(path, history + [entry])

@@ -2,9 +2,11 @@
 8 fake CPU devices) and dtvit/workdir.py (the workdir guard)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -261,34 +263,205 @@ def test_sharded_restore_uses_the_given_shardings(tmp_path):
   np.testing.assert_array_equal(params['w'], np.arange(24.0).reshape(8, 3))
 
 
-def test_check_workdir(tmp_path):
+# ------------------------------------------------------------------------------------------------------------
+# A damaged latest checkpoint: moved aside, the step before it restored.
+
+
+def _three_steps(directory):
+  with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
+    for s in (1, 2, 3):
+      ckpt.save(s, {'w': jnp.full((1000,), float(s)), 'step': jnp.int32(s)}, {'step': s}, force=True)
+  return {'w': jax.ShapeDtypeStruct((1000,), jnp.float32), 'step': jax.ShapeDtypeStruct((), jnp.int32)}
+
+
+def _truncate_data(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / 'state') for f in fs
+           if os.sep + 'd' + os.sep in os.path.join(d, f)]
+  assert files
+  for f in files:
+    os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _delete_state(step_dir):
+  for d, _, fs in os.walk(step_dir / 'state'):
+    for f in fs:
+      os.remove(os.path.join(d, f))
+
+
+@pytest.mark.parametrize('damage', [_truncate_data, _delete_state,
+                                    lambda d: os.truncate(d / 'meta' / 'metadata', 3)],
+                         ids=['truncated_arrays', 'deleted_state_files', 'truncated_meta'])
+def test_unreadable_latest_step_is_moved_aside_and_the_previous_restored(tmp_path, damage, caplog):
+  directory = tmp_path / 'ckpt'
+  abstract = _three_steps(directory)
+  damage(directory / '3')
+  caplog.set_level('WARNING')
+  with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
+    assert ckpt.latest_step() == 3  # still listed: it was committed
+    state, meta = ckpt.restore_latest(abstract)
+    assert meta == {'step': 2} and int(state['step']) == 2
+    np.testing.assert_array_equal(state['w'], np.full((1000,), 2.0))
+    assert ckpt.all_steps() == [1, 2]
+  assert sorted(os.listdir(directory)) == ['1', '2', 'corrupt']
+  assert os.listdir(directory / 'corrupt') == ['3']  # kept, not deleted
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 1, warnings  # one line (Orbax's own warnings about the failure are held back)
+  assert '\n' not in warnings[0]
+  assert re.match(rf'Checkpoint step 3 in {re.escape(str(directory))} is unreadable \(\w+: .+\); moved it to '
+                  rf'{re.escape(str(directory / "corrupt" / "3"))} and resuming from the step before it\.$',
+                  warnings[0]), warnings[0]
+
+
+def test_two_unreadable_steps_stop_and_a_mismatch_moves_nothing(tmp_path):
+  directory = tmp_path / 'ckpt'
+  abstract = _three_steps(directory)
+  with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
+    with pytest.raises(checkpointing.CheckpointMismatch, match="Shape mismatch at 'w'"):
+      ckpt.restore_latest({**abstract, 'w': jax.ShapeDtypeStruct((7,), jnp.float32)})
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']  # another tree is no damage
+  _delete_state(directory / '3')
+  _truncate_data(directory / '2')
+  with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
+    with pytest.raises(checkpointing.UnreadableCheckpointError, match=r'Checkpoints 3 and 2 .* are both '
+                       r'unreadable .*Step 3 was moved to .*corrupt/3'):
+      ckpt.restore_latest(abstract)
+  assert sorted(os.listdir(directory)) == ['1', '2', 'corrupt']
+  # A step moved aside once and written and damaged again goes next to the first.
+  with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
+    ckpt.save(3, {'w': jnp.zeros(1000), 'step': jnp.int32(3)}, {'step': 3}, force=True)
+  _delete_state(directory / '3')
+  os.rename(directory / '2', directory / 'spare')  # so that the fallback reaches a good step
+  with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
+    assert ckpt.restore_latest(abstract)[1] == {'step': 1}
+  assert sorted(os.listdir(directory / 'corrupt')) == ['3', '3.1']
+
+
+def test_extra_meta_is_merged_into_every_save(tmp_path):
+  clock = iter([1.5, 4.0])
+  with checkpointing.Checkpointer(str(tmp_path / 'c'), extra_meta=lambda: {'t': next(clock)}) as ckpt:
+    ckpt.save(1, {'x': jnp.zeros(2)}, {'step': 1}, force=True)
+    ckpt.save(2, {'x': jnp.zeros(2)}, {'step': 2}, force=True)
+    ckpt.wait()
+    abstract = {'x': jax.ShapeDtypeStruct((2,), jnp.float32)}
+    assert ckpt.restore(abstract, step=1)[1] == {'step': 1, 't': 1.5}
+    assert ckpt.restore(abstract, step=2)[1] == {'step': 2, 't': 4.0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The workdir guard: which config changes a resume accepts, and the record of each launch.
+
+
+def _base_config():
+  phase = lambda steps: {'num_steps': steps, 'log_every': 50, 'eval_every': 0, 'checkpoint_every': 500,  # noqa: E731
+                         'max_to_keep': 2, 'nonfinite': 'error', 'optimizer': {'lr': 1e-3, 'warmup_steps': 5}}
+  return {'phases': 'ann,snn', 'seed': 0, 'model': {'num_steps': 4, 'depth': 4},
+          'data': {'name': 'digits', 'num_threads': 2, 'prefetch': 4},
+          'ann': phase(100), 'snn': phase(100), 'finetune': phase(0)}
+
+
+def _with(config, **dotted):
+  config = json.loads(json.dumps(config))
+  for key, value in dotted.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _launch(workdir, config, **kwargs):
+  launch = workdir_lib.plan_launch(workdir, config, **kwargs)
+  workdir_lib.record_launch(launch)
+  return launch
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, 'config_history.json')) as f:
+    return json.load(f)
+
+
+def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path):
   workdir = str(tmp_path / 'run')
-  config = {'model': {'depth': 4, 'dim': 64}, 'total_steps': 100, 'seed': 0}
-  workdir_lib.check_workdir(workdir, config)
+  config = _base_config()
+  launch = workdir_lib.plan_launch(workdir, config)
+  assert not os.path.exists(workdir)  # planning writes nothing
+  workdir_lib.record_launch(launch)
+  os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '40'))
+  neutral = {f'{p}.{k}': v for p in ('ann', 'snn', 'finetune')
+             for k, v in [('log_every', 7), ('eval_every', 9), ('checkpoint_every', 11), ('max_to_keep', 5)]}
+  changed = _with(config, **neutral, **{'data.num_threads': 0, 'data.prefetch': 1, 'ann.num_steps': 300,
+                                         'ann.nonfinite': 'skip'})
+  launch = _launch(workdir, changed)
+  assert launch.allowed == () and launch.resumed_from == {'ann': 40}
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f) == config
-  (tmp_path / 'run' / 'marker').write_text('earlier run')
+    assert json.load(f) == changed
+  first, second = _history(workdir)
+  assert first['launch'] == 1 and first['changes'] == {} and first['resumed_from'] == {}
+  assert second['launch'] == 2 and second['resumed_from'] == {'ann': 40}
+  assert second['changes']['ann.num_steps'] == {'from': 100, 'to': 300}
+  assert second['changes']['snn.eval_every'] == {'from': 0, 'to': 9}
+  assert len(second['changes']) == len(neutral) + 4
+  assert second['notes'] == ['ann extended from 100 to 300 steps: its learning-rate and mask-temperature '
+                             'schedules are recomputed for 300 steps and followed from step 40 on']
+  refused = {'ann.num_steps': 50,            # shorter: the checkpoints may lie beyond the new end
+             'model.num_steps': 8,           # T_max, not a phase length
+             'ann.optimizer.lr': 1e-4, 'seed': 1, 'data.name': 'cifar10'}
+  for key, value in refused.items():
+    with pytest.raises(ValueError, match=rf'(?s)different config.*{re.escape(key)}: saved .*, now '
+                                         rf'{re.escape(json.dumps(value))}.*--allow_changes={re.escape(key)} '):
+      workdir_lib.plan_launch(workdir, _with(changed, **{key: value}))
+  with pytest.raises(ValueError, match=r"ann.nonfinite: saved \"skip\", now \"error\""):
+    workdir_lib.plan_launch(workdir, _with(changed, **{'ann.nonfinite': 'error'}))  # skipped steps were run
+  assert len(_history(workdir)) == 2  # a refused launch leaves no trace
 
-  workdir_lib.check_workdir(workdir, config)  # same config: resume
-  extended = {**config, 'total_steps': 200}
-  workdir_lib.check_workdir(workdir, extended)  # resume-neutral key
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['total_steps'] == 200
 
-  changed = {**extended, 'model': {'depth': 6, 'dim': 64}, 'seed': 1}
-  with pytest.raises(ValueError, match=r'(?s)different config.*model\.depth: saved 4, now 6.*seed: saved 0, '
-                                       r'now 1.*--overwrite'):
-    workdir_lib.check_workdir(workdir, changed)
+def test_extending_a_phase_a_later_phase_started_from_is_refused(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _launch(workdir, _base_config())
+  os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '100'))
+  os.makedirs(os.path.join(workdir, 'snn', 'checkpoints', '20'))
+  with pytest.raises(ValueError, match=r'ann.num_steps: saved 100, now 200 \(snn already started from the '
+                                       r'100-step ann\)'):
+    workdir_lib.plan_launch(workdir, _with(_base_config(), **{'ann.num_steps': 200}))
+  assert _launch(workdir, _with(_base_config(), **{'snn.num_steps': 200})).notes  # the last phase may grow
+
+
+def test_other_changes_need_allow_changes_and_are_recorded(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = _base_config()
+  _launch(workdir, config)
+  lower = _with(config, **{'snn.optimizer.lr': 1e-4, 'snn.optimizer.warmup_steps': 0})
+  with pytest.raises(ValueError, match=r'--allow_changes=snn.optimizer.lr,snn.optimizer.warmup_steps '):
+    workdir_lib.plan_launch(workdir, lower)
+  with pytest.raises(ValueError, match=r'Changed keys:\n  snn.optimizer.warmup_steps: saved 5, now 0\n'):
+    workdir_lib.plan_launch(workdir, lower, allow_changes=['snn.optimizer.lr'])
+  with pytest.raises(ValueError, match=r"allow_changes names 'snn.optimzer', which is not a config key"):
+    workdir_lib.plan_launch(workdir, lower, allow_changes=['snn.optimzer'])
+  launch = _launch(workdir, lower, allow_changes=['snn.optimizer'])  # a key names its subtree
+  assert launch.allowed == ('snn.optimizer.lr', 'snn.optimizer.warmup_steps')
+  entry = _history(workdir)[-1]
+  assert entry['allowed'] == ['snn.optimizer.lr', 'snn.optimizer.warmup_steps']
+  assert entry['changes'] == {'snn.optimizer.lr': {'from': 1e-3, 'to': 1e-4},
+                              'snn.optimizer.warmup_steps': {'from': 5, 'to': 0}}
+  assert time.strptime(entry['time'], '%Y-%m-%dT%H:%M:%S%z')
+  _launch(workdir, lower)  # the changed config is now the run's: resuming it again needs nothing
   with pytest.raises(ValueError, match=r'new_key: saved <absent>, now true'):
-    workdir_lib.check_workdir(workdir, {**extended, 'new_key': True})
+    workdir_lib.plan_launch(workdir, {**lower, 'new_key': True})
 
-  workdir_lib.check_workdir(workdir, changed, overwrite=True)
+
+def test_overwrite_moves_the_earlier_run_aside_only_when_recorded(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _launch(workdir, _base_config())
+  (tmp_path / 'run' / 'marker').write_text('earlier run')
+  changed = _with(_base_config(), **{'model.depth': 6})
+  launch = workdir_lib.plan_launch(workdir, changed, overwrite=True)
+  assert os.path.exists(tmp_path / 'run' / 'marker')  # not yet: a check after planning may still fail
+  workdir_lib.record_launch(launch)
   old = [n for n in os.listdir(tmp_path) if n.startswith('run.old-')]
   assert len(old) == 1
   assert (tmp_path / old[0] / 'marker').read_text() == 'earlier run'
-  with open(tmp_path / old[0] / 'config.json') as f:
-    assert json.load(f)['model']['depth'] == 4
-  assert os.listdir(workdir) == ['config.json']
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f) == changed
-  workdir_lib.check_workdir(workdir, changed)
+  assert sorted(os.listdir(workdir)) == ['config.json', 'config_history.json']
+  (entry,) = _history(workdir)
+  assert entry['moved_aside'] == str(tmp_path / old[0])
+  workdir_lib.plan_launch(workdir, changed)
