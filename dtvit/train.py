@@ -393,8 +393,8 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
                 batch_hook=None) -> dict:
   """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary.
 
-  `train_time_s` is the training time of every launch up to the state reached (it travels in the checkpoint
-  meta; time spent after the last checkpoint of a killed launch is redone, not counted twice).
+  `train_time_s` is the training time of every launch up to the phase's last checkpoint (it travels in the
+  checkpoint meta; time spent after the last checkpoint of a killed launch is redone, not counted twice).
   """
   pc = config[phase]
   phase_dir = os.path.join(workdir, phase)
@@ -409,8 +409,10 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
   start, history = int(meta.get("step", 0)), meta.get("history", [])
   end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
-  t0, before = time.time(), float(meta.get("train_time_s", 0.0))
-  ckpt.extra_meta = lambda: {"train_time_s": before + time.time() - t0}
+  t0, clock = time.time(), {"train_time_s": float(meta.get("train_time_s", 0.0))}
+  before = clock["train_time_s"]
+  # The time at each save goes into its meta; the summary reports the last save's, as a later resume would.
+  ckpt.extra_meta = lambda: clock.update(train_time_s=before + time.time() - t0) or dict(clock)
   # Closed however the phase ends (a non-finite step, a preemption), so what was logged reaches the disk.
   with _NoRewrites(metrics_lib.create_default_writer(phase_dir), phase_dir) as writer:
     if start < end:
@@ -419,7 +421,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
       state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
                                   batch_hook=batch_hook)
     ckpt.close()
-    summary = _phase_summary(state, history, before + (time.time() - t0 if start < end else 0.0))
+    summary = _phase_summary(state, history, clock["train_time_s"])
     if stop_at_step is not None and end < pc.num_steps:
       summary["stopped_at"] = end
     else:

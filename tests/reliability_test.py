@@ -1,8 +1,10 @@
-"""Reliability on the tiny config: exact resume after SIGKILL (also mid checkpoint write) and SIGTERM, non-finite
-steps, several processes over jax.distributed, clear errors, run-to-run determinism.
+"""Reliability on the tiny config: exact resume after SIGKILL (also mid checkpoint write), SIGTERM and Ctrl-C, a
+damaged latest checkpoint, non-finite steps (and following the printed advice), several processes over
+jax.distributed, clear errors, run-to-run determinism.
 
 The subprocess tests run the real CLI (`python -m dtvit.main`) through a launcher that can only slow it down:
-each step by a sleep before the batch is sharded (so a kill lands at a chosen step); it changes no value. A kill
+each step by a sleep before the batch is sharded (so a kill lands at a chosen step); it changes no value, except
+that TEST_INF_AT_STEP=k puts an inf into one pixel of the k-th batch (from 0) of the launch. A kill
 mid checkpoint write is reproduced by leaving on disk what such a kill leaves (`leave_unfinished_write`: a fully
 written step under Orbax's tmp name, never committed; tests/checkpointing_test.py kills a real save midway and
 finds that state). Every result is compared with one uninterrupted in-process run (`reference`, compiled
@@ -14,6 +16,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -51,12 +54,17 @@ TIME_KEYS = ("train_time_s", "wall_time_s", "workdir")
 _LAUNCHER = textwrap.dedent("""
     import os, runpy, sys, time
     step_delay = float(os.environ.get("TEST_STEP_DELAY", "0"))
-    if step_delay:
+    inf_at = int(os.environ.get("TEST_INF_AT_STEP", "-1"))
+    if step_delay or inf_at >= 0:
       from dtvit import sharding
-      _global_batch = sharding.global_batch
-      def slow_global_batch(*args, **kwargs):
+      _global_batch, calls = sharding.global_batch, [0]
+      def slow_global_batch(mesh, local):
         time.sleep(step_delay)
-        return _global_batch(*args, **kwargs)
+        if calls[0] == inf_at and "target" in local:  # a train batch
+          local = dict(local, image=local["image"].copy())
+          local["image"][0, 0, 0, 0] = float("inf")
+        calls[0] += "target" in local
+        return _global_batch(mesh, local)
       sharding.global_batch = slow_global_batch
     sys.argv[0] = "dtvit.main"
     runpy.run_module("dtvit.main", run_name="__main__", alter_sys=True)
@@ -128,13 +136,14 @@ def cache(tmp_path_factory):
 class _Cli:
   """`python -m dtvit.main` with CLI_CONFIG in a subprocess, stderr read line by line."""
 
-  def __init__(self, workdir, *extra, step_delay=0.0, devices=8, cache=None):
+  def __init__(self, workdir, *extra, step_delay=0.0, devices=8, cache=None, inf_at_step=-1, argv=None):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TEST_STEP_DELAY=str(step_delay),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               TEST_INF_AT_STEP=str(inf_at_step), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if cache:  # a persistent compilation cache: a rerun loads what the first launch compiled (as users would)
       env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *CLI_CONFIG, f"--workdir={workdir}", *extra],
+    argv = argv or [*CLI_CONFIG, f"--workdir={workdir}", *extra]  # argv: a whole command line instead
+    self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *argv],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     self.lines = []
 
@@ -203,18 +212,64 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path, signum, status):
   workdir = str(tmp_path / "run")
   cli = _Cli(workdir, step_delay=0.3, cache=cache)
   cli.wait_for_step(4)
-  cli.proc.send_signal(signal.SIGTERM)
+  cli.proc.send_signal(signum)
   rc, _, err = cli.finish()
-  assert rc == 143, err[-4000:]
-  saved = int(re.search(r"checkpoint saved at step (\d+)", err).group(1))
+  assert rc == status, err[-4000:]
+  assert "Traceback" not in err
+  saved = int(re.search(rf"stopped: {signum.name} during ann: checkpoint saved at step (\d+)", err).group(1))
   assert 4 <= saved < STEPS
   assert max(_steps(workdir)) == saved  # the step the signal arrived at, not the last periodic checkpoint
   _run_cli(workdir, cache=cache)
   _assert_matches_reference(workdir, reference, extra_steps=[saved] if saved % EVERY else [])
+  _assert_no_duplicate_steps(workdir)
+
+
+def _assert_no_duplicate_steps(workdir):
+  scalars = metrics_lib.read_scalars(os.path.join(workdir, "ann"))
+  assert [s for s, _ in scalars["loss"]] == list(range(1, STEPS + 1))
+  for tag, points in scalars.items():
+    steps_logged = [s for s, _ in points]
+    assert len(steps_logged) == len(set(steps_logged)), (tag, steps_logged)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1b. A damaged latest checkpoint.
+
+
+def _truncate_arrays(step_dir):
+  for d, _, files in os.walk(os.path.join(step_dir, "state")):
+    for f in files:
+      if os.path.basename(d) == "d":  # the array data files of the OCDBT store
+        os.truncate(os.path.join(d, f), os.path.getsize(os.path.join(d, f)) // 2)
+
+
+def _delete_state_files(step_dir):
+  shutil.rmtree(os.path.join(step_dir, "state"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_truncate_arrays, _delete_state_files], ids=["truncated", "deleted"])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(tiny_config, reference,
+                                                                                  tmp_path, damage, caplog):
+  # A run stopped after step 9 (the reference's files up to there), whose step 9 was then damaged.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, "summary.json"))
+  shutil.rmtree(os.path.join(_ckpt_dir(workdir), str(STEPS)))
+  damage(os.path.join(_ckpt_dir(workdir), "9"))
+  caplog.set_level("INFO")
+  train.run(_config(tiny_config), workdir)
+  lines = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert len(lines) == 1 and "\n" not in lines[0], lines
+  assert lines[0].startswith(f"Checkpoint step 9 in {_ckpt_dir(workdir)} is unreadable (")
+  assert "ann: resumed from step 6" in caplog.text
+  assert os.listdir(os.path.join(_ckpt_dir(workdir), "corrupt")) == ["9"]  # kept aside, not deleted
+  _assert_matches_reference(workdir, reference)  # and steps 9 and 12 written again, bitwise as uninterrupted
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -257,6 +312,35 @@ def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_co
   assert not np.array_equal(s2["params"]["head"]["kernel"], s3["params"]["head"]["kernel"])
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(s3))
   assert np.isfinite(summary["ann"]["train_loss_last"])
+
+
+def _printed_commands(err):
+  return [shlex.split(line.strip()) for line in err.splitlines() if line.startswith("  python -m dtvit.main ")]
+
+
+@pytest.mark.slow
+def test_the_nonfinite_advice_works_exactly_as_printed(tiny_config, cache, tmp_path):
+  workdir = str(tmp_path / "run")
+  rc, _, err = _Cli(workdir, cache=cache, inf_at_step=4).finish()
+  assert rc == 1 and "Traceback" not in err, err[-4000:]
+  assert "error: NonFiniteError: ann: non-finite values at step 5" in err
+  lower, skip = _printed_commands(err)
+  this_launch = ["python", "-m", "dtvit.main", *CLI_CONFIG, f"--workdir={workdir}"]
+  lr = _config(tiny_config).ann.optimizer.lr
+  assert lower == [*this_launch, f"--config.ann.optimizer.lr={lr / 10:.3g}", "--allow_changes=ann.optimizer.lr"]
+  assert skip == [*this_launch, "--config.ann.nonfinite=skip"]
+  failed = str(tmp_path / "failed")
+  shutil.copytree(workdir, failed)
+  for command, changed, allowed in [(lower, "ann.optimizer.lr", ["ann.optimizer.lr"]),
+                                    (skip, "ann.nonfinite", [])]:
+    shutil.rmtree(workdir)
+    shutil.copytree(failed, workdir)
+    rc, out, err = _Cli(workdir, cache=cache, argv=command[3:]).finish()  # the printed words after the module
+    assert rc == 0, err[-4000:]
+    assert "ann: resumed from step 3" in err and "summary:" in out
+    last = json.load(open(os.path.join(workdir, "config_history.json")))[-1]
+    assert list(last["changes"]) == [changed] and last["allowed"] == allowed and last["resumed_from"] == {"ann": 3}
+    assert _summary(workdir)["ann"]["steps"] == STEPS
 
 
 @pytest.mark.slow

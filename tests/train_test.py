@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from configs import cifar10_spikformer
 from configs import quickstart
 from dtvit import checkpointing
 from dtvit import data
+from dtvit import metrics
 from dtvit import models
 from dtvit import steps
 from dtvit import train
@@ -200,12 +202,108 @@ def test_bad_input_errors(tiny_config, ann_run, tmp_path):
   assert sorted(os.listdir(ann_dir)) == before
 
 
-def test_cli_rejects_unknown_config_key(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "dtvit.main", "--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}",
-       "--config.snn.time_csot=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
-  assert "time_csot" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/quickstart.py:tiny", "--config.snn.time_csot=0.1"],
+     'error: --config.snn.time_csot: config.snn has no key \'time_csot\'; did you mean "time_cost" '
+     '(--config.snn.time_cost)?'),
+    (["--config=configs/quickstart.py:tiny", "--config.optimizer.lr=0.1"],
+     "error: --config.optimizer.lr: the config has no top-level 'optimizer.lr'; it is a key of a section: did you "
+     "mean --config.ann.optimizer.lr or --config.finetune.optimizer.lr or --config.snn.optimizer.lr?"),
+    (["--config=configs/quickstrat.py:tiny"],
+     f"error: config file 'configs/quickstrat.py' not found (relative to {ROOT}); give the path of a recipe, e.g. "
+     "configs/cifar100_spikformer.py, configs/cifar10_spikformer.py, configs/cifar10_vit.py, "
+     "configs/imagenet_spikformer.py, configs/quickstart.py."),
+], ids=["mistyped", "misplaced", "missing_file"])
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+  proc = subprocess.run([sys.executable, "-m", "dtvit.main", *args, f"--workdir={tmp_path / 'run'}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if not l.startswith(("W0", "I0", "WARNING:"))]  # absl/XLA logs
+  assert lines == [message]
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_nothing_is_written_until_the_data_and_init_from_checks_pass(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  missing = {"phases": "ann", "data.name": "cifar10_local", "data.archive": str(tmp_path / "cifar.tar.gz"),
+             "data.data_dir": str(tmp_path / "data_dir")}
+  with pytest.raises(FileNotFoundError, match="cifar.tar.gz does not exist"):
+    train.run(tiny_config(**missing), workdir)
+  with pytest.raises(FileNotFoundError, match="snn.init_from: checkpoint directory .* does not exist"):
+    train.run(tiny_config(**{"phases": "snn", "snn.init_from": str(tmp_path / "nowhere")}), workdir)
+  assert not os.path.exists(workdir)
+  # The corrected command is a new run, not a resume refused for its "different config".
+  corrected = tiny_config(**{"phases": "ann"})
+  assert train.run(corrected, workdir, stop_at_step=0)["ann"]["stopped_at"] == 0
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["data"]["name"] == "digits"
+
+
+def _slow_then_crash(crash_at=None, delay=0.5):
+  def hook(phase, step, local):
+    del phase
+    if step == crash_at:
+      raise RuntimeError("killed")
+    time.sleep(delay)
+    return local
+  return hook
+
+
+def _meta(workdir, step):
+  with open(os.path.join(workdir, "ann", "checkpoints", str(step), "meta", "metadata")) as f:
+    return json.load(f)
+
+
+def _files(workdir):
+  """{path: bytes} of every file under `workdir`."""
+  out = {}
+  for d, _, names in os.walk(workdir):
+    for n in names:
+      with open(os.path.join(d, n), "rb") as f:
+        out[os.path.relpath(os.path.join(d, n), workdir)] = f.read()
+  return out
+
+
+@pytest.mark.slow
+def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"phases": "ann", "ann.num_steps": 4, "ann.checkpoint_every": 2, "ann.log_every": 1})
+  # Launch 1 logs steps 1-3, checkpoints step 2 and dies before step 4; launch 2 resumes from step 2.
+  with pytest.raises(RuntimeError, match="killed"):
+    train.run(config, workdir, batch_hook=_slow_then_crash(crash_at=3))
+  t = time.time()
+  summary = train.run(config, workdir, batch_hook=_slow_then_crash())
+  second_launch_s = time.time() - t
+  # train_time_s adds up: launch 1's time up to its checkpoint (in the meta) plus launch 2's (2 sleeps >= 1 s).
+  before = _meta(workdir, 2)["train_time_s"]
+  assert before >= 1.0
+  assert before + 1.0 <= summary["ann"]["train_time_s"] <= before + second_launch_s + 0.1
+  assert summary["ann"]["train_time_s"] == round(_meta(workdir, 4)["train_time_s"], 1)
+  scalars = metrics.read_scalars(os.path.join(workdir, "ann"))
+  assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]  # step 3, logged by both launches, is in once
+  assert [s for s, _ in scalars["test_accuracy"]] == [4]
+
+  # A rerun of the finished run, even with another log cadence, prints its summary and changes no file.
+  files = _files(workdir)
+  rerun = train.run(tiny_config(**{"phases": "ann", "ann.num_steps": 4, "ann.checkpoint_every": 2,
+                                   "ann.log_every": 3}), workdir)
+  assert rerun == json.loads(files["summary.json"])
+  assert _files(workdir) == files
+
+  # More steps and other cadences extend the run: steps 5 and 6 follow, recorded in the history.
+  extended = tiny_config(**{"phases": "ann", "ann.num_steps": 6, "ann.checkpoint_every": 3, "ann.log_every": 2})
+  summary = train.run(extended, workdir)
+  assert summary["ann"]["steps"] == 6 and summary["ann"]["train_time_s"] >= before + 1.0
+  scalars = metrics.read_scalars(os.path.join(workdir, "ann"))
+  assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 6]
+  assert [s for s, _ in scalars["test_accuracy"]] == [4, 6]
+  assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "ann", "checkpoints"))) == [4, 6]  # keeps 2
+  with open(os.path.join(workdir, "config_history.json")) as f:
+    history = json.load(f)
+  assert [h["resumed_from"] for h in history] == [{}, {"ann": 2}, {"ann": 4}]
+  assert sorted(history[-1]["changes"]) == ["ann.checkpoint_every", "ann.log_every", "ann.num_steps"]
+  assert "recomputed for 6 steps and followed from step 4 on" in history[-1]["notes"][0]
 
 
 @pytest.mark.slow
