@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
+import sys
 from typing import Callable, Any
 
 import jax
@@ -271,6 +272,7 @@ class Checkpointer:
     reads but holds another tree raises `CheckpointMismatch`. A collective: every process calls it.
     """
     moved = None
+    _hush_failed_restore_leftovers()
     while (step := self.latest_step()) is not None:
       try:
         with _orbax_silenced():
@@ -323,11 +325,40 @@ class Checkpointer:
 
 
 def _short_reason(error: Exception) -> str:
-  """'Type: first line of the message', without TensorStore's spec dump, at most ~300 characters."""
+  """'Type: first line of the message', without TensorStore's spec dump and chain of contexts (its first and
+  last parts say what and why), at most ~300 characters."""
   text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  text = text.split(' [tensorstore_spec=')[0]
+  parts = text.split(' [tensorstore_spec=')[0].split(': ')
+  text = ': '.join(parts if len(parts) <= 2 else [parts[0], '...', parts[-1]])
   text = f'{type(error).__name__}: {text}' if text else type(error).__name__
   return text if len(text) <= 300 else text[:297] + '...'
+
+
+def _is_leftover_of_failed_restore(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+
+class _LeftoverFilter(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.exc_info and _is_leftover_of_failed_restore(record.exc_info[1])) and not (
+        record.getMessage().startswith('Task exception was never retrieved'))
+
+
+def _hush_failed_restore_leftovers() -> None:
+  """A failed Orbax restore leaves TensorStore reads in flight; as they finish they call back into the
+  restore's closed event loop, and each prints a traceback ('Event loop is closed', 'Task exception was never
+  retrieved': dozens per checkpoint). The failure itself is reported in one line; these echoes are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'dtvit_hushed', False):
+    return
+
+  def hook(unraisable):
+    if not _is_leftover_of_failed_restore(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.dtvit_hushed = True
+  sys.unraisablehook = hook
+  std_logging.getLogger('asyncio').addFilter(_LeftoverFilter())
 
 
 def check_source(directory: str, what: str) -> None:

@@ -110,7 +110,7 @@ def _nonfinite_advice(error, config) -> str:
   lower = _rerun_command(sys.argv, {f"config.{key}": f"{config[phase].optimizer.lr / 10:.3g}",
                                     "allow_changes": allow})
   skip = _rerun_command(sys.argv, {f"config.{phase}.nonfinite": "skip"})
-  return (f"\nTo resume from the last good checkpoint with a 10x lower learning rate:\n  {lower}\n"
+  return (f"\nTo rerun with a 10x lower learning rate (from the last good checkpoint, if any):\n  {lower}\n"
           f"or skipping such batches:\n  {skip}")
 
 
