@@ -6,6 +6,7 @@ of `dtvit.masks`), through `step_averages` for the log lines during training and
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -22,16 +23,23 @@ from dtvit.models import paths
 _RATE_KEYS = ("input_rates", "attention_rates", "spike_rates", "masks")
 
 
+@functools.lru_cache(maxsize=16)
+def _eval_fn(model, mesh):
+  """The jitted eval step, one per (model, mesh): evaluating again during training compiles nothing new."""
+  return jax.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
+
+
 def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
   """{'accuracy', 'count'} over the split, and for the SNN 'aux': the per-step rates and masks averaged over
-  full batches (a last, partly padded batch counts for accuracy only)."""
+  full batches (a last, partly padded batch counts for accuracy only). `config.eval_examples` subsets the
+  test split only."""
   gb = config.eval_batch_size
   sharding.check_batch_size(gb, mesh, "eval_batch_size")
-  eval_fn = jax.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
+  eval_fn = _eval_fn(model, mesh)
   correct = count = 0.0
   rate_sums, n_full = None, 0
-  for local in data.eval_batches(config.data, split=split, global_batch_size=gb,
-                                           max_examples=config.get("eval_examples", 0)):
+  max_examples = config.get("eval_examples", 0) if split == "test" else 0
+  for local in data.eval_batches(config.data, split=split, global_batch_size=gb, max_examples=max_examples):
     batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
     out = jax.device_get(eval_fn(variables, batch))
     correct += float(out["correct"])

@@ -44,15 +44,16 @@ class DatasetInfo:
   name: str
   num_classes: int
   image_shape: tuple  # (H, W, C) after preprocessing
-  num_train: int
+  num_train: int  # the examples training reads (the train split less the validation examples)
   num_test: int
+  num_val: int = 0  # train examples held out for validation (`data.val_examples`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A loaded dataset: random-access splits of {'image', 'label'} records plus how to preprocess them."""
   info: DatasetInfo
-  splits: dict  # 'train' / 'test' -> source with __len__, __getitem__ and __getitems__(indices)
+  splits: dict  # 'train' / 'test' (/ 'val') -> source with __len__, __getitem__ and __getitems__(indices)
   mean: np.ndarray  # float32 [C]
   std: np.ndarray  # float32 [C]
   variable_size: bool  # stored images differ in size (ImageNet): crop/resize each to image_size
@@ -72,6 +73,46 @@ class ArraySource:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict]:
     return [self[i] for i in indices]
+
+
+class Subset:
+  """The records `indices` of another source, renumbered 0..len-1 (same random-access interface)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[int(self.indices[index])]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    return self.source.__getitems__([int(i) for i in self.indices[np.asarray(indices, np.int64)]])
+
+
+@functools.lru_cache(maxsize=8)
+def val_indices(num_train: int, num_val: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train indices, validation indices) of a train split of `num_train` records, both sorted int64: the
+  validation set is `num_val` records drawn by a fixed generator (seed 0), so it is the same for every run and
+  every `config.seed`; the train indices are all the others."""
+  if not 0 <= num_val < num_train:
+    raise ValueError(f'data.val_examples={num_val} must be in [0, {num_train}) (the train split has {num_train} '
+                     f'examples); set data.val_examples to the number of train examples to hold out, 0 for none.')
+  chosen = np.zeros(num_train, bool)
+  chosen[np.random.default_rng(0).permutation(num_train)[:num_val]] = True
+  return np.flatnonzero(~chosen).astype(np.int64), np.flatnonzero(chosen).astype(np.int64)
+
+
+def _hold_out(ds: Dataset, num_val: int) -> Dataset:
+  """`ds` with `num_val` train examples moved to a 'val' split that training never reads."""
+  if not num_val:
+    return ds
+  train_idx, val_idx = val_indices(ds.info.num_train, num_val)
+  train = ds.splits['train']
+  splits = dict(ds.splits, train=Subset(train, train_idx), val=Subset(train, val_idx))
+  info = dataclasses.replace(ds.info, num_train=len(train_idx), num_val=len(val_idx))
+  return dataclasses.replace(ds, info=info, splits=splits)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +177,9 @@ def _load_cached(name, archive, data_dir, image_size, resize_method) -> Dataset:
 
 
 def load(data_cfg) -> Dataset:
-  """The dataset `data_cfg` names (`config.data`), with its mean/std overrides applied; cached per source."""
+  """The dataset `data_cfg` names (`config.data`), with its mean/std overrides applied and `data.val_examples`
+  train examples held out as the 'val' split (`val_indices`); cached per source. The dataset statistics of an
+  image folder are estimated before the hold-out (they include the validation images)."""
   if data_cfg.name not in NAMES:
     raise ValueError(f"Unknown data.name '{data_cfg.name}'; valid choices: {', '.join(NAMES)}.")
   if data_cfg.resize_method not in augment.RESIZE_METHODS:
@@ -149,7 +192,7 @@ def load(data_cfg) -> Dataset:
   if mean.size != channels or std.size != channels:
     raise ValueError(f'data.mean/data.std need {channels} values for {data_cfg.name}, '
                      f'got {mean.size} and {std.size}.')
-  return dataclasses.replace(ds, mean=mean, std=std)
+  return _hold_out(dataclasses.replace(ds, mean=mean, std=std), data_cfg.get('val_examples', 0))
 
 
 def get_info(data_cfg) -> DatasetInfo:
