@@ -175,7 +175,8 @@ def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "te
   else:
     count = len(batches)
   op_counts = None if run.phase == "ann" else energy_lib.op_counts(run.model, run.info.image_shape)
-  out = evaluate_phase(run.model, run.variables, config, mesh, run.info, run.phase, op_counts=op_counts,
+  variables = jax.device_put(run.variables, sharding.replicated(mesh))
+  out = evaluate_phase(run.model, variables, config, mesh, run.info, run.phase, op_counts=op_counts,
                        split=split, batches=batches)
   out = {k.replace("test_accuracy", "accuracy"): v for k, v in out.items()}
   return {"phase": run.phase, "data": images or f"{split} split", "count": count, **out}

@@ -37,8 +37,6 @@ from typing import Iterator, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CONFIG = os.path.join(HERE, "config.py")
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
 
 FIXED_T = (1, 2, 3, 4)
 COST_WEIGHTS = (0.03, 0.01, 0.1)    # in run order: the middle cost first, so that it lands first
