@@ -396,6 +396,7 @@ def run_points(todo: Sequence[str], deps: Mapping[str, set], states: dict, launc
         if timings:
           _add_timing(root, name, start, proc.returncode)
         states[name] = "done" if proc.returncode == 0 else "failed"
+        started = True   # progress: a waiting point may be ready now
         print(f"[sweep] {name}: {states[name]} ({(time.time() - start) / 60:.1f} min)", flush=True)
     if running:
       time.sleep(0.5)

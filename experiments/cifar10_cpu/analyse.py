@@ -84,7 +84,7 @@ def binomial_se(p: float, n: int) -> float:
   return math.sqrt(max(p * (1.0 - p), 0.0) / n)
 
 
-def collect(table: dict) -> list[dict]:
+def collect(root: str, table: dict) -> list[dict]:
   """One row per finished run of the sweep's table, in sweep order with the seeds of a setting after its first:
   the table's results (accuracy, accuracy_all_steps, T_max, T_avg active, T_avg_op, T_sim simulated, T_sim_op,
   energy_ratio, steps, train_time_s, wall_time_s) plus name, base (the setting's first run), seed, kind ('ann' |
@@ -96,8 +96,9 @@ def collect(table: dict) -> list[dict]:
     if t["state"] != "done":
       continue
     kind = kind_of(t)
-    s = (loader.read_summary(t["workdir"]) or {}).get("ann" if kind == "ann" else "snn", {})
-    eval_examples = loader.read_config(t["workdir"]).get("eval_examples") or 0
+    workdir = os.path.join(root, t["name"])
+    s = (loader.read_summary(workdir) or {}).get("ann" if kind == "ann" else "snn", {})
+    eval_examples = loader.read_config(workdir).get("eval_examples") or 0
     row = {k: t.get(k) for k in ("workdir", "phase", "ann_accuracy", "accuracy", "accuracy_all_steps", "T_max", "T_avg", "T_avg_op", "T_sim",
                                  "T_sim_op", "energy_ratio", "steps", "train_time_s", "wall_time_s")}
     row.update(name=t["name"], base=first[_setting(t)], seed=int(t.get("seed") or 0), kind=kind,
@@ -496,7 +497,7 @@ def analyse(root: str, *, report: bool = True) -> dict:
   sweep's table `<root>/sweep.json`. Runs not finished are listed as pending (the sweep lands over more than one
   session)."""
   table = dtvit_sweep.read_table(root)
-  rows = collect(table)
+  rows = collect(root, table)
   todo = pending(table)
   curve = fixed_curve(rows)
   pairs = seed_pairs(rows)
