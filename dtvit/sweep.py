@@ -285,17 +285,17 @@ def state(workdir: str) -> str:
   return "started" if os.path.isdir(workdir) else "pending"
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
   return out
 
 
 def check_finished(workdir: str, point: Mapping[str, Any], config) -> None:
   """A finished point's recorded config must have the point's values (else the root holds another sweep)."""
-  saved = _flat(_read_json(os.path.join(workdir, "config.json"), {}))
-  wanted = _flat(config.to_dict())
+  saved = flatten(_read_json(os.path.join(workdir, "config.json"), {}))
+  wanted = flatten(config.to_dict())
   normal = lambda x: json.loads(json.dumps(x, default=str))
   for key, value in overrides(point).items():
     if isinstance(value, str) and ROOT in value:
@@ -421,7 +421,7 @@ def _point_row(root: str, point: Mapping[str, Any], config, keys: Sequence[str],
                timings: Mapping[str, list]) -> dict:
   name = point_name(point)
   workdir = os.path.join(root, name)
-  flat = _flat(config.to_dict())
+  flat = flatten(config.to_dict())
   row = {"name": name}
   for key in keys:   # a {root} path as written; a key the point does not set: the config's value
     value = point.get(key)
@@ -510,7 +510,8 @@ def plot(rows: Sequence[dict], keys: Sequence[str], path: str) -> None:
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(f"points annotated with {keys[0]}" if keys else "sweep", fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
