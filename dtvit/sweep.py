@@ -278,11 +278,12 @@ def _write_json(path: str, obj) -> None:
 
 
 def state(workdir: str) -> str:
-  """'done' (summary.json with every phase it lists), 'started' (a workdir, no complete summary) or 'pending'."""
+  """'done' (summary.json with every phase it lists), 'started' (its config.json, no complete summary: running,
+  or stopped and resumable) or 'pending'."""
   summary = _read_json(os.path.join(workdir, "summary.json"))
   if summary and "wall_time_s" in summary and all(p in summary for p in summary.get("phases", ())):
     return "done"
-  return "started" if os.path.isdir(workdir) else "pending"
+  return "started" if os.path.isfile(os.path.join(workdir, "config.json")) else "pending"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict:
@@ -352,7 +353,7 @@ def _run_child(argv: Sequence[str], root: str, name: str) -> subprocess.Popen:
   log = open(os.path.join(root, f"{name}.log"), "a")  # pylint: disable=consider-using-with  # the child owns it
   log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} dtvit.sweep point {name}\n")
   log.flush()
-  cmd = [sys.executable, "-m", "dtvit.sweep", *argv, f"--only={name}", "--parallel=1", "--no_table"]
+  cmd = [sys.executable, "-m", "dtvit.sweep", *argv, f"--only={name}", "--parallel=1", "--child"]
   return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -557,9 +558,10 @@ def _run(a, points, configs, names) -> dict:
     states[name] = state(os.path.join(root, name))
     if states[name] == "done":
       check_finished(os.path.join(root, name), point, config)
-    if not a.child:
-      write_record(os.path.join(root, name), point, a.config)
   todo = [n for n in names if states[n] != "done" and (not a.only or n in a.only)]
+  for point, name in zip(points, names):
+    if not a.child and (states[name] == "done" or name in todo):
+      write_record(os.path.join(root, name), point, a.config)
   skipped = [n for n in names if states[n] == "done" and (not a.only or n in a.only)]
   if skipped:
     print(f"[sweep] finished, skipped: {', '.join(skipped)}", flush=True)
