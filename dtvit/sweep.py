@@ -481,35 +481,44 @@ def read_table(root: str) -> dict:
   return _read_json(path)
 
 
-def _series(rows: Sequence[dict], keys: Sequence[str]) -> dict[str, list[dict]]:
-  """The finished SNN rows grouped by the values of every swept key but the first."""
+_MAX_SERIES = 6
+
+
+def _series(rows: Sequence[dict], keys: Sequence[str]) -> tuple[str | None, dict[str, list[dict]]]:
+  """(the key points are annotated with, the finished SNN rows by series). The keys that vary among those
+  rows: the first annotates, the others make the series; with more than _MAX_SERIES series, one series of
+  points annotated with their names."""
+  done = [r for r in rows if r.get("accuracy") is not None and r.get("T_sim") is not None]
+  varying = [k for k in keys if len({_cell(r.get(k)) for r in done}) > 1]
   groups: dict[str, list[dict]] = {}
-  for r in rows:
-    if r.get("accuracy") is not None and r.get("T_sim") is not None:
-      label = ", ".join(f"{k}={_cell(r[k])}" for k in keys[1:]) or "runs"
-      groups.setdefault(label, []).append(r)
-  return groups
+  for r in done:
+    groups.setdefault(", ".join(f"{k}={_cell(r.get(k))}" for k in varying[1:]) or "runs", []).append(r)
+  if len(groups) > _MAX_SERIES:
+    return None, {"runs": done}
+  return (varying[0] if varying else None), groups
 
 
 def plot(rows: Sequence[dict], keys: Sequence[str], path: str) -> None:
   """Accuracy vs simulated steps: one line per value of the other swept keys, each point annotated with the
-  first swept key's value; ANN-only runs as dashed lines."""
+  first swept key's value (see `_series`); ANN-only runs as dashed lines."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, group in _series(rows, keys).items():
+  key, groups = _series(rows, keys)
+  for label, group in groups.items():
     group = sorted(group, key=lambda r: r["T_sim"])
-    line, = ax.plot([r["T_sim"] for r in group], [100 * r["accuracy"] for r in group], "o-", label=label)
+    line, = ax.plot([r["T_sim"] for r in group], [100 * r["accuracy"] for r in group], "o-" if key else "o",
+                    label=label)
     for r in group:
-      ax.annotate(_cell(r[keys[0]]) if keys else r["name"], (r["T_sim"], 100 * r["accuracy"]),
+      ax.annotate(_cell(r.get(key)) if key else r["name"], (r["T_sim"], 100 * r["accuracy"]),
                   textcoords="offset points", xytext=(4, -10), fontsize=7, color=line.get_color())
   for r in rows:
     if r.get("phase") == "ann" and r.get("accuracy") is not None:
       ax.axhline(100 * r["accuracy"], ls="--", color="0.4", lw=1, label=f"{r['name']} (ANN)")
   ax.set_xlabel("simulated time steps per masked module (T_sim)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"points annotated with {keys[0]}" if keys else "sweep", fontsize=9)
+  ax.set_title(f"points annotated with {key}" if key else "points annotated with their names", fontsize=9)
   ax.grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7)
