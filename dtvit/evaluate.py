@@ -107,7 +107,7 @@ def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Ma
   """The phase's test results: accuracy; for SNN phases also time steps, spike rates and energy.
 
   op_counts: the model's `energy.op_counts` (SNN phases), traced once per phase by the caller. `split` or
-  `batches` (a list: read twice with eval_fixed_steps) as in `evaluate`; the keys say 'test' either way."""
+  `batches` (re-iterable: read twice with eval_fixed_steps) as in `evaluate`; the keys say 'test' either way."""
   kw = dict(split=split, batches=batches)
   if phase == "ann":
     return {"test_accuracy": evaluate(model, variables, config, mesh, **kw)["accuracy"]}
