@@ -508,6 +508,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   workdir_lib.check_workdir(workdir, config.to_dict(), overwrite=overwrite)
   info = data.get_info(config.data)
+  data.write_spec(workdir, config.data)  # normalisation and class names, for use without the data
   t0 = time.time()
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}

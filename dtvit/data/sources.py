@@ -22,6 +22,7 @@ stock builders (`tfds build`, which encodes `tfds.features.Image`), TFRecord fil
 """
 import dataclasses
 import functools
+import os
 from typing import Sequence
 
 import ml_collections
@@ -29,6 +30,7 @@ import numpy as np
 
 from dtvit.data import augment
 
+DATA_DIR_ENV = 'DTVIT_DATA_DIR'
 NAMES = ('digits', 'cifar10_local', 'image_folder', 'cifar10', 'cifar100', 'imagenet2012')
 _STATS = {  # per-channel (mean, std) in [0, 1] pixel units
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -184,8 +186,8 @@ def load(data_cfg) -> Dataset:
     raise ValueError(f"Unknown data.name '{data_cfg.name}'; valid choices: {', '.join(NAMES)}.")
   if data_cfg.resize_method not in augment.RESIZE_METHODS:
     raise ValueError(f"data.resize_method='{data_cfg.resize_method}'; valid choices: bilinear, nearest.")
-  ds = _load_cached(data_cfg.name, data_cfg.archive, data_cfg.data_dir, data_cfg.image_size,
-                    data_cfg.resize_method)
+  ds = _load_cached(data_cfg.name, resolve_path(data_cfg.archive, 'data.archive'),
+                    resolve_path(data_cfg.data_dir, 'data.data_dir'), data_cfg.image_size, data_cfg.resize_method)
   channels = ds.info.image_shape[-1]
   mean = np.asarray(data_cfg.mean or ds.mean, np.float32).reshape(-1)
   std = np.asarray(data_cfg.std or ds.std, np.float32).reshape(-1)
@@ -198,3 +200,29 @@ def load(data_cfg) -> Dataset:
 def get_info(data_cfg) -> DatasetInfo:
   """Sizes and shapes of the configured dataset (prepares cifar10_local/image_folder the first time)."""
   return load(data_cfg).info
+
+
+def project_root() -> str | None:
+  """The checkout dtvit runs from (the folder holding dtvit/, configs/ and pyproject.toml), or None for an
+  installed copy (dtvit/ in site-packages)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return root if os.path.isfile(os.path.join(root, 'pyproject.toml')) else None
+
+
+def resolve_path(path: str, what: str = 'data path') -> str:
+  """An absolute `data.archive` / `data.data_dir`, never resolved against the current directory.
+
+  '' stays '' (no archive; the tfds default data_dir). '~' is expanded. A relative path is taken against
+  $DTVIT_DATA_DIR when set, else against the dtvit checkout (where the recipes' relative paths, such as
+  '../shared/data/cifar10-jpg.tar.gz' and 'data_dir', point from); an installed dtvit without a checkout needs
+  $DTVIT_DATA_DIR or an absolute path."""
+  if not path:
+    return path
+  path = os.path.expanduser(path)
+  if os.path.isabs(path):
+    return os.path.normpath(path)
+  base = os.environ.get(DATA_DIR_ENV) or project_root()
+  if base is None:
+    raise ValueError(f'{what}={path!r} is relative and dtvit is installed without a checkout to resolve it '
+                     f'against: set {DATA_DIR_ENV}=<folder it is relative to>, or give an absolute path.')
+  return os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(base)), path))

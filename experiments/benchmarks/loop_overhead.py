@@ -24,13 +24,12 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import jax
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import quickstart
+from dtvit import data, metrics, models, optim, sharding, steps
 
-from configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dtvit import data, metrics, models, optim, sharding, steps  # pylint: disable=wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dtvit.main runs here
 
 
 def _overrides(num_steps: int, batch_size: int) -> list[str]:
@@ -56,7 +55,7 @@ def loop_steps_per_s(num_steps: int, batch_size: int) -> float:
   try:
     subprocess.run([sys.executable, "-m", "dtvit.main", "--config=configs/quickstart.py:tiny",
                     f"--workdir={workdir}", *_overrides(num_steps, batch_size)],
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, check=True, capture_output=True)
+                   cwd=ROOT, check=True, capture_output=True)
     steps_N, rate_N = metrics.read_curves(os.path.join(workdir, "snn"), ("steps_per_s",))["steps_per_s"]
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
