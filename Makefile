@@ -1,6 +1,6 @@
 # dtvit: `make demo` trains the quickstart end to end; `make test` runs the test suite (`make test-fast`: its
 # core, for the edit-test loop).
-# Both create .venv on first use.
+# Both create .venv on first use, with dtvit installed editable (`pip install -e .`: experiments/ scripts import it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo report test test-fast venv clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)

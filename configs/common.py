@@ -40,6 +40,8 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
   c.temperature_start = 1.0          # mask temperature, annealed geometrically over the phase
   c.temperature_end = 1.0
   c.log_every = 50
+  c.eval_every = 0                   # > 0: accuracy on data.periodic_eval_split ('val': data.val_examples held
+                                     # out from train) every this many steps and at the end; 0 = off
   c.checkpoint_every = 500
   c.max_to_keep = 2
   c.nonfinite = "error"              # 'error' | 'skip': what a non-finite loss/gradient does

@@ -30,6 +30,7 @@ Step counts and their averages come from `dtvit.models.step_counts` (through `dt
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -270,6 +271,7 @@ def early_exit_rows(snn: loader.Loaded, thresholds: Sequence[float] = DEFAULT_TH
 # ------------------------------------------------------------------------------------------------------------
 # The table of runs.
 
+SWEEP_RECORD = "sweep_point.json"   # dtvit.sweep's record of a point's overrides, in its workdir
 _ROW_KEYS = ("phase", "masks", "semantics", "T_max", "T_avg", "T_avg_op", "T_sim", "T_sim_op", "accuracy",
              "accuracy_all_steps", "ann_accuracy", "snn_energy_uj", "ann_energy_uj", "energy_ratio")
 
@@ -362,10 +364,33 @@ def init_from_workdir(config) -> str | None:
 
 
 def run_names(workdirs: Sequence[str]) -> list[str]:
-  """Short names of runs: their paths relative to the common parent (the base name of a single run)."""
+  """Short names of runs. Points of one sweep (each with dtvit.sweep's record): their swept values that differ
+  among these runs ('snn.time_cost=0.03, model.num_steps=4'), or the name a point was given; other runs: their
+  paths relative to the common parent (the base name of a single run)."""
   paths = [os.path.abspath(w).rstrip(os.sep) for w in workdirs]
   if len(paths) == 1:
     return [os.path.basename(paths[0])]
+  labels = _sweep_labels(paths)
+  if labels is not None:
+    return labels
   root = os.path.commonpath(paths)
   names = [os.path.relpath(p, root) if p != root else os.path.basename(p) for p in paths]
   return names if len(set(names)) == len(names) else paths
+
+
+def _sweep_labels(paths: Sequence[str]) -> list[str] | None:
+  """Labels from dtvit.sweep's records, or None unless every run has one and the labels are distinct."""
+  from dtvit import sweep  # pylint: disable=g-import-not-at-top  # sweep imports this module
+  records = []
+  for p in paths:
+    record = os.path.join(p, SWEEP_RECORD)
+    if not os.path.isfile(record):
+      return None
+    with open(record) as f:
+      records.append(json.load(f))
+  keys = list(dict.fromkeys(k for r in records for k in r["overrides"]))
+  varying = [k for k in keys if len({sweep.format_value(r["overrides"].get(k)) for r in records}) > 1]
+  labels = [r["name"] if r.get("named") else
+            ", ".join(f"{k}={sweep.format_value(r['overrides'][k])}" for k in varying if k in r["overrides"])
+            or r["name"] for r in records]
+  return labels if len(set(labels)) == len(labels) else None

@@ -6,7 +6,8 @@ of `dtvit.masks`), through `step_averages` for the log lines during training and
 
 from __future__ import annotations
 
-from typing import Mapping
+import functools
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -22,16 +23,26 @@ from dtvit.models import paths
 _RATE_KEYS = ("input_rates", "attention_rates", "spike_rates", "masks")
 
 
-def evaluate(model, variables, config, mesh, *, split: str = "test") -> dict:
+@functools.lru_cache(maxsize=16)
+def _eval_fn(model, mesh):
+  """The jitted eval step, one per (model, mesh): evaluating again during training compiles nothing new."""
+  return jax.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(model, variables, config, mesh, *, split: str = "test", batches: Iterable[dict] | None = None) -> dict:
   """{'accuracy', 'count'} over the split, and for the SNN 'aux': the per-step rates and masks averaged over
-  full batches (a last, partly padded batch counts for accuracy only)."""
+  full batches (a last, partly padded batch counts for accuracy only). `batches` (numpy {'image', 'label',
+  'mask'} of eval_batch_size each) replace the config's split. `config.eval_examples` subsets the test split
+  only."""
   gb = config.eval_batch_size
   sharding.check_batch_size(gb, mesh, "eval_batch_size")
-  eval_fn = jax.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
+  eval_fn = _eval_fn(model, mesh)
   correct = count = 0.0
   rate_sums, n_full = None, 0
-  for local in data.eval_batches(config.data, split=split, global_batch_size=gb,
-                                           max_examples=config.get("eval_examples", 0)):
+  if batches is None:
+    batches = data.eval_batches(config.data, split=split, global_batch_size=gb,
+                                max_examples=config.get("eval_examples", 0) if split == "test" else 0)
+  for local in batches:
     batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
     out = jax.device_get(eval_fn(variables, batch))
     correct += float(out["correct"])
@@ -99,14 +110,17 @@ def step_summary(model, params, op_weights: Mapping[str, float]) -> dict:
   }
 
 
-def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Mapping[str, dict] | None) -> dict:
+def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Mapping[str, dict] | None,
+                   split: str = "test", batches: Sequence[dict] | None = None) -> dict:
   """The phase's test results: accuracy; for SNN phases also time steps, spike rates and energy.
 
-  op_counts: the model's `energy.op_counts` (SNN phases), traced once per phase by the caller."""
+  op_counts: the model's `energy.op_counts` (SNN phases), traced once per phase by the caller. `split` or
+  `batches` (re-iterable: read twice with eval_fixed_steps) as in `evaluate`; the keys say 'test' either way."""
+  kw = dict(split=split, batches=batches)
   if phase == "ann":
-    return {"test_accuracy": evaluate(model, variables, config, mesh)["accuracy"]}
+    return {"test_accuracy": evaluate(model, variables, config, mesh, **kw)["accuracy"]}
   hard = models.with_mask(model, hard=True)
-  ev = evaluate(hard, variables, config, mesh)
+  ev = evaluate(hard, variables, config, mesh, **kw)
   out = {"test_accuracy": ev["accuracy"]}
   op_weights = energy_lib.module_op_weights(model, counts=op_counts)
   out.update(step_summary(model, jax.device_get(variables["params"]), op_weights))
@@ -117,5 +131,87 @@ def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Ma
     out["energy"] = energy_lib.energy_report(hard, info.image_shape, aux, counts=op_counts)
   if config.eval_fixed_steps and model.mask.enabled:
     fixed = models.with_mask(model, enabled=False)
-    out["test_accuracy_fixed_T"] = evaluate(fixed, variables, config, mesh)["accuracy"]
+    out["test_accuracy_fixed_T"] = evaluate(fixed, variables, config, mesh, **kw)["accuracy"]
   return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line: a trained run on a split of its data or on a folder of images.
+#   python -m dtvit.evaluate --workdir=workdirs/quickstart [--phase=ann] [--split=train] [--images=DIR]
+
+_HEADLINE = ("accuracy", "accuracy_fixed_T", "mask_semantics", "average_time_steps", "average_simulated_steps",
+             "op_weighted_time_steps", "op_weighted_simulated_steps", "per_module_time_steps", "T_max")
+
+
+class FolderBatches:
+  """Eval batches ({'image', 'label', 'mask'}, `batch_size` each, the last padded) of the images in
+  `<root>/<class name>/`, preprocessed as the run's data (`Loaded.preprocess`); iterable more than once."""
+
+  def __init__(self, run, root: str, batch_size: int):
+    self.run, self.batch_size = run, batch_size
+    self.files, self.labels = data.spec.class_folder_files(root, run.class_names)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __iter__(self):
+    channels = self.run.info.image_shape[-1]
+    for i in range(0, len(self.files), self.batch_size):
+      files = self.files[i:i + self.batch_size]
+      n, pad = len(files), self.batch_size - len(files)
+      image = self.run.preprocess([data.spec.read_image(f, channels) for f in files])
+      yield {"image": np.concatenate([image, np.zeros((pad, *image.shape[1:]), np.float32)]),
+             "label": np.asarray(self.labels[i:i + n] + [0] * pad, np.int32),
+             "mask": np.asarray([1.0] * n + [0.0] * pad, np.float32)}
+
+
+def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "test", images: str | None = None,
+                     examples: int = 0) -> dict:
+  """`evaluate_phase` for a trained run (`dtvit.load(workdir, phase)`) on its data's `split` (`examples` > 0:
+  an evenly strided subset) or on the images in `images`/<class name>/. Keys as in summary.json, with
+  'accuracy' for 'test_accuracy'; also 'phase', 'data' and 'count'."""
+  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  run = loader.load(workdir, phase)
+  config = run.config.copy_and_resolve_references()
+  config.eval_examples = examples
+  n = jax.device_count()
+  mesh = sharding.make_mesh(n if config.eval_batch_size % n == 0 else 1)
+  batches = None if images is None else FolderBatches(run, images, config.eval_batch_size)
+  if batches is None:
+    total = run.info.num_train if split == "train" else run.info.num_test
+    count = min(examples, total) if examples else total
+  else:
+    count = len(batches)
+  op_counts = None if run.phase == "ann" else energy_lib.op_counts(run.model, run.info.image_shape)
+  variables = jax.device_put(run.variables, sharding.replicated(mesh))
+  out = evaluate_phase(run.model, variables, config, mesh, run.info, run.phase, op_counts=op_counts,
+                       split=split, batches=batches)
+  out = {k.replace("test_accuracy", "accuracy"): v for k, v in out.items()}
+  return {"phase": run.phase, "data": images or f"{split} split", "count": count, **out}
+
+
+def main(argv=None) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="python -m dtvit.evaluate", description="Accuracy (SNN phases: also time "
+                              "steps and energy) of a trained run on a split of its data or a folder of images.")
+  p.add_argument("--workdir", required=True, help="a training run's --workdir")
+  p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
+  p.add_argument("--split", default="test", choices=("test", "train"), help="the run's data split")
+  p.add_argument("--images", help="instead of a split: a folder with one subfolder of images per class")
+  p.add_argument("--examples", type=int, default=0, help="> 0: an evenly strided subset of the split")
+  p.add_argument("--out", help="also write every figure (spike rates, masks, energy per layer) to this JSON")
+  args = p.parse_args(argv)
+  result = evaluate_workdir(args.workdir, phase=args.phase, split=args.split, images=args.images,
+                            examples=args.examples)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+  headline = {k: result[k] for k in ("phase", "data", "count", *_HEADLINE) if k in result}
+  if "energy" in result:
+    headline["energy"] = result["energy"]["totals"]
+  print(json.dumps(headline, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -7,6 +7,8 @@
   print(run.phase, run.steps_per_module)          # 'snn' {'blocks_0/attn': 3.0, 'blocks_0/mlp': 2.0, ...}
   fast, schedule = run.inference_fn()             # the same logits, masked steps not computed
   ann = run.variant(phase="ann")                  # the ANN twin with the same parameters
+  x = run.preprocess(raw_uint8_images)            # normalised as in training (`<workdir>/data_spec.json`)
+  print(run.class_names[int(run.predict(x)[0])])  # e.g. '7'
 
 What it reads (the layout `dtvit.train.run` writes): `<workdir>/config.json` (the run's config),
 `<workdir>/<phase>/checkpoints/` (Orbax, via `dtvit.checkpointing.restore_variables`: params and batch_stats of
@@ -95,6 +97,28 @@ class Loaded:
     """The mean over masked modules of their simulated steps (None for the ANN twin)."""
     from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
     return masks_lib.average_steps(self.step_counts, "simulated_steps")
+
+  # -- what an image must be ------------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def data_spec(self) -> dict:
+    """{'image_shape', 'mean', 'std', 'resize_method', 'center_crop', 'class_names', ...}: what the model
+    expects of an image (`<workdir>/data_spec.json`, written by training; recomputed from the config's data
+    section for older runs). See `dtvit.data.spec`."""
+    from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+    return spec.read_spec(self.workdir, self.config.data)
+
+  @property
+  def class_names(self) -> list[str]:
+    """The class names in label order ('0'..'9' for the digits, CIFAR's names, an image folder's subfolders)."""
+    return list(self.data_spec["class_names"])
+
+  def preprocess(self, images):
+    """Raw images -> this model's input, float32 numpy [B, H, W, C] normalised as in training: one image
+    [h, w(, c)], a batch [B, h, w, c] or a list of images of any sizes; uint8 in [0, 255] or float in [0, 1];
+    each resized (or centre-cropped, for variable-size data) as the evaluation pipeline does."""
+    from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+    return spec.preprocess(self.data_spec, images)
 
   # -- running the model ---------------------------------------------------------------------------------------
 

@@ -1,17 +1,21 @@
-"""Metric writing: TensorBoard event files plus log lines, a progress bar, and a between-log-points averager.
+"""Metric writing: TensorBoard event files plus log lines, hparams, a progress bar that log lines do not break,
+a between-log-points averager and a throughput meter (steps/s, images/s, ETA).
 
 `MetricWriter` has the method names of `clu.metric_writers` (write_scalars / write_histograms / write_texts /
 flush / close) so it can be swapped for clu's writer where TensorFlow is installed; clu's package
 imports TensorFlow, which dtvit does not depend on, so this module writes events with tensorboardX instead.
 
-`read_events` / `read_scalars` read event files back (for report.py and tests) without TensorFlow.
+`read_events` / `read_scalars` / `read_curves` read event files back (for report.py and tests) without
+TensorFlow.
 """
 from __future__ import annotations
 
 import glob
+import logging as py_logging
 import os
 import struct
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -80,6 +84,15 @@ class MetricWriter:
       if self._tb is not None:
         self._tb.add_text(tag, text, global_step=step)
 
+  def write_hparams(self, hparams: Mapping[str, Any], metrics: tuple[str, ...] = ()) -> None:
+    """hparams: name -> bool, number or str (`flatten_hparams` of a config); written once per event file as
+    TensorBoard's HParams plugin data, with `metrics` (tags) as the metrics its dashboard shows."""
+    logging.info('hparams: %d values', len(hparams))
+    if self._tb is not None:
+      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      for proto in summary.hparams(dict(hparams), {self._tag(m): None for m in metrics}):
+        self._tb.file_writer.add_summary(proto)
+
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
@@ -104,17 +117,132 @@ def create_default_writer(logdir: str | None, *, just_logging: bool | None = Non
   return MetricWriter(logdir, just_logging=just_logging, prefix=prefix)
 
 
-def progress_bar(total: int, *, initial: int = 0, desc: str = '', disable: bool | None = None) -> tqdm.tqdm:
-  """A tqdm bar for a loop of `total` steps, starting at `initial` (for resumed runs).
+def flatten_hparams(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested config (`config.to_dict()`) -> {'a.b.c': value} with values TensorBoard's hparams take: bools,
+  numbers and strings as they are; None, tuples and anything else as their str()."""
+  out = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping):
+      out.update(flatten_hparams(value, prefix=f'{name}.'))
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    else:
+      out[name] = str(value)
+  return out
+
+
+class _LineWriter:
+  """Stands in for a stream while a progress bar is drawn on it: each complete line goes out through
+  `tqdm.write`, which clears the bar, prints the line and redraws the bar below it."""
+
+  def __init__(self, original):
+    self.original = original
+    self._pending = ''
+
+  def write(self, text: str) -> int:
+    lines = (self._pending + text).split('\n')
+    self._pending = lines.pop()
+    for line in lines:
+      tqdm.tqdm.write(line, file=self.original)
+    return len(text)
+
+  def flush(self) -> None:
+    self.original.flush()
+
+  def close_line(self) -> None:
+    """Writes out a last line that has no newline yet."""
+    if self._pending:
+      tqdm.tqdm.write(self._pending, file=self.original)
+      self._pending = ''
+
+  def __getattr__(self, name):  # isatty, fileno, encoding...
+    return getattr(self.original, name)
+
+
+def _handler_streams(stream) -> list:
+  """Log handlers writing to `stream`: the root's and absl's, and absl's inner Python handler."""
+  handlers = logging.get_absl_logger().handlers + py_logging.getLogger().handlers
+  handlers += [h.python_handler for h in handlers if isinstance(h, logging.ABSLHandler)]
+  return [h for h in handlers if getattr(h, 'stream', None) is stream]
+
+
+class _Bar(tqdm.tqdm):
+  """A tqdm bar that, while open, routes what is written to its stream (log lines, warnings) through
+  `tqdm.write`, so each such line comes out whole on its own line with the bar redrawn below it."""
+
+  def __init__(self, *args, file, **kwargs):
+    super().__init__(*args, file=file, **kwargs)
+    self._swapped = []
+    if not self.disable:
+      self._line_writer = _LineWriter(file)
+      self._swapped = [(h, file) for h in _handler_streams(file)]
+      if sys.stderr is file:
+        self._swapped.append((sys, file))
+      for holder, _ in self._swapped:
+        setattr(holder, 'stderr' if holder is sys else 'stream', self._line_writer)
+
+  def close(self) -> None:
+    swapped, self._swapped = getattr(self, '_swapped', []), []
+    for holder, original in swapped:
+      attr = 'stderr' if holder is sys else 'stream'
+      if getattr(holder, attr) is self._line_writer:
+        setattr(holder, attr, original)
+    if swapped:
+      self._line_writer.close_line()
+    super().close()
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = '', disable: bool | None = None,
+                 file=None) -> tqdm.tqdm:
+  """A tqdm bar for a loop of `total` steps, starting at `initial` (for resumed runs), on `file` (default
+  stderr). While it is open, log lines and anything else written to that stream print above it, each on its
+  own line; `close()` puts the stream back.
 
   Never shown on processes other than 0. On process 0, `disable=None` shows it when stderr is a terminal, or
   when DTVIT_PROGRESS=1 (e.g. to see it in a redirected log); True/False force it off/on.
   """
+  file = sys.stderr if file is None else file
+  file = getattr(file, 'original', file) if isinstance(file, _LineWriter) else file  # a bar inside a bar
   if not _is_main_process():
     disable = True
   elif disable is None:
     disable = not (sys.stderr.isatty() or os.environ.get('DTVIT_PROGRESS') == '1')
-  return tqdm.tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
+  return _Bar(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True, file=file)
+
+
+class Throughput:
+  """Steps/s, images/s and the ETA of a loop, measured between two log points.
+
+  `start(step)` when step `step` is done and training goes on (after the first step, so compilation is not
+  counted, and after each log point's work); `pause()` / `resume()` around other work that is not training
+  (periodic evaluation); `rates(step)` at a log point: {'steps_per_s', 'images_per_s', 'eta_s'} over the steps
+  since `start`. The ETA is the remaining steps to `total` at that rate (evaluations not counted).
+  """
+
+  def __init__(self, total: int, batch_size: int, clock=time.perf_counter):
+    self.total, self.batch_size, self._clock = total, batch_size, clock
+    self._step, self._t0, self._paused_at, self._paused_s = None, 0.0, None, 0.0
+
+  def start(self, step: int) -> None:
+    self._step, self._t0, self._paused_s = step, self._clock(), 0.0
+
+  def pause(self) -> None:
+    self._paused_at = self._clock()
+
+  def resume(self) -> None:
+    if self._paused_at is not None:
+      self._paused_s += self._clock() - self._paused_at
+      self._paused_at = None
+
+  def rates(self, step: int) -> dict[str, float]:
+    """{} before `start` or when no step passed since."""
+    if self._step is None or step <= self._step:
+      return {}
+    seconds = max(self._clock() - self._t0 - self._paused_s, 1e-9)
+    steps_per_s = (step - self._step) / seconds
+    return {'steps_per_s': steps_per_s, 'images_per_s': steps_per_s * self.batch_size,
+            'eta_s': max(self.total - step, 0) / steps_per_s}
 
 
 class Averager:
@@ -188,3 +316,17 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
         if value.HasField('simple_value'):
           out.setdefault(value.tag, []).append((event.step, value.simple_value))
   return out
+
+
+def read_curves(logdir: str, tags: tuple[str, ...] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Scalars of the event files under `logdir` as curves: tag -> (steps int64 [N], values float64 [N]), sorted
+  by step, one value per step (the last one written: a resumed run may write a step again). `tags`: only
+  these (those present)."""
+  curves = {}
+  for tag, points in read_scalars(logdir).items():
+    if tags is not None and tag not in tags:
+      continue
+    by_step = dict(points)
+    steps_N = np.array(sorted(by_step), np.int64)
+    curves[tag] = (steps_N, np.array([by_step[s] for s in steps_N], np.float64))
+  return curves

@@ -10,6 +10,8 @@ This module draws and writes; the numbers come from `dtvit.analysis`, which defi
 What it shows (the file of each plot in brackets):
 - The runs (table, `analysis.run_rows`): accuracy, average time steps and energy per image from each
   summary.json.
+- Training curves [training_curves.png]: the primary run's train loss, train and validation accuracy and
+  average time steps over training, phase after phase, read from its TensorBoard event files.
 - Accuracy vs average time steps [accuracy_vs_steps.png]: each run's SNN test accuracy with its learned masks at
   its T_avg; runs with masks disabled (model.mask.enabled=False) at T_max; for runs evaluated with every step on
   as well (eval_fixed_steps), the same weights with masks off at T_max.
@@ -41,9 +43,10 @@ import numpy as np
 from dtvit import analysis as analysis_lib
 from dtvit import loader
 from dtvit import masks as masks_lib
+from dtvit import metrics as metrics_lib
 from dtvit.models import paths
 
-PLOTS = ("accuracy_vs_steps", "time_steps", "spike_rates", "activation_histograms", "sensitivity", "early_exit")
+PLOTS = ("training_curves", "accuracy_vs_steps", "time_steps", "spike_rates", "activation_histograms", "sensitivity", "early_exit")
 _COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", paths.ATTN: "#4c72b0",
            paths.MLP: "#dd8452", "other": "#8c8c8c"}
 
@@ -108,6 +111,47 @@ def plot_accuracy_vs_steps(rows: Sequence[Mapping[str, Any]]):
                                                     "fixed" not in labels[i]))
   ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
             bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+  fig.tight_layout()
+  return fig
+
+
+CURVE_PANELS = (("loss", ("loss",)), ("accuracy", ("accuracy", "val_accuracy", "test_accuracy")),
+                ("time steps", ("average_time_steps", "average_simulated_steps")))
+
+
+def training_curves(workdir: str, phases: Sequence[str]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """{phase: {tag: (steps [N], values [N])}} of the CURVE_PANELS tags in `<workdir>/<phase>/`'s event files
+  (phases without event files are left out)."""
+  tags = tuple(t for _, panel in CURVE_PANELS for t in panel)
+  out = {}
+  for phase in phases:
+    curves = metrics_lib.read_curves(os.path.join(workdir, phase), tags)
+    if curves:
+      out[phase] = curves
+  return out
+
+
+def plot_training_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]]):
+  """One panel per CURVE_PANELS entry; phases side by side on one step axis (each phase's steps offset by the
+  last step of the phases before it, a dotted line at each boundary). `curves`: `training_curves`."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.4), squeeze=False)
+  offset = 0
+  for phase, tags in curves.items():
+    for ax, (title, panel) in zip(axes[0], CURVE_PANELS):
+      for tag in panel:
+        if tag in tags:
+          steps_N, values_N = tags[tag]
+          ax.plot(steps_N + offset, values_N, marker="o" if len(steps_N) < 3 else None, ms=3,
+                  label=f"{phase} {tag}", linestyle=":" if tag.startswith("val") else "-")
+      if offset:
+        ax.axvline(offset, color=_COLORS["other"], linestyle=":", linewidth=0.8)
+    offset += max(int(s[-1]) for s, _ in tags.values())
+  for ax, (title, _) in zip(axes[0], CURVE_PANELS):
+    ax.set_title(title)
+    ax.set_xlabel("step (phases in order)")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   return fig
 
@@ -375,6 +419,21 @@ def _runs_section(rows, result: dict, out: str, command: str) -> list[str]:
       "![accuracy vs steps](accuracy_vs_steps.png)", ""]
 
 
+def _curves_section(workdir: str, result: dict, out: str) -> list[str]:
+  phases = [p.strip() for p in str(loader.read_config(workdir).get("phases", "ann,snn")).split(",")]
+  curves = training_curves(workdir, phases)
+  if not curves:
+    return ["## Training curves", "", f"No TensorBoard event files under {workdir}.", ""]
+  result["curves"] = {p: {t: {"steps": s.tolist(), "values": v.tolist()} for t, (s, v) in c.items()}
+                      for p, c in curves.items()}
+  _save(plot_training_curves(curves), out, "training_curves", result)
+  return ["## Training curves", "",
+          "From the primary run's TensorBoard event files, phase after phase: the train loss and accuracy "
+          "averaged over each log interval, the accuracy on the held-out validation split (`eval_every`, "
+          "dotted) and the test accuracy at each phase's end, and the SNN's average active and simulated time "
+          "steps (hard masks) at each log point.", "", "![training curves](training_curves.png)", ""]
+
+
 def _primary_snn(workdir: str) -> tuple[loader.Loaded | None, list[str]]:
   """The primary run's SNN phase to analyse, or None and the reason in Markdown."""
   try:
@@ -492,6 +551,7 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
   result: dict[str, Any] = {"workdirs": [os.path.abspath(w) for w in workdirs],
                             "report": os.path.join(os.path.abspath(out), "report.md"), "runs": rows, "plots": {}}
   md = _runs_section(rows, result, out, command)
+  md += _curves_section(workdirs[0], result, out)
   snn, md_none = _primary_snn(workdirs[0])
   md += md_none
   if snn is not None:

@@ -23,6 +23,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dtvit import checkpointing
 from dtvit import energy as energy_lib
@@ -42,6 +43,7 @@ TRAINABLE = {"ann": ("weights", "neuron"), "snn": ("weights", "neuron", "scores"
              "finetune": ("weights", "neuron")}
 NONFINITE_POLICIES = ("error", "skip")
 _BATCH_KEYS = ("image", "label", "target")
+_HPARAM_METRICS = ("loss", "accuracy", "val_accuracy", "test_accuracy")
 
 
 class NonFiniteError(FloatingPointError):
@@ -81,8 +83,20 @@ def validate_config(config) -> None:
       raise ValueError(f"{p}: mask temperatures must be > 0.")
     if pc.batch_size < 1:
       raise ValueError(f"{p}.batch_size must be >= 1, got {pc.batch_size}.")
+    _check_periodic_eval(config, p)
   for p in phases:
     models.build_model(config.model, 2, phase="snn" if p != "ann" else "ann")
+
+
+def _check_periodic_eval(config, phase: str) -> None:
+  every, split = config[phase].eval_every, config.data.periodic_eval_split
+  if every < 0:
+    raise ValueError(f"{phase}.eval_every must be >= 0 (0 = no evaluation during training), got {every}.")
+  if split not in ("val", "test"):
+    raise ValueError(f"data.periodic_eval_split={split!r}; choose 'val' (held out from train) or 'test'.")
+  if every and split == "val" and config.data.val_examples <= 0:
+    raise ValueError(f"{phase}.eval_every={every} evaluates the 'val' split, which is empty: set "
+                     f"data.val_examples (train examples to hold out, e.g. 500), or data.periodic_eval_split=test.")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -219,10 +233,12 @@ class _SigtermFlag:
 
 class _MetricLog:
   """A phase's metrics since the last log point and its logged history. Both travel in the checkpoint
-  (`meta`), so a resumed run logs and summarises exactly what an uninterrupted one does."""
+  (`meta`), so a resumed run logs and summarises exactly what an uninterrupted one does. `meter` measures the
+  throughput between log points (steps/s, images/s, ETA), written with the other scalars."""
 
-  def __init__(self, writer, meta: dict):
+  def __init__(self, writer, meta: dict, meter: metrics_lib.Throughput | None = None):
     self.writer = writer
+    self.meter = meter
     self.averager = metrics_lib.Averager()
     self.since_log = list(meta.get("since_log", []))
     for m in self.since_log:
@@ -289,21 +305,110 @@ def _stop_on_nonfinite(ph: Phase, ckpt, state, batch, step: int) -> None:
       f"rate, fix the data, or set {ph.name}.nonfinite='skip' to skip such batches.")
 
 
+_FLAG_KEYS = ("finite", "stop", "go")
+
+
+def _gated(step_fn):
+  """The train step with two flags that let the host read a step's flags one step late.
+
+  (state, batch, go, stop_D) -> (state, metrics): the step runs only where `go` (the previous step's 'go':
+  it was finite and no process asked to stop); otherwise the state comes back unchanged, so when the host
+  learns after dispatching step k that step k-1 was bad, the state still is the one step k-1 started from
+  (or, after a stop, the one to checkpoint). stop_D: bool [devices], each process's SIGTERM flag on its
+  devices; metrics 'stop' is their OR, so every process reads the same answer at the same step."""
+
+  def gated(state, batch, go, stop_D):
+    new_state, metrics = step_fn(state, batch)
+    new_state = jax.tree.map(lambda new, old: jnp.where(go, new, old), new_state, state)
+    stop = jnp.any(stop_D)
+    return new_state, dict(metrics, stop=stop, go=metrics["finite"] & ~stop)
+
+  return gated
+
+
+class _Stepper:
+  """The jitted gated train step of a phase and its constant flag arrays."""
+
+  def __init__(self, ph: Phase, state):
+    state_sharding = sharding.state_shardings(ph.mesh, state)
+    rep, data_sharded = sharding.replicated(ph.mesh), sharding.batch_sharded(ph.mesh)
+    step_fn = steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
+                                    augment_fn=ph.augment_fn)
+    self._fn = jax.jit(_gated(step_fn), in_shardings=(state_sharding, data_sharded, rep, data_sharded),
+                       out_shardings=(state_sharding, rep), donate_argnums=(0,))
+    self.go = jax.device_put(jnp.array(True), rep)
+    local = len(ph.mesh.local_devices)
+    self._stop = {f: jax.make_array_from_process_local_data(data_sharded, np.full((local,), f)) for f in (0, 1)}
+
+  def __call__(self, state, batch, go, stop: bool):
+    return self._fn(state, batch, go, self._stop[int(stop)])
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose flags the host has not read yet."""
+  step: int       # 0-based; the state after it has counter step + 1
+  batch: dict     # its global batch, to diagnose it
+  metrics: dict   # device arrays, with 'finite', 'stop', 'go'
+
+
+def _settle(ph: Phase, ckpt, state, p: _Pending, log: _MetricLog) -> tuple[bool, bool]:
+  """Reads step p's flags (waits for it); non-finite: raises under 'error', warns under 'skip' (`state` must be
+  the state step p started from, or its reverted result); else adds its metrics to the log. Returns (whether
+  it was finite, whether any process asked to stop after it)."""
+  flags = jax.device_get({k: p.metrics.pop(k) for k in _FLAG_KEYS})
+  if flags["finite"]:
+    log.add(p.metrics)
+  else:
+    _stop_on_nonfinite(ph, ckpt, state, p.batch, p.step)
+  return bool(flags["finite"]), bool(flags["stop"])
+
+
+def _save(ph: Phase, ckpt, done: int, state, log: _MetricLog, *, stop: bool) -> None:
+  ckpt.save(done, state, {"step": done, "phase": ph.name, "data_position": done, **log.meta()}, force=True)
+  if stop:
+    ckpt.wait()
+    raise Preempted(f"SIGTERM during {ph.name}: checkpoint saved at step {done}; rerun the same command "
+                    f"to resume.")
+
+
+def _at_sync_point(ph: Phase, ckpt, done: int, start: int, end: int) -> bool:
+  """Where the loop waits for the step it just dispatched: the first (its time is not throughput), log,
+  evaluation and checkpoint steps, and the last. The same steps in every process."""
+  pc = ph.pc
+  return (done in (start + 1, end) or done % pc.log_every == 0 or ckpt.should_save(done)
+          or (pc.eval_every > 0 and done % pc.eval_every == 0))
+
+
+def _log_and_evaluate(ph: Phase, log: _MetricLog, state, done: int, end: int, periodic_eval) -> None:
+  if done % ph.pc.log_every == 0 or done == end:
+    rates = log.meter.rates(done)  # first: the work below is not training
+    log.write(done, {"learning_rate": float(ph.schedule(done)),
+                     **evaluate_lib.step_scalars(ph.model, state["params"]), **rates})
+  if periodic_eval is not None and (done % ph.pc.eval_every == 0 or done == end):
+    log.meter.pause()
+    log.writer.write_scalars(done, periodic_eval({"params": state["params"], "batch_stats": state["batch_stats"]}))
+    log.meter.resume()
+
+
 def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: int, end: int,
-               batch_hook=None) -> tuple[dict, list[dict]]:
+               batch_hook=None, periodic_eval=None) -> tuple[dict, list[dict]]:
   """Trains steps [start, end) on `batches` (this process's numpy batches from step `start` on); returns the
   state and the logged history.
 
-  Logs every `log_every` steps; checkpoints every `checkpoint_every` steps (the `Checkpointer`'s interval), at
-  `end`, and at the step after a SIGTERM reached any process, then raises `Preempted`.
+  Logs every `log_every` steps (with steps/s, images/s and the ETA); `periodic_eval(variables) -> {tag:
+  value}` every `eval_every` steps and at `end`; checkpoints every `checkpoint_every` steps (the
+  `Checkpointer`'s interval), at `end`, and at the step after a SIGTERM reached any process, then raises
+  `Preempted`.
+
+  The host never waits for a step by itself: it reads step k-1's flags (finite, stop) after dispatching step
+  k, which the device runs only if they were fine (`_gated`). It waits at sync points (`_at_sync_point`),
+  where logging, evaluation and checkpoints need the state anyway.
   """
-  state_sharding = sharding.state_shardings(ph.mesh, state)
-  train_step = jax.jit(steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
-                                             augment_fn=ph.augment_fn),
-                       in_shardings=(state_sharding, sharding.batch_sharded(ph.mesh)),
-                       out_shardings=(state_sharding, sharding.replicated(ph.mesh)), donate_argnums=(0,))
-  log = _MetricLog(writer, meta)
+  stepper = _Stepper(ph, state)
+  log = _MetricLog(writer, meta, metrics_lib.Throughput(ph.pc.num_steps, ph.pc.batch_size))
   bar = metrics_lib.progress_bar(ph.pc.num_steps, initial=start, desc=ph.name)
+  pending, go = None, stepper.go
   with _SigtermFlag() as sigterm:
     try:
       for step in range(start, end):
@@ -311,24 +416,24 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
         if batch_hook is not None:
           local = batch_hook(ph.name, step, local)
         batch = sharding.global_batch(ph.mesh, {k: local[k] for k in _BATCH_KEYS})
-        state, metrics = train_step(state, batch)
-        done = step + 1
-        if bool(jax.device_get(metrics.pop("finite"))):
-          log.add(metrics)
-        else:
-          _stop_on_nonfinite(ph, ckpt, state, batch, step)
+        state, metrics = stepper(state, batch, go, sigterm.raised)
         bar.update(1)
-        if done % ph.pc.log_every == 0 or done == end:
-          log.write(done, {"learning_rate": float(ph.schedule(done)),
-                           **evaluate_lib.step_scalars(ph.model, state["params"])})
-        # Every process asks at the same step, so all checkpoint the same step and stop together.
-        stop = sharding.any_process(sigterm.raised)
-        if stop or done == end or ckpt.should_save(done):
-          ckpt.save(done, state, {"step": done, "phase": ph.name, "data_position": done, **log.meta()}, force=True)
-        if stop:
-          ckpt.wait()
-          raise Preempted(f"SIGTERM during {ph.name}: checkpoint saved at step {done}; rerun the same command "
-                          f"to resume.")
+        if pending is not None:  # step k-1, read now that step k is queued
+          finite, stop = _settle(ph, ckpt, state, pending, log)
+          if stop:  # step k did not run: the state is step k-1's
+            _save(ph, ckpt, step, state, log, stop=True)
+          if not finite:  # skipped under 'skip'; step k did not run either: run it now
+            state, metrics = stepper(state, batch, stepper.go, sigterm.raised)
+        pending, go = _Pending(step, batch, metrics), metrics["go"]
+        done = step + 1
+        if _at_sync_point(ph, ckpt, done, start, end):
+          _, stop = _settle(ph, ckpt, state, pending, log)
+          pending, go = None, stepper.go
+          _log_and_evaluate(ph, log, state, done, end, periodic_eval)
+          if done == start + 1 or done % ph.pc.log_every == 0:
+            log.meter.start(done)  # the next interval starts after this point's work
+          if stop or done == end or ckpt.should_save(done):
+            _save(ph, ckpt, done, state, log, stop=stop)
     finally:
       bar.close()
       ckpt.wait()
@@ -337,6 +442,17 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
 
 # ------------------------------------------------------------------------------------------------------------
 # Phases and runs.
+
+
+def _periodic_eval(config, ph: Phase):
+  """variables -> {'<split>_accuracy': ...} on `data.periodic_eval_split` (SNN phases with hard masks, as at
+  the end), or None when `eval_every` is 0."""
+  if not ph.pc.eval_every:
+    return None
+  split = config.data.periodic_eval_split
+  model = ph.model if ph.name == "ann" else models.with_mask(ph.model, hard=True)
+  return lambda variables: {f"{split}_accuracy": evaluate_lib.evaluate(model, variables, config, ph.mesh,
+                                                                       split=split)["accuracy"]}
 
 
 def _start(ph: Phase, config, workdir, phases, info, ckpt) -> tuple[dict, dict]:
@@ -415,11 +531,13 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   ckpt.extra_meta = lambda: clock.update(train_time_s=before + time.time() - t0) or dict(clock)
   # Closed however the phase ends (a non-finite step, a preemption), so what was logged reaches the disk.
   with _NoRewrites(metrics_lib.create_default_writer(phase_dir), phase_dir) as writer:
+    if start == 0:
+      writer.write_hparams(metrics_lib.flatten_hparams(config.to_dict()), metrics=_HPARAM_METRICS)
     if start < end:
       batches = data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
                                    start_step=start, num_classes=info.num_classes)
       state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
-                                  batch_hook=batch_hook)
+                                  batch_hook=batch_hook, periodic_eval=_periodic_eval(config, ph))
     ckpt.close()
     summary = _phase_summary(state, history, clock["train_time_s"])
     if stop_at_step is not None and end < pc.num_steps:
@@ -472,6 +590,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   info = data.get_info(config.data)
   _check_sources(config, phases)
   workdir_lib.record_launch(launch)
+  data.write_spec(workdir, config.data)  # normalisation and class names, for use without the data
   t0 = time.time()
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}

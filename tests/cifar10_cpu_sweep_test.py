@@ -1,4 +1,4 @@
-"""experiments/cifar10_cpu: the recipe's arguments, the runner (resumable, one process per run), the analysis
+"""experiments/cifar10_cpu: its sweep as data (run by dtvit.sweep), the analysis
 (learned masks vs fixed T at equal simulated steps and at equal energy, per mask semantics, against the seed
 spread; pending runs)."""
 
@@ -9,6 +9,8 @@ import os
 import sys
 
 import pytest
+
+from dtvit import sweep as dtvit_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,56 +24,72 @@ def _load(name):
   return module
 
 
-sweep = _load("sweep")
+analyse = _load("analyse")
 recipe = _load("config")
+RUNS = os.path.join(ROOT, "experiments", "cifar10_cpu", "runs")
 
 
-def test_recipe_runs_are_what_the_sweep_names():
-  ann = recipe.get_config("ann")
-  assert ann.phases == "ann" and ann.data.name == "cifar10_local"
-  assert ann.ann.num_steps == recipe.ANN_EPOCHS * 50_000 // recipe.BATCH_SIZE
-  fixed = recipe.get_config("fixed,T=3")
-  assert fixed.phases == "snn" and fixed.model.num_steps == 3 and not fixed.model.mask.enabled
-  assert fixed.snn.time_cost == 0.0
-  learned = recipe.get_config("learned,cost=0.03,kind=op_weighted")
-  assert learned.model.num_steps == recipe.T_MAX and learned.model.mask.enabled
-  assert (learned.snn.time_cost, learned.snn.cost_kind) == (0.03, "op_weighted")
-  assert learned.model.mask.semantics == "skip"
-  assert recipe.get_config("learned,cost=0.03,semantics=filter").model.mask.semantics == "filter"
-  assert recipe.get_config("fixed,T=2,seed=1").seed == 1
-  # Every SNN run trains the same number of steps from the same twin: only T / the masks differ.
-  assert fixed.snn.num_steps == learned.snn.num_steps == recipe.SNN_EPOCHS * 50_000 // recipe.BATCH_SIZE
-  names = [r.name for r in sweep.runs()]
-  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds.
+def _points(arg=""):
+  return {dtvit_sweep.point_name(p): p for p in recipe.get_sweep(arg)}
+
+
+def test_the_sweep_as_data():
+  points = _points()
+  names = list(points)
+  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds; the twin first.
   assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 6 + 2 + 4
   assert {"learned_skip_0.03", "learned_filter_op_0.03", "fixed_T3_seed1", "learned_filter_0.03_seed1"} <= set(names)
-  assert all(r.from_ann for r in sweep.runs() if r.name != "ann")
-  assert [(sweep.seed_of(n), sweep.base_of(n)) for n in ("fixed_T3_seed1", "learned_skip_op_0.03")] == [
-      (1, "fixed_T3"), (0, "learned_skip_op_0.03")]
+  assert all(p["snn.init_from"] == "{root}/ann/ann/checkpoints" for n, p in points.items() if n != "ann")
+  deps = dtvit_sweep.dependencies(list(points.values()), "/r")
+  assert deps["ann"] == set() and all(deps[n] == {"ann"} for n in names[1:])
+  config = lambda name, arg="": dtvit_sweep.point_config(recipe, arg, points[name], "/r")
+  ann, fixed, learned = config("ann"), config("fixed_T3"), config("learned_filter_op_0.03")
+  assert ann.phases == "ann" and ann.data.name == "cifar10_local"
+  assert ann.ann.num_steps == recipe.ANN_EPOCHS * 50_000 // recipe.BATCH_SIZE
+  assert fixed.phases == "snn" and fixed.model.num_steps == 3 and not fixed.model.mask.enabled
+  assert fixed.snn.time_cost == 0.0 and fixed.snn.init_from == "/r/ann/ann/checkpoints"
+  assert learned.model.num_steps == 4 and learned.model.mask.enabled
+  assert (learned.snn.time_cost, learned.snn.cost_kind, learned.model.mask.semantics) == (0.03, "op_weighted",
+                                                                                         "filter")
+  assert config("fixed_T2_seed1").seed == 1 and config("fixed_T2").seed == 0
+  # Every SNN run trains the same number of steps from the same twin: only T / the masks differ.
+  assert fixed.snn.num_steps == learned.snn.num_steps == recipe.SNN_EPOCHS * 50_000 // recipe.BATCH_SIZE
+  # T_max is an argument: fixed T = 1..T_max, learned at T_max.
+  small = _points("T_max=2")
+  assert [n for n in small if n.startswith("fixed_T") and "seed" not in n] == ["fixed_T1", "fixed_T2"]
+  assert dtvit_sweep.point_config(recipe, "T_max=2", small["learned_skip_0.1"], "/r").model.num_steps == 2
+
+
+def test_the_sweep_reproduces_the_recorded_runs():
+  """The port: each point's config is the config its committed run recorded (but the twin's path)."""
+  for name, point in _points().items():
+    with open(os.path.join(RUNS, name, "config.json")) as f:
+      saved = dtvit_sweep.flatten(json.load(f))
+    now = dtvit_sweep.flatten(dtvit_sweep.point_config(recipe, "", point, RUNS).to_dict())
+    norm = lambda x: json.loads(json.dumps(x))
+    diffs = {k: (saved[k], now[k]) for k in saved.keys() & now.keys()
+             if k != "snn.init_from" and norm(saved[k]) != norm(now[k])}
+    assert not diffs, (name, diffs)
 
 
 @pytest.mark.parametrize("arg,match", [
-    ("", "exactly one of ann, fixed, learned"),
-    ("ann,fixed,T=2", "exactly one"),
-    ("fixed", "T=<steps>"),
-    ("learned", "cost=<weight>"),
-    ("learned,cost=0.1,T=2", "T_max is fixed"),
-    ("ann,T=2", "takes no T"),
-    ("fixed,T=2,semantics=skip", "no cost, kind or semantics"),
-    ("learned,cost=0.1,bogus=1", "unknown argument 'bogus'"),
+    ("T_max=0", "give 1 or more"),
+    ("learned,cost=0.1", "unknown argument 'learned'"),
 ])
 def test_recipe_rejects_bad_arguments(arg, match):
   with pytest.raises(ValueError, match=match):
     recipe.get_config(arg)
+  with pytest.raises(ValueError, match=match):
+    recipe.get_sweep(arg)
 
 
 def test_interpolation():
-  assert sweep._interp(2.5, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.7)
-  assert sweep._interp(4.0, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.9)
-  assert sweep._interp(1.0, [1, 2], [0.5, 0.6]) == pytest.approx(0.5)
-  assert sweep._interp(0.5, [1, 2], [0.5, 0.6]) is None
-  assert sweep._interp(4.5, [1, 2], [0.5, 0.6]) is None
-  assert sweep.binomial_se(0.65, 10_000) == pytest.approx(0.00477, abs=1e-5)
+  assert analyse._interp(2.5, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.7)
+  assert analyse._interp(4.0, [1, 2, 3, 4], [0.5, 0.6, 0.8, 0.9]) == pytest.approx(0.9)
+  assert analyse._interp(1.0, [1, 2], [0.5, 0.6]) == pytest.approx(0.5)
+  assert analyse._interp(0.5, [1, 2], [0.5, 0.6]) is None
+  assert analyse._interp(4.5, [1, 2], [0.5, 0.6]) is None
+  assert analyse.binomial_se(0.65, 10_000) == pytest.approx(0.00477, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -87,7 +105,7 @@ def _write_run(root, name, *, acc, T=4, semantics=None, T_avg=None, T_sim=None, 
   wd = os.path.join(root, name)
   os.makedirs(wd, exist_ok=True)
   learned = semantics is not None
-  config = {"phases": "ann" if name == "ann" else "snn", "seed": sweep.seed_of(name), "eval_examples": 0,
+  config = {"phases": "ann" if name == "ann" else "snn", "seed": int(name.endswith("_seed1")), "eval_examples": 0,
             "model": {"num_steps": T, "mask": {"enabled": learned, "semantics": semantics or "skip"}},
             "snn": {"init_from": "" if name == "ann" else os.path.join(root, "ann", "ann", "checkpoints"),
                     "time_cost": cost if learned else 0.0, "cost_kind": kind}}
@@ -96,7 +114,7 @@ def _write_run(root, name, *, acc, T=4, semantics=None, T_avg=None, T_sim=None, 
   if not summary:
     return
   if name == "ann":
-    s = {"phases": ["ann"], "ann": {"steps": 100, "test_accuracy": acc}}
+    s = {"phases": ["ann"], "ann": {"steps": 100, "test_accuracy": acc}, "wall_time_s": 1.0}
   else:
     T_avg = float(T) if T_avg is None else T_avg
     T_sim = T_avg if T_sim is None else T_sim
@@ -110,7 +128,7 @@ def _write_run(root, name, *, acc, T=4, semantics=None, T_avg=None, T_sim=None, 
                  per_module_simulated_steps={m: T_sim for m in MODULES})
     else:   # what a fixed-T summary has: every unit active and simulated at every step
       snn.update(mask_semantics="skip", average_simulated_steps=float(T), op_weighted_simulated_steps=float(T))
-    s = {"phases": ["snn"], "snn": snn}
+    s = {"phases": ["snn"], "snn": snn, "wall_time_s": 1.0}
   with open(os.path.join(wd, "summary.json"), "w") as f:
     json.dump(s, f)
 
@@ -122,7 +140,7 @@ FIXED = {"fixed_T1": (1, 0.55, 0.10), "fixed_T2": (2, 0.600, 0.17), "fixed_T2_se
 
 def write_synthetic_sweep(root):
   """A partial sweep in `root`: the twin, the fixed-T runs, four learned runs (both semantics, one seed pair),
-  one started run; the rest of `sweep.runs()` not started."""
+  one started run; the rest of the recipe's sweep not started; and the sweep's table (what dtvit.sweep writes)."""
   _write_run(root, "ann", acc=0.70)
   for name, (t, acc, e) in FIXED.items():
     _write_run(root, name, T=t, acc=acc, energy=e)
@@ -134,6 +152,9 @@ def write_synthetic_sweep(root):
   _write_run(root, "learned_filter_0.1", semantics="filter", acc=0.560, T_avg=0.5, T_sim=0.75, energy=0.12,
              cost=0.1)
   _write_run(root, "learned_skip_0.01", semantics="skip", acc=0.6, summary=False, cost=0.01)   # started
+  points = recipe.get_sweep("")
+  configs = [dtvit_sweep.point_config(recipe, "", p, root) for p in points]
+  dtvit_sweep.write_table(root, dtvit_sweep.table(root, points, configs), dtvit_sweep.swept_keys(points))
   return root
 
 
@@ -144,8 +165,8 @@ def synthetic_root(tmp_path):
 
 def test_analysis_of_a_synthetic_sweep(synthetic_root):
   root = synthetic_root
-  all_runs = list(sweep.runs())
-  out = sweep.analyse(root, all_runs, report=False)
+  all_runs = list(recipe.get_sweep(""))
+  out = analyse.analyse(root, report=False)
   rows = {r["name"]: r for r in out["rows"]}
   assert set(rows) == {"ann", *FIXED, "learned_skip_0.03", "learned_skip_0.03_seed1", "learned_filter_0.03",
                        "learned_filter_0.1"}
@@ -224,59 +245,65 @@ def test_verdict_without_seed_pairs_or_comparable_runs():
                "T_sim": 2.5, "T_sim_op": 2.0, "T_avg_op": 2.0, "energy_ratio": 0.05, "n_test": 10_000})
   rows.append({"kind": "learned", "name": "learned_0.03", "semantics": "filter", "accuracy": 0.7, "T_avg": 2.0,
                "T_sim": None, "energy_ratio": None, "n_test": 10_000})
-  comparison = sweep.compare(rows)
+  comparison = analyse.compare(rows)
   assert comparison[0]["gain_at_T_sim"] == pytest.approx(0.05)
   assert comparison[0]["gain_at_T_sim_op"] == pytest.approx(0.15)
   assert comparison[0]["gain_at_energy"] is None and comparison[0]["gain_at_energy_vs_cheapest"] == pytest.approx(0.25)
   assert comparison[1]["gain_at_T_sim"] is None and comparison[1]["gain_at_T_avg"] == pytest.approx(0.1)
-  nz = sweep.noise(rows, [])
+  nz = analyse.noise(rows, [])
   assert nz["largest_seed_spread"] is None
-  assert nz["threshold"] == pytest.approx(math.sqrt(2) * sweep.binomial_se(nz["p"], 10_000))
-  parts = sweep.verdict_parts(comparison, [], nz)
+  assert nz["threshold"] == pytest.approx(math.sqrt(2) * analyse.binomial_se(nz["p"], 10_000))
+  parts = analyse.verdict_parts(comparison, [], nz)
   assert parts["judgements"] == {"skip": {"T_sim": "beat", "energy": None}, "filter": {"T_sim": None,
                                                                                       "energy": None}}
   assert "no seed pair has finished" in parts["text"]
   assert "Learned 'filter' at equal simulated steps: no finished run lies within" in parts["text"]
   assert "Learned 'skip' at equal energy: no finished run lies within" in parts["text"]
-  empty = sweep.verdict_parts([], [], nz)
+  empty = analyse.verdict_parts([], [], nz)
   assert empty["judgements"]["skip"] == {"T_sim": None, "energy": None}
   assert "Learned 'skip': no run finished yet" in empty["text"]
 
 
 @pytest.mark.slow
 def test_sweep_runs_resumes_and_tabulates(tmp_path):
-  """A smoke sweep on digits: every run in its own process and workdir, the ANN twin first; a rerun skips what
-  is done; the table has one row per finished run and lists the rest as pending. (The comparison with fixed T
-  is tested above on synthetic summaries.)"""
+  """A smoke sweep on digits, run by dtvit.sweep: the ANN twin alone first, then a learned run from it in a child
+  process (--parallel); a rerun skips what is done; the analysis has one row per finished run and lists the rest
+  as pending. (The comparison with fixed T is tested above on synthetic summaries.)"""
   root = str(tmp_path / "runs")
-  argv = [f"--root={root}", "--extra_arg=smoke,digits", "--fixed_t=", "--costs=0.05", "--op_costs=",
-          "--no_report"]
-  sweep.main(argv + ["--only=ann"])
-  assert sweep.is_done(root, sweep.Run("ann", "ann", from_ann=False))
-  assert not os.path.exists(os.path.join(root, "learned_skip_0.05", "summary.json"))
-  sweep.main(argv + ["--only=ann,learned_skip_0.05"])   # resumes: ann is done and skipped
-  learned = json.load(open(os.path.join(root, "learned_skip_0.05", "config.json")))
-  assert learned["snn"]["init_from"].endswith(os.path.join("ann", "ann", "checkpoints"))
-  assert learned["snn"]["time_cost"] == 0.05 and learned["model"]["num_steps"] == recipe.T_MAX
+  argv = [f"--config={os.path.join(ROOT, 'experiments', 'cifar10_cpu', 'config.py')}:smoke,digits,T_max=2",
+          f"--root={root}"]
+  assert dtvit_sweep.main(argv + ["--only=ann"]) == 0
+  assert dtvit_sweep.state(os.path.join(root, "ann")) == "done"
+  assert dtvit_sweep.state(os.path.join(root, "learned_skip_0.03")) == "pending"
+  assert dtvit_sweep.main(argv + ["--only=ann", "--only=learned_skip_0.03", "--parallel=2"]) == 0
+  learned = json.load(open(os.path.join(root, "learned_skip_0.03", "config.json")))
+  assert learned["snn"]["init_from"] == os.path.join(os.path.abspath(root), "ann", "ann", "checkpoints")
+  assert learned["snn"]["time_cost"] == 0.03 and learned["model"]["num_steps"] == 2
   assert learned["model"]["mask"]["semantics"] == "skip"
+  assert "dtvit.sweep point learned_skip_0.03" in open(os.path.join(root, "learned_skip_0.03.log")).read()
   timings = json.load(open(os.path.join(root, "timings.json")))
-  assert {k: len(v) for k, v in timings.items()} == {"ann": 1, "learned_skip_0.05": 1}
-  results = json.load(open(os.path.join(root, "results.json")))
+  assert {k: len(v) for k, v in timings.items()} == {"ann": 1, "learned_skip_0.03": 1}
+  results = analyse.analyse(root, report=False)
   rows = {r["name"]: r for r in results["rows"]}
-  assert set(rows) == {"ann", "learned_skip_0.05"}
-  r = rows["learned_skip_0.05"]
-  assert r["semantics"] == "skip" and r["seed"] == 0 and r["cost_kind"] == "expected"
-  assert 0.0 <= r["T_avg"] <= recipe.T_MAX and 0.0 <= r["T_sim"] <= recipe.T_MAX
+  assert set(rows) == {"ann", "learned_skip_0.03"}
+  r = rows["learned_skip_0.03"]
+  assert r["semantics"] == "skip" and r["seed"] == 0 and r["cost_kind"] == "expected" and r["T_max"] == 2
+  assert 0.0 <= r["T_avg"] <= 2 and 0.0 <= r["T_sim"] <= 2
   assert set(r["per_module"]) == set(r["per_module_sim"])
   assert all(0.0 <= rows[n]["accuracy"] <= 1.0 for n in rows)
-  assert [p["name"] for p in results["pending"]] == ["learned_filter_0.05"]
+  assert len(results["pending"]) == len(list(recipe.get_sweep("T_max=2"))) - 2
   assert results["comparison"][0]["fixed_at_T_sim"] is None   # no fixed-T run to compare with
   assert results["judgements"]["skip"] == {"T_sim": None, "energy": None}
   text = open(os.path.join(root, "results.md")).read()
-  assert "| learned_skip_0.05 | learned | skip | 0 | 4 |" in text and "learned_filter_0.05 (not started)" in text
+  assert "| learned_skip_0.03 | learned | skip | 0 | 2 |" in text and "learned_filter_0.03 (not started)" in text
   assert os.path.exists(os.path.join(root, "accuracy_vs_steps.png"))
 
 
-def test_snn_run_before_the_twin_is_refused(tmp_path):
-  with pytest.raises(RuntimeError, match="run 'ann' first"):
-    sweep.run_one(str(tmp_path), sweep.Run("fixed_T1", "fixed,T=1"))
+def test_snn_run_before_the_twin_is_not_run(tmp_path, capsys):
+  argv = [f"--config={os.path.join(ROOT, 'experiments', 'cifar10_cpu', 'config.py')}:smoke,digits",
+          f"--root={tmp_path}", "--only=fixed_T1"]
+  assert dtvit_sweep.main(argv) == 1
+  out = capsys.readouterr()
+  assert "fixed_T1: not run: it starts from ['ann'], not done" in out.out
+  assert "not finished: fixed_T1" in out.err
+  assert not os.path.exists(tmp_path / "fixed_T1" / "config.json")

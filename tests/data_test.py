@@ -416,3 +416,48 @@ def test_eval_subset_is_strided_and_complete():
   np.testing.assert_array_equal(labels, full[::len(full) // 100][:100])
   with pytest.raises(ValueError, match='max_examples must be >= 0'):
     next(data.eval_batches(cfg, global_batch_size=64, max_examples=-1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation split held out from train
+
+
+def _rows(images):
+  """Each image as bytes, counted (a multiset: equal digits may occur twice)."""
+  from collections import Counter  # pylint: disable=g-import-not-at-top
+  return Counter(x.tobytes() for x in images)
+
+
+def test_val_split_is_held_out_from_train_and_never_trained_on():
+  from dtvit.data import sources  # pylint: disable=g-import-not-at-top
+  train_idx, val_idx = sources.val_indices(1437, 100)
+  assert len(val_idx) == 100 and len(train_idx) == 1337
+  assert not set(train_idx) & set(val_idx)
+  np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(1437))
+  assert sources.val_indices(1437, 100)[1] is val_idx  # fixed: the same for every run and seed
+
+  cfg = _config(crop_padding=0)  # no augmentation: the stream's images are the stored ones
+  cfg.val_examples = 100
+  info = data.get_info(cfg)
+  assert (info.num_train, info.num_val, info.num_test) == (1337, 100, 360)
+  val = next(data.eval_batches(cfg, split='val', global_batch_size=100))
+  train = next(data.eval_batches(cfg, split='train', global_batch_size=1337))
+  whole_cfg = _config(crop_padding=0)
+  whole = next(data.eval_batches(whole_cfg, split='train', global_batch_size=1437))
+  assert _rows(train['image']) + _rows(val['image']) == _rows(whole['image'])
+  np.testing.assert_array_equal(val['label'], whole['label'][val_idx])
+  # The train stream: one epoch (a batch of 1337) is exactly the train split without the held-out images,
+  # for any seed, and so is the next epoch.
+  for seed in (0, 1):
+    epochs = _take(data.train_batches(cfg, global_batch_size=1337, seed=seed), 2)
+    for epoch in epochs:
+      assert _rows(epoch['image']) == _rows(train['image'])
+
+
+def test_val_split_errors_name_the_fix():
+  cfg = _config()
+  with pytest.raises(ValueError, match=r"split='val' needs held-out train examples: set data.val_examples > 0"):
+    data.eval_batches(cfg, split='val', global_batch_size=8)
+  cfg.val_examples = 1437
+  with pytest.raises(ValueError, match=r'data.val_examples=1437 must be in \[0, 1437\)'):
+    data.get_info(cfg)

@@ -151,3 +151,29 @@ def test_notebook_executes_against_a_run(run_dir):
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if "image/png" in o.get("data", {})]
   assert len(images) >= 4  # the classified images and the report's plots
+
+
+def test_preprocess_is_the_pipelines_normalisation_and_the_spec_is_stored(run_dir, snn, tmp_path):
+  from dtvit.data import sources, spec  # pylint: disable=g-import-not-at-top
+  run = snn
+  raw = sources.digits_arrays()[2]                                   # the test split's raw [0, 1] images
+  batch = next(run.batches())
+  n = int(batch["mask"].sum())
+  np.testing.assert_array_equal(run.preprocess(raw[:n]), batch["image"][:n])
+  # uint8 images ([0, 255]) and single [h, w] images give the same input up to the uint8 rounding.
+  uint8 = np.round(raw[:4] * 255).astype(np.uint8)
+  np.testing.assert_allclose(run.preprocess(uint8), batch["image"][:4], atol=0.6 / 255 / run.data_spec["std"][0])
+  np.testing.assert_array_equal(run.preprocess(raw[0, :, :, 0]), run.preprocess(raw[:1]))
+  # Any size is resized to the model's, as the pipeline resizes.
+  assert run.preprocess([np.zeros((16, 12, 1), np.uint8)]).shape == (1, 8, 8, 1)
+  with pytest.raises(ValueError, match=r"takes \[H, W, 1\] images"):
+    run.preprocess(np.zeros((1, 8, 8, 3), np.float32))
+  assert run.class_names == [str(i) for i in range(10)]
+  # Training wrote the spec; a workdir from before the file existed recomputes the same one from its config.
+  with open(os.path.join(run_dir, "data_spec.json")) as f:
+    stored = json.load(f)
+  assert stored == run.data_spec and stored["image_shape"] == [8, 8, 1]
+  copy = tmp_path / "old_run"
+  shutil.copytree(run_dir, copy)
+  os.remove(copy / "data_spec.json")
+  assert spec.read_spec(str(copy), run.config.data) == stored

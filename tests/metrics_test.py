@@ -1,5 +1,6 @@
 """Tests for dtvit/metrics.py: event files read back, log lines, just_logging, Averager, progress bar."""
 import glob
+import io
 import logging
 import math
 import os
@@ -113,3 +114,111 @@ def test_progress_bar_visibility(capsys, monkeypatch):
   assert 'train' in err and '7/10' in err and 'quiet' not in err
 
   assert metrics.progress_bar(10, disable=True).disable
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def _render(text: str) -> list[str]:
+  """The lines a terminal shows for `text`: '\\r' returns to column 0 and overwrites, '\\n' ends the line."""
+  lines, line, col = [], [], 0
+  for ch in text:
+    if ch == '\n':
+      lines.append(''.join(line).rstrip())
+      line, col = [], 0
+    elif ch == '\r':
+      col = 0
+    else:
+      line[col:col + 1] = [ch]
+      col += 1
+  return lines + [''.join(line).rstrip()]
+
+
+def test_a_log_line_written_while_the_bar_is_open_comes_out_on_its_own_line():
+  term = _Terminal()
+  handler = logging.StreamHandler(term)  # a log handler on the bar's stream, as absl's is on stderr
+  handler.setFormatter(logging.Formatter('LOG %(message)s'))
+  root = logging.getLogger()
+  root.addHandler(handler)
+  old_level = root.level
+  root.setLevel(logging.INFO)
+  try:
+    bar = metrics.progress_bar(10, desc='train', disable=False, file=term)
+    bar.update(3)
+    bar.refresh()
+    logging.getLogger('dtvit.test').info('[3] loss=0.5')
+    bar.update(3)
+    bar.close()
+    assert handler.stream is term  # given back
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+  lines = _render(term.getvalue())
+  assert 'LOG [3] loss=0.5' in lines  # whole, not appended to a bar
+  assert any(line.startswith('train:  60%') for line in lines)
+  assert lines.index('LOG [3] loss=0.5') < max(i for i, line in enumerate(lines) if '6/10' in line)
+
+
+def test_without_the_redirect_the_line_would_land_on_the_bar():
+  # The failure the test above guards against, shown with a plain tqdm bar.
+  term = _Terminal()
+  bar = metrics.tqdm.tqdm(total=10, desc='train', file=term)
+  bar.update(3)
+  bar.refresh()
+  term.write('LOG [3] loss=0.5\n')
+  bar.close()
+  assert 'LOG [3] loss=0.5' not in _render(term.getvalue())
+
+
+def test_throughput_rates_pauses_and_eta():
+  now = [100.0]
+  meter = metrics.Throughput(total=50, batch_size=32, clock=lambda: now[0])
+  assert meter.rates(5) == {}  # not started
+  meter.start(1)
+  now[0] += 2.0
+  meter.pause()
+  now[0] += 30.0  # evaluation: not training time
+  meter.resume()
+  now[0] += 2.0
+  assert meter.rates(9) == pytest.approx({'steps_per_s': 2.0, 'images_per_s': 64.0, 'eta_s': 41 / 2.0})
+  meter.start(9)
+  assert meter.rates(9) == {}
+  now[0] += 4.0
+  assert meter.rates(50)['eta_s'] == 0.0
+
+
+def test_hparams_are_the_flattened_config_in_the_event_file(tmp_path):
+  from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=g-import-not-at-top
+  config = {'seed': 0, 'data': {'name': 'digits', 'mean': (), 'augment': {'flip': False}},
+            'snn': {'optimizer': {'lr': 1e-4}}, 'model': {'neuron': {'alpha': None}}}
+  flat = metrics.flatten_hparams(config)
+  assert flat == {'seed': 0, 'data.name': 'digits', 'data.mean': '()', 'data.augment.flip': False,
+                  'snn.optimizer.lr': 1e-4, 'model.neuron.alpha': 'None'}
+  logdir = str(tmp_path / 'tb')
+  with metrics.MetricWriter(logdir) as writer:
+    writer.write_hparams(flat, metrics=('loss', 'val_accuracy'))
+  found = {}
+  for event in metrics.read_events(logdir):
+    for value in event.summary.value:
+      if value.metadata.plugin_data.plugin_name == 'hparams':
+        found[value.tag] = plugin_hparams_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+  hp = found['_hparams_/session_start_info'].session_start_info.hparams
+  assert hp['snn.optimizer.lr'].number_value == pytest.approx(1e-4)
+  assert hp['data.name'].string_value == 'digits' and hp['data.augment.flip'].bool_value is False
+  assert hp['model.neuron.alpha'].string_value == 'None'
+  experiment = found['_hparams_/experiment'].experiment
+  assert [m.name.tag for m in experiment.metric_infos] == ['loss', 'val_accuracy']
+
+
+def test_read_curves_sorts_and_keeps_one_value_per_step(tmp_path):
+  logdir = str(tmp_path / 'tb')
+  with metrics.MetricWriter(logdir) as writer:
+    for step, loss in ((2, 1.0), (4, 0.5), (4, 0.25), (1, 2.0)):  # a resumed run wrote step 4 again
+      writer.write_scalars(step, {'loss': loss, 'other': 0.0})
+  curves = metrics.read_curves(logdir, tags=('loss', 'absent'))
+  assert list(curves) == ['loss']
+  steps_N, values_N = curves['loss']
+  np.testing.assert_array_equal(steps_N, [1, 2, 4])
+  np.testing.assert_array_equal(values_N, [2.0, 1.0, 0.25])

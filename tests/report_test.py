@@ -78,3 +78,31 @@ def test_report_errors_for_a_missing_workdir(tmp_path):
     report.write_report([str(tmp_path / "nowhere")], str(tmp_path / "out"))
   with pytest.raises(ValueError, match="ann_params"):
     report.write_report([str(tmp_path)], ann_params="bogus")
+
+
+def test_training_curves_section_reads_the_event_files(tmp_path):
+  from dtvit import metrics  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"phases": "ann,snn,finetune"}))
+  with metrics.MetricWriter(str(workdir / "ann")) as w:
+    for step, loss in ((2, 2.0), (4, 1.0), (4, 1.0)):  # step 4 written twice (a resumed run)
+      w.write_scalars(step, {"loss": loss, "accuracy": 0.5, "learning_rate": 1e-3})
+    w.write_scalars(4, {"val_accuracy": 0.4, "test_accuracy": 0.45})
+  with metrics.MetricWriter(str(workdir / "snn")) as w:
+    w.write_scalars(3, {"loss": 0.5, "accuracy": 0.75, "average_time_steps": 2.5})
+  curves = report.training_curves(str(workdir), ["ann", "snn", "finetune"])
+  assert list(curves) == ["ann", "snn"]  # finetune never ran: no event files
+  assert curves["ann"]["loss"][0].tolist() == [2, 4] and curves["ann"]["loss"][1].tolist() == [2.0, 1.0]
+  assert "learning_rate" not in curves["ann"]
+  result = {"plots": {}}
+  md = report._curves_section(str(workdir), result, str(tmp_path))
+  assert "![training curves](training_curves.png)" in md
+  assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert result["curves"]["snn"]["average_time_steps"] == {"steps": [3], "values": [2.5]}
+  assert result["curves"]["ann"]["val_accuracy"]["values"] == [pytest.approx(0.4)]
+  fig = report.plot_training_curves(curves)
+  (loss_ax, acc_ax, steps_ax) = fig.axes
+  snn_loss = [line for line in loss_ax.lines if line.get_label() == "snn loss"][0]
+  assert snn_loss.get_xdata().tolist() == [4 + 3]  # after the ANN's 4 steps
+  assert [l.get_label() for l in steps_ax.lines if not l.get_label().startswith("_")] == ["snn average_time_steps"]

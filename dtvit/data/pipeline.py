@@ -39,6 +39,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.resize_method = 'bilinear'  # 'bilinear' | 'nearest', used when image_size differs from the stored side
   c.mean = ()                # per-channel mean override in [0, 1] units; () = the dataset's own statistics
   c.std = ()                 # per-channel std override; () = the dataset's own statistics
+  c.val_examples = 0         # train examples held out (fixed choice, `sources.val_indices`) as the 'val' split
+  c.periodic_eval_split = 'val'  # what `<phase>.eval_every` evaluates: 'val' | 'test' (the end's test split)
   c.num_threads = 2          # grain threads preparing batches; 0 = prepare in the consuming thread
   c.prefetch = 4             # batches prepared ahead of use (with num_threads > 0)
   c.augment = ml_collections.ConfigDict()
@@ -131,7 +133,7 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   ds = sources.load(data_cfg)
   aug = ml_collections.FrozenConfigDict(data_cfg.augment)  # batches prepared ahead must not see later edits
-  stream = grain.MapDataset.range(ds.info.num_train).seed(seed).shuffle().repeat().random_map(_example_seed)
+  stream = grain.MapDataset.range(len(ds.splits['train'])).seed(seed).shuffle().repeat().random_map(_example_seed)
   batches = stream.batch(local_batch_size)[process_index::process_count][start_step:]
   return batches.map(functools.partial(_train_batch, ds=ds, aug=aug, method=data_cfg.resize_method,
                                        num_classes=num_classes or ds.info.num_classes))
@@ -159,8 +161,10 @@ def eval_dataset(data_cfg, *, split: str = 'test', global_batch_size: int, num_c
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   ds = sources.load(data_cfg)
   split = 'test' if split == 'validation' else split
+  if split == 'val' and 'val' not in ds.splits:
+    raise ValueError("split='val' needs held-out train examples: set data.val_examples > 0.")
   if split not in ds.splits:
-    raise ValueError(f"split='{split}'; valid choices: train, test.")
+    raise ValueError(f"split='{split}'; valid choices: train, test, val.")
   if max_examples < 0:
     raise ValueError(f'max_examples must be >= 0 (0 = the whole split), got {max_examples}.')
   total = len(ds.splits[split])
@@ -178,7 +182,8 @@ def eval_dataset(data_cfg, *, split: str = 'test', global_batch_size: int, num_c
 def eval_batches(data_cfg, *, split: str = 'test', global_batch_size: int, num_classes: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  max_examples: int = 0) -> Iterator[dict]:
-  """One pass over `split` ('test' or 'train'), no augmentation, in stored order.
+  """One pass over `split` ('test', 'train' or 'val': the `data.val_examples` held out from train; 'train' is
+  then without them), no augmentation, in stored order.
 
   `max_examples` > 0 evaluates an evenly strided subset of that size (every k-th example, so a split stored
   class by class stays balanced); 0 = the whole split.

@@ -22,6 +22,7 @@ stock builders (`tfds build`, which encodes `tfds.features.Image`), TFRecord fil
 """
 import dataclasses
 import functools
+import os
 from typing import Sequence
 
 import ml_collections
@@ -29,6 +30,7 @@ import numpy as np
 
 from dtvit.data import augment
 
+DATA_DIR_ENV = 'DTVIT_DATA_DIR'
 NAMES = ('digits', 'cifar10_local', 'image_folder', 'cifar10', 'cifar100', 'imagenet2012')
 _STATS = {  # per-channel (mean, std) in [0, 1] pixel units
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -44,15 +46,16 @@ class DatasetInfo:
   name: str
   num_classes: int
   image_shape: tuple  # (H, W, C) after preprocessing
-  num_train: int
+  num_train: int  # the examples training reads (the train split less the validation examples)
   num_test: int
+  num_val: int = 0  # train examples held out for validation (`data.val_examples`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A loaded dataset: random-access splits of {'image', 'label'} records plus how to preprocess them."""
   info: DatasetInfo
-  splits: dict  # 'train' / 'test' -> source with __len__, __getitem__ and __getitems__(indices)
+  splits: dict  # 'train' / 'test' (/ 'val') -> source with __len__, __getitem__ and __getitems__(indices)
   mean: np.ndarray  # float32 [C]
   std: np.ndarray  # float32 [C]
   variable_size: bool  # stored images differ in size (ImageNet): crop/resize each to image_size
@@ -72,6 +75,46 @@ class ArraySource:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict]:
     return [self[i] for i in indices]
+
+
+class Subset:
+  """The records `indices` of another source, renumbered 0..len-1 (same random-access interface)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[int(self.indices[index])]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    return self.source.__getitems__([int(i) for i in self.indices[np.asarray(indices, np.int64)]])
+
+
+@functools.lru_cache(maxsize=8)
+def val_indices(num_train: int, num_val: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train indices, validation indices) of a train split of `num_train` records, both sorted int64: the
+  validation set is `num_val` records drawn by a fixed generator (seed 0), so it is the same for every run and
+  every `config.seed`; the train indices are all the others."""
+  if not 0 <= num_val < num_train:
+    raise ValueError(f'data.val_examples={num_val} must be in [0, {num_train}) (the train split has {num_train} '
+                     f'examples); set data.val_examples to the number of train examples to hold out, 0 for none.')
+  chosen = np.zeros(num_train, bool)
+  chosen[np.random.default_rng(0).permutation(num_train)[:num_val]] = True
+  return np.flatnonzero(~chosen).astype(np.int64), np.flatnonzero(chosen).astype(np.int64)
+
+
+def _hold_out(ds: Dataset, num_val: int) -> Dataset:
+  """`ds` with `num_val` train examples moved to a 'val' split that training never reads."""
+  if not num_val:
+    return ds
+  train_idx, val_idx = val_indices(ds.info.num_train, num_val)
+  train = ds.splits['train']
+  splits = dict(ds.splits, train=Subset(train, train_idx), val=Subset(train, val_idx))
+  info = dataclasses.replace(ds.info, num_train=len(train_idx), num_val=len(val_idx))
+  return dataclasses.replace(ds, info=info, splits=splits)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,22 +179,50 @@ def _load_cached(name, archive, data_dir, image_size, resize_method) -> Dataset:
 
 
 def load(data_cfg) -> Dataset:
-  """The dataset `data_cfg` names (`config.data`), with its mean/std overrides applied; cached per source."""
+  """The dataset `data_cfg` names (`config.data`), with its mean/std overrides applied and `data.val_examples`
+  train examples held out as the 'val' split (`val_indices`); cached per source. The dataset statistics of an
+  image folder are estimated before the hold-out (they include the validation images)."""
   if data_cfg.name not in NAMES:
     raise ValueError(f"Unknown data.name '{data_cfg.name}'; valid choices: {', '.join(NAMES)}.")
   if data_cfg.resize_method not in augment.RESIZE_METHODS:
     raise ValueError(f"data.resize_method='{data_cfg.resize_method}'; valid choices: bilinear, nearest.")
-  ds = _load_cached(data_cfg.name, data_cfg.archive, data_cfg.data_dir, data_cfg.image_size,
-                    data_cfg.resize_method)
+  ds = _load_cached(data_cfg.name, resolve_path(data_cfg.archive, 'data.archive'),
+                    resolve_path(data_cfg.data_dir, 'data.data_dir'), data_cfg.image_size, data_cfg.resize_method)
   channels = ds.info.image_shape[-1]
   mean = np.asarray(data_cfg.mean or ds.mean, np.float32).reshape(-1)
   std = np.asarray(data_cfg.std or ds.std, np.float32).reshape(-1)
   if mean.size != channels or std.size != channels:
     raise ValueError(f'data.mean/data.std need {channels} values for {data_cfg.name}, '
                      f'got {mean.size} and {std.size}.')
-  return dataclasses.replace(ds, mean=mean, std=std)
+  return _hold_out(dataclasses.replace(ds, mean=mean, std=std), data_cfg.get('val_examples', 0))
 
 
 def get_info(data_cfg) -> DatasetInfo:
   """Sizes and shapes of the configured dataset (prepares cifar10_local/image_folder the first time)."""
   return load(data_cfg).info
+
+
+def project_root() -> str | None:
+  """The checkout dtvit runs from (the folder holding dtvit/, configs/ and pyproject.toml), or None for an
+  installed copy (dtvit/ in site-packages)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return root if os.path.isfile(os.path.join(root, 'pyproject.toml')) else None
+
+
+def resolve_path(path: str, what: str = 'data path') -> str:
+  """An absolute `data.archive` / `data.data_dir`, never resolved against the current directory.
+
+  '' stays '' (no archive; the tfds default data_dir). '~' is expanded. A relative path is taken against
+  $DTVIT_DATA_DIR when set, else against the dtvit checkout (where the recipes' relative paths, such as
+  '../shared/data/cifar10-jpg.tar.gz' and 'data_dir', point from); an installed dtvit without a checkout needs
+  $DTVIT_DATA_DIR or an absolute path."""
+  if not path:
+    return path
+  path = os.path.expanduser(path)
+  if os.path.isabs(path):
+    return os.path.normpath(path)
+  base = os.environ.get(DATA_DIR_ENV) or project_root()
+  if base is None:
+    raise ValueError(f'{what}={path!r} is relative and dtvit is installed without a checkout to resolve it '
+                     f'against: set {DATA_DIR_ENV}=<folder it is relative to>, or give an absolute path.')
+  return os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(base)), path))

@@ -1,46 +1,70 @@
-"""The CPU-scale CIFAR-10 recipe of the sweep in this folder (see README.md; `sweep.py` runs it).
+"""The CPU-scale CIFAR-10 recipe and its sweep, as data (see README.md; `dtvit.sweep` runs it).
 
 Model: Spikformer-2-64 (depth 2, dim 64, 4 heads, MLP ratio 2), SPS stem pooling after its first two stages
 (32x32 -> 8x8 = 64 tokens, so the three spiking stem convs past the first run at 16x16 and 8x8). It is the
 smallest Spikformer-style model we found to learn CIFAR-10 well within the 2-core budget: the ANN twin trained at
 ~240 img/s and the T_max = 4 SNN runs at ~80 img/s (batch 64, 2 shared cores, XLA:CPU; train_time_s of the runs).
 
-  python -m dtvit.main --config=experiments/cifar10_cpu/config.py:ann --workdir=runs/ann
-  python -m dtvit.main --config=experiments/cifar10_cpu/config.py:fixed,T=2 \
-      --config.snn.init_from=runs/ann/ann/checkpoints --workdir=runs/fixed_T2
-  python -m dtvit.main --config=experiments/cifar10_cpu/config.py:learned,cost=0.03,kind=op_weighted \
-      --config.snn.init_from=runs/ann/ann/checkpoints --workdir=runs/learned_op0.03
+  python -m dtvit.sweep --config=experiments/cifar10_cpu/config.py --root=experiments/cifar10_cpu/runs
+  python -m dtvit.main --config=experiments/cifar10_cpu/config.py --config.phases=ann --workdir=/tmp/c10/ann
+  python -m dtvit.main --config=experiments/cifar10_cpu/config.py --config.snn.time_cost=0.03 \
+      --config.snn.init_from=/tmp/c10/ann/ann/checkpoints --workdir=/tmp/c10/learned_skip_0.03
 
-Arguments (comma-separated):
-  ann                          the ANN twin (phase 'ann', ANN_EPOCHS epochs)
-  fixed,T=<T>                  SNN with T steps, masks off (phase 'snn' from the twin, SNN_EPOCHS epochs)
-  learned,cost=<w>[,kind=<k>][,semantics=<s>]
-                               SNN with learned masks, T_max = 4, time-step cost weight w of kind k
-                               ('expected' or 'op_weighted'; default 'expected'); masked steps 'skip'
-                               (default) or 'filter' (see dtvit/masks.py)
-  seed=<n>                     the run's seed (default 0): initialisation of the scores, data order
-  smoke                        a tiny model, a few steps, a test subset: the same code paths (tests)
-  digits                       scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
+`get_config(arg)`: the SNN phase with learned masks at T_max steps, no time-step cost, from the checkpoint in
+`snn.init_from` (the ANN twin). `get_sweep(arg)`: the sweep's runs as overrides of it, in the order they run: the
+ANN twin (`ann`: phases=ann), fixed T = 1..T_max (`fixed_T<T>`: masks off, no cost), learned masks at T_max for
+each cost weight under both mask semantics (`learned_<semantics>_<cost>`, and `learned_<semantics>_op_<cost>`
+with the op-weighted cost), then second seeds (`<run>_seed1`) of SEED_RUNS: the seed-to-seed spread a gain must
+exceed. Every SNN run starts from the twin's checkpoint, `{root}/ann/ann/checkpoints`.
+
+Arguments (comma-separated, for both):
+  T_max=<n>   the learned runs' T_max and the largest fixed T (default 4; another T_max needs another --root)
+  smoke       a tiny model, a few steps, a test subset: the same code paths (tests)
+  digits      scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
 """
 
 from configs import common
+from dtvit import sweep
 
 ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"
 NUM_TRAIN = 50_000
 BATCH_SIZE = 64
 ANN_EPOCHS = 8
 SNN_EPOCHS = 1
-T_MAX = 4
+DEFAULT_T_MAX = 4
+COST_WEIGHTS = (0.03, 0.01, 0.1)    # in run order: the middle cost first, so that it lands first
+OP_WEIGHTED_COSTS = (0.03,)
+SEMANTICS = ("skip", "filter")
+# Second seeds (data order and augmentation; the same ANN twin): the seed-to-seed spread of the comparison.
+SEED_RUNS = ("fixed_T2", "fixed_T3", "learned_skip_0.03", "learned_filter_0.03")
+TWIN = "{root}/ann/ann/checkpoints"
+_ARGS = ("T_max", "smoke", "digits")
+
+
+def _t_max(args: dict) -> int:
+  t_max = int(args.get("T_max") or DEFAULT_T_MAX)
+  if t_max < 1:
+    raise ValueError(f"cifar10_cpu: T_max={t_max}; give 1 or more.")
+  return t_max
+
+
+def get_sweep(arg: str = ""):
+  """The sweep's runs: dicts of dotted overrides of get_config(arg), each named (see the module docstring)."""
+  t_max = _t_max(common.parse_arg(arg, _ARGS, "cifar10_cpu"))
+  ann = sweep.named("ann", {"phases": "ann"})
+  fixed = [sweep.named(f"fixed_T{t}", {"model.num_steps": t, "model.mask.enabled": False, "snn.time_cost": 0.0,
+                                       "snn.init_from": TWIN}) for t in range(1, t_max + 1)]
+  learned = [sweep.named(f"learned_{sem}_{op}{w:g}", {"snn.time_cost": w, "snn.cost_kind": kind,
+                                                      "model.mask.semantics": sem, "snn.init_from": TWIN})
+             for costs, kind, op in ((COST_WEIGHTS, "expected", ""), (OP_WEIGHTED_COSTS, "op_weighted", "op_"))
+             for w in costs for sem in SEMANTICS]
+  seeds = [sweep.named(p[sweep.NAME_KEY] + "_seed1", {**sweep.overrides(p), "seed": 1})
+           for p in fixed + learned if p[sweep.NAME_KEY] in SEED_RUNS]
+  return sweep.chain([ann], fixed, learned, seeds)
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, ("ann", "fixed", "learned", "T", "cost", "kind", "semantics", "seed", "smoke",
-                                "digits"),
-                          "cifar10_cpu")
-  runs = [r for r in ("ann", "fixed", "learned") if r in args]
-  if len(runs) != 1:
-    raise ValueError(f"cifar10_cpu: name exactly one of ann, fixed, learned in the config argument, got {arg!r}.")
-  run = runs[0]
+  args = common.parse_arg(arg, _ARGS, "cifar10_cpu")
   c = common.get_base_config()
   if "digits" in args:
     c.data.name = "digits"
@@ -60,7 +84,8 @@ def get_config(arg: str = ""):
   m.variant = "2-128"
   m.depth, m.dim, m.num_heads, m.mlp_ratio = 2, 64, 4, 2.0
   m.stem_pools = (True, True, False, False) if image_side == 32 else (False, False, False, True)
-  m.num_steps = T_MAX
+  m.num_steps = _t_max(args)
+  m.mask.semantics = "skip"
 
   steps = lambda epochs: epochs * num_train // BATCH_SIZE
   c.ann = common.phase_config(steps=steps(ANN_EPOCHS), lr=2e-3, batch_size=BATCH_SIZE)
@@ -74,28 +99,7 @@ def get_config(arg: str = ""):
   c.snn.label_smoothing = 0.1
   c.snn.log_every = 50
   c.snn.checkpoint_every = 200
-
-  if "seed" in args:
-    c.seed = int(args["seed"])
-  if run == "ann":
-    c.phases = "ann"
-    if any(k in args for k in ("T", "cost", "kind", "semantics")):
-      raise ValueError("cifar10_cpu: the ANN twin takes no T, cost, kind or semantics.")
-  else:
-    c.phases = "snn"
-    if run == "fixed":
-      if "T" not in args or any(k in args for k in ("cost", "kind", "semantics")):
-        raise ValueError("cifar10_cpu: 'fixed' takes T=<steps> and no cost, kind or semantics (every step is "
-                         "active, so there is nothing to skip or filter).")
-      m.num_steps = int(args["T"])
-      m.mask.enabled = False
-      c.snn.time_cost = 0.0
-    else:
-      if "cost" not in args or "T" in args:
-        raise ValueError("cifar10_cpu: 'learned' takes cost=<weight> (T_max is fixed at 4).")
-      c.snn.time_cost = float(args["cost"])
-      c.snn.cost_kind = args.get("kind") or "expected"
-      m.mask.semantics = args.get("semantics") or "skip"
+  c.phases = "snn"
   if "smoke" in args:   # the same code paths on a tiny model: seconds to compile
     m.depth, m.dim, m.num_heads = 1, 16, 2
     c.eval_fixed_steps = False

@@ -6,7 +6,7 @@
 #
 # An existing run directory is moved aside (<root>.old-<date>), never deleted. The sweep takes about 2 hours
 # on 2 CPU cores; it can be stopped at any time and resumed with
-#   .venv/bin/python experiments/cifar10_cpu/sweep.py --root=<root>
+#   .venv/bin/python -m dtvit.sweep --config=experiments/cifar10_cpu/config.py --root=<root>
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="${1:-experiments/cifar10_cpu/runs}"
@@ -23,4 +23,5 @@ if [ -e "$ROOT" ]; then
   echo "rerun_all.sh: moved the previous runs to $OLD"
 fi
 mkdir -p "$ROOT"
-.venv/bin/python experiments/cifar10_cpu/sweep.py --root="$ROOT" 2>&1 | tee "$ROOT/sweep.log"
+{ .venv/bin/python -m dtvit.sweep --config=experiments/cifar10_cpu/config.py --root="$ROOT" \
+  && .venv/bin/python -m experiments.cifar10_cpu.analyse --root="$ROOT"; } 2>&1 | tee "$ROOT/sweep.log"

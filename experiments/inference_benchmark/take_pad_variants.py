@@ -16,12 +16,9 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -30,7 +27,6 @@ from dtvit import inference  # noqa: E402
 from dtvit import models  # noqa: E402
 from dtvit.models import layers  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 import benchmark  # noqa: E402  # pylint: disable=wrong-import-position
 
 ORIGINAL = {"take": layers.SpikingModule.take_steps, "pad": layers.SpikingModule.pad_steps}

@@ -18,16 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
-import sys
 
 import ml_collections
 
-# The recipes are the repository's `configs` package: importable however this file is loaded (by dtvit.main's
-# --config from the repository root, by a script in this folder, or as experiments.paper_scale.settings).
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _REPO not in sys.path:
-  sys.path.append(_REPO)
+# The recipes are the `configs` package that `pip install -e .` (make venv) installs beside dtvit.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,98 +1,36 @@
-"""The CIFAR-10 CPU sweep: which runs, a resumable runner, and the results table and plot.
+"""The CIFAR-10 CPU sweep's analysis: learned masks against fixed T, from the table dtvit.sweep writes.
 
-  python experiments/cifar10_cpu/sweep.py --root=experiments/cifar10_cpu/runs            # run / resume all
-  python experiments/cifar10_cpu/sweep.py --root=... --list                              # the runs, their state
-  python experiments/cifar10_cpu/sweep.py --root=... --only=ann,fixed_T1                 # some runs
-  python experiments/cifar10_cpu/sweep.py --root=... --analyse_only                      # table + plots only
+  python -m dtvit.sweep --config=experiments/cifar10_cpu/config.py --root=experiments/cifar10_cpu/runs
+  python -m experiments.cifar10_cpu.analyse --root=experiments/cifar10_cpu/runs [--no_report]
 
-Each run is one `python -m dtvit.main` process with its own workdir `<root>/<name>` (its log in
-`<root>/<name>.log`). A run whose summary.json exists is done and skipped; an interrupted run resumes from its
-latest checkpoint (dtvit.main does that when given the same config and workdir). The wall time of every
-attempt is kept in `<root>/timings.json`, so a resumed run reports its total. When all runs are done:
-`dtvit.report` over them (sensitivity, histograms, learned steps, spike rates, early exit) into
-`<root>/report/` (primary run: the first learned run, the middle cost under 'skip'), the same for the largest
-fixed-T run (its block sensitivity against the ANN twin) in `<root>/report_fixed_T<T>/`, and `<root>/results.md`
-+ `results.json` + `accuracy_vs_steps.png` from `analyse` (which also runs on a partial sweep: the runs without
-a summary are listed as pending).
+dtvit.sweep runs the sweep (`config.py`'s get_sweep: each run in its own workdir `<root>/<name>`, finished runs
+skipped, unfinished ones resumed) and writes its table `<root>/sweep.json` (one row per run: the swept values,
+accuracy, time steps, energy, wall time). From that table this writes `<root>/results.md` + `results.json` +
+`accuracy_vs_steps.png` (runs without a summary are listed as pending), and `dtvit.report` over the runs
+(sensitivity, histograms, learned steps, spike rates, early exit) into `<root>/report/` (primary run: the first
+learned run, the middle cost under 'skip'), and for the largest fixed-T run (its block sensitivity against the ANN
+twin) into `<root>/report_fixed_T<T>/`.
 
 The analysis compares learned masks with fixed T at equal *simulated* steps (what a run computes) and at equal
 energy, separately for the 'skip' and 'filter' mask semantics, against the fixed-T curve (mean over the seeds at
-each T), and judges each gain against the largest seed-to-seed spread (pairs `<run>` / `<run>_seed1`); the
+each T), and judges each gain against the largest seed-to-seed spread (runs that differ only in `seed`); the
 gain at equal *active* steps is reported too, labelled as such. See the Analysis section below.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import time
-from typing import Iterator, Sequence
+from typing import Sequence
+
+from dtvit import loader
+from dtvit import sweep as dtvit_sweep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-CONFIG = os.path.join(HERE, "config.py")
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-FIXED_T = (1, 2, 3, 4)
-COST_WEIGHTS = (0.03, 0.01, 0.1)    # in run order: the middle cost first, so that it lands first
-OP_WEIGHTED_COSTS = (0.03,)
-SEMANTICS = ("skip", "filter")
-# Second seeds (data order and augmentation; the same ANN twin): the seed-to-seed spread of the comparison.
-SEED_RUNS = ("fixed_T2", "fixed_T3", "learned_skip_0.03", "learned_filter_0.03")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  name: str
-  arg: str                 # the config argument (see config.py)
-  from_ann: bool = True    # starts from the ANN twin's checkpoint
-
-  def command(self, root: str, *, extra_arg: str = "") -> list[str]:
-    arg = ",".join(filter(None, (self.arg, extra_arg)))
-    cmd = [sys.executable, "-m", "dtvit.main", f"--config={CONFIG}:{arg}",
-           f"--workdir={os.path.join(root, self.name)}"]
-    if self.from_ann:
-      cmd.append(f"--config.snn.init_from={os.path.join(root, 'ann', 'ann', 'checkpoints')}")
-    return cmd
-
-
-def runs(fixed_t: Sequence[int] = FIXED_T, cost_weights: Sequence[float] = COST_WEIGHTS,
-         op_weighted_costs: Sequence[float] = OP_WEIGHTED_COSTS, semantics: Sequence[str] = SEMANTICS,
-         seed_runs: Sequence[str] = SEED_RUNS) -> Iterator[Run]:
-  """The sweep, in the order it runs: the ANN twin first, as every SNN starts from it; then fixed T; then the
-  learned runs, each cost under both mask semantics; then the second seeds of `seed_runs`."""
-  yield Run("ann", "ann", from_ann=False)
-  base = []
-  for t in fixed_t:
-    base.append(Run(f"fixed_T{t}", f"fixed,T={t}"))
-  for w in cost_weights:
-    for sem in semantics:
-      base.append(Run(f"learned_{sem}_{w:g}", f"learned,cost={w:g},semantics={sem}"))
-  for w in op_weighted_costs:
-    for sem in semantics:
-      base.append(Run(f"learned_{sem}_op_{w:g}", f"learned,cost={w:g},kind=op_weighted,semantics={sem}"))
-  yield from base
-  for run in base:
-    if run.name in seed_runs:
-      yield Run(f"{run.name}_seed1", f"{run.arg},seed=1")
-
-
-def is_done(root: str, run: Run) -> bool:
-  return os.path.exists(os.path.join(root, run.name, "summary.json"))
-
-
-def _load_json(path: str, default):
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
 
 
 def _save_json(path: str, obj) -> None:
@@ -100,29 +38,6 @@ def _save_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
-
-
-def run_one(root: str, run: Run, *, extra_arg: str = "") -> None:
-  """Runs (or resumes) one run to completion; raises if its process fails."""
-  if run.from_ann and not is_done(root, Run("ann", "ann", from_ann=False)):
-    raise RuntimeError(f"{run.name} starts from the ANN twin, which has not finished: run 'ann' first.")
-  timings_path = os.path.join(root, "timings.json")
-  cmd = run.command(root, extra_arg=extra_arg)
-  print(f"[sweep] {run.name}: {' '.join(cmd)}", flush=True)
-  t0 = time.time()
-  with open(os.path.join(root, f"{run.name}.log"), "a") as log:
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-    log.flush()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get("PYTHONPATH")))))
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-  elapsed = time.time() - t0
-  timings = _load_json(timings_path, {})
-  timings.setdefault(run.name, []).append({"start": t0, "seconds": round(elapsed, 1), "returncode": proc.returncode})
-  _save_json(timings_path, timings)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{run.name} failed (exit {proc.returncode}); see {os.path.join(root, run.name + '.log')}. "
-                       "Rerun the sweep to resume it from its last checkpoint.")
-  print(f"[sweep] {run.name}: done in {elapsed / 60:.1f} min", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -135,23 +50,22 @@ def run_one(root: str, run: Run, *, extra_arg: str = "") -> None:
 # reported too, labelled as such. The noise level is the largest observed seed-to-seed spread (pairs
 # `<run>` / `<run>_seed1`); the binomial standard error of a test accuracy is stated beside it.
 
+SEMANTICS = ("skip", "filter")   # the mask semantics judged apart
 N_TEST = 10_000   # CIFAR-10 test images (a run's config.eval_examples when it evaluates a subset)
-_SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+_SETTING = ("phases", "model.num_steps", "model.mask.enabled", "snn.time_cost", "snn.cost_kind",
+            "model.mask.semantics")
 
 
-def seed_of(name: str) -> int:
-  """The run's seed from its name: `<base>_seed<n>` is seed n, anything else seed 0."""
-  m = _SEED_SUFFIX.search(name)
-  return int(m.group(1)) if m else 0
+def kind_of(row: dict) -> str:
+  """'ann' (the twin), 'fixed' (masks off) or 'learned', from a row of the sweep's table."""
+  if row.get("phases") == "ann":
+    return "ann"
+  return "learned" if row.get("model.mask.enabled") else "fixed"
 
 
-def base_of(name: str) -> str:
-  """The run's name without its `_seed<n>` suffix: the runs of one setting share it."""
-  return _SEED_SUFFIX.sub("", name)
-
-
-def kind_of(name: str) -> str:
-  return "ann" if name == "ann" else ("fixed" if name.startswith("fixed") else "learned")
+def _setting(row: dict) -> tuple:
+  """What a run is, but its seed: the runs of one setting differ only in seed."""
+  return tuple(str(row.get(k)) for k in _SETTING)
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -170,46 +84,41 @@ def binomial_se(p: float, n: int) -> float:
   return math.sqrt(max(p * (1.0 - p), 0.0) / n)
 
 
-def collect(root: str, all_runs: Sequence[Run]) -> list[dict]:
-  """One row per finished run (summary.json present), in run order: dtvit.analysis.run_rows' fields (semantics,
-  T_max, T_avg active, T_avg_op, T_sim simulated, T_sim_op, accuracy, accuracy_all_steps, energy_ratio, ...)
-  plus name, base, seed, kind ('ann' | 'fixed' | 'learned'), cost_kind, cost, per-module active and simulated
-  steps, n_test, optimizer steps and wall time."""
-  from dtvit import analysis  # pylint: disable=g-import-not-at-top
-  timings = _load_json(os.path.join(root, "timings.json"), {})
-  done = [r for r in all_runs if is_done(root, r)]
-  rows = []
-  for run, row in zip(done, analysis.run_rows([os.path.join(root, r.name) for r in done])):
-    summary = _load_json(os.path.join(root, run.name, "summary.json"), {})
-    config = _load_json(os.path.join(root, run.name, "config.json"), {})
-    kind = kind_of(run.name)
-    s = summary.get("ann" if kind == "ann" else "snn", {})
-    row = dict(row, name=run.name, base=base_of(run.name), seed=seed_of(run.name), kind=kind,
-               steps=s.get("steps"), train_time_s=s.get("train_time_s"),
-               wall_time_s=round(sum(a["seconds"] for a in timings.get(run.name, [])), 1),
-               n_test=int((config.get("eval_examples") or 0)) or N_TEST,
+def collect(root: str, table: dict) -> list[dict]:
+  """One row per finished run of the sweep's table, in sweep order with the seeds of a setting after its first:
+  the table's results (accuracy, accuracy_all_steps, T_max, T_avg active, T_avg_op, T_sim simulated, T_sim_op,
+  energy_ratio, steps, train_time_s, wall_time_s) plus name, base (the setting's first run), seed, kind ('ann' |
+  'fixed' | 'learned'), masks, semantics, cost_kind, cost, per-module active and simulated steps, n_test."""
+  rows, first, order = [], {}, {}
+  for i, t in enumerate(table["rows"]):
+    first.setdefault(_setting(t), t["name"])
+    order[t["name"]] = i
+    if t["state"] != "done":
+      continue
+    kind = kind_of(t)
+    workdir = os.path.join(root, t["name"])
+    s = (loader.read_summary(workdir) or {}).get("ann" if kind == "ann" else "snn", {})
+    eval_examples = loader.read_config(workdir).get("eval_examples") or 0
+    row = {k: t.get(k) for k in ("workdir", "phase", "ann_accuracy", "accuracy", "accuracy_all_steps", "T_max", "T_avg", "T_avg_op", "T_sim",
+                                 "T_sim_op", "energy_ratio", "steps", "train_time_s", "wall_time_s")}
+    row.update(name=t["name"], base=first[_setting(t)], seed=int(t.get("seed") or 0), kind=kind,
+               masks={"ann": None, "fixed": "fixed T", "learned": "learned"}[kind],
+               semantics=t.get("model.mask.semantics") if kind == "learned" else None,
+               cost_kind=t.get("snn.cost_kind") if kind == "learned" else None,
+               cost=t.get("snn.time_cost") if kind == "learned" else None,
+               n_test=int(eval_examples) or N_TEST,
                per_module=s.get("per_module_time_steps"), per_module_sim=s.get("per_module_simulated_steps"))
-    snn_cfg = config.get("snn") or {}
-    row["cost_kind"] = (snn_cfg.get("cost_kind") or "expected") if kind == "learned" else None
-    row["cost"] = snn_cfg.get("time_cost") if kind == "learned" else None
     if kind == "ann":
-      row.update(accuracy=s.get("test_accuracy"), semantics=None, T_max=None)
-    elif kind == "fixed":   # every module works at every one of its T steps
-      row["semantics"] = None
-      for key in ("T_avg", "T_avg_op", "T_sim", "T_sim_op"):
-        if (row.get(key) is None or math.isnan(row[key])) and row.get("T_max") is not None:
-          row[key] = float(row["T_max"])
+      row["T_max"] = None
     rows.append(row)
-  order = {r.name: i for i, r in enumerate(all_runs)}
-  return sorted(rows, key=lambda r: (order.get(r["base"], order[r["name"]]), r["seed"]))
+  return sorted(rows, key=lambda r: (order[r["base"]], r["seed"]))
 
 
-def pending(root: str, all_runs: Sequence[Run]) -> list[dict]:
-  """The runs without a summary.json: 'started' (a workdir, no summary yet: running, or interrupted and
+def pending(table: dict) -> list[dict]:
+  """The runs without a complete summary.json: 'started' (a workdir, no summary yet: running, or interrupted and
   resumable) or 'not started'."""
-  timings = _load_json(os.path.join(root, "timings.json"), {})
-  return [{"name": r.name, "state": "started" if os.path.isdir(os.path.join(root, r.name)) else "not started",
-           "attempts": len(timings.get(r.name, []))} for r in all_runs if not is_done(root, r)]
+  return [{"name": t["name"], "state": "started" if t["state"] == "started" else "not started"}
+          for t in table["rows"] if t["state"] != "done"]
 
 
 def fixed_curve(rows: Sequence[dict]) -> list[dict]:
@@ -237,7 +146,7 @@ def seed_pairs(rows: Sequence[dict]) -> list[dict]:
   by_base: dict[str, list[dict]] = {}
   for r in rows:
     if r["kind"] != "ann" and r.get("accuracy") is not None:
-      by_base.setdefault(r.get("base") or base_of(r["name"]), []).append(r)
+      by_base.setdefault(r["base"], []).append(r)
   out = []
   for base, rs in by_base.items():
     if len(rs) < 2:
@@ -313,7 +222,7 @@ def _by_setting(comparison: Sequence[dict], semantics: str, key: str) -> list[tu
   groups: dict[str, list[float]] = {}
   for c in comparison:
     if c.get("semantics") == semantics and c.get(key) is not None:
-      groups.setdefault(c.get("base") or base_of(c["name"]), []).append(c[key])
+      groups.setdefault(c["base"], []).append(c[key])
   return [(b, sum(g) / len(g), g) for b, g in groups.items()]
 
 
@@ -528,7 +437,7 @@ def plot(rows: Sequence[dict], path: str, *, noise_level: dict | None = None) ->
     if x is None:
       continue
     ax.plot([x], [y], marker, ms=7, color=color, mec="black" if r.get("seed") else color,
-            label=label(f"learned '{sem}' (T_max 4) at simulated steps" + (", ^ op-weighted cost" if marker == "^"
+            label=label(f"learned '{sem}' (T_max {r['T_max']}) at simulated steps" + (", ^ op-weighted cost" if marker == "^"
                                                                         else "")))
     if r.get("T_avg") is not None and r.get("T_sim") is not None and abs(r["T_avg"] - r["T_sim"]) > 1e-9:
       ax.plot([r["T_avg"], x], [y, y], ":", color=color, lw=1)
@@ -544,7 +453,7 @@ def plot(rows: Sequence[dict], path: str, *, noise_level: dict | None = None) ->
     a.grid(alpha=0.3)
     a.legend(fontsize=7, loc="lower right")
   ax.set_xlabel("simulated time steps per masked module (T_sim; fixed T: T)")
-  ax.set_xlim(0, 4.5)
+  ax.set_xlim(0, max([r["T_max"] for r in rows if r.get("T_max")] or [4]) + 0.5)
   ax.set_title("Accuracy vs simulated steps (what a run computes)")
   fig.suptitle("Spikformer-2-64, CIFAR-10: fixed T vs learned time steps ('skip' and 'filter' masks)")
   fig.tight_layout()
@@ -572,7 +481,7 @@ def _plot_energy(ax, rows: Sequence[dict], curve: Sequence[dict] | None = None) 
     sem = r.get("semantics") or "filter"
     color = _COLORS.get(sem, "0.3")
     marker = "^" if r.get("cost_kind") == "op_weighted" else "o"
-    lab = f"learned '{sem}' (T_max 4)"
+    lab = f"learned '{sem}' (T_max {r['T_max']})"
     ax.plot([r["energy_ratio"]], [100 * r["accuracy"]], marker, ms=7, color=color,
             mec="black" if r.get("seed") else color, label=None if lab in seen else lab)
     seen.add(lab)
@@ -583,11 +492,13 @@ def _plot_energy(ax, rows: Sequence[dict], curve: Sequence[dict] | None = None) 
   ax.set_title("Accuracy vs energy")
 
 
-def analyse(root: str, all_runs: Sequence[Run], *, report: bool = True) -> dict:
-  """Writes results.md / results.json / accuracy_vs_steps.png (and dtvit.report's report/) into root. Runs not
-  finished are listed as pending (the sweep lands over more than one session)."""
-  rows = collect(root, all_runs)
-  todo = pending(root, all_runs)
+def analyse(root: str, *, report: bool = True) -> dict:
+  """Writes results.md / results.json / accuracy_vs_steps.png (and dtvit.report's report/) into root from the
+  sweep's table `<root>/sweep.json`. Runs not finished are listed as pending (the sweep lands over more than one
+  session)."""
+  table = dtvit_sweep.read_table(root)
+  rows = collect(root, table)
+  todo = pending(table)
   curve = fixed_curve(rows)
   pairs = seed_pairs(rows)
   nz = noise(rows, pairs)
@@ -603,56 +514,35 @@ def analyse(root: str, all_runs: Sequence[Run], *, report: bool = True) -> dict:
          "verdict_lines": parts["lines"]}
   _save_json(os.path.join(root, "results.json"), out)
   plot(rows, os.path.join(root, "accuracy_vs_steps.png"), noise_level=nz)
-  snn = [r for r in all_runs if r.name != "ann" and is_done(root, r)]
-  learned = [r for r in snn if r.name.startswith("learned")]
-  if report and learned:
-    # The primary run (first) is the first learned run in run order: the middle cost weight, 'skip'.
-    primary = learned[0]
-    workdirs = [os.path.join(root, primary.name)] + [os.path.join(root, r.name) for r in snn if r != primary]
-    subprocess.run([sys.executable, "-m", "dtvit.report", *[f"--workdir={w}" for w in workdirs],
-                    f"--out={os.path.join(root, 'report')}", "--num_batches=4"], cwd=REPO, check=True,
-                   env=dict(os.environ, PYTHONPATH=REPO))
-  fixed = [r for r in snn if r.name.startswith("fixed") and seed_of(r.name) == 0]
-  if report and fixed:
-    # The block-sensitivity analysis on the SNN trained with every step (largest fixed T) against the twin.
-    last = max(fixed, key=lambda r: int(r.name.rpartition("T")[2]))
-    subprocess.run([sys.executable, "-m", "dtvit.report", f"--workdir={os.path.join(root, last.name)}",
-                    f"--out={os.path.join(root, 'report_' + last.name)}", "--num_batches=4",
-                    "--early_exit_batches=4"], cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+  if report:
+    _reports(root, rows)
   print(text, flush=True)
   return out
 
 
+def _reports(root: str, rows: Sequence[dict]) -> None:
+  """dtvit.report over the SNN runs (primary: the first learned run in sweep order, the middle cost under
+  'skip'), and the block-sensitivity analysis of the SNN trained with every step (the largest fixed T)."""
+  snn = [r["name"] for r in rows if r["kind"] != "ann"]
+  learned = [r["name"] for r in rows if r["kind"] == "learned"]
+  if learned:
+    workdirs = [os.path.join(root, n) for n in [learned[0]] + [n for n in snn if n != learned[0]]]
+    subprocess.run([sys.executable, "-m", "dtvit.report", *[f"--workdir={w}" for w in workdirs],
+                    f"--out={os.path.join(root, 'report')}", "--num_batches=4"], check=True)
+  fixed = [r for r in rows if r["kind"] == "fixed" and r["seed"] == 0]
+  if fixed:
+    last = max(fixed, key=lambda r: r["T_max"])["name"]
+    subprocess.run([sys.executable, "-m", "dtvit.report", f"--workdir={os.path.join(root, last)}",
+                    f"--out={os.path.join(root, 'report_' + last)}", "--num_batches=4", "--early_exit_batches=4"],
+                   check=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--root", default=os.path.join(HERE, "runs"), help="Directory of the sweep's runs.")
-  p.add_argument("--only", default="", help="Comma-separated run names (default: all).")
-  p.add_argument("--list", action="store_true", help="List the runs and whether each is done.")
-  p.add_argument("--analyse_only", action="store_true", help="Only write the table, plot and report.")
-  p.add_argument("--no_report", action="store_true", help="Skip dtvit.report in the analysis.")
-  p.add_argument("--extra_arg", default="", help="Appended to every run's config argument (e.g. 'smoke').")
-  p.add_argument("--fixed_t", default=",".join(map(str, FIXED_T)), help="T of the fixed-T runs.")
-  p.add_argument("--costs", default=",".join(map(str, COST_WEIGHTS)), help="Expected-steps cost weights.")
-  p.add_argument("--op_costs", default=",".join(map(str, OP_WEIGHTED_COSTS)), help="Op-weighted cost weights.")
+  p.add_argument("--root", default=os.path.join(HERE, "runs"), help="The sweep's root (dtvit.sweep --root).")
+  p.add_argument("--no_report", action="store_true", help="Skip dtvit.report.")
   a = p.parse_args(argv)
-  floats = lambda s: tuple(float(x) for x in s.split(",") if x)
-  all_runs = list(runs(fixed_t=[int(t) for t in a.fixed_t.split(",") if t], cost_weights=floats(a.costs),
-                       op_weighted_costs=floats(a.op_costs)))
-  names = [r.name for r in all_runs]
-  only = [x for x in a.only.split(",") if x]
-  unknown = [x for x in only if x not in names]
-  if unknown:
-    p.error(f"unknown run(s) {unknown}; the runs are: {', '.join(names)}")
-  os.makedirs(a.root, exist_ok=True)
-  if a.list:
-    for r in all_runs:
-      print(f"{r.name:18s} {'done' if is_done(a.root, r) else 'todo':5s} {' '.join(r.command(a.root))}")
-    return 0
-  if not a.analyse_only:
-    for r in all_runs:
-      if (not only or r.name in only) and not is_done(a.root, r):
-        run_one(a.root, r, extra_arg=a.extra_arg)
-  analyse(a.root, all_runs, report=not a.no_report)
+  analyse(a.root, report=not a.no_report)
   return 0
 
 

@@ -1,0 +1,148 @@
+"""A trained run as a serialised JAX function plus its weights, usable without dtvit's models or configs.
+
+  python -m dtvit.export --workdir=workdirs/quickstart --out=exported/quickstart [--phase=snn]
+      [--batch_size=0] [--platforms=cpu,cuda]
+
+writes to --out:
+  model.jaxexport  `jax.export` serialisation of fn(weights, images [B, H, W, C] float32) -> logits [B, K]: the
+                   phase's evaluation model; for the SNN, the skipped-step inference function
+                   (`inference.scheduled_model` of the learned hard masks: masked (module, step) pairs are not
+                   computed). B is symbolic (any batch size) unless --batch_size fixes it.
+  weights.npz      the weights, arrays 'w0000', 'w0001', ... in the order fn takes them (export.json lists
+                   each one's name in the parameter tree).
+  data_spec.json   what an image must be (`dtvit.data.spec`): size, mean/std, class names.
+  export.json      phase, schedule {module: steps run}, batch size (null = any), platforms, weight names, jax
+                   version.
+
+Loading needs jax and numpy only: `dtvit.export.load(DIR)` (this module imports neither the models nor the
+configs), or without dtvit at all:
+
+  import json, numpy as np, jax
+  exp = jax.export.deserialize(bytearray(open(f"{DIR}/model.jaxexport", "rb").read()))
+  w = np.load(f"{DIR}/weights.npz"); weights = [w[f"w{i:04d}"] for i in range(len(w.files))]
+  spec = json.load(open(f"{DIR}/data_spec.json"))
+  logits = exp.call(weights, (images01 - np.float32(spec["mean"])) / np.float32(spec["std"]))  # [B, S, S, C]
+
+The exported program runs on the platforms it was exported for (default: the one exporting) and needs a jax
+that can read its serialisation version (jax keeps reading versions for at least 6 months).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+MODEL_FILE, WEIGHTS_FILE, SPEC_FILE, META_FILE = "model.jaxexport", "weights.npz", "data_spec.json", "export.json"
+
+
+def _key(i: int) -> str:
+  return f"w{i:04d}"
+
+
+def _inference_model(run):
+  """The model the export runs and its schedule {module: steps run} ({} for the ANN twin)."""
+  from dtvit import inference  # pylint: disable=g-import-not-at-top
+  if not run.is_snn:
+    return run.model, {}
+  schedule = inference.make_schedule(run.model, run.variables["params"])
+  return inference.scheduled_model(run.model, schedule), {k: list(v) for k, v in schedule.items()}
+
+
+def export_run(workdir: str, out: str, *, phase: str | None = None, batch_size: int = 0,
+               platforms: tuple[str, ...] | None = None) -> dict:
+  """Exports the run's `phase` (default: its latest) into `out` (its four files overwritten); returns the
+  metadata written to export.json. batch_size 0: a symbolic batch dimension."""
+  import dtvit  # pylint: disable=g-import-not-at-top
+  return export_loaded(dtvit.load(workdir, phase), out, batch_size=batch_size, platforms=platforms)
+
+
+def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, ...] | None = None) -> dict:
+  """`export_run` of a `dtvit.load` result (its model and variables as they are)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dtvit import models  # pylint: disable=g-import-not-at-top
+  model, schedule = _inference_model(run)
+  named, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(run.variables))
+  leaves = [np.asarray(x) for _, x in named]
+
+  def fn(weights, images):
+    return models.apply_model(model, jax.tree.unflatten(treedef, weights), images, with_aux=False)
+
+  batch = jax.export.symbolic_shape("b")[0] if batch_size == 0 else batch_size
+  specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+           jax.ShapeDtypeStruct((batch, *run.info.image_shape), np.float32))
+  exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
+  meta = {"workdir": run.workdir, "phase": run.phase, "schedule": schedule, "num_steps": run.num_steps,
+          "batch_size": batch_size or None, "image_shape": list(run.info.image_shape),
+          "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
+          "weights": [jax.tree_util.keystr(path) for path, _ in named], "jax_version": jax.__version__}
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, MODEL_FILE), "wb") as f:
+    f.write(exported.serialize())
+  np.savez(os.path.join(out, WEIGHTS_FILE), **{_key(i): x for i, x in enumerate(leaves)})
+  for name, content in ((SPEC_FILE, run.data_spec), (META_FILE, meta)):
+    with open(os.path.join(out, name), "w") as f:
+      json.dump(content, f, indent=2)
+  return meta
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+  """A loaded export: `logits = exported(images)` with images float32 [B, H, W, C] normalised as
+  `spec` says ((pixels in [0, 1] - mean) / std, resized to image_shape)."""
+  call: Callable[..., Any]
+  weights: list
+  spec: dict
+  meta: dict
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.spec["class_names"])
+
+  def __call__(self, images):
+    return self.call(self.weights, np.asarray(images, np.float32))
+
+  def normalise(self, images01):
+    """(images in [0, 1] - mean) / std, float32; images already at the model's size."""
+    return ((np.asarray(images01, np.float32) - np.float32(self.spec["mean"])) /
+            np.float32(self.spec["std"])).astype(np.float32)
+
+
+def load(directory: str) -> Exported:
+  """An export written by `export_run`; needs only jax and numpy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(directory, META_FILE)):
+    raise FileNotFoundError(f"{directory} holds no dtvit export ({META_FILE} missing); write one with "
+                            "python -m dtvit.export --workdir=W --out=DIR.")
+  with open(os.path.join(directory, MODEL_FILE), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  with np.load(os.path.join(directory, WEIGHTS_FILE)) as w:
+    weights = [w[_key(i)] for i in range(len(w.files))]
+  with open(os.path.join(directory, SPEC_FILE)) as f:
+    spec = json.load(f)
+  with open(os.path.join(directory, META_FILE)) as f:
+    meta = json.load(f)
+  return Exported(call=exported.call, weights=weights, spec=spec, meta=meta)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(prog="python -m dtvit.export", description="A trained run as a jax.export "
+                              "function plus weights and data spec, loadable with jax and numpy only.")
+  p.add_argument("--workdir", required=True, help="a training run's --workdir")
+  p.add_argument("--out", required=True, help="the export's folder (an earlier export's files there are overwritten)")
+  p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
+  p.add_argument("--batch_size", type=int, default=0, help="0: any batch size (symbolic); else this one only")
+  p.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda,tpu; default: this machine's")
+  args = p.parse_args(argv)
+  platforms = tuple(x for x in args.platforms.split(",") if x) or None
+  meta = export_run(args.workdir, args.out, phase=args.phase, batch_size=args.batch_size, platforms=platforms)
+  print(json.dumps({k: meta[k] for k in ("phase", "schedule", "batch_size", "platforms")}))
+  print(f"export: {os.path.abspath(args.out)}")
+
+
+if __name__ == "__main__":
+  main()
