@@ -363,6 +363,17 @@ def init_from_workdir(config) -> str | None:
   return None
 
 
+def expand_sweeps(workdirs: Sequence[str]) -> list[str]:
+  """The workdirs with each sweep root (a folder without its own config.json whose subfolders hold dtvit.sweep
+  records) replaced by its points, in name order; other workdirs unchanged."""
+  out = []
+  for w in workdirs:
+    points = [] if os.path.isfile(os.path.join(w, "config.json")) or not os.path.isdir(w) else sorted(
+        os.path.join(w, d) for d in os.listdir(w) if os.path.isfile(os.path.join(w, d, SWEEP_RECORD)))
+    out.extend(points or [w])
+  return out
+
+
 def run_names(workdirs: Sequence[str]) -> list[str]:
   """Short names of runs. Points of one sweep (each with dtvit.sweep's record): their swept values that differ
   among these runs ('snn.time_cost=0.03, model.num_steps=4'), or the name a point was given; other runs: their

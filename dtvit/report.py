@@ -591,7 +591,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = write_report(FLAGS.workdir, FLAGS.out, num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
+  result = write_report(analysis_lib.expand_sweeps(FLAGS.workdir), FLAGS.out, num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
                         early_exit_batches=FLAGS.early_exit_batches, ann_params=FLAGS.ann_params,
                         criterion=FLAGS.criterion, thresholds=[float(t) for t in FLAGS.thresholds],
                         command="python -m dtvit.report " + " ".join(sys.argv[1:]))
@@ -600,8 +600,8 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("workdir", None, "Training run directory; repeat for a sweep (the first is the "
-                            "primary run).")
+  flags.DEFINE_multi_string("workdir", None, "Training run directory, or a dtvit.sweep root (its points); "
+                            "repeat for several (the first run is the primary run).")
   flags.DEFINE_string("out", None, "Output directory (default <workdir>/report, or <common parent>/report).")
   flags.DEFINE_integer("num_batches", 2, "Test batches for the ANN vs SNN activation analysis.")
   flags.DEFINE_integer("batch_size", None, "Test batch size (default: the run's eval_batch_size).")

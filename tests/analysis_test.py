@@ -145,3 +145,17 @@ def test_ann_reference(run_dir):
   assert analysis.ann_reference(snn, "auto").phase == "ann"
   with pytest.raises(ValueError, match="ann_params"):
     analysis.ann_reference(snn, "bogus")
+
+
+def test_a_sweep_root_expands_into_its_points(tmp_path):
+  root = tmp_path / "sweep"
+  for name in ("snn.time_cost=0.1", "snn.time_cost=0.03"):
+    (root / name).mkdir(parents=True)
+    (root / name / analysis.SWEEP_RECORD).write_text("{}")
+  (root / "notes").mkdir()  # not a point
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  assert analysis.expand_sweeps([str(run), str(root)]) == [
+      str(run), str(root / "snn.time_cost=0.03"), str(root / "snn.time_cost=0.1")]
+  assert analysis.expand_sweeps([str(tmp_path / "missing")]) == [str(tmp_path / "missing")]
