@@ -133,12 +133,20 @@ def cache(tmp_path_factory):
   return tmp_path_factory.getbasetemp().parent / "reliability_jax_cache"
 
 
+def _xla_flags(devices: int) -> str:
+  """This process's XLA flags (e.g. the test suite's optimisation level: a CLI run must compile as the
+  in-process reference does to end bitwise equal) with `devices` CPU devices."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 class _Cli:
   """`python -m dtvit.main` with CLI_CONFIG in a subprocess, stderr read line by line."""
 
   def __init__(self, workdir, *extra, step_delay=0.0, devices=8, cache=None, inf_at_step=-1, argv=None):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TEST_STEP_DELAY=str(step_delay),
-               TEST_INF_AT_STEP=str(inf_at_step), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               TEST_INF_AT_STEP=str(inf_at_step), XLA_FLAGS=_xla_flags(devices))
     if cache:  # a persistent compilation cache: a rerun loads what the first launch compiled (as users would)
       env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
