@@ -1,7 +1,8 @@
 r"""dtvit vs SpikingJelly: train-step time, inference time and peak memory of the same Spikformer, side by side.
 
 Run (after `bash experiments/benchmarks/setup_torch_venv.sh`):
-  .venv/bin/python experiments/benchmarks/benchmark.py            # full run, ~20 min on 2 CPU cores
+  .venv/bin/python experiments/benchmarks/benchmark.py            # full run with the paper-size model, ~15 min
+  .venv/bin/python experiments/benchmarks/benchmark.py --curves   # cost curves vs T, batch, width (curves.py)
   .venv/bin/python experiments/benchmarks/benchmark.py --quick    # T in {1, 4}, 2 rounds, a few minutes
 Writes experiments/benchmarks/results/<name>.json and the table between the RESULTS markers of
 experiments/benchmarks/README.md (`--no-readme` to skip).
@@ -22,10 +23,17 @@ params and optimizer state (about 8 MB here).
 Both pool the stem's batch-norm output before the neuron (conv -> BN -> pool -> LIF), as SpikingJelly's
 Spikformer does: dtvit's `stem_pool_first=True`. (dtvit's default is the original Spikformer's conv -> BN -> LIF ->
 pool, whose two pooled stem neurons run at 4x the resolution; the variant 'pool-after' times it.)
-Differences that remain between the two models (neither changes the shapes of the heavy layers):
-- SpikingJelly repeats the image T times and runs the first conv T times; dtvit runs it once (direct encoding).
-- SpikingJelly fuses Q, K, V into one 1x1 conv; dtvit has three Dense layers. dtvit also carries its time-step
-  masks (one multiply per neuron output), as in training.
+Both do the same work otherwise: the same model, AdamW (lr 5e-4, weight decay 0.06 on every parameter, betas
+0.9/0.999, eps 1e-8 on both sides), the same batch; the analog first conv + BN runs once per image on both sides
+(SpikingJelly's own model repeats the image T times and runs it T times; sj_worker.py's `_OnceOverTime` makes it
+run once and broadcast, as dtvit's direct encoding does; `--sj-analog-per-step` times SpikingJelly's own), and
+both compute Q, K, V with one matmul (SpikingJelly's one 1x1 conv; dtvit's three Dense kernels concatenated).
+Differences that remain:
+- dtvit carries its time-step masks (a few multiplies per neuron output and the mask scores' gradients), as in
+  training; SpikingJelly has none. This is work only dtvit does.
+- Memory is measured differently: dtvit's peak counts the step's arguments (params, optimizer state, batch),
+  SpikingJelly's excludes the resident params and optimizer state; the XLA temp column is the like-for-like one.
+- One Q/K/V batch norm over 3D channels in SpikingJelly, three over D in dtvit: per-channel, so the same math.
 """
 
 from __future__ import annotations
@@ -198,8 +206,9 @@ def time_point(args, T: int, size: dict, *, rounds: int, variants=("fast",), wha
       jobs[("sj", w)] = lambda w=w: worker(cmd="time", key="point", T=T, what=w, n=1)
     log(f"  sj T={T} {size}: train peak {out['sj']['memory']['train']['peak_bytes'] / MB:.0f} MB")
   try:
-    for fn in jobs.values():
-      fn()
+    for k, fn in jobs.items():
+      if k[0] != "sj":  # SpikingJelly's memory measurement ran two steps already
+        fn()
     for side in out:
       out[side]["times"] = {w: {"wall": [], "cpu": []} for w in what}
     for r in range(rounds):
@@ -319,7 +328,12 @@ def main(argv=None):
                  help="the cost curves instead (curves.py): time and peak memory vs T, batch and width")
   p.add_argument("--curve-sweeps", default="T,batch,width")
   p.add_argument("--curve-rounds", type=int, default=2)
+  p.add_argument("--compile-cache", default=None,
+                 help="a JAX persistent compilation cache directory (shared by the main run and --curves: the "
+                      "same programs compile once; timings are unaffected)")
   args = p.parse_args(argv)
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
   if args.curves:
     import curves  # pylint: disable=g-import-not-at-top
     return curves.run(args, argv)
