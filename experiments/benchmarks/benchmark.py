@@ -558,17 +558,19 @@ def render(res, name) -> str:
   if s.get("paper"):
     pp = res["config"].get("paper", PAPER)
     lines += ["", f"The paper's CIFAR model: Spikformer-{pp['depth']}-{pp['dim']} ({pp['heads']} heads), batch "
-              f"{pp['batch']}, 32x32 input, float32; medians of {res.get('paper_rounds', 3)} alternating rounds.", "",
+              f"{pp['batch']}, 32x32 input, float32; medians of {res.get('paper_rounds', 3)} alternating "
+              "rounds.", "",
               "| T | train s dtvit / SJ (median) | train ratio: median, CPU, best | infer s dtvit / SJ (median) | "
-              "infer ratio: median, CPU, best | train peak MB dtvit / SJ | mem ratio |", "|---|---|---|---|---|---|---|"]
+              "infer ratio: median, CPU, best | train peak MB dtvit / SJ | mem ratio |",
+              "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in s["paper"]:
       a, b = r["train"], r["infer"]
-      lines.append(f"| {r['T']} | {a['dtvit_s']:.2f} / {a.get('sj_s', float('nan')):.2f} | "
-                   f"{a.get('ratio', float('nan')):.2f}, {a.get('cpu_ratio', float('nan')):.2f}, "
-                   f"**{a.get('min_ratio', float('nan')):.2f}** | {b['dtvit_s']:.3f} / {b.get('sj_s', float('nan')):.3f} | "
-                   f"{b.get('ratio', float('nan')):.2f}, {b.get('cpu_ratio', float('nan')):.2f}, "
-                   f"**{b.get('min_ratio', float('nan')):.2f}** | {a['dtvit_peak_MB']:.0f} / "
-                   f"{a.get('sj_peak_MB', float('nan')):.0f} | **{a.get('mem_ratio', float('nan')):.2f}** |")
+      lines.append(f"| {r['T']} | {a['dtvit_s']:.2f} / {a.get('sj_s', nan):.2f} | {a.get('ratio', nan):.2f}, "
+                   f"{a.get('cpu_ratio', nan):.2f}, **{a.get('min_ratio', nan):.2f}** | {b['dtvit_s']:.3f} / "
+                   f"{b.get('sj_s', nan):.3f} | {b.get('ratio', nan):.2f}, {b.get('cpu_ratio', nan):.2f}, "
+                   f"**{b.get('min_ratio', nan):.2f}** | {a['dtvit_peak_MB']:.0f} / {a.get('sj_peak_MB', nan):.0f} | "
+                   f"**{a.get('mem_ratio', nan):.2f}** |")
   return "\n".join(lines)
 
 

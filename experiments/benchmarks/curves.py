@@ -55,8 +55,9 @@ def run(args, argv=None) -> dict:
       row = {"x": x_of(sweep, T, size, args), "T": T, **size}
       for side in SIDES:
         if side in pt:
-          row[side] = {"s": bm.med(pt[side]["times"]["train"]["wall"]), "min_s": min(pt[side]["times"]["train"]["wall"]),
-                       "cpu_s": bm.med(pt[side]["times"]["train"]["cpu"]), "peak_MB": bm.peak_mb(pt[side])}
+          t = pt[side]["times"]["train"]
+          row[side] = {"s": bm.med(t["wall"]), "min_s": min(t["wall"]), "cpu_s": bm.med(t["cpu"]),
+                       "peak_MB": bm.peak_mb(pt[side])}
       rows.append(row)
       log(f"{sweep}={row['x']}: " + ", ".join(f"{s} {row[s]['s']:.2f} s {row[s]['peak_MB']:.0f} MB"
                                               for s in SIDES if s in row) + f"; load {os.getloadavg()[0]:.1f}")

@@ -7,8 +7,9 @@ Commands:
   {"cmd": "info"} -> versions, threads, device.
   {"cmd": "build", "T": 4, "batch": 32, "dim": 128, "depth": 2, "heads": 4, "image": 32, "classes": 10,
    "seed": 0, "analog_once": true} -> builds SpikingJelly's Spikformer, AdamW and a fixed batch; keeps one per
-   T (or under "key", which "time" and "memory" then name). With analog_once (the default) the first conv + BN runs once per image and is broadcast over T, as in
-   dtvit (`_OnceOverTime`); false: SpikingJelly's own model, which runs it on T copies of the image.
+   T (or under "key", which "time" and "memory" then name). With analog_once (the default) the first conv + BN
+   runs once per image and is broadcast over T, as in dtvit (`_OnceOverTime`); false: SpikingJelly's own model,
+   which runs it on T copies of the image.
   {"cmd": "time", "T": 4, "what": "train" | "infer", "n": 1} -> {"wall": [s...], "cpu": [s...]}.
   {"cmd": "memory", "T": 4, "what": "train" | "infer"} -> peak memory of one step (CPU: peak RSS minus the RSS
    before the step, after one warm-up step and malloc_trim; CUDA: max_memory_allocated minus allocated before).
