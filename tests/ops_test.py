@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from dtvit import models, ops
-from dtvit.models import layers
 from dtvit.models import NeuronConfig
 
 
@@ -180,30 +179,3 @@ def test_dense_matches_lax(shape):
     _close(a, b)
   other = jax.make_jaxpr(lambda a, b: ops.dot_general(a, b, (((1,), (1,)), ((), ()))))(x.reshape(-1, 8), w.T)
   assert "reshape" not in str(other)
-
-
-@pytest.mark.parametrize("mask", [models.MaskConfig(), models.MaskConfig(granularity="layer", mode="sigmoid")],
-                         ids=["module-ste", "layer-sigmoid"])
-def test_fused_qkv_equals_three_dense_layers(mask):
-  """Spiking self-attention with Q, K, V as one concatenated matmul (fused) and as three Dense layers
-  (reference): the same parameter tree, outputs, batch-norm statistics, side outputs and gradients."""
-  att = layers.SpikingSelfAttention(phase="snn", num_steps=3, neuron=NeuronConfig(), mask=mask,
-                                    num_heads=2, scale=0.25)
-  x = 2.0 * _spikes(jax.random.key(5), (3 * 2, 16, 16), rate=0.5)
-  variables = att.init(jax.random.key(6), x, train=True)
-  variables_ref = att.clone(fused=False).init(jax.random.key(6), x, train=True)
-  chex.assert_trees_all_equal(variables, variables_ref)  # same names, shapes and initial values
-  w = jax.random.normal(jax.random.key(7), x.shape)
-
-  def loss(params, fused):
-    y, state = att.clone(fused=fused).apply({**variables, "params": params}, x, train=True,
-                                            mutable=["batch_stats", "aux"], temperature=0.7)
-    return jnp.sum(y * w), (y, state)
-
-  (_, (y, state)), g = jax.value_and_grad(loss, has_aux=True)(variables["params"], True)
-  (_, (y_ref, state_ref)), g_ref = jax.value_and_grad(loss, has_aux=True)(variables["params"], False)
-  chex.assert_trees_all_equal(y, y_ref)
-  assert 0 < float(jnp.mean(y)) < 1
-  jax.tree.map(_close, state, state_ref)
-  floor = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(g_ref))
-  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4, floor=1e-3 * floor), g, g_ref)

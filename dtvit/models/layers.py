@@ -122,17 +122,10 @@ class Dense(nn.Dense):
   num_steps: int = 1
   kind: str = "synaptic"
 
-  @nn.compact
-  def __call__(self, x, work_T=None, *, kernel_only: bool = False):
-    """y = x W (+ b). With `kernel_only` it returns (W, b or None) unapplied, after creating them and sowing
-    the rate as a call does: how `SpikingSelfAttention` runs Q, K and V as one matmul with the same parameters."""
+  def __call__(self, x, work_T=None):
     if self.phase == "snn":
       sow(self, paths.AUX_INPUT_RATE, _gate(step_rate(x, self.num_steps), work_T))
-    if not kernel_only:
-      return super().__call__(x)
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    return kernel, bias
+    return super().__call__(x)
 
   def op_counts(self, args, y) -> dict:
     """{layer: {'kind', 'macs'}}: the dense MACs of one sample at one step."""
@@ -299,20 +292,12 @@ class SpikingModule(nn.Module):
                   self.neuron.init_threshold if threshold is None else threshold,
                   semantics=self.mask.semantics, fused=self.fused, name=name)(x, mask_T, static=static)
 
-  def dense_layer(self, features, layer) -> Dense:
-    return Dense(features, use_bias=False, dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
-                 dot_general=ops.dot_general if self.fused else None, name=layer)
-
   def dense_unit(self, x, features, layer, masks, works, *, train):
     """Dense -> BN -> neuron: the Dense's input counted and the BN's statistics taken at the neuron's working
     steps."""
     unit = paths.neuron_of(layer)
-    y = self.dense_layer(features, layer)(x, works[unit])
-    return self.bn_neuron(y, layer, masks, works, train=train)
-
-  def bn_neuron(self, y, layer, masks, works, *, train):
-    """BN -> neuron after the synaptic layer `layer`."""
-    unit = paths.neuron_of(layer)
+    y = Dense(features, use_bias=False, dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
+              dot_general=ops.dot_general if self.fused else None, name=layer)(x, works[unit])
     y = batch_norm(train, paths.batch_norm_of(layer))(y, works[unit])
     return self.neuron_layer(y, unit, masks[unit])
 
@@ -340,7 +325,7 @@ class SpikingSelfAttention(SpikingModule):
     x_XND = self.take_steps(x_XND)
     heads = x_XND.shape[:-1] + (self.num_heads, D // self.num_heads)
     masks, works = self.unit_masks(temperature)
-    q, k, v = (y.reshape(heads) for y in self.qkv_units(x_XND, masks, works, train=train))
+    q, k, v = (self.dense_unit(x_XND, D, n, masks, works, train=train).reshape(heads) for n in paths.QKV)
     y, first, second = SpikeProducts(name=paths.PRODUCTS)(q, k, v)
     attn = paths.ATTN_NEURON
     if self.phase == "snn":
@@ -355,24 +340,6 @@ class SpikingSelfAttention(SpikingModule):
     y = (y * self.scale).reshape(x_XND.shape)
     y = self.neuron_layer(y, attn, masks[attn], threshold=self.neuron.attn_threshold)
     return self.pad_steps(self.dense_unit(y, D, paths.PROJ, masks, works, train=train))
-
-
-  def qkv_units(self, x_XND, masks, works, *, train):
-    """Q, K, V = neuron(BN(Dense(x))) each. On the fast path the three Dense layers run as one matmul with
-    their kernels concatenated at apply time, [X, N, D] x [D, 3D] (the parameters stay three Dense layers, so
-    trees and checkpoints keep their meaning); the batch norms and neurons then run on the three slices,
-    unchanged. The same values and gradients as three separate layers (tests/ops_test.py)."""
-    D = x_XND.shape[-1]
-    if not self.fused:
-      return [self.dense_unit(x_XND, D, n, masks, works, train=train) for n in paths.QKV]
-    weights = [self.dense_layer(D, n)(x_XND, works[paths.neuron_of(n)], kernel_only=True) for n in paths.QKV]
-    kernel = jnp.concatenate([w for w, _ in weights], axis=1)
-    x, kernel = nn.dtypes.promote_dtype(x_XND, kernel, dtype=self.dtype)
-    y = ops.dense(x, kernel)
-    if weights[0][1] is not None:
-      y = y + jnp.concatenate([b for _, b in weights]).astype(y.dtype)
-    return [self.bn_neuron(y[..., i * D:(i + 1) * D], n, masks, works, train=train)
-            for i, n in enumerate(paths.QKV)]
 
 
 class SpikingMLP(SpikingModule):

@@ -26,14 +26,14 @@ pool, whose two pooled stem neurons run at 4x the resolution; the variant 'pool-
 Both do the same work otherwise: the same model, AdamW (lr 5e-4, weight decay 0.06 on every parameter, betas
 0.9/0.999, eps 1e-8 on both sides), the same batch; the analog first conv + BN runs once per image on both sides
 (SpikingJelly's own model repeats the image T times and runs it T times; sj_worker.py's `_OnceOverTime` makes it
-run once and broadcast, as dtvit's direct encoding does; `--sj-analog-per-step` times SpikingJelly's own), and
-both compute Q, K, V with one matmul (SpikingJelly's one 1x1 conv; dtvit's three Dense kernels concatenated).
+run once and broadcast, as dtvit's direct encoding does; `--sj-analog-per-step` times SpikingJelly's own).
 Differences that remain:
-- dtvit carries its time-step masks (a few multiplies per neuron output and the mask scores' gradients), as in
-  training; SpikingJelly has none. This is work only dtvit does.
+- dtvit carries its time-step masks (a few multiplies per neuron output, masked batch-norm statistics and the
+  mask scores' gradients), as in training; SpikingJelly has none. This is work only dtvit does.
+- SpikingJelly computes Q, K, V as one 1x1 conv -> BN -> LIF over 3D channels; dtvit as three Dense -> BN -> LIF
+  over D (the same FLOPs; one concatenated Q/K/V matmul measured no faster in dtvit and was dropped).
 - Memory is measured differently: dtvit's peak counts the step's arguments (params, optimizer state, batch),
   SpikingJelly's excludes the resident params and optimizer state; the XLA temp column is the like-for-like one.
-- One Q/K/V batch norm over 3D channels in SpikingJelly, three over D in dtvit: per-channel, so the same math.
 """
 
 from __future__ import annotations
