@@ -107,6 +107,13 @@ class NeuronSpec:
     """The spike function's argument x: U/Vth - 1 or U - Vth."""
     return h / vth - 1.0 if self.surrogate_input == "normalized" else h - vth
 
+  def fires(self, h, vth):
+    """The spike decision H[t] >= Vth, for Vth > 0 exactly `distance(h, vth) >= 0` in both conventions (a float
+    h < Vth has h/Vth <= 1 - 2^-24, which rounds below 1), without the division: XLA:CPU keeps a division as a
+    fusion boundary, whose output then stayed alive from the forward to the backward pass (where CSE merged
+    the backward's recomputation into it). `dtvit.models.layers.Neuron` keeps Vth >= 1e-3."""
+    return h >= vth
+
   def after_reset(self, h, s, vth):
     return h - vth * s if self.reset == "soft" else h * (1.0 - s)
 
@@ -281,7 +288,7 @@ def _lif_forward(current, lam, vth, mask_T, f: _Fused):
     i = (current if f.static else current[t]).astype(mdtype)
     # The same expressions as `make_step`, so the forward is bitwise the reference's.
     h = spec.charge(u, i, lam)
-    s = (spec.distance(h, vth) >= 0).astype(mdtype)
+    s = spec.fires(h, vth).astype(mdtype)
     u_next = spec.after_reset(h, s, vth)
     if f.masked:
       m = mask_T[t].astype(mdtype)
@@ -310,7 +317,7 @@ def _held_membranes(h_TX, vth, mask_T, f: _Fused) -> list:
   out = []
   for t in range(f.num_steps):
     h = h_TX[t]
-    r = spec.after_reset(h, (spec.distance(h, vth) >= 0).astype(mdtype), vth)
+    r = spec.after_reset(h, spec.fires(h, vth).astype(mdtype), vth)
     m = mask_T[t].astype(mdtype)
     u = m * r + (1.0 - m) * u
     out.append(u)
@@ -325,7 +332,7 @@ def _membrane_before(t, h_TX, vth, u_after, f: _Fused):
   if f.masked:
     return u_after[t - 1]
   h_prev = h_TX[t - 1]  # recomputed from the stored h[t-1]
-  return spec.after_reset(h_prev, (spec.distance(h_prev, vth) >= 0).astype(mdtype), vth)
+  return spec.after_reset(h_prev, spec.fires(h_prev, vth).astype(mdtype), vth)
 
 
 def _step_grads(h, g_o, g_u, u_prev, m, lam, vth, f: _Fused):
@@ -333,7 +340,7 @@ def _step_grads(h, g_o, g_u, u_prev, m, lam, vth, f: _Fused):
   spec, mdtype = f.spec, f.membrane_dtype
   soft = spec.reset == "soft"
   x = spec.distance(h, vth)
-  s = (x >= 0).astype(mdtype)
+  s = spec.fires(h, vth).astype(mdtype)
   g_mask = None
   if m is not None:
     g_mask = jnp.sum(g_o * s + g_u * (spec.after_reset(h, s, vth) - u_prev), dtype=jnp.float32)
@@ -398,7 +405,7 @@ def _chunk_forward(u, i_KX, m_K, lam, vth, f: _Fused, out_dtype):
   spikes, hs = [], []
   for j in range(f.chunk):
     h = spec.charge(u, i_KX if f.static else i_KX[j].astype(mdtype), lam)
-    s = (spec.distance(h, vth) >= 0).astype(mdtype)
+    s = spec.fires(h, vth).astype(mdtype)
     u_next = spec.after_reset(h, s, vth)
     if f.masked:
       u_next = m_K[j] * u_next + (1.0 - m_K[j]) * u
@@ -432,7 +439,7 @@ def _held_membranes_looped(h_TX, vth, mask_T, f: _Fused):
 
   def body(u, inputs):
     h, m = inputs
-    r = spec.after_reset(h, (spec.distance(h, vth) >= 0).astype(mdtype), vth)
+    r = spec.after_reset(h, spec.fires(h, vth).astype(mdtype), vth)
     u = m * r + (1.0 - m) * u
     return u, u
 
@@ -446,7 +453,7 @@ def _lif_bwd_looped(f: _Fused, res, g_TX):
   x_shape = h_TX.shape[1:]
   u_after = _held_membranes_looped(h_TX, vth, mask_T, f) if f.masked else None
   u_init = _initial_membrane(x_shape, spec, vth, mdtype)
-  reset = lambda h: spec.after_reset(h, (spec.distance(h, vth) >= 0).astype(mdtype), vth)
+  reset = lambda h: spec.after_reset(h, spec.fires(h, vth).astype(mdtype), vth)
   take = lambda a, t: jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
 
   def u_prev_at(t):  # the membrane entering step t (a traced index)

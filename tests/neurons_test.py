@@ -269,3 +269,20 @@ def test_chunk_policy():
     assert 1 <= k <= neurons.LOOP_CHUNK and t % k == 0
   with pytest.raises(ValueError, match="divisor"):
     neurons.lif_multistep(jnp.zeros((6, 2)), chunk=4)
+
+
+@pytest.mark.parametrize("surrogate_input", ["normalized", "difference"])
+def test_fires_is_the_distance_sign_for_positive_thresholds(surrogate_input):
+  """The fused path's division-free spike decision h >= Vth equals distance(h, Vth) >= 0 bitwise, including
+  the floats adjacent to Vth, for thresholds across many binades."""
+  spec = neurons.NeuronSpec.resolve("lif", surrogate_input=surrogate_input)
+  vth = np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(1e3), 4000)).astype(np.float32)
+  vth = np.concatenate([vth, np.float32([1e-3, 0.5, 1.0, 2.0, 3.0])])
+  hs = [vth, np.nextafter(vth, np.float32(np.inf)), np.nextafter(vth, np.float32(-np.inf)),
+        np.nextafter(np.nextafter(vth, np.float32(-np.inf)), np.float32(-np.inf)), vth * np.float32(0.999999),
+        -vth, np.zeros_like(vth)]
+  for h in hs:
+    fires = np.asarray(spec.fires(jnp.asarray(h), jnp.asarray(vth)))
+    np.testing.assert_array_equal(fires, np.asarray(spec.distance(jnp.asarray(h), jnp.asarray(vth)) >= 0))
+  assert np.asarray(spec.fires(jnp.asarray(hs[0]), jnp.asarray(vth))).all()
+  assert not np.asarray(spec.fires(jnp.asarray(hs[2]), jnp.asarray(vth))).any()
