@@ -20,6 +20,8 @@ temp + argument + output - alias bytes (argument: params, optimizer state, batch
 step minus the RSS before it (a fresh worker, after a warm-up step and malloc_trim), i.e. without the resident
 params and optimizer state (about 8 MB here).
 
+The neuron is `NeuronConfig.preset('spikingjelly')`: SpikingJelly's in every setting, its surrogate acting on
+U - Vth included (the variant 'normalized' times dtvit's own convention, U/Vth - 1).
 Both pool the stem's batch-norm output before the neuron (conv -> BN -> pool -> LIF), as SpikingJelly's
 Spikformer does: dtvit's `stem_pool_first=True`. (dtvit's default is the original Spikformer's conv -> BN -> LIF ->
 pool, whose two pooled stem neurons run at 4x the resolution; the variant 'pool-after' times it.)
@@ -75,16 +77,19 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   args' batch, dim, depth, heads.
 
   variant: 'fast' (default kernels), 'ref' (the model's kernels='reference'), 'remat:blocks' (the stem and each
-  block recomputed in the backward pass), 'bf16' (model dtype bfloat16), or
-  'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model).
+  block recomputed in the backward pass), 'bf16' (model dtype bfloat16),
+  'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model), or
+  'normalized' (dtvit's own surrogate convention, on U/Vth - 1, instead of SpikingJelly's U - Vth).
   """
   args = argparse.Namespace(**{**vars(args), **size})
-  neuron_kw = dict(neuron="spikformer", surrogate="sigmoid")
+  neuron_kw = {}
   if variant.startswith("remat:"):
     neuron_kw["remat"] = variant.split(":", 1)[1]
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32  # bf16 matmuls and convs, float32 membranes
   model = models.spikformer("2-128", args.classes, depth=args.depth, dim=args.dim, num_heads=args.heads,
-                            num_steps=T, phase=phase, neuron=NeuronConfig(**neuron_kw), dtype=dtype,
+                            num_steps=T, phase=phase, neuron=NeuronConfig.preset(
+                                "spikformer_normalized" if variant == "normalized" else "spikingjelly",
+                                **neuron_kw), dtype=dtype,
                             stem_pool_first=variant != "pool-after",
                             kernels="reference" if variant == "ref" else "fused")
   variables = models.init(model, jax.random.key(0), (args.image, args.image, 3))
@@ -307,7 +312,7 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:blocks', 'bf16', 'pool-after' (default 'remat:blocks,pool-after'; "
+                      "'remat:blocks', 'bf16', 'pool-after', 'normalized' (default 'remat:blocks,normalized'; "
                       "none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
@@ -349,7 +354,7 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  default_variants = "" if args.quick else "remat:blocks,pool-after"
+  default_variants = "" if args.quick else "remat:blocks,normalized"
   variants = [v for v in (args.variants if args.variants is not None else default_variants).split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")
