@@ -31,6 +31,7 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
   c.optimizer.score_optimizer = "sgd"  # time-step scores: 'sgd' (momentum 0.9) | 'adam'
   c.optimizer.score_lr = 0.0         # learning rate of the time-step scores (constant); 0 = optimizer.lr
   c.label_smoothing = 0.0
+  c.mixup_off_step = 0               # mixup / cutmix (data.augment) stop at this step of the phase; 0 = never
   c.init_from = ""                   # a checkpoint dir whose params start this phase ('' = previous phase)
   c.threshold_scale = 1.0            # ann -> snn: threshold = scale * clip value
   # Time-step cost (SNN phases): loss = CE + time_cost * cost(scores).
@@ -69,6 +70,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"                # matmul dtype: 'float32' | 'bfloat16' (membranes stay float32)
   m.attn_scale = 0.125
   m.kernels = "fused"                # or 'reference' (lax.scan, lax conv, Flax pool): same numbers, slower
+  # Initialisers (dtvit.models.settings.INITIALIZERS) of the blocks' Dense layers, the stem convs, the head.
+  m.dense_init = "lecun_normal"
+  m.conv_init = "lecun_normal"
+  m.head_init = "lecun_normal"
+  m.pre_bn_bias = ()                 # Dense layers ('q', 'k', 'v', 'proj', 'fc1', 'fc2') with a (no-op) bias before BN
   n = m.neuron = ml_collections.ConfigDict()
   n.neuron = "lif"                   # 'lif' (authors') | 'if' | 'spikformer'
   n.surrogate = "pwl"                # 'pwl' | 'sigmoid' | 'atan'

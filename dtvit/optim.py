@@ -9,6 +9,8 @@ Each phase trains some groups and freezes the others with `optax.set_to_zero()`:
 from __future__ import annotations
 
 import flax
+import jax
+import jax.numpy as jnp
 import optax
 
 from dtvit.models import paths
@@ -31,14 +33,24 @@ def _per_leaf(fn):
 # kernels only); `dtvit.models.paths` knows which names are which.
 param_groups = _per_leaf(lambda path, _: paths.param_group(path))
 _decay_mask = _per_leaf(paths.decays)
+_is_score = _per_leaf(lambda path, _: paths.param_group(path) == "scores")
 
 
 def learning_rate_schedule(opt_cfg, num_steps: int):
-  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_factor`."""
-  warmup = min(int(opt_cfg.get("warmup_steps", 0)), max(num_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_factor` at step num_steps -
+  `cooldown_steps`, then constant there (timm's `cooldown_epochs` at `min_lr`)."""
+  cooldown = int(opt_cfg.get("cooldown_steps", 0))
+  if not 0 <= cooldown < max(num_steps, 1):
+    raise ValueError(f"optimizer.cooldown_steps={cooldown} must be in [0, num_steps={num_steps}).")
+  decay_steps = num_steps - cooldown
+  warmup = min(int(opt_cfg.get("warmup_steps", 0)), max(decay_steps - 1, 0))
+  end = opt_cfg.lr * opt_cfg.get("end_lr_factor", 0.0)
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else opt_cfg.lr, peak_value=opt_cfg.lr, warmup_steps=warmup,
-      decay_steps=max(num_steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.get("end_lr_factor", 0.0))
+      decay_steps=max(decay_steps, warmup + 1), end_value=end)
+  if not cooldown:
+    return schedule
+  return optax.join_schedules([schedule, optax.constant_schedule(end)], [decay_steps])
 
 
 SCORE_OPTIMIZERS = ("sgd", "adam")
@@ -54,8 +66,11 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
   """The phase's optimizer.
 
   Args:
-    opt_cfg: {'name': 'adamw'|'sgd', 'lr', 'warmup_steps', 'end_lr_factor', 'weight_decay', 'grad_clip',
-      'momentum' (sgd), 'neuron_lr_mult', 'score_optimizer' ('sgd'|'adam'), 'score_lr'}.
+    opt_cfg: {'name': 'adamw'|'sgd', 'lr', 'warmup_steps', 'end_lr_factor', 'cooldown_steps', 'weight_decay',
+      'grad_clip', 'clip_scores', 'momentum' (sgd), 'neuron_lr_mult', 'score_optimizer' ('sgd'|'adam'),
+      'score_lr'}. The global-norm clip covers the scores only with `clip_scores` (default True): otherwise it
+      clips the weights and neuron parameters jointly and leaves the scores' gradients as they are, so that a
+      large weight gradient cannot slow the time-step cost's pull on the scores by the clip factor.
     num_steps: the phase's steps (for the schedule).
     trainable: the groups that train; the others are frozen.
 
@@ -92,5 +107,20 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
   tx = optax.partition(transforms, param_groups)
   clip = opt_cfg.get("grad_clip", 0.0)
   if clip:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    clipper = optax.clip_by_global_norm(clip) if opt_cfg.get("clip_scores", True) else clip_except_scores(clip)
+    tx = optax.chain(clipper, tx)
   return tx, schedule
+
+
+def clip_except_scores(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` over every leaf but the time-step scores, which pass unchanged."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    is_score = _is_score(updates)
+    others = [g for g, s in zip(jax.tree.leaves(updates), jax.tree.leaves(is_score)) if not s]
+    norm = optax.global_norm(others)
+    factor = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
+    return jax.tree.map(lambda g, s: g if s else (g * factor).astype(g.dtype), updates, is_score), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

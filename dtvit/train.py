@@ -274,16 +274,17 @@ class Phase:
   augment_fn: Any = None    # (step, batch) -> batch inside the train step: mixup / cutmix
 
 
-def _mixing(config):
-  """The on-device mixup / cutmix of the train batches (`data.mix_batch`, keyed by (seed, step)), or None when
-  both are off."""
+def _mixing(config, pc):
+  """The on-device mixup / cutmix of the train batches (`data.mix_batch`, keyed by (seed, step)), switched off
+  from the phase's step `pc.mixup_off_step` on (0: never), or None when both are off."""
   aug = config.data.augment
   if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
     return None
 
   def mix(step, batch):
-    image, target = data.mix_batch(data.mix_key(config.seed, step), batch["image"], batch["target"],
-                                   mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha)
+    image, target = data.scheduled_mix_batch(data.mix_key(config.seed, step), step, batch["image"],
+                                             batch["target"], off_step=pc.get("mixup_off_step", 0),
+                                             mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha)
     return dict(batch, image=image, target=target)
 
   return mix
@@ -519,7 +520,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
   op_counts = None if phase == "ann" else energy_lib.op_counts(model, info.image_shape)  # traced once per phase
   op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, counts=op_counts)
-  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, _mixing(config))
+  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, _mixing(config, pc))
   ckpt = checkpointing.Checkpointer(workdir_lib.checkpoint_dir(workdir, phase), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
