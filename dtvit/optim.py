@@ -8,6 +8,8 @@ Each phase trains some groups and freezes the others with `optax.set_to_zero()`:
 
 from __future__ import annotations
 
+import math
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -54,12 +56,44 @@ def learning_rate_schedule(opt_cfg, num_steps: int):
 
 
 SCORE_OPTIMIZERS = ("sgd", "adam")
+SCORE_MOMENTUM = 0.9
+
+
+def score_travel_steps(*, score_lr: float, num_modules: int, time_cost: float, score_init: float = 1.0,
+                       temperature: float = 1.0) -> float:
+  """The steps in which a time-step cost alone brings a score from `score_init` to 0 under the 'sgd' score
+  optimizer (momentum 0.9, constant rate), in the continuous limit.
+
+  While a cost counting each module's steps through sigmoid(s / tau) is active (the 'expected' cost, or a hinge
+  above its target), each score's gradient is (time_cost / num_modules) sigmoid'(s / tau) / tau; momentum
+  multiplies the rate by 1 / (1 - 0.9). With 1 / sigmoid'(u) = e^u + 2 + e^-u, the travel time is
+    steps = (1 - 0.9) num_modules tau^2 (2 sinh(s0 / tau) + 2 s0 / tau) / (score_lr time_cost).
+  tests/paper_scale_test.py checks it against the real optimizer and cost.
+  """
+  if min(score_lr, num_modules, time_cost, temperature) <= 0 or score_init <= 0:
+    raise ValueError("score_travel_steps: score_lr, num_modules, time_cost, temperature and score_init must be > 0.")
+  u = score_init / temperature
+  return (1 - SCORE_MOMENTUM) * num_modules * temperature ** 2 * (2 * math.sinh(u) + 2 * u) / (score_lr * time_cost)
+
+
+def calibrated_score_lr(*, num_steps: int, reach_fraction: float, num_modules: int, time_cost: float,
+                        score_init: float = 1.0, temperature: float = 1.0, score_optimizer: str = "sgd") -> float:
+  """The score learning rate for which `score_travel_steps` is `reach_fraction` x num_steps."""
+  if score_optimizer != "sgd":
+    raise ValueError(f"calibrated_score_lr: the calibration is for the 'sgd' score optimizer (the cost's gradient "
+                     f"sets the speed), not {score_optimizer!r}.")
+  if num_steps <= 0 or not 0 < reach_fraction <= 1:
+    raise ValueError(f"calibrated_score_lr: num_steps ({num_steps}) must be > 0 and reach_fraction "
+                     f"({reach_fraction}) in (0, 1].")
+  at_unit_lr = score_travel_steps(score_lr=1.0, num_modules=num_modules, time_cost=time_cost, score_init=score_init,
+                                  temperature=temperature)
+  return at_unit_lr / (reach_fraction * num_steps)
 
 
 def _score_optimizer(name: str, lr: float):
   if name not in SCORE_OPTIMIZERS:
     raise ValueError(f"Unknown score_optimizer {name!r}; choose one of {SCORE_OPTIMIZERS}.")
-  return optax.sgd(lr, momentum=0.9) if name == "sgd" else optax.adam(lr)
+  return optax.sgd(lr, momentum=SCORE_MOMENTUM) if name == "sgd" else optax.adam(lr)
 
 
 def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
