@@ -32,6 +32,7 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
   c.optimizer.neuron_lr_mult = 1.0   # learning rate of thresholds/leaks relative to the weights
   c.optimizer.score_optimizer = "sgd"  # time-step scores: 'sgd' (momentum 0.9) | 'adam'
   c.optimizer.score_lr = 0.0         # learning rate of the time-step scores (constant); 0 = optimizer.lr
+  c.optimizer.score_momentum = 0.9   # 'sgd' scores: momentum (0 = plain SGD)
   c.label_smoothing = 0.0
   c.mixup_off_step = 0               # mixup / cutmix (data.augment) stop at this step of the phase; 0 = never
   c.init_from = ""                   # a checkpoint dir whose params start this phase ('' = previous phase)
@@ -98,6 +99,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   k.monotone = False
   k.granularity = "module"           # 'module' | 'layer'
   k.score_init = 1.0
+  k.score_init_spread = 0.0          # scores start uniform in score_init +- this (breaks the cost's symmetry)
   k.mask_stem = False
   # What a masked step is: 'skip' (membranes held, no work: a module costs its active steps) | 'filter' (the
   # neurons integrate at every step up to the last active one and emit only at active steps; that work counts).
@@ -146,13 +148,15 @@ SPIKFORMER = {
         interpolation="bicubic", dense_init="torch_default", pre_bn_bias=("proj", "fc1", "fc2")),
 }
 # The SNN phase after the ANN twin (mode 'hybrid'); nothing official exists for it [ours].
-HYBRID_SNN = {"cifar": dict(epochs=100, warmup_epochs=5, lr=1e-4), "imagenet": dict(epochs=30, warmup_epochs=1, lr=1e-4)}
+HYBRID_SNN = {"cifar": dict(epochs=100, warmup_epochs=5, lr=1e-4),
+              "imagenet": dict(epochs=30, warmup_epochs=1, lr=1e-4)}
 MODES = ("hybrid", "direct")
 # The learned-mask phase: a hinge on the reported T_avg, at the paper's CIFAR-10 operating point (4.97 of T_max
 # 8, scaled with T_max), with the score learning rate calibrated so that the cost alone moves a score from its
 # initial value to 0 in SCORE_REACH_FRACTION of the phase (`calibrate_masks`; experiments/paper_scale/README.md).
 TARGET_FRACTION = 4.97 / 8
 SCORE_REACH_FRACTION = 0.25
+SCORE_INIT_SPREAD = 0.5  # scores start in [0.5, 1.5]: they cross 0 one by one, so the hinge can stop at its target
 
 
 def official_phase(o: dict, *, epochs: int, warmup_epochs: float, lr: float, num_train: int, cooldown_epochs: int,
@@ -219,6 +223,10 @@ def paper_recipe(c: ml_collections.ConfigDict, *, family: str, mode: str, num_tr
   c.phases = "snn" if mode == "direct" else "ann,snn"
   c.ann = official.copy_and_resolve_references()
   c.snn = snn.copy_and_resolve_references()
+  c.model.mask.score_init_spread = SCORE_INIT_SPREAD
+  # Plain SGD for the scores: with momentum, scores near 0 keep moving after the hinge stops pushing (at the
+  # target), switching off steps past it.
+  c.snn.optimizer.score_momentum = 0.0
   c.snn.cost_kind = "hinge_hard"
   c.snn.time_cost = 1.0
   c.snn.target_steps = round(TARGET_FRACTION * c.model.num_steps, 4)
@@ -244,7 +252,7 @@ def calibrate_masks(c: ml_collections.ConfigDict, phase: str = "snn",
   pc.optimizer.score_lr = optim.calibrated_score_lr(
       num_steps=pc.num_steps, reach_fraction=reach_fraction, num_modules=len(paths.masked_modules(model)),
       time_cost=pc.time_cost, score_init=c.model.mask.score_init, temperature=pc.temperature_start,
-      score_optimizer=pc.optimizer.score_optimizer)
+      score_optimizer=pc.optimizer.score_optimizer, momentum=pc.optimizer.score_momentum)
 
 
 def make_tiny(c: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int = 16) -> None:

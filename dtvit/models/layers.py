@@ -67,8 +67,7 @@ class TimeMask(nn.Module):
 
   @nn.compact
   def __call__(self, temperature=1.0):
-    scores_T = self.param(paths.SCORES, nn.initializers.constant(self.cfg.score_init), (self.num_steps,),
-                          jnp.float32)
+    scores_T = self.param(paths.SCORES, self.cfg.score_initializer(), (self.num_steps,), jnp.float32)
     if self.phase == "ann" or not self.cfg.enabled:
       return None
     if self.cfg.hard:

@@ -81,11 +81,24 @@ class MaskConfig:
   monotone: bool = False        # m[t] = prod_{k<=t} b[k]
   granularity: str = "module"   # 'module': each block's attn and mlp; 'layer': every neuron
   score_init: float = 1.0       # > 0: all steps open at the start
+  # Scores start uniform in score_init +- score_init_spread (0: all equal). A spread breaks the symmetry of the
+  # time-step cost: equal scores all cross 0 at one step, so a hinge would switch every step off at once.
+  score_init_spread: float = 0.0
   mask_stem: bool = False       # also give the stem a mask
   hard: bool = False            # force the hard mask (evaluation / inference)
   semantics: str = "skip"       # what a masked step is: 'skip' | 'filter' (see dtvit.masks)
 
+  def score_initializer(self):
+    """The scores' initializer: (key, shape) -> score_init + U(-score_init_spread, score_init_spread)."""
+    if not self.score_init_spread:
+      return jax.nn.initializers.constant(self.score_init)
+    return lambda key, shape, dtype=jax.numpy.float32: self.score_init + jax.random.uniform(
+        key, shape, dtype, -self.score_init_spread, self.score_init_spread)
+
   def validate(self):
+    if self.score_init_spread < 0 or (self.score_init_spread and self.score_init_spread >= abs(self.score_init)):
+      raise ValueError(f"model.mask.score_init_spread ({self.score_init_spread}) must be in [0, |score_init| = "
+                       f"{abs(self.score_init)}), so that every score starts on the side of 0 score_init is on.")
     masks_lib.check_semantics(self.semantics)
     if self.mode not in masks_lib.MASK_MODES:
       raise ValueError(f"Unknown mask mode {self.mode!r}; choose one of {masks_lib.MASK_MODES}.")

@@ -56,7 +56,7 @@ def _score_reach(c, p):
   modules = len(paths.masked_modules(models.build_model(c.model, 10, phase="snn")))
   travel = optim.score_travel_steps(score_lr=c[p].optimizer.score_lr, num_modules=modules,
                                     time_cost=c[p].time_cost, score_init=c.model.mask.score_init,
-                                    temperature=c[p].temperature_start)
+                                    temperature=c[p].temperature_start, momentum=c[p].optimizer.score_momentum)
   return round(travel / c[p].num_steps, 3)
 
 
@@ -78,7 +78,8 @@ ROWS = (
         {"cifar": 1e-5, "imagenet": 1e-5}, {"cifar": f"{C10}:42", "imagenet": f"{IN}:31"},
         {"cifar/hybrid_snn": 2e-6, "imagenet/hybrid_snn": 2e-6}, "[ours] the official min_lr / lr ratio"),
     Row("schedule", None, {"cifar": "cosine", "imagenet": "cosine"},
-        {"cifar": f"{C10}:43", "imagenet": f"{IN}:32"}, {"cifar/*": "cosine, per step", "imagenet/*": "cosine, per step"},
+        {"cifar": f"{C10}:43", "imagenet": f"{IN}:32"},
+        {"cifar/*": "cosine, per step", "imagenet/*": "cosine, per step"},
         "dtvit moves the lr every step (timm's scheduler every epoch)"),
     Row("warm-up epochs (linear)", _epochs(lambda pc: pc.optimizer.warmup_steps), {"cifar": 20.0, "imagenet": 20.0},
         {"cifar": f"{C10}:46", "imagenet": f"{IN}:36"}, {"cifar/hybrid_snn": 5.0, "imagenet/hybrid_snn": 1.0},
@@ -91,7 +92,8 @@ ROWS = (
         {"cifar": f"{C10}:44", "imagenet": f"{IN}:33"}, {},
         "both decay matrices and kernels only (timm: no decay on biases and norms)"),
     Row("gradient clipping (global norm)", lambda c, p: c[p].optimizer.grad_clip, {"cifar": 0.0, "imagenet": 0.0},
-        {"cifar": "cifar10/train.py: --clip-grad default None", "imagenet": "imagenet/train.py: --clip-grad default None"}),
+        {"cifar": "cifar10/train.py: --clip-grad default None",
+         "imagenet": "imagenet/train.py: --clip-grad default None"}),
     Row("label smoothing", lambda c, p: c[p].label_smoothing, {"cifar": 0.1, "imagenet": 0.1},
         {"cifar": f"{C10}:49", "imagenet": f"{IN}:39"}),
     Row("train crop: RandomResizedCrop scale", lambda c, p: _rrc(c, "scale"),
@@ -122,7 +124,8 @@ ROWS = (
                      "implemented)"}),
     Row("RandAugment per-op probability", lambda c, p: c.data.augment.randaugment_prob,
         {"cifar": 0.5, "imagenet": 0.5},
-        {"cifar": "cifar10/aa_snn.py: rand_augment_ops (prob=0.5)", "imagenet": "timm 0.5.4 rand_augment_ops (prob=0.5)"}),
+        {"cifar": "cifar10/aa_snn.py: rand_augment_ops (prob=0.5)",
+         "imagenet": "timm 0.5.4 rand_augment_ops (prob=0.5)"}),
     Row("mixup alpha", lambda c, p: c.data.augment.mixup_alpha, {"cifar": 0.5, "imagenet": 0.8},
         {"cifar": f"{C10}:30", "imagenet": f"{IN}:19"}),
     Row("cutmix alpha", lambda c, p: c.data.augment.cutmix_alpha, {"cifar": 0.0, "imagenet": 1.0},
@@ -181,6 +184,14 @@ ROWS = (
     Row("mask cost weight", lambda c, p: c[p].time_cost if p == "snn" else "-", {"cifar": "-", "imagenet": "-"},
         {"cifar": "-", "imagenet": "-"},
         {"cifar/direct": 1.0, "cifar/hybrid_snn": 1.0, "imagenet/direct": 1.0, "imagenet/hybrid_snn": 1.0}, _MASKS),
+    Row("score optimizer", lambda c, p: (c[p].optimizer.score_optimizer, c[p].optimizer.score_momentum)
+        if p == "snn" else "-", {"cifar": "-", "imagenet": "-"}, {"cifar": "-", "imagenet": "-"},
+        {"cifar/direct": ("sgd", 0.0), "cifar/hybrid_snn": ("sgd", 0.0), "imagenet/direct": ("sgd", 0.0),
+         "imagenet/hybrid_snn": ("sgd", 0.0)}, f"{_MASKS} (plain SGD: no momentum carries scores past the target)"),
+    Row("score init (uniform)", lambda c, p: (c.model.mask.score_init, c.model.mask.score_init_spread)
+        if p == "snn" else "-", {"cifar": "-", "imagenet": "-"}, {"cifar": "-", "imagenet": "-"},
+        {"cifar/direct": (1.0, 0.5), "cifar/hybrid_snn": (1.0, 0.5), "imagenet/direct": (1.0, 0.5),
+         "imagenet/hybrid_snn": (1.0, 0.5)}, f"{_MASKS} (score_init +- spread: the scores cross 0 one by one)"),
     Row("score lr: cost alone moves a score to 0 in", lambda c, p: _score_reach(c, p) if p == "snn" else "-",
         {"cifar": "-", "imagenet": "-"}, {"cifar": "-", "imagenet": "-"},
         {"cifar/direct": 0.25, "cifar/hybrid_snn": 0.25, "imagenet/direct": 0.25, "imagenet/hybrid_snn": 0.25},

@@ -9,7 +9,8 @@ Only the scores are simulated; the network is not. The cross-entropy's gradient 
 score (module l, step t) gets a constant pull up a[l, t] = pull x U(0, 1) x (time_cost / modules) - how much the
 step helps the loss, as a share of the cost's push on one score - plus Gaussian noise of std noise x
 (time_cost / modules) per step, both through the straight-through mask's gradient sigmoid'(s / tau) / tau, as the
-real cross-entropy's gradient reaches the scores. Scenarios: 'cost alone' (pull 0, noise 0: the calibration's
+real cross-entropy's gradient reaches the scores. The scores start as the model's do (`MaskConfig.score_init`
++- `score_init_spread`, uniform). Scenarios: 'cost alone' (pull 0, noise 0: the calibration's
 own case) and 'modelled CE' (pull 0.9, noise 2: nine tenths of the scores' pulls below the push, most steps
 useful). T_avg is the mean over modules of the hard step counts, as the evaluation reports it.
 """
@@ -62,8 +63,11 @@ def simulate(ph: Phase, *, pull: float, noise: float, seed: int = 0, full: bool 
   Returns {'reached_step' (None if never), 'reached_fraction', 'T_avg_end', 'T_avg_at' {fraction: T_avg}}."""
   pc, mask = ph.pc, ph.mask
   names = [f"m{i}" for i in range(ph.modules)]
-  params = {n: {paths.MODULE_MASK: {paths.SCORES: jnp.full((ph.t_max,), mask.score_init, jnp.float32)}}
-            for n in names}
+  init = models.MaskConfig(**mask.to_dict()).score_initializer()  # the model's own (with its spread)
+  key_init = jax.random.key(seed + 1)
+  params = {n: {paths.MODULE_MASK: {paths.SCORES: init(jax.random.fold_in(key_init, i), (ph.t_max,))}}
+            for i, n in enumerate(names)}
+  initial = np.sort(np.concatenate([np.asarray(params[n][paths.MODULE_MASK][paths.SCORES]) for n in names]))
   tx, _ = optim.make_optimizer(pc.optimizer, num_steps=ph.steps, trainable=("weights", "neuron", "scores"))
   push = pc.time_cost / ph.modules
   key_pull, key_noise = jax.random.split(jax.random.key(seed))
@@ -106,7 +110,7 @@ def simulate(ph: Phase, *, pull: float, noise: float, seed: int = 0, full: bool 
   reached = int(hit[0]) + 1 if hit.size else None
   at = {f: float(t_avg_N[min(int(f * ph.steps), len(t_avg_N)) - 1]) for f in (0.25, 0.5, 0.6, 1.0)
         if int(f * ph.steps) <= len(t_avg_N)}
-  return {"steps": ph.steps, "modules": ph.modules, "reached_step": reached,
+  return {"steps": ph.steps, "modules": ph.modules, "initial_scores": initial, "reached_step": reached,
           "reached_fraction": None if reached is None else reached / ph.steps, "T_avg_end": float(t_avg_N[-1]),
           "T_avg_at": at}
 
