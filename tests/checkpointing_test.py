@@ -465,3 +465,19 @@ def test_overwrite_moves_the_earlier_run_aside_only_when_recorded(tmp_path):
   (entry,) = _history(workdir)
   assert entry['moved_aside'] == str(tmp_path / old[0])
   workdir_lib.plan_launch(workdir, changed)
+
+
+def test_a_key_newer_than_the_run_is_free_at_its_default_only(tmp_path):
+  workdir = str(tmp_path / 'run')
+  older = _base_config()  # the run was started by a dtvit without data.placement
+  config = _with(older, **{'data.placement': 'host'})
+  _launch(workdir, older)
+  defaults = {'data.placement': 'host'}
+  launch = workdir_lib.plan_launch(workdir, config, defaults=defaults)
+  assert launch.changes == {'data.placement': ('<absent>', 'host')} and launch.allowed == ()
+  assert launch.notes == ('data.placement is newer than the run and at its default ("host"), which is what the '
+                          'run did',)
+  with pytest.raises(ValueError, match=r'data.placement: saved <absent>, now "device"'):
+    workdir_lib.plan_launch(workdir, _with(older, **{'data.placement': 'device'}), defaults=defaults)
+  with pytest.raises(ValueError, match=r'data.placement: saved <absent>, now "host"'):
+    workdir_lib.plan_launch(workdir, config)  # without defaults: refused

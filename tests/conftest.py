@@ -63,6 +63,36 @@ def image_folder():
   return _image_folder
 
 
+def _saved_state(checkpoints: str, step: int) -> dict:
+  """The whole train state saved at `step` in a phase's checkpoint folder, as numpy (params, batch_stats,
+  opt_state, step), whatever devices and processes wrote it."""
+  import jax  # pylint: disable=g-import-not-at-top  # after the XLA flags above
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoints, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+@pytest.fixture(scope="session")
+def saved_state():
+  """saved_state(checkpoint folder, step) -> the saved train state as numpy."""
+  return _saved_state
+
+
+def assert_same_tree(a, b) -> None:
+  """Every leaf of two pytrees bitwise equal."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="session")
+def same_tree():
+  """same_tree(a, b): asserts that every leaf of two pytrees is bitwise equal."""
+  return assert_same_tree
+
+
 def tiny_run_config():
   """ViT tiny (1 block, T_max = 3), ANN -> SNN with a time-step cost that switches some steps off; every step
   also evaluated with masks off."""
