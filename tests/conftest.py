@@ -29,13 +29,41 @@ def _tiny_config(**overrides):
   c.model.variant = "tiny"
   c.model.patch_size = 2
   c.eval_fixed_steps = False
-  for k, v in overrides.items():
-    node = c
+  return _set_dotted(c, overrides)
+
+
+def _set_dotted(config, dotted: dict):
+  """Sets {"a.b.c": value} keys in a nested dict or ConfigDict, in place; returns it."""
+  for k, v in dotted.items():
+    node = config
     *parents, leaf = k.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = v
-  return c
+  return config
+
+
+@pytest.fixture(scope="session")
+def set_dotted():
+  """set_dotted(config, {"a.b": value}) -> config with those keys set (in place; dicts or ConfigDicts)."""
+  return _set_dotted
+
+
+def _inf_at(at_step: int):
+  """A `train.run` batch hook that puts an inf into the first image of train step `at_step` (from 0)."""
+  def hook(phase, step, local):
+    del phase
+    if step == at_step:
+      local = dict(local, image=local["image"].copy())
+      local["image"][0, 0, 0, 0] = np.inf
+    return local
+  return hook
+
+
+@pytest.fixture(scope="session")
+def inject_inf():
+  """inject_inf(at_step) -> a `train.run` batch hook making train step `at_step` (from 0) non-finite."""
+  return _inf_at
 
 
 @pytest.fixture(scope="session")

@@ -40,16 +40,6 @@ def _steps(workdir):
 
 
 
-def _inject_inf(at_step):
-  def hook(phase, step, local):
-    del phase
-    if step == at_step:
-      local = dict(local, image=local["image"].copy())
-      local["image"][0, 0, 0, 0] = np.inf
-    return local
-  return hook
-
-
 def _sigterm_at(at_step):
   def hook(phase, step, local):
     del phase
@@ -94,18 +84,19 @@ def test_flags_read_one_step_late_and_the_run_ends_as_the_waiting_loop_does(tiny
 
 @pytest.mark.slow
 def test_nonfinite_read_late_names_its_step_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path,
-                                                                               saved_state, same_tree):
+                                                                               saved_state, same_tree, inject_inf):
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteError, match=r"ann: non-finite values at step 5: first non-finite module: "
                                                  r"'embedding/patch'.*last good checkpoint \(step 3\) is kept"):
-    train.run(_config(tiny_config, **{"ann.checkpoint_every": 3}), workdir, batch_hook=_inject_inf(at_step=4))
+    train.run(_config(tiny_config, **{"ann.checkpoint_every": 3}), workdir, batch_hook=inject_inf(at_step=4))
   assert _steps(workdir) == [3]
   same_tree(saved_state(_ckpt_dir(workdir), 3), saved_state(_ckpt_dir(reference), 3))
 
 
 @pytest.mark.slow
-def test_skip_read_late_gives_the_states_of_the_waiting_loop(tiny_config, tmp_path, caplog, saved_state, same_tree):
-  hook = _inject_inf(at_step=1)
+def test_skip_read_late_gives_the_states_of_the_waiting_loop(tiny_config, tmp_path, caplog, saved_state, same_tree,
+                                                              inject_inf):
+  hook = inject_inf(at_step=1)
   waiting, late = str(tmp_path / "waiting"), str(tmp_path / "late")
   train.run(_config(tiny_config, **{"ann.nonfinite": "skip", "ann.log_every": 1, "ann.checkpoint_every": 1}),
             waiting, batch_hook=hook)

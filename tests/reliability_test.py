@@ -281,24 +281,14 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_i
 # 2. Non-finite values.
 
 
-def _inject_inf(at_step):
-  def hook(phase, step, local):
-    del phase
-    if step == at_step:
-      local = dict(local, image=local["image"].copy())
-      local["image"][0, 0, 0, 0] = np.inf
-    return local
-  return hook
-
-
 @pytest.mark.slow
 def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path,
-                                                                                  assert_matches_reference):
+                                                                                  assert_matches_reference, inject_inf):
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteError,
                      match=r"ann: non-finite values at step 5: first non-finite module: 'embedding/patch', its "
                            r"output in the forward pass .*last good checkpoint \(step 3\) is kept"):
-    train.run(_config(tiny_config), workdir, batch_hook=_inject_inf(at_step=4))
+    train.run(_config(tiny_config), workdir, batch_hook=inject_inf(at_step=4))
   assert _steps(workdir) == [3]
   assert not [n for n in os.listdir(_ckpt_dir(workdir)) if "tmp" in n]
   # The kept checkpoint is the good one: resuming from it without the bad batch gives the reference run.
@@ -308,9 +298,9 @@ def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoin
 
 @pytest.mark.slow
 def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_config, tmp_path, caplog, saved_state,
-                                                                         same_tree):
+                                                                         same_tree, inject_inf):
   config = _config(tiny_config, **{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
-  summary = train.run(config, str(tmp_path), batch_hook=_inject_inf(at_step=1))
+  summary = train.run(config, str(tmp_path), batch_hook=inject_inf(at_step=1))
   assert "step 2 skipped (params unchanged), first non-finite module: 'embedding/patch'" in caplog.text
   s1, s2, s3 = (saved_state(_ckpt_dir(str(tmp_path)), k) for k in (1, 2, 3))
   assert (s1["step"], s2["step"], s3["step"]) == (1, 2, 3)  # the skipped batch is consumed
