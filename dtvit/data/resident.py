@@ -8,8 +8,8 @@ host pipeline also applies). Each train step then receives a global int32 batch 
 as on the host path (`mixing.py`). The host's work per step is a numpy slice of an epoch permutation, so the
 input pipeline no longer competes with the step for the host's cores, and an accelerator never waits for it.
 
-What it supports: fixed-size images and the augmentations crop_padding, flip, mixup and cutmix. RandAugment and
-the random resized crop are PIL ops on the host (`augment.py`): such configs keep `data.placement='host'`.
+What it supports: fixed-size images and the augmentations crop_padding, flip, mixup and cutmix. RandAugment,
+random erasing and the random resized crop are ops on the host (`augment.py`): such configs keep `data.placement='host'`.
 
 Order and randomness: epoch e visits the train split in the order `np.random.default_rng([seed, e])
 .permutation(N)`, and global batch s holds stream positions s*GB .. s*GB + GB - 1; process p reads the
@@ -31,7 +31,7 @@ from dtvit.data import sources
 PLACEMENTS = ('host', 'device')
 MAX_BYTES = 8 * 2**30  # the train split is replicated on every device: larger ones stay on the host
 _AUG_STREAM = 0x617567  # separates the crop / flip keys from other keys drawn from the run's seed
-HOST_ONLY_AUGMENTS = ('randaugment_ops', 'random_resized_crop')  # PIL ops in augment.py
+HOST_ONLY_AUGMENTS = ('randaugment_ops', 'random_resized_crop', 'random_erasing')  # host ops in augment.py
 TABLE_KEYS = ('table_image', 'table_label')  # the resident arrays, passed to the step beside 'index'
 
 
