@@ -9,7 +9,8 @@ as on the host path (`mixing.py`). The host's work per step is a numpy slice of 
 input pipeline no longer competes with the step for the host's cores, and an accelerator never waits for it.
 
 What it supports: fixed-size images and the augmentations crop_padding, flip, mixup and cutmix. RandAugment,
-random erasing and the random resized crop are ops on the host (`augment.py`): such configs keep `data.placement='host'`.
+random erasing and the random resized crop are ops on the host (`augment.py`): such configs keep
+`data.placement='host'`.
 
 Order and randomness: epoch e visits the train split in the order `np.random.default_rng([seed, e])
 .permutation(N)`, and global batch s holds stream positions s*GB .. s*GB + GB - 1; process p reads the
