@@ -1,5 +1,6 @@
 """dtvit's data: sources (`sources.py`, `tfds_folder.py`), per-example augmentation (`augment.py`), grain
-batching (`pipeline.py`) and on-device mixup/cutmix (`mixing.py`).
+batching (`pipeline.py`), the train split resident in device memory (`resident.py`, `data.placement='device'`)
+and on-device mixup/cutmix (`mixing.py`).
 
 A train batch's path: a source's record -> `augment.train_example` (crop, RandAugment, shift, flip) ->
 normalised, one-hot target -> batched by grain, this process's slice of the global batch -> on device,

@@ -42,6 +42,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.std = ()                 # per-channel std override; () = the dataset's own statistics
   c.val_examples = 0         # train examples held out (fixed choice, `sources.val_indices`) as the 'val' split
   c.periodic_eval_split = 'val'  # what `<phase>.eval_every` evaluates: 'val' | 'test' (the end's test split)
+  c.placement = 'host'       # 'host': grain pipeline; 'device': train split resident on device (resident.py)
   c.num_threads = 2          # grain threads preparing batches; 0 = prepare in the consuming thread
   c.prefetch = 4             # batches prepared ahead of use (with num_threads > 0)
   c.augment = ml_collections.ConfigDict()
