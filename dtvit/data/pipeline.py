@@ -111,7 +111,7 @@ def _labelled(images: list[np.ndarray], labels: list, mask_B: np.ndarray, *, ds:
 
 
 def _train_batch(elements: dict, *, ds: sources.Dataset, aug, method: str, num_classes: int,
-                 crop_pct: float) -> dict:
+                 crop_pct: float = augment.IMAGENET_CROP_FRACTION) -> dict:
   records = _read(ds.splits['train'], elements['index'])
   images = [augment.train_example(r['image'], np.random.default_rng(seed), size=ds.info.image_shape[0], aug=aug,
                                   method=method, variable_size=ds.variable_size, mean=ds.mean,
@@ -122,7 +122,7 @@ def _train_batch(elements: dict, *, ds: sources.Dataset, aug, method: str, num_c
 
 
 def _eval_batch(index_B: np.ndarray, *, split, ds: sources.Dataset, method: str, num_classes: int,
-                crop_pct: float) -> dict:
+                crop_pct: float = augment.IMAGENET_CROP_FRACTION) -> dict:
   """index_B: record indices, -1 for padding past the end of the split (a suffix)."""
   mask_B = (index_B >= 0).astype(np.float32)
   records = _read(split, index_B[index_B >= 0])
