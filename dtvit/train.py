@@ -276,10 +276,11 @@ class Phase:
   table: dict | None = None  # data.placement='device': the resident train split, replicated (resident.py)
 
 
-def make_augment_fn(config, info):
+def make_augment_fn(config, info, pc=None):
   """What the train step does to its batch first, on device (keyed by (seed, step)), or None: under
   `data.placement='device'` the gather, crop, flip and normalisation of the resident records
-  (`resident.make_fetch`), then mixup / cutmix (`data.mix_batch`) when either is on."""
+  (`resident.make_fetch`), then mixup / cutmix (`data.mix_batch`) when either is on, switched off from the
+  phase's step `pc.mixup_off_step` on (0 or no `pc`: never)."""
   aug = config.data.augment
   fetch = None
   if config.data.placement == "device":
@@ -287,11 +288,14 @@ def make_augment_fn(config, info):
   if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
     return fetch
 
+  off_step = pc.get("mixup_off_step", 0) if pc is not None else 0
+
   def augment(step, batch):
     if fetch is not None:
       batch = fetch(step, batch)
-    image, target = data.mix_batch(data.mix_key(config.seed, step), batch["image"], batch["target"],
-                                   mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha)
+    image, target = data.scheduled_mix_batch(data.mix_key(config.seed, step), step, batch["image"],
+                                             batch["target"], off_step=off_step, mixup_alpha=aug.mixup_alpha,
+                                             cutmix_alpha=aug.cutmix_alpha)
     return dict(batch, image=image, target=target)
 
   return augment
@@ -543,7 +547,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
   op_counts = None if phase == "ann" else energy_lib.op_counts(model, info.image_shape)  # traced once per phase
   op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, counts=op_counts)
-  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, make_augment_fn(config, info))
+  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, make_augment_fn(config, info, pc))
   ckpt = checkpointing.Checkpointer(workdir_lib.checkpoint_dir(workdir, phase), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
