@@ -18,4 +18,5 @@ def get_config(arg: str = ""):
   c.model.patch_size = 4
   if "tiny" in args:
     common.make_tiny(c)
+  common.calibrate_masks(c)  # the ViT's own number of masked modules
   return c

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MASK_MODES = ("ste", "sigmoid")
-COSTS = ("expected", "op_weighted", "hinge")
+COSTS = ("expected", "op_weighted", "hinge", "hinge_hard")
 SEMANTICS = ("skip", "filter")
 OUTPUT = "<output>"  # a consumer in `work_masks`' graph: the module's output, read at every step
 
@@ -93,6 +93,17 @@ def expected_steps(scores_T: jax.Array, *, temperature: jax.Array | float = 1.0,
   return jnp.sum(p_T)
 
 
+def counted_steps(scores_T: jax.Array, *, temperature: jax.Array | float = 1.0, monotone: bool = False,
+                  semantics: str = "skip") -> jax.Array:
+  """The steps one module costs under its hard mask, as `step_counts` counts them ('skip': its active steps,
+  'filter': its simulated steps), with the gradient of `expected_steps` (straight through): the value is the
+  accounting's exactly, and the gradient still says which way each score moves it."""
+  hard_T = hard_mask(scores_T, monotone=monotone)
+  count = jnp.sum(work_masks({"m": hard_T}, {"m": (OUTPUT,)}, semantics)["m"])
+  soft = expected_steps(scores_T, temperature=temperature, monotone=monotone, semantics=semantics)
+  return count + (soft - jax.lax.stop_gradient(soft))
+
+
 def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
                    op_weights: Mapping[str, float] | None = None, target: float | None = None,
                    temperature: jax.Array | float = 1.0, monotone: bool = False,
@@ -107,7 +118,10 @@ def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
   Args:
     scores: module name -> scores [T].
     kind: 'expected' -> mean over modules of expected steps; 'op_weighted' -> the same weighted by each
-      module's dense op count (energy-aware); 'hinge' -> max(0, mean expected steps - target).
+      module's dense op count (energy-aware); 'hinge' -> max(0, mean expected steps - target); 'hinge_hard' ->
+      max(0, T_avg - target) with T_avg the mean of the hard counts (`counted_steps`: the average the
+      evaluation reports), straight-through: it pushes every score down while the reported T_avg is above the
+      target and is exactly 0 once it is not (the soft 'hinge' stops while every hard mask may still be on).
     op_weights: module name -> op count, for 'op_weighted'.
     target: the target average steps, for 'hinge'.
   """
@@ -116,7 +130,8 @@ def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
   if not scores:
     return jnp.zeros(())
   names = sorted(scores)
-  steps = jnp.stack([expected_steps(scores[n], temperature=temperature, monotone=monotone, semantics=semantics)
+  count = counted_steps if kind == "hinge_hard" else expected_steps
+  steps = jnp.stack([count(scores[n], temperature=temperature, monotone=monotone, semantics=semantics)
                      for n in names])
   if kind == "expected":
     return jnp.mean(steps)
@@ -127,7 +142,7 @@ def time_step_cost(scores: Mapping[str, jax.Array], *, kind: str = "expected",
     w = jnp.asarray([float(op_weights[n]) for n in names])
     return jnp.sum(w * steps) / jnp.sum(w)
   if target is None:
-    raise ValueError("The 'hinge' cost needs a target average number of time steps (mask.target_steps).")
+    raise ValueError(f"The {kind!r} cost needs a target average number of time steps (<phase>.target_steps).")
   return jnp.maximum(0.0, jnp.mean(steps) - target)
 
 

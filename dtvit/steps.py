@@ -164,18 +164,22 @@ def _describe(forward: list[str], modules: list[str], out: dict) -> str:
   return "not reproduced when the step was re-run (first non-finite module unknown)"
 
 
-def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None) -> str:
+def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None,
+                       augment_fn: AugmentFn | None = None) -> str:
   """Re-runs a non-finite train step from `state` on `batch` and says where the values first went non-finite.
 
   In the order they are computed: the forward pass (the first leaf module whose output is non-finite, in
   execution order, e.g. 'blocks_0/attn/q'), then the loss, then the backward pass (the first module in
   backward order, i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer
   update (the first module whose updated parameters are non-finite). Returns a one-line description.
+  `augment_fn` is the train step's (the step re-run sees the batch the step saw).
   """
   loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
   names: dict[str, list[str]] = {}
 
   def fn(state, batch, step):
+    if augment_fn is not None:
+      batch = augment_fn(step, batch)
     temperature = temperature_at(pc, step, pc.num_steps)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     names["forward"], flags = _forward_flags(model, variables, batch["image"], temperature)

@@ -29,6 +29,7 @@ from dtvit import checkpointing
 from dtvit import energy as energy_lib
 from dtvit import evaluate as evaluate_lib
 from dtvit import data
+from dtvit.data import resident
 from dtvit import masks as masks_lib
 from dtvit import metrics as metrics_lib
 from dtvit import models
@@ -42,7 +43,7 @@ PHASES = workdir_lib.PHASES  # ("ann", "snn", "finetune")
 TRAINABLE = {"ann": ("weights", "neuron"), "snn": ("weights", "neuron", "scores"),
              "finetune": ("weights", "neuron")}
 NONFINITE_POLICIES = ("error", "skip")
-_BATCH_KEYS = ("image", "label", "target")
+_BATCH_KEYS = ("image", "label", "target", "index")  # 'index': record indices under data.placement='device'
 _HPARAM_METRICS = ("loss", "accuracy", "val_accuracy", "test_accuracy")
 
 
@@ -271,28 +272,52 @@ class Phase:
   schedule: Any             # step -> the weights' learning rate
   op_weights: dict | None   # `energy.module_op_weights` of the SNN phases (from the phase's one op-count trace)
   mesh: Any
-  augment_fn: Any = None    # (step, batch) -> batch inside the train step: mixup / cutmix
+  augment_fn: Any = None    # (step, batch) -> batch inside the train step: the resident gather, mixup / cutmix
+  table: dict | None = None  # data.placement='device': the resident train split, replicated (resident.py)
 
 
-def _mixing(config):
-  """The on-device mixup / cutmix of the train batches (`data.mix_batch`, keyed by (seed, step)), or None when
-  both are off."""
+def make_augment_fn(config, info, pc=None):
+  """What the train step does to its batch first, on device (keyed by (seed, step)), or None: under
+  `data.placement='device'` the gather, crop, flip and normalisation of the resident records
+  (`resident.make_fetch`), then mixup / cutmix (`data.mix_batch`) when either is on, switched off from the
+  phase's step `pc.mixup_off_step` on (0 or no `pc`: never)."""
   aug = config.data.augment
+  fetch = None
+  if config.data.placement == "device":
+    fetch = resident.make_fetch(config.data, seed=config.seed, num_classes=info.num_classes)
   if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
-    return None
+    return fetch
 
-  def mix(step, batch):
-    image, target = data.mix_batch(data.mix_key(config.seed, step), batch["image"], batch["target"],
-                                   mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha)
+  off_step = pc.get("mixup_off_step", 0) if pc is not None else 0
+
+  def augment(step, batch):
+    if fetch is not None:
+      batch = fetch(step, batch)
+    image, target = data.scheduled_mix_batch(data.mix_key(config.seed, step), step, batch["image"],
+                                             batch["target"], off_step=off_step, mixup_alpha=aug.mixup_alpha,
+                                             cutmix_alpha=aug.cutmix_alpha)
     return dict(batch, image=image, target=target)
 
-  return mix
+  return augment
+
+
+def train_feed(config, pc, info, mesh, start: int):
+  """(this process's numpy train batches from step `start` on, the resident table on the mesh or None)."""
+  if config.data.placement != "device":
+    return data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
+                              start_step=start, num_classes=info.num_classes), None
+  table = resident.load_table(config.data)
+  batches = resident.index_batches(info.num_train, global_batch_size=pc.batch_size, seed=config.seed,
+                                   start_step=start, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  rep = sharding.replicated(mesh)
+  return batches, {k: jax.make_array_from_callback(v.shape, rep, lambda i, v=v: v[i]) for k, v in table.items()}
 
 
 def _stop_on_nonfinite(ph: Phase, ckpt, state, batch, step: int) -> None:
   """Says where the step went non-finite; raises under `nonfinite='error'`, warns under 'skip'."""
   where = steps.diagnose_nonfinite(ph.model, ph.tx, ph.pc, state, batch, step, phase=ph.name,
-                                   op_weights=ph.op_weights)
+                                   op_weights=ph.op_weights, augment_fn=ph.augment_fn)
   if ph.pc.nonfinite == "skip":
     logging.warning("%s: step %d skipped (params unchanged), %s", ph.name, step + 1, where)
     return
@@ -334,7 +359,8 @@ class _Stepper:
     rep, data_sharded = sharding.replicated(ph.mesh), sharding.batch_sharded(ph.mesh)
     step_fn = steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
                                     augment_fn=ph.augment_fn)
-    self._fn = jax.jit(_gated(step_fn), in_shardings=(state_sharding, data_sharded, rep, data_sharded),
+    batch_sharding = data_sharded if ph.table is None else {"index": data_sharded, **{k: rep for k in ph.table}}
+    self._fn = jax.jit(_gated(step_fn), in_shardings=(state_sharding, batch_sharding, rep, data_sharded),
                        out_shardings=(state_sharding, rep), donate_argnums=(0,))
     self.go = jax.device_put(jnp.array(True), rep)
     local = len(ph.mesh.local_devices)
@@ -415,7 +441,9 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
         local = next(batches)
         if batch_hook is not None:
           local = batch_hook(ph.name, step, local)
-        batch = sharding.global_batch(ph.mesh, {k: local[k] for k in _BATCH_KEYS})
+        batch = sharding.global_batch(ph.mesh, {k: v for k, v in local.items() if k in _BATCH_KEYS})
+        if ph.table is not None:
+          batch.update(ph.table)
         state, metrics = stepper(state, batch, go, sigterm.raised)
         bar.update(1)
         if pending is not None:  # step k-1, read now that step k is queued
@@ -519,7 +547,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
   op_counts = None if phase == "ann" else energy_lib.op_counts(model, info.image_shape)  # traced once per phase
   op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, counts=op_counts)
-  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, _mixing(config))
+  ph = Phase(phase, pc, model, tx, schedule, op_weights, mesh, make_augment_fn(config, info, pc))
   ckpt = checkpointing.Checkpointer(workdir_lib.checkpoint_dir(workdir, phase), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
@@ -534,8 +562,8 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
     if start == 0:
       writer.write_hparams(metrics_lib.flatten_hparams(config.to_dict()), metrics=_HPARAM_METRICS)
     if start < end:
-      batches = data.train_batches(config.data, global_batch_size=pc.batch_size, seed=config.seed,
-                                   start_step=start, num_classes=info.num_classes)
+      batches, table = train_feed(config, pc, info, mesh, start)
+      ph = dataclasses.replace(ph, table=table)
       state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
                                   batch_hook=batch_hook, periodic_eval=_periodic_eval(config, ph))
     ckpt.close()
@@ -549,6 +577,12 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
       writer.write_scalars(summary["steps"], {k: v for k, v in summary.items()
                                               if isinstance(v, float) and k.endswith("accuracy")})
   return summary
+
+
+def _base_defaults() -> dict:
+  """{dotted key: default} of the base config (`configs.common`), for resuming runs older than a key."""
+  from configs import common  # pylint: disable=g-import-not-at-top  # the recipes' package, installed with dtvit
+  return workdir_lib.flatten_config(common.get_base_config().to_dict())
 
 
 def _check_sources(config, phases) -> None:
@@ -581,13 +615,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   for phase in phases:  # now, not after hours of training
     sharding.check_batch_size(config[phase].batch_size, mesh, f"{phase}.batch_size")
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  launch = workdir_lib.plan_launch(workdir, config.to_dict(), overwrite=overwrite, allow_changes=allow_changes)
+  launch = workdir_lib.plan_launch(workdir, config.to_dict(), overwrite=overwrite, allow_changes=allow_changes,
+                                   defaults=_base_defaults())
   finished = workdir_lib.finished_summary(launch)
   if finished is not None:
     logging.info("%s holds this run, finished (summary.json); nothing to do.%s", workdir,
                  f" The allowed changes {list(launch.allowed)} would need a new run." if launch.allowed else "")
     return finished
   info = data.get_info(config.data)
+  resident.check(config.data)
   _check_sources(config, phases)
   workdir_lib.record_launch(launch)
   data.write_spec(workdir, config.data)  # normalisation and class names, for use without the data

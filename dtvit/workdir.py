@@ -34,8 +34,8 @@ import numpy as np
 PHASES = ('ann', 'snn', 'finetune')
 
 # Dotted keys that may change between a run and its resume: they change how the run is watched (log and eval
-# cadence, the split evaluated during training), stored (checkpoint cadence and count) or fed (threads preparing the same batches), never a value
-# it computes. Keep this set short: every key added here is a way to resume into a silently different run.
+# cadence, the split evaluated during training), stored (checkpoint cadence and count) or fed (threads
+# preparing the same batches), never a value it computes. Keep this set short: every key added here is a way to resume into a silently different run.
 RESUME_NEUTRAL_KEYS = frozenset(
     {f'{p}.{k}' for p in PHASES for k in ('log_every', 'eval_every', 'checkpoint_every', 'max_to_keep')}
     | {'data.num_threads', 'data.prefetch', 'data.periodic_eval_split'})
@@ -86,11 +86,11 @@ def write_summary(workdir: str, summary: dict) -> None:
     _write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
 
 
-def _flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
+def flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
   if isinstance(d, dict) and d:
     out = {}
     for k, v in d.items():
-      out.update(_flatten_config(v, f'{prefix}.{k}' if prefix else str(k)))
+      out.update(flatten_config(v, f'{prefix}.{k}' if prefix else str(k)))
     return out
   return {prefix: d}
 
@@ -100,7 +100,7 @@ _ABSENT = '<absent>'
 
 def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (saved value, current value)} for every leaf that differs; a missing side is '<absent>'."""
-  saved_flat, current_flat = _flatten_config(saved), _flatten_config(current)
+  saved_flat, current_flat = flatten_config(saved), flatten_config(current)
   diffs = {}
   for key in sorted(set(saved_flat) | set(current_flat)):
     old, new = saved_flat.get(key, _ABSENT), current_flat.get(key, _ABSENT)
@@ -124,10 +124,13 @@ def _phases(config: dict) -> list[str]:
   return [p.strip() for p in str(config.get('phases', '')).split(',') if p.strip()]
 
 
-def _judge(key: str, old: Any, new: Any, config: dict, started: dict[str, int]) -> tuple[bool, str]:
+def _judge(key: str, old: Any, new: Any, config: dict, started: dict[str, int],
+           defaults: dict) -> tuple[bool, str]:
   """(whether the change is free on resume, why / what it means)."""
   if key in RESUME_NEUTRAL_KEYS:
     return True, ''
+  if old is _ABSENT and key in defaults and to_json({'v': defaults[key]})['v'] == new:
+    return True, f'{key} is newer than the run and at its default ({_fmt(new)}), which is what the run did'
   section, _, leaf = key.partition('.')
   if section not in PHASES:
     return False, ''
@@ -173,7 +176,7 @@ def _refuse_other_config(workdir: str, refused: dict[str, tuple[Any, Any, str]])
 
 
 def _check_allow_keys(allow_changes, saved: dict, current: dict) -> tuple[str, ...]:
-  keys = set(_flatten_config(saved)) | set(_flatten_config(current))
+  keys = set(flatten_config(saved)) | set(flatten_config(current))
   allow = tuple(a.strip() for a in allow_changes if a.strip())
   for a in allow:
     if not any(k == a or k.startswith(a + '.') for k in keys):
@@ -182,13 +185,16 @@ def _check_allow_keys(allow_changes, saved: dict, current: dict) -> tuple[str, .
   return allow
 
 
-def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, allow_changes=()) -> Launch:
+def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, allow_changes=(),
+                defaults: dict | None = None) -> Launch:
   """Decides whether a run with `config_dict` may use `workdir`; reads, never writes (see `record_launch`).
 
   - No earlier run (no <workdir>/config.json), or `overwrite`: a fresh run.
   - An earlier run: every changed key must be free on resume (module docstring) or covered by
     `allow_changes` (dotted keys, each also naming its subtree); else ValueError naming each refused key and
     the fix.
+  - `defaults` ({dotted key: value}, e.g. the base config's): a key the saved run lacks (added to dtvit
+    since) is free when it holds its default, the value that keeps what older code did.
   """
   config = to_json(config_dict)
   saved = _read_json(os.path.join(workdir, CONFIG_FILENAME))
@@ -199,7 +205,7 @@ def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, all
   changes = config_differences(saved, config)
   refused, allowed, notes = {}, [], []
   for key, (old, new) in changes.items():
-    free, why = _judge(key, old, new, config, started)
+    free, why = _judge(key, old, new, config, started, defaults or {})
     if free:
       notes += [why] if why else []
     elif any(key == a or key.startswith(a + '.') for a in allow):

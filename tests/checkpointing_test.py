@@ -359,15 +359,10 @@ def _base_config():
           'ann': phase(100), 'snn': phase(100), 'finetune': phase(0)}
 
 
-def _with(config, **dotted):
-  config = json.loads(json.dumps(config))
-  for key, value in dotted.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+@pytest.fixture
+def with_keys(set_dotted):
+  """with_keys(config dict, **dotted) -> a copy with those keys set."""
+  return lambda config, **dotted: set_dotted(json.loads(json.dumps(config)), dotted)
 
 
 def _launch(workdir, config, **kwargs):
@@ -381,7 +376,7 @@ def _history(workdir):
     return json.load(f)
 
 
-def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path):
+def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   config = _base_config()
   launch = workdir_lib.plan_launch(workdir, config)
@@ -390,7 +385,7 @@ def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path):
   os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '40'))
   neutral = {f'{p}.{k}': v for p in ('ann', 'snn', 'finetune')
              for k, v in [('log_every', 7), ('eval_every', 9), ('checkpoint_every', 11), ('max_to_keep', 5)]}
-  changed = _with(config, **neutral, **{'data.num_threads': 0, 'data.prefetch': 1, 'ann.num_steps': 300,
+  changed = with_keys(config, **neutral, **{'data.num_threads': 0, 'data.prefetch': 1, 'ann.num_steps': 300,
                                          'ann.nonfinite': 'skip'})
   launch = _launch(workdir, changed)
   assert launch.allowed == () and launch.resumed_from == {'ann': 40}
@@ -410,28 +405,28 @@ def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path):
   for key, value in refused.items():
     with pytest.raises(ValueError, match=rf'(?s)different config.*{re.escape(key)}: saved .*, now '
                                          rf'{re.escape(json.dumps(value))}.*--allow_changes={re.escape(key)} '):
-      workdir_lib.plan_launch(workdir, _with(changed, **{key: value}))
+      workdir_lib.plan_launch(workdir, with_keys(changed, **{key: value}))
   with pytest.raises(ValueError, match=r"ann.nonfinite: saved \"skip\", now \"error\""):
-    workdir_lib.plan_launch(workdir, _with(changed, **{'ann.nonfinite': 'error'}))  # skipped steps were run
+    workdir_lib.plan_launch(workdir, with_keys(changed, **{'ann.nonfinite': 'error'}))  # skipped steps were run
   assert len(_history(workdir)) == 2  # a refused launch leaves no trace
 
 
-def test_extending_a_phase_a_later_phase_started_from_is_refused(tmp_path):
+def test_extending_a_phase_a_later_phase_started_from_is_refused(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   _launch(workdir, _base_config())
   os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '100'))
   os.makedirs(os.path.join(workdir, 'snn', 'checkpoints', '20'))
   with pytest.raises(ValueError, match=r'ann.num_steps: saved 100, now 200 \(snn already started from the '
                                        r'100-step ann\)'):
-    workdir_lib.plan_launch(workdir, _with(_base_config(), **{'ann.num_steps': 200}))
-  assert _launch(workdir, _with(_base_config(), **{'snn.num_steps': 200})).notes  # the last phase may grow
+    workdir_lib.plan_launch(workdir, with_keys(_base_config(), **{'ann.num_steps': 200}))
+  assert _launch(workdir, with_keys(_base_config(), **{'snn.num_steps': 200})).notes  # the last phase may grow
 
 
-def test_other_changes_need_allow_changes_and_are_recorded(tmp_path):
+def test_other_changes_need_allow_changes_and_are_recorded(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   config = _base_config()
   _launch(workdir, config)
-  lower = _with(config, **{'snn.optimizer.lr': 1e-4, 'snn.optimizer.warmup_steps': 0})
+  lower = with_keys(config, **{'snn.optimizer.lr': 1e-4, 'snn.optimizer.warmup_steps': 0})
   with pytest.raises(ValueError, match=r'--allow_changes=snn.optimizer.lr,snn.optimizer.warmup_steps '):
     workdir_lib.plan_launch(workdir, lower)
   with pytest.raises(ValueError, match=r'Changed keys:\n  snn.optimizer.warmup_steps: saved 5, now 0\n'):
@@ -450,11 +445,11 @@ def test_other_changes_need_allow_changes_and_are_recorded(tmp_path):
     workdir_lib.plan_launch(workdir, {**lower, 'new_key': True})
 
 
-def test_overwrite_moves_the_earlier_run_aside_only_when_recorded(tmp_path):
+def test_overwrite_moves_the_earlier_run_aside_only_when_recorded(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   _launch(workdir, _base_config())
   (tmp_path / 'run' / 'marker').write_text('earlier run')
-  changed = _with(_base_config(), **{'model.depth': 6})
+  changed = with_keys(_base_config(), **{'model.depth': 6})
   launch = workdir_lib.plan_launch(workdir, changed, overwrite=True)
   assert os.path.exists(tmp_path / 'run' / 'marker')  # not yet: a check after planning may still fail
   workdir_lib.record_launch(launch)
@@ -465,3 +460,19 @@ def test_overwrite_moves_the_earlier_run_aside_only_when_recorded(tmp_path):
   (entry,) = _history(workdir)
   assert entry['moved_aside'] == str(tmp_path / old[0])
   workdir_lib.plan_launch(workdir, changed)
+
+
+def test_a_key_newer_than_the_run_is_free_at_its_default_only(tmp_path, with_keys):
+  workdir = str(tmp_path / 'run')
+  older = _base_config()  # the run was started by a dtvit without data.placement
+  config = with_keys(older, **{'data.placement': 'host'})
+  _launch(workdir, older)
+  defaults = {'data.placement': 'host'}
+  launch = workdir_lib.plan_launch(workdir, config, defaults=defaults)
+  assert launch.changes == {'data.placement': ('<absent>', 'host')} and launch.allowed == ()
+  assert launch.notes == ('data.placement is newer than the run and at its default ("host"), which is what the '
+                          'run did',)
+  with pytest.raises(ValueError, match=r'data.placement: saved <absent>, now "device"'):
+    workdir_lib.plan_launch(workdir, with_keys(older, **{'data.placement': 'device'}), defaults=defaults)
+  with pytest.raises(ValueError, match=r'data.placement: saved <absent>, now "host"'):
+    workdir_lib.plan_launch(workdir, config)  # without defaults: refused

@@ -29,13 +29,41 @@ def _tiny_config(**overrides):
   c.model.variant = "tiny"
   c.model.patch_size = 2
   c.eval_fixed_steps = False
-  for k, v in overrides.items():
-    node = c
+  return _set_dotted(c, overrides)
+
+
+def _set_dotted(config, dotted: dict):
+  """Sets {"a.b.c": value} keys in a nested dict or ConfigDict, in place; returns it."""
+  for k, v in dotted.items():
+    node = config
     *parents, leaf = k.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = v
-  return c
+  return config
+
+
+@pytest.fixture(scope="session")
+def set_dotted():
+  """set_dotted(config, {"a.b": value}) -> config with those keys set (in place; dicts or ConfigDicts)."""
+  return _set_dotted
+
+
+def _inf_at(at_step: int):
+  """A `train.run` batch hook that puts an inf into the first image of train step `at_step` (from 0)."""
+  def hook(phase, step, local):
+    del phase
+    if step == at_step:
+      local = dict(local, image=local["image"].copy())
+      local["image"][0, 0, 0, 0] = np.inf
+    return local
+  return hook
+
+
+@pytest.fixture(scope="session")
+def inject_inf():
+  """inject_inf(at_step) -> a `train.run` batch hook making train step `at_step` (from 0) non-finite."""
+  return _inf_at
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +89,36 @@ def image_folder():
   """A factory of image-folder datasets (train/ and test/, one folder per class of random PNGs):
   image_folder(root, size, num_classes, per_class=1) -> root."""
   return _image_folder
+
+
+def _saved_state(checkpoints: str, step: int) -> dict:
+  """The whole train state saved at `step` in a phase's checkpoint folder, as numpy (params, batch_stats,
+  opt_state, step), whatever devices and processes wrote it."""
+  import jax  # pylint: disable=g-import-not-at-top  # after the XLA flags above
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoints, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+@pytest.fixture(scope="session")
+def saved_state():
+  """saved_state(checkpoint folder, step) -> the saved train state as numpy."""
+  return _saved_state
+
+
+def assert_same_tree(a, b) -> None:
+  """Every leaf of two pytrees bitwise equal."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="session")
+def same_tree():
+  """same_tree(a, b): asserts that every leaf of two pytrees is bitwise equal."""
+  return assert_same_tree
 
 
 def tiny_run_config():

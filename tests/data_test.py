@@ -319,7 +319,7 @@ def test_random_resized_crop_box_bounds():
       left, top, right, bottom = augment.random_resized_crop_box(rng, height, width, min_scale=0.3)
       assert 0 <= left < right <= width + 1e-9 and 0 <= top < bottom <= height + 1e-9
       w, h = right - left, bottom - top
-      if (w, h) != (min(height, width),) * 2:  # the fallback is the central square
+      if (w, h) != (width, height):  # a draw, or the fallback: the image with its ratio clamped into range
         assert 0.3 - 1e-9 <= w * h / (height * width) <= 1 + 1e-9
         assert 3 / 4 - 1e-9 <= w / h <= 4 / 3 + 1e-9
 
@@ -460,4 +460,104 @@ def test_val_split_errors_name_the_fix():
     data.eval_batches(cfg, split='val', global_batch_size=8)
   cfg.val_examples = 1437
   with pytest.raises(ValueError, match=r'data.val_examples=1437 must be in \[0, 1437\)'):
+    data.get_info(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the official Spikformer recipe's pieces: crop scale/ratio, the SNN RandAugment set, erasing, bicubic, crop_pct
+
+
+def test_random_resized_crop_scale_and_ratio():
+  rng = np.random.default_rng(0)
+  # Scale 1, ratio 1 on a square image: the whole image (the official CIFAR crop, i.e. no crop).
+  for _ in range(20):
+    assert augment.random_resized_crop_box(rng, 32, 32, 1.0, 1.0, (1.0, 1.0)) == (0.0, 0.0, 32.0, 32.0)
+  # Scale 1 on a 4:3 image cannot fit a draw: torchvision's fallback, the image with its ratio clamped.
+  assert augment.random_resized_crop_box(rng, 300, 400, 1.0, 1.0, (1.0, 1.0)) == (50.0, 0.0, 350.0, 300.0)
+  assert augment.random_resized_crop_box(rng, 300, 400, 1.0, 1.0, (3 / 4, 4 / 3)) == (0.0, 0.0, 400.0, 300.0)
+  for _ in range(200):
+    left, top, right, bottom = augment.random_resized_crop_box(rng, 100, 100, 0.2, 0.5, (0.5, 2.0))
+    area, ratio = (right - left) * (bottom - top) / 1e4, (right - left) / (bottom - top)
+    assert 0.2 - 1e-9 <= area <= 0.5 + 1e-9 and 0.5 - 1e-9 <= ratio <= 2.0 + 1e-9
+  with pytest.raises(ValueError, match='rrc_min_scale <= rrc_max_scale'):
+    augment.random_resized_crop_box(rng, 10, 10, 0.9, 0.5)
+  image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  aug = _config(crop_padding=0, random_resized_crop=True, rrc_min_scale=1.0, rrc_max_scale=1.0,
+                rrc_min_ratio=1.0, rrc_max_ratio=1.0).augment
+  out = augment.train_example(image, np.random.default_rng(0), size=32, aug=aug, method='bicubic')
+  np.testing.assert_array_equal(out, augment.to_float(image))
+
+
+def test_spikformer_randaugment_set_probability_and_magnitude_std():
+  assert augment.RANDAUGMENT_OP_SETS['spikformer'] == ('equalize', 'rotate', 'shear_x', 'translate_x',
+                                                       'translate_y')
+  rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  # The defaults draw what they drew before the options existed.
+  np.testing.assert_array_equal(augment.randaugment(rgb, np.random.default_rng(5), 2, 9),
+                                augment.randaugment(rgb, np.random.default_rng(5), 2, 9, op_set='dtvit', prob=1.0,
+                                                    magnitude_std=0.0))
+  unchanged = [np.array_equal(augment.randaugment(rgb, np.random.default_rng(i), 1, 9, op_set='spikformer',
+                                                  prob=0.5), rgb) for i in range(400)]
+  assert 0.4 < np.mean(unchanged) < 0.6  # one op, applied half the time (every op of the set changes this image)
+  calls = []
+  ops = augment._OPS  # pylint: disable=protected-access
+  saved = dict(ops)
+  try:
+    for name in saved:
+      ops[name] = lambda img, lv, sg, fill, name=name: calls.append((name, lv)) or img
+    for i in range(2000):
+      augment.randaugment(rgb, np.random.default_rng(i), 1, 9, op_set='spikformer', magnitude_std=0.4)
+  finally:
+    ops.update(saved)
+  assert {n for n, _ in calls} == set(augment.RANDAUGMENT_OP_SETS['spikformer'])
+  levels = np.array([lv for _, lv in calls]) * 10
+  assert abs(levels.mean() - 9) < 0.05 and abs(levels.std() - 0.4) < 0.05  # N(9, 0.4), rarely clipped at 10
+  with pytest.raises(ValueError, match="randaugment_op_set='timm'; choose one of dtvit, spikformer"):
+    augment.randaugment(rgb, np.random.default_rng(0), 1, 9, op_set='timm')
+
+
+def test_random_erasing_blanks_one_box_to_the_mean():
+  rng = np.random.default_rng(0)
+  image = rng.random((32, 32, 3), dtype=np.float32) + 2.0  # no pixel equals the fill value
+  mean = np.array([0.1, 0.2, 0.3], np.float32)
+  erased, fractions = 0, []
+  for i in range(1000):
+    out = augment.random_erase(image, np.random.default_rng(i), 0.25, mean)
+    blank = np.all(out == mean, axis=-1)
+    if blank.any():
+      erased += 1
+      rows, cols = np.where(blank)
+      box = blank[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+      assert box.all()  # one rectangle, everything else untouched
+      np.testing.assert_array_equal(out[~blank], image[~blank])
+      fractions.append(box.size / blank.size)
+    else:
+      np.testing.assert_array_equal(out, image)
+  assert 200 < erased < 300  # p = 0.25
+  assert 0.015 < min(fractions) and max(fractions) < 0.36  # area in [0.02, 1/3] up to rounding of the sides
+  aug = _config(crop_padding=0, random_erasing=1.0).augment
+  with pytest.raises(ValueError, match='needs the dataset mean'):
+    augment.train_example(image, np.random.default_rng(0), size=32, aug=aug)
+  cfg = _config(crop_padding=0, random_erasing=1.0)
+  b = next(data.train_batches(cfg, global_batch_size=32, seed=0))
+  assert (b['image'] == 0).all(axis=-1).any(axis=(1, 2)).mean() > 0.5  # erased to the mean = 0 once normalised
+
+
+def test_bicubic_resize_and_eval_crop_pct():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+  full = augment.eval_example(image, size=30, method='bicubic', variable_size=True, crop_pct=1.0)
+  want = np.asarray(Image.fromarray(image).resize((30, 30), Image.BICUBIC, box=(10, 0, 70, 60)))
+  np.testing.assert_array_equal(full, want / np.float32(255))
+  default = augment.eval_example(image, size=30, method='bicubic', variable_size=True)
+  want = np.asarray(Image.fromarray(image).resize((30, 30), Image.BICUBIC, box=(13.75, 3.75, 66.25, 56.25)))
+  np.testing.assert_array_equal(default, want / np.float32(255))
+  assert not np.array_equal(full, default)
+  with pytest.raises(ValueError, match=r'eval_crop_pct must be in \(0, 1\]'):
+    augment.eval_example(image, size=30, variable_size=True, crop_pct=1.5)
+  gray = rng.random((8, 8, 1), dtype=np.float32)
+  assert not np.array_equal(augment.resize(gray, 12, 'bicubic'), augment.resize(gray, 12, 'bilinear'))
+  cfg = _config()
+  cfg.resize_method = 'lanczos'
+  with pytest.raises(ValueError, match='valid choices: bilinear, nearest, bicubic'):
     data.get_info(cfg)

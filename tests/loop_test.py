@@ -12,7 +12,6 @@ import signal
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from dtvit import evaluate as evaluate_lib
@@ -37,26 +36,8 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(_ckpt_dir(workdir)) if n.isdigit())
 
 
-def _state(workdir, step):
-  path = os.path.join(_ckpt_dir(workdir), str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
-def _assert_same_state(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def _inject_inf(at_step):
-  def hook(phase, step, local):
-    del phase
-    if step == at_step:
-      local = dict(local, image=local["image"].copy())
-      local["image"][0, 0, 0, 0] = np.inf
-    return local
-  return hook
 
 
 def _sigterm_at(at_step):
@@ -78,7 +59,7 @@ def reference(tiny_config, tmp_path_factory):
 
 @pytest.mark.slow
 def test_flags_read_one_step_late_and_the_run_ends_as_the_waiting_loop_does(tiny_config, reference, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, saved_state, same_tree):
   events = []
   stepper_call, settle = train._Stepper.__call__, train._settle
   def record_dispatch(self, state, batch, go, stop):
@@ -98,43 +79,46 @@ def test_flags_read_one_step_late_and_the_run_ends_as_the_waiting_loop_does(tiny
   assert events == ["dispatch", "read 0", "dispatch", "dispatch", "read 1", "dispatch", "read 2", "read 3",
                     "dispatch", "dispatch", "read 4", "dispatch", "read 5", "dispatch", "read 6", "read 7"]
   assert _steps(workdir) == [STEPS]
-  _assert_same_state(_state(workdir, STEPS), _state(reference, STEPS))
+  same_tree(saved_state(_ckpt_dir(workdir), STEPS), saved_state(_ckpt_dir(reference), STEPS))
 
 
 @pytest.mark.slow
-def test_nonfinite_read_late_names_its_step_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path):
+def test_nonfinite_read_late_names_its_step_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path,
+                                                                               saved_state, same_tree, inject_inf):
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteError, match=r"ann: non-finite values at step 5: first non-finite module: "
                                                  r"'embedding/patch'.*last good checkpoint \(step 3\) is kept"):
-    train.run(_config(tiny_config, **{"ann.checkpoint_every": 3}), workdir, batch_hook=_inject_inf(at_step=4))
+    train.run(_config(tiny_config, **{"ann.checkpoint_every": 3}), workdir, batch_hook=inject_inf(at_step=4))
   assert _steps(workdir) == [3]
-  _assert_same_state(_state(workdir, 3), _state(reference, 3))
+  same_tree(saved_state(_ckpt_dir(workdir), 3), saved_state(_ckpt_dir(reference), 3))
 
 
 @pytest.mark.slow
-def test_skip_read_late_gives_the_states_of_the_waiting_loop(tiny_config, tmp_path, caplog):
-  hook = _inject_inf(at_step=1)
+def test_skip_read_late_gives_the_states_of_the_waiting_loop(tiny_config, tmp_path, caplog, saved_state, same_tree,
+                                                              inject_inf):
+  hook = inject_inf(at_step=1)
   waiting, late = str(tmp_path / "waiting"), str(tmp_path / "late")
   train.run(_config(tiny_config, **{"ann.nonfinite": "skip", "ann.log_every": 1, "ann.checkpoint_every": 1}),
             waiting, batch_hook=hook)
   caplog.clear()
   train.run(_config(tiny_config, **{"ann.nonfinite": "skip"}), late, batch_hook=hook)
   assert "ann: step 2 skipped (params unchanged), first non-finite module: 'embedding/patch'" in caplog.text
-  _assert_same_state(_state(late, STEPS), _state(waiting, STEPS))
-  s1, s2 = _state(waiting, 1), _state(waiting, 2)  # the skipped batch changed nothing but the counter
+  same_tree(saved_state(_ckpt_dir(late), STEPS), saved_state(_ckpt_dir(waiting), STEPS))
+  # The skipped batch changed nothing but the counter.
+  s1, s2 = saved_state(_ckpt_dir(waiting), 1), saved_state(_ckpt_dir(waiting), 2)
   assert (s1["step"], s2["step"]) == (1, 2)
-  _assert_same_state(s1["params"], s2["params"])
+  same_tree(s1["params"], s2["params"])
 
 
 @pytest.mark.slow
-def test_sigterm_read_late_checkpoints_the_step_it_came_with(tiny_config, reference, tmp_path):
+def test_sigterm_read_late_checkpoints_the_step_it_came_with(tiny_config, reference, tmp_path, saved_state, same_tree):
   workdir = str(tmp_path)
   with pytest.raises(train.Preempted, match="checkpoint saved at step 3;"):
     train.run(_config(tiny_config), workdir, batch_hook=_sigterm_at(2))  # arrives before step 2 (done 3)
   assert _steps(workdir) == [3]
-  _assert_same_state(_state(workdir, 3), _state(reference, 3))
+  same_tree(saved_state(_ckpt_dir(workdir), 3), saved_state(_ckpt_dir(reference), 3))
   train.run(_config(tiny_config), workdir)  # and resumes to the reference's end
-  _assert_same_state(_state(workdir, STEPS), _state(reference, STEPS))
+  same_tree(saved_state(_ckpt_dir(workdir), STEPS), saved_state(_ckpt_dir(reference), STEPS))
 
 
 @pytest.mark.slow

@@ -142,3 +142,23 @@ def test_bad_settings_are_errors():
     _mix(images, targets, mixup_alpha=-1.0, cutmix_alpha=0.0)
   with pytest.raises(ValueError, match=r'switch_prob \(2.0\) in \[0, 1\]'):
     _mix(images, targets, mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=2.0)
+
+
+def test_mixing_switches_off_at_the_off_step():
+  images, targets, _ = _batch()
+  mix = jax.jit(functools.partial(mixing.scheduled_mix_batch, off_step=5, mixup_alpha=0.5, cutmix_alpha=0.0))
+  key = jax.random.key(3)
+  before = mix(key, jnp.int32(4), images, targets)
+  expected = _mix(images, targets, key=3, mixup_alpha=0.5, cutmix_alpha=0.0)
+  for got, want in zip(before, expected):  # before the off step: exactly mix_batch with the same key
+    np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(before[0], images)
+  for step in (5, 6, 10_000):  # from the off step on: the batch as is
+    out_images, out_targets = mix(key, jnp.int32(step), images, targets)
+    np.testing.assert_array_equal(out_images, images)
+    np.testing.assert_array_equal(out_targets, targets)
+  always = functools.partial(mixing.scheduled_mix_batch, off_step=0, mixup_alpha=0.5, cutmix_alpha=0.0)
+  late = always(key, jnp.int32(10_000), images, targets)[0]  # off_step 0: never off
+  np.testing.assert_array_equal(late, expected[0])
+  with pytest.raises(ValueError, match='mixup_off_step must be an integer'):
+    mixing.scheduled_mix_batch(key, 0, images, targets, off_step=2.5, mixup_alpha=0.5, cutmix_alpha=0.0)

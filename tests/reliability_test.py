@@ -29,7 +29,6 @@ import time
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -85,18 +84,8 @@ def _steps(workdir):
   return sorted(int(n) for n in names if n.isdigit())
 
 
-def _state(workdir, step):
-  """The whole saved train state of `step` as numpy (params, batch_stats, opt_state, step)."""
-  path = os.path.join(_ckpt_dir(workdir), str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  # As numpy, whatever devices and processes wrote it.
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
-def _assert_same_state(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def _summary(workdir):
@@ -108,14 +97,21 @@ def _summary(workdir):
   return s
 
 
-def _assert_matches_reference(workdir, reference, extra_steps=()):
-  """Every checkpoint and the summary's metrics equal the uninterrupted run's, bitwise."""
+@pytest.fixture
+def assert_matches_reference(saved_state, same_tree):
+  """(workdir, reference, extra_steps=()): every checkpoint and the summary's metrics equal the uninterrupted
+  run's, bitwise."""
+  return lambda workdir, reference, extra_steps=(): _matches_reference(workdir, reference, extra_steps,
+                                                                      saved_state, same_tree)
+
+
+def _matches_reference(workdir, reference, extra_steps, saved_state, same_tree):
   with open(os.path.join(workdir, "config.json")) as f, open(os.path.join(reference, "config.json")) as g:
     assert json.load(f) == json.load(g)  # the CLI and the in-process run are the same experiment
   assert _steps(reference) == list(range(EVERY, STEPS + 1, EVERY))
   assert _steps(workdir) == sorted(_steps(reference) + list(extra_steps))
   for step in _steps(reference):
-    _assert_same_state(_state(workdir, step), _state(reference, step))
+    same_tree(saved_state(_ckpt_dir(workdir), step), saved_state(_ckpt_dir(reference), step))
   assert _summary(workdir) == _summary(reference)
 
 
@@ -193,7 +189,7 @@ def _run_cli(workdir, *extra, **kwargs):
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path):
+def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path, assert_matches_reference):
   workdir = str(tmp_path / "run")
   # Killed between two checkpoints: after step 4 is logged and the (asynchronous) save of step 3 committed.
   cli = _Cli(workdir, step_delay=0.3, cache=cache)
@@ -215,13 +211,14 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
   out, err = _run_cli(workdir, cache=cache)
   assert f"resumed from step {max(done_first)}" in err
   assert not [n for n in os.listdir(_ckpt_dir(workdir)) if ".orbax-checkpoint-tmp" in n]
-  _assert_matches_reference(workdir, reference)
+  assert_matches_reference(workdir, reference)
   assert "summary:" in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
-def test_signal_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path, signum, status):
+def test_signal_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path, signum, status,
+                                                                        assert_matches_reference):
   workdir = str(tmp_path / "run")
   cli = _Cli(workdir, step_delay=0.3, cache=cache)
   cli.wait_for_step(4)
@@ -233,7 +230,7 @@ def test_signal_checkpoints_the_current_step_and_rerun_is_bitwise_exact(referenc
   assert 4 <= saved < STEPS
   assert max(_steps(workdir)) == saved  # the step the signal arrived at, not the last periodic checkpoint
   _run_cli(workdir, cache=cache)
-  _assert_matches_reference(workdir, reference, extra_steps=[saved] if saved % EVERY else [])
+  assert_matches_reference(workdir, reference, extra_steps=[saved] if saved % EVERY else [])
   _assert_no_duplicate_steps(workdir)
 
 
@@ -262,8 +259,8 @@ def _delete_state_files(step_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [_truncate_arrays, _delete_state_files], ids=["truncated", "deleted"])
-def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(tiny_config, reference,
-                                                                                  tmp_path, damage, caplog):
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(
+    tiny_config, reference, tmp_path, damage, caplog, assert_matches_reference):
   # A run stopped after step 9 (the reference's files up to there), whose step 9 was then damaged.
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
@@ -277,46 +274,38 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_i
   assert lines[0].startswith(f"Checkpoint step 9 in {_ckpt_dir(workdir)} is unreadable (")
   assert "ann: resumed from step 6" in caplog.text
   assert os.listdir(os.path.join(_ckpt_dir(workdir), "corrupt")) == ["9"]  # kept aside, not deleted
-  _assert_matches_reference(workdir, reference)  # and steps 9 and 12 written again, bitwise as uninterrupted
+  assert_matches_reference(workdir, reference)  # and steps 9 and 12 written again, bitwise as uninterrupted
 
 
 # ------------------------------------------------------------------------------------------------------------
 # 2. Non-finite values.
 
 
-def _inject_inf(at_step):
-  def hook(phase, step, local):
-    del phase
-    if step == at_step:
-      local = dict(local, image=local["image"].copy())
-      local["image"][0, 0, 0, 0] = np.inf
-    return local
-  return hook
-
-
 @pytest.mark.slow
-def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path):
+def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoint(tiny_config, reference, tmp_path,
+                                                                                  assert_matches_reference, inject_inf):
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteError,
                      match=r"ann: non-finite values at step 5: first non-finite module: 'embedding/patch', its "
                            r"output in the forward pass .*last good checkpoint \(step 3\) is kept"):
-    train.run(_config(tiny_config), workdir, batch_hook=_inject_inf(at_step=4))
+    train.run(_config(tiny_config), workdir, batch_hook=inject_inf(at_step=4))
   assert _steps(workdir) == [3]
   assert not [n for n in os.listdir(_ckpt_dir(workdir)) if "tmp" in n]
   # The kept checkpoint is the good one: resuming from it without the bad batch gives the reference run.
   train.run(_config(tiny_config), workdir)
-  _assert_matches_reference(workdir, reference)
+  assert_matches_reference(workdir, reference)
 
 
 @pytest.mark.slow
-def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_config, tmp_path, caplog):
+def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_config, tmp_path, caplog, saved_state,
+                                                                         same_tree, inject_inf):
   config = _config(tiny_config, **{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
-  summary = train.run(config, str(tmp_path), batch_hook=_inject_inf(at_step=1))
+  summary = train.run(config, str(tmp_path), batch_hook=inject_inf(at_step=1))
   assert "step 2 skipped (params unchanged), first non-finite module: 'embedding/patch'" in caplog.text
-  s1, s2, s3 = (_state(str(tmp_path), k) for k in (1, 2, 3))
+  s1, s2, s3 = (saved_state(_ckpt_dir(str(tmp_path)), k) for k in (1, 2, 3))
   assert (s1["step"], s2["step"], s3["step"]) == (1, 2, 3)  # the skipped batch is consumed
   for key in ("params", "batch_stats", "opt_state"):
-    _assert_same_state(s1[key], s2[key])
+    same_tree(s1[key], s2[key])
   assert not np.array_equal(s2["params"]["head"]["kernel"], s3["params"]["head"]["kernel"])
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(s3))
   assert np.isfinite(summary["ann"]["train_loss_last"])
@@ -400,7 +389,8 @@ def _flat(tree):
 
 
 @pytest.mark.slow
-def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices(reference, cache, tmp_path):
+def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices(reference, cache, tmp_path,
+                                                                                 saved_state):
   """2 processes x 4 CPU devices over jax.distributed (Gloo), one workdir; SIGTERM reaches only process 1.
 
   Both must checkpoint the same step and exit (else one would wait forever in the other's collective); the
@@ -441,7 +431,8 @@ def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices
   np.testing.assert_allclose([v for _, v in losses[0]], [v for _, v in losses[1]], rtol=1e-3)
   assert set(_steps(reference)) <= set(_steps(workdir))  # Orbax wrote each checkpoint from both processes
   for step, tolerance in ((EVERY, 1e-2), (STEPS, 5e-2)):
-    got, want = _flat(_state(workdir, step)["params"]), _flat(_state(reference, step)["params"])
+    got = _flat(saved_state(_ckpt_dir(workdir), step)["params"])
+    want = _flat(saved_state(_ckpt_dir(reference), step)["params"])
     assert got.keys() == want.keys()
     for key in want:
       if key != "['embedding']['patch']['bias']":

@@ -3,15 +3,19 @@
 Images are [H, W, C] numpy arrays: uint8 (tfds sources) or float32 in [0, 1] (digits). Train order, per example:
 [random resized crop | central crop (variable-size sources) | resize to the model's side] -> RandAugment
 (uint8 PIL ops) -> random crop of the zero-padded image (`shift`) -> horizontal flip -> per-channel
-normalisation. Mixup and cutmix mix pairs of examples, so they live on device (`dtvit.data.mixing`).
+normalisation -> random erasing (a box set to the dataset mean: 0 after normalisation). Mixup and cutmix mix
+pairs of examples, so they live on device (`dtvit.data.mixing`).
 """
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-RESIZE_METHODS = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST}
-IMAGENET_CROP_FRACTION = 0.875  # eval on variable-size images: central crop of 87.5% of the shorter side
+RESIZE_METHODS = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST, 'bicubic': Image.BICUBIC}
+IMAGENET_CROP_FRACTION = 0.875  # default eval crop on variable-size images (data.eval_crop_pct)
+# Random erasing (timm's RandomErasing defaults, which the Spikformer recipes use): area fraction and aspect.
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_ASPECT = (0.3, 1 / 0.3)
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 
@@ -50,17 +54,29 @@ def resize(image: np.ndarray, size: int, method: str) -> np.ndarray:
   return np.stack(channels, axis=-1)
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, min_scale: float) -> Box:
-  """Area fraction in [min_scale, 1], aspect ratio in [3/4, 4/3] (log-uniform); Inception-style."""
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, min_scale: float,
+                            max_scale: float = 1.0, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+  """Inception-style crop: area fraction in [min_scale, max_scale], aspect ratio w/h in `ratio` (log-uniform),
+  up to 10 draws. When none fits, torchvision's fallback: the central crop of the whole image with its aspect
+  ratio clamped into `ratio` (with ratio (1, 1): the central square)."""
+  if not 0 < min_scale <= max_scale or not 0 < ratio[0] <= ratio[1]:
+    raise ValueError(f'random resized crop: need 0 < rrc_min_scale <= rrc_max_scale and 0 < rrc_min_ratio <= '
+                     f'rrc_max_ratio, got scale ({min_scale}, {max_scale}), ratio {tuple(ratio)}.')
   area = height * width
   for _ in range(10):
-    target = area * rng.uniform(min_scale, 1.0)
-    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    w, h = np.sqrt(target * ratio), np.sqrt(target / ratio)
+    target = area * rng.uniform(min_scale, max_scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    w, h = np.sqrt(target * aspect), np.sqrt(target / aspect)
     if w <= width and h <= height:
       left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
       return left, top, left + w, top + h
-  return center_crop_box(height, width, 1.0)  # rare fallback: the central square
+  w, h = float(width), float(height)
+  if w / h < ratio[0]:
+    h = w / ratio[0]
+  elif w / h > ratio[1]:
+    w = h * ratio[1]
+  left, top = (width - w) / 2, (height - h) / 2
+  return left, top, left + w, top + h
 
 
 def center_crop_box(height: int, width: int, fraction: float) -> Box:
@@ -106,20 +122,70 @@ RANDAUGMENT_OPS: list[tuple[str, Callable]] = [
 ]
 
 
-def randaugment(image: np.ndarray, rng: np.random.Generator, num_ops: int, magnitude: float) -> np.ndarray:
-  """RandAugment: num_ops ops drawn uniformly with replacement, each at `magnitude` (0..10) with a random sign.
+# Named op sets: 'dtvit' all of RANDAUGMENT_OPS; 'spikformer' the SNN-specific set of the official Spikformer
+# CIFAR recipe (ZK-Zhou/spikformer cifar10/aa_snn.py, `_RAND_INCREASING_TRANSFORMS`: Equalize, Rotate, ShearX,
+# TranslateXRel, TranslateYRel).
+RANDAUGMENT_OP_SETS = {
+    'dtvit': tuple(name for name, _ in RANDAUGMENT_OPS),
+    'spikformer': ('equalize', 'rotate', 'shear_x', 'translate_x', 'translate_y'),
+}
+_OPS = dict(RANDAUGMENT_OPS)
 
-  image: [H, W, C] uint8 or float32 in [0, 1]; returns the same shape and dtype.
+
+def check_op_set(op_set: str) -> tuple[str, ...]:
+  if op_set not in RANDAUGMENT_OP_SETS:
+    raise ValueError(f"data.augment.randaugment_op_set={op_set!r}; choose one of {', '.join(RANDAUGMENT_OP_SETS)}.")
+  return RANDAUGMENT_OP_SETS[op_set]
+
+
+def randaugment(image: np.ndarray, rng: np.random.Generator, num_ops: int, magnitude: float, *,
+                op_set: str = 'dtvit', prob: float = 1.0, magnitude_std: float = 0.0) -> np.ndarray:
+  """RandAugment: num_ops ops drawn uniformly with replacement from `op_set`; each is applied with probability
+  `prob` at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10] (timm's convention; std 0: exactly
+  `magnitude`), with a random sign.
+
+  image: [H, W, C] uint8 or float32 in [0, 1]; returns the same shape and dtype. The default arguments draw
+  exactly what they drew before these options existed (op, then sign, per op).
   """
+  names = check_op_set(op_set)
   channels = image.shape[-1]
   img = to_pil(image)
   fill = 128 if channels == 1 else (128,) * channels  # mid-grey where geometric ops uncover the border
-  level = float(np.clip(magnitude, 0, 10)) / 10.0
-  for k in rng.integers(len(RANDAUGMENT_OPS), size=num_ops):
+  for k in rng.integers(len(names), size=num_ops):
     sign = 1.0 if rng.random() < 0.5 else -1.0
-    img = RANDAUGMENT_OPS[k][1](img, level, sign, fill)
+    if prob < 1.0 and rng.random() >= prob:
+      continue
+    m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
+    img = _OPS[names[k]](img, float(np.clip(m, 0, 10)) / 10.0, sign, fill)
   out = from_pil(img, channels)
   return out if image.dtype == np.uint8 else to_float(out)
+
+
+def erase_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int] | None:
+  """The box random erasing blanks, (top, left, h, w) in pixels: area fraction uniform in ERASE_AREA, aspect
+  log-uniform in ERASE_ASPECT, up to 10 draws (timm's RandomErasing); None when no draw fits."""
+  area = height * width
+  for _ in range(10):
+    target = area * rng.uniform(*ERASE_AREA)
+    aspect = np.exp(rng.uniform(np.log(ERASE_ASPECT[0]), np.log(ERASE_ASPECT[1])))
+    h, w = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    if 0 < h < height and 0 < w < width:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  return None
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator, prob: float, value: np.ndarray) -> np.ndarray:
+  """With probability `prob`, one box (`erase_box`) of the float image [H, W, C] set to `value` [C] (the dataset
+  mean: 0 after normalisation, timm's 'const' mode); otherwise the image as is."""
+  if prob <= 0 or rng.random() >= prob:
+    return image
+  box = erase_box(rng, *image.shape[:2])
+  if box is None:
+    return image
+  top, left, h, w = box
+  out = image.copy()
+  out[top:top + h, left:left + w] = value
+  return out
 
 
 def shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -133,34 +199,47 @@ def shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def train_example(image: np.ndarray, rng: np.random.Generator, *, size: int, aug, method: str = 'bilinear',
-                  variable_size: bool = False) -> np.ndarray:
+                  variable_size: bool = False, mean: np.ndarray | None = None,
+                  eval_crop_pct: float = IMAGENET_CROP_FRACTION) -> np.ndarray:
   """One stored image -> float32 [size, size, C] in [0, 1] pixel units, augmented (not yet normalised).
 
-  aug: the `data.augment` config (crop_padding, flip, random_resized_crop, rrc_min_scale, randaugment_ops,
-  randaugment_magnitude). variable_size: stored images differ in size (ImageNet): without a random resized
-  crop each is centrally cropped, as in evaluation.
+  aug: the `data.augment` config (see `dtvit.data.pipeline.default_data_config`). variable_size: stored images
+  differ in size (ImageNet): without a random resized crop each is centrally cropped, as in evaluation
+  (`eval_crop_pct`). mean: [C] in [0, 1], the value random erasing writes (needed when it is on).
   """
   height, width = image.shape[:2]
   box = None
   if aug.random_resized_crop:
-    box = random_resized_crop_box(rng, height, width, aug.rrc_min_scale)
+    box = random_resized_crop_box(rng, height, width, aug.rrc_min_scale, aug.get('rrc_max_scale', 1.0),
+                                  (aug.get('rrc_min_ratio', 3 / 4), aug.get('rrc_max_ratio', 4 / 3)))
   elif variable_size:
-    box = center_crop_box(height, width, IMAGENET_CROP_FRACTION)
+    box = center_crop_box(height, width, eval_crop_pct)
   image = fit_size(image, size, method=method, box=box)
   if aug.randaugment_ops > 0:
-    image = randaugment(image, rng, aug.randaugment_ops, aug.randaugment_magnitude)
+    image = randaugment(image, rng, aug.randaugment_ops, aug.randaugment_magnitude,
+                        op_set=aug.get('randaugment_op_set', 'dtvit'), prob=aug.get('randaugment_prob', 1.0),
+                        magnitude_std=aug.get('randaugment_magnitude_std', 0.0))
   image = to_float(image)
   if aug.crop_padding > 0:
     dy, dx = rng.integers(-aug.crop_padding, aug.crop_padding + 1, size=2)
     image = shift(image, int(dy), int(dx))
   if aug.flip and rng.random() < 0.5:
     image = image[:, ::-1]
+  if aug.get('random_erasing', 0.0) > 0:
+    if mean is None:
+      raise ValueError('random erasing needs the dataset mean (train_example(..., mean=...)).')
+    image = random_erase(image, rng, aug.random_erasing, mean)
   return image
 
 
-def eval_example(image: np.ndarray, *, size: int, method: str = 'bilinear', variable_size: bool = False) -> np.ndarray:
-  """One stored image -> float32 [size, size, C] in [0, 1]: central crop (variable sizes) or resize."""
-  box = center_crop_box(*image.shape[:2], IMAGENET_CROP_FRACTION) if variable_size else None
+def eval_example(image: np.ndarray, *, size: int, method: str = 'bilinear', variable_size: bool = False,
+                 crop_pct: float = IMAGENET_CROP_FRACTION) -> np.ndarray:
+  """One stored image -> float32 [size, size, C] in [0, 1]: variable sizes: the central square of side
+  crop_pct x the shorter side resized to size (timm's eval: resize the shorter side to size / crop_pct, centre
+  crop size); fixed sizes: resized."""
+  if not 0 < crop_pct <= 1:
+    raise ValueError(f'data.eval_crop_pct must be in (0, 1], got {crop_pct}.')
+  box = center_crop_box(*image.shape[:2], crop_pct) if variable_size else None
   return to_float(fit_size(image, size, method=method, box=box))
 
 

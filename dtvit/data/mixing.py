@@ -104,3 +104,20 @@ def mix_batch(rng: jax.Array, images_BHWC: jax.Array, targets_BK: jax.Array, *, 
                             x_B[2 * num_pairs:].astype(jnp.float32)])
 
   return mix(images_BHWC, own_PHW).astype(images_BHWC.dtype), mix(targets_BK, weight_P)
+
+
+def scheduled_mix_batch(rng: jax.Array, step, images_BHWC: jax.Array, targets_BK: jax.Array, *, off_step: int,
+                        mixup_alpha: float, cutmix_alpha: float,
+                        switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array]:
+  """`mix_batch` at the train steps before `off_step`, the batch as is from `off_step` on (timm's
+  `mixup_off_epoch`, counted in steps of the phase); off_step <= 0: mix at every step.
+
+  step: the (traced) int32 step counter of the phase. The targets come back float32 either way."""
+  if int(off_step) != off_step:
+    raise ValueError(f'mixup_off_step must be an integer (a step of the phase; 0 = never off), got {off_step}.')
+  mix = lambda: mix_batch(rng, images_BHWC, targets_BK, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                          switch_prob=switch_prob)
+  if off_step <= 0:
+    return mix()
+  keep = lambda: (images_BHWC, targets_BK.astype(jnp.float32))
+  return jax.lax.cond(step < off_step, mix, keep)

@@ -36,23 +36,39 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.archive = ''             # cifar10_local / image_folder: .tar.gz/.tar or folder with train/<class>/, test/<class>/
   c.data_dir = ''            # tfds data_dir for prepared data; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.image_size = 0           # side of the images the model sees; 0 = native (8 digits, 32 CIFAR, 224 ImageNet)
-  c.resize_method = 'bilinear'  # 'bilinear' | 'nearest', used when image_size differs from the stored side
+  c.resize_method = 'bilinear'  # 'bilinear' | 'nearest' | 'bicubic': every resize (crops, image_size changes)
+  c.eval_crop_pct = augment.IMAGENET_CROP_FRACTION  # variable-size eval: central crop of this x the shorter side
   c.mean = ()                # per-channel mean override in [0, 1] units; () = the dataset's own statistics
   c.std = ()                 # per-channel std override; () = the dataset's own statistics
   c.val_examples = 0         # train examples held out (fixed choice, `sources.val_indices`) as the 'val' split
   c.periodic_eval_split = 'val'  # what `<phase>.eval_every` evaluates: 'val' | 'test' (the end's test split)
+  c.placement = 'host'       # 'host': grain pipeline; 'device': train split resident on device (resident.py)
   c.num_threads = 2          # grain threads preparing batches; 0 = prepare in the consuming thread
   c.prefetch = 4             # batches prepared ahead of use (with num_threads > 0)
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_padding = 1           # random crop after zero padding by this many pixels (CIFAR: 4); 0 = off
   c.augment.flip = False               # random horizontal flip (off for digits: mirrored digits are other glyphs)
-  c.augment.random_resized_crop = False  # Inception-style crop of scale [rrc_min_scale, 1] (ImageNet: True)
-  c.augment.rrc_min_scale = 0.08
+  c.augment.random_resized_crop = False  # Inception-style crop (ImageNet: True): area fraction in
+  c.augment.rrc_min_scale = 0.08         # [rrc_min_scale, rrc_max_scale], aspect w/h log-uniform in
+  c.augment.rrc_max_scale = 1.0          # [rrc_min_ratio, rrc_max_ratio]
+  c.augment.rrc_min_ratio = 3 / 4
+  c.augment.rrc_max_ratio = 4 / 3
   c.augment.randaugment_ops = 0        # RandAugment ops per image; 0 = off
   c.augment.randaugment_magnitude = 9  # RandAugment magnitude, 0..10
+  c.augment.randaugment_op_set = 'dtvit'  # 'dtvit' (14 ops) | 'spikformer' (the official SNN set of 5)
+  c.augment.randaugment_prob = 1.0     # probability that each drawn op is applied
+  c.augment.randaugment_magnitude_std = 0.0  # magnitude ~ N(magnitude, std), clipped to [0, 10]
+  c.augment.random_erasing = 0.0       # probability of blanking one random box to the mean (timm 'const'); 0 = off
   c.augment.mixup_alpha = 0.0          # Beta(alpha, alpha) mixup, on device (mixing.py); 0 = off
   c.augment.cutmix_alpha = 0.0         # Beta(alpha, alpha) cutmix, on device; 0 = off. Both on: each pair picks one
   return c
+
+
+def _crop_pct(data_cfg) -> float:
+  crop_pct = float(data_cfg.get('eval_crop_pct', augment.IMAGENET_CROP_FRACTION))
+  if not 0 < crop_pct <= 1:
+    raise ValueError(f'data.eval_crop_pct must be in (0, 1], got {crop_pct}.')
+  return crop_pct
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -94,21 +110,24 @@ def _labelled(images: list[np.ndarray], labels: list, mask_B: np.ndarray, *, ds:
   return {'image': image, 'label': label, 'target': target}
 
 
-def _train_batch(elements: dict, *, ds: sources.Dataset, aug, method: str, num_classes: int) -> dict:
+def _train_batch(elements: dict, *, ds: sources.Dataset, aug, method: str, num_classes: int,
+                 crop_pct: float = augment.IMAGENET_CROP_FRACTION) -> dict:
   records = _read(ds.splits['train'], elements['index'])
   images = [augment.train_example(r['image'], np.random.default_rng(seed), size=ds.info.image_shape[0], aug=aug,
-                                  method=method, variable_size=ds.variable_size)
+                                  method=method, variable_size=ds.variable_size, mean=ds.mean,
+                                  eval_crop_pct=crop_pct)
             for r, seed in zip(records, elements['seed'].tolist())]
   mask_B = np.ones((len(records),), np.float32)
   return _labelled(images, [r['label'] for r in records], mask_B, ds=ds, num_classes=num_classes)
 
 
-def _eval_batch(index_B: np.ndarray, *, split, ds: sources.Dataset, method: str, num_classes: int) -> dict:
+def _eval_batch(index_B: np.ndarray, *, split, ds: sources.Dataset, method: str, num_classes: int,
+                crop_pct: float = augment.IMAGENET_CROP_FRACTION) -> dict:
   """index_B: record indices, -1 for padding past the end of the split (a suffix)."""
   mask_B = (index_B >= 0).astype(np.float32)
   records = _read(split, index_B[index_B >= 0])
   images = [augment.eval_example(r['image'], size=ds.info.image_shape[0], method=method,
-                                 variable_size=ds.variable_size) for r in records]
+                                 variable_size=ds.variable_size, crop_pct=crop_pct) for r in records]
   batch = _labelled(images, [r['label'] for r in records], mask_B, ds=ds, num_classes=num_classes)
   return dict(batch, mask=mask_B)
 
@@ -133,10 +152,11 @@ def train_dataset(data_cfg, *, global_batch_size: int, seed: int, start_step: in
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   ds = sources.load(data_cfg)
   aug = ml_collections.FrozenConfigDict(data_cfg.augment)  # batches prepared ahead must not see later edits
+  augment.check_op_set(aug.get('randaugment_op_set', 'dtvit'))
   stream = grain.MapDataset.range(len(ds.splits['train'])).seed(seed).shuffle().repeat().random_map(_example_seed)
   batches = stream.batch(local_batch_size)[process_index::process_count][start_step:]
   return batches.map(functools.partial(_train_batch, ds=ds, aug=aug, method=data_cfg.resize_method,
-                                       num_classes=num_classes or ds.info.num_classes))
+                                       num_classes=num_classes or ds.info.num_classes, crop_pct=_crop_pct(data_cfg)))
 
 
 def train_batches(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -176,7 +196,7 @@ def eval_dataset(data_cfg, *, split: str = 'test', global_batch_size: int, num_c
     indices = grain.MapDataset.concatenate([indices, grain.MapDataset.range(num_padding).map(lambda _: -1)])
   batches = indices.batch(local_batch_size)[process_index::process_count]
   return batches.map(functools.partial(_eval_batch, split=ds.splits[split], ds=ds, method=data_cfg.resize_method,
-                                       num_classes=num_classes or ds.info.num_classes))
+                                       num_classes=num_classes or ds.info.num_classes, crop_pct=_crop_pct(data_cfg)))
 
 
 def eval_batches(data_cfg, *, split: str = 'test', global_batch_size: int, num_classes: int | None = None,

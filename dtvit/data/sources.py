@@ -185,7 +185,8 @@ def load(data_cfg) -> Dataset:
   if data_cfg.name not in NAMES:
     raise ValueError(f"Unknown data.name '{data_cfg.name}'; valid choices: {', '.join(NAMES)}.")
   if data_cfg.resize_method not in augment.RESIZE_METHODS:
-    raise ValueError(f"data.resize_method='{data_cfg.resize_method}'; valid choices: bilinear, nearest.")
+    raise ValueError(f"data.resize_method='{data_cfg.resize_method}'; valid choices: "
+                     f"{', '.join(augment.RESIZE_METHODS)}.")
   ds = _load_cached(data_cfg.name, resolve_path(data_cfg.archive, 'data.archive'),
                     resolve_path(data_cfg.data_dir, 'data.data_dir'), data_cfg.image_size, data_cfg.resize_method)
   channels = ds.info.image_shape[-1]

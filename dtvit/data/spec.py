@@ -46,7 +46,8 @@ def data_spec(data_cfg) -> dict:
   return {'dataset': ds.info.name, 'image_shape': [int(s) for s in ds.info.image_shape],
           'mean': [float(m) for m in ds.mean], 'std': [float(s) for s in ds.std],
           'resize_method': str(data_cfg.resize_method),
-          'center_crop': augment.IMAGENET_CROP_FRACTION if ds.variable_size else 0.0,
+          'center_crop': float(data_cfg.get('eval_crop_pct', augment.IMAGENET_CROP_FRACTION)) if ds.variable_size
+                         else 0.0,
           'class_names': class_names(data_cfg), 'pixel_range': PIXEL_RANGE}
 
 
@@ -86,7 +87,9 @@ def _one_image(image, spec: dict, index: int) -> np.ndarray:
                      f'({"grey" if C == 1 else "RGB"}), any H and W.')
   if x.dtype != np.uint8:
     x = x.astype(np.float32)
-  return augment.eval_example(x, size=S, method=spec['resize_method'], variable_size=spec['center_crop'] > 0)
+  crop = spec['center_crop']
+  return augment.eval_example(x, size=S, method=spec['resize_method'], variable_size=crop > 0,
+                              **({'crop_pct': crop} if crop > 0 else {}))
 
 
 def preprocess(spec: dict, images) -> np.ndarray:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dtvit import masks as masks_lib
 from dtvit.models import paths
-from dtvit.models.settings import KERNELS, MaskConfig, NeuronConfig  # noqa: F401
+from dtvit.models.settings import KERNELS, LayerConfig, MaskConfig, NeuronConfig  # noqa: F401
 from dtvit.models.spiking_vit import SpikingViT, spikformer, vit  # noqa: F401
 
 ARCHS = ("spikformer", "vit")
@@ -44,9 +44,11 @@ def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> Spi
     raise ValueError(f"Unknown model.dtype {dtype!r}; choose one of {sorted(_DTYPES)}.")
   neuron_cfg = NeuronConfig(**_neuron_settings(dict(get("neuron", {}))))
   mask_cfg = MaskConfig(**dict(get("mask", {})))
+  layer_cfg = LayerConfig(**{k: get(k) for k in ("dense_init", "conv_init", "head_init") if get(k)},
+                          pre_bn_bias=tuple(get("pre_bn_bias", ()) or ()))
   kwargs = dict(phase=phase or get("phase", "snn"), num_steps=get("num_steps", 4), neuron=neuron_cfg,
                 mask=mask_cfg, dtype=_DTYPES[dtype], attn_scale=get("attn_scale", 0.125),
-                kernels=get("kernels", "fused"))
+                kernels=get("kernels", "fused"), layer_cfg=layer_cfg)
   for k in ("depth", "dim", "num_heads", "mlp_ratio"):
     if get(k):
       kwargs[k] = get(k)

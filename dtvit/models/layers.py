@@ -35,7 +35,7 @@ from dtvit import neurons as neurons_lib
 from dtvit import ops
 from dtvit.models import paths
 from dtvit.models import schedule as schedule_lib
-from dtvit.models.settings import MaskConfig, NeuronConfig
+from dtvit.models.settings import LayerConfig, MaskConfig, NeuronConfig
 
 
 def _keep_last(_, new):
@@ -67,8 +67,7 @@ class TimeMask(nn.Module):
 
   @nn.compact
   def __call__(self, temperature=1.0):
-    scores_T = self.param(paths.SCORES, nn.initializers.constant(self.cfg.score_init), (self.num_steps,),
-                          jnp.float32)
+    scores_T = self.param(paths.SCORES, self.cfg.score_initializer(), (self.num_steps,), jnp.float32)
     if self.phase == "ann" or not self.cfg.enabled:
       return None
     if self.cfg.hard:
@@ -230,6 +229,7 @@ class SpikingModule(nn.Module):
   # Skipped-step inference (built by `dtvit.inference`): ((module path, steps), ...) with `steps` the sorted
   # tuple of step indices the module runs, or None to simulate all T_max steps (the training path).
   schedule: Any = None
+  layer_cfg: LayerConfig = LayerConfig()  # initialisers and pre-BN biases
 
   UNITS: ClassVar[dict] = {}
 
@@ -260,7 +260,7 @@ class SpikingModule(nn.Module):
   def common(self) -> dict:
     """The attributes a submodule shares with this one."""
     return dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask, dtype=self.dtype,
-                fused=self.fused, schedule=self.schedule)
+                fused=self.fused, schedule=self.schedule, layer_cfg=self.layer_cfg)
 
   def unit_masks(self, temperature, enabled: bool = True) -> tuple[dict, dict]:
     """({neuron: mask [T]}, {neuron: work mask [T]}) for the neurons of `UNITS`, all None when the module is
@@ -296,7 +296,8 @@ class SpikingModule(nn.Module):
     """Dense -> BN -> neuron: the Dense's input counted and the BN's statistics taken at the neuron's working
     steps."""
     unit = paths.neuron_of(layer)
-    y = Dense(features, use_bias=False, dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
+    y = Dense(features, use_bias=layer in self.layer_cfg.pre_bn_bias, kernel_init=self.layer_cfg.init("dense_init"),
+              dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
               dot_general=ops.dot_general if self.fused else None, name=layer)(x, works[unit])
     y = batch_norm(train, paths.batch_norm_of(layer))(y, works[unit])
     return self.neuron_layer(y, unit, masks[unit])
@@ -391,7 +392,8 @@ class SPSStem(SpikingModule):
 
   def conv(self, features, layer, kind="synaptic"):
     return conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,
-                num_steps=self.sim_steps, kind=kind, fast=self.fused, name=layer)
+                num_steps=self.sim_steps, kind=kind, fast=self.fused, kernel_init=self.layer_cfg.init("conv_init"),
+                name=layer)
 
   @nn.compact
   def __call__(self, images_BHWC, *, train: bool, temperature=1.0):
@@ -433,7 +435,8 @@ class PatchStem(SpikingModule):
     masks, _ = self.unit_masks(temperature, enabled=self.mask.mask_stem)
     p = self.patch_size
     x = conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, phase=self.phase,
-             num_steps=self.sim_steps, kind="analog", fast=self.fused, name=paths.PATCH)(images_BHWC)
+             num_steps=self.sim_steps, kind="analog", fast=self.fused, kernel_init=self.layer_cfg.init("conv_init"),
+             name=paths.PATCH)(images_BHWC)
     x = x.reshape(x.shape[0], -1, self.dim)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim), jnp.float32)
     x = batch_norm(train, paths.batch_norm_of(paths.PATCH))(x + pos.astype(x.dtype))

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
+import jax
+
 from dtvit import masks as masks_lib
 from dtvit import neurons as neurons_lib
 
@@ -79,13 +81,61 @@ class MaskConfig:
   monotone: bool = False        # m[t] = prod_{k<=t} b[k]
   granularity: str = "module"   # 'module': each block's attn and mlp; 'layer': every neuron
   score_init: float = 1.0       # > 0: all steps open at the start
+  # Scores start uniform in score_init +- score_init_spread (0: all equal). A spread breaks the symmetry of the
+  # time-step cost: equal scores all cross 0 at one step, so a hinge would switch every step off at once.
+  score_init_spread: float = 0.0
   mask_stem: bool = False       # also give the stem a mask
   hard: bool = False            # force the hard mask (evaluation / inference)
   semantics: str = "skip"       # what a masked step is: 'skip' | 'filter' (see dtvit.masks)
 
+  def score_initializer(self):
+    """The scores' initializer: (key, shape) -> score_init + U(-score_init_spread, score_init_spread)."""
+    if not self.score_init_spread:
+      return jax.nn.initializers.constant(self.score_init)
+    return lambda key, shape, dtype=jax.numpy.float32: self.score_init + jax.random.uniform(
+        key, shape, dtype, -self.score_init_spread, self.score_init_spread)
+
   def validate(self):
+    if self.score_init_spread < 0 or (self.score_init_spread and self.score_init_spread >= abs(self.score_init)):
+      raise ValueError(f"model.mask.score_init_spread ({self.score_init_spread}) must be in [0, |score_init| = "
+                       f"{abs(self.score_init)}), so that every score starts on the side of 0 score_init is on.")
     masks_lib.check_semantics(self.semantics)
     if self.mode not in masks_lib.MASK_MODES:
       raise ValueError(f"Unknown mask mode {self.mode!r}; choose one of {masks_lib.MASK_MODES}.")
     if self.granularity not in GRANULARITIES:
       raise ValueError(f"Unknown mask granularity {self.granularity!r}; choose one of {GRANULARITIES}.")
+
+
+# Weight initialisers by name. 'lecun_normal' is Flax's default (dtvit's); 'trunc_normal_0.02' is timm's
+# trunc_normal_(std=.02), which the official Spikformer applies to its nn.Linear layers (truncated at +-2 in
+# absolute units, i.e. 100 std: a plain normal in effect); 'torch_default' is PyTorch's default for nn.Linear and
+# nn.Conv (kaiming_uniform with a = sqrt(5): U(+-1/sqrt(fan_in))), what the official convs keep.
+INITIALIZERS = {
+    "lecun_normal": jax.nn.initializers.lecun_normal(),
+    "trunc_normal_0.02": jax.nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0),
+    "torch_default": jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+}
+PRE_BN_LAYERS = ("q", "k", "v", "proj", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+  """Initialisation and the biases of the synaptic layers (the defaults: dtvit's; the Spikformer recipes select
+  the official values)."""
+  dense_init: str = "lecun_normal"  # the blocks' Dense layers (q, k, v, proj, fc1, fc2)
+  conv_init: str = "lecun_normal"   # the stem's convs
+  head_init: str = "lecun_normal"   # the classifier
+  # Dense layers (names of PRE_BN_LAYERS) with a bias before their BN. BN subtracts the batch mean, so such a
+  # bias changes no output and gets no gradient: it only makes parameter counts equal the official ones.
+  pre_bn_bias: tuple = ()
+
+  def validate(self):
+    for key in ("dense_init", "conv_init", "head_init"):
+      if getattr(self, key) not in INITIALIZERS:
+        raise ValueError(f"Unknown model.{key} {getattr(self, key)!r}; choose one of {sorted(INITIALIZERS)}.")
+    unknown = sorted(set(self.pre_bn_bias) - set(PRE_BN_LAYERS))
+    if unknown:
+      raise ValueError(f"model.pre_bn_bias names unknown layers {unknown}; choose from {PRE_BN_LAYERS}.")
+
+  def init(self, key: str):
+    return INITIALIZERS[getattr(self, key)]

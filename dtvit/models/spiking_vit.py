@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from dtvit.models import layers
 from dtvit.models import paths
 from dtvit.models.remat import recompute_in_backward
-from dtvit.models.settings import KERNELS, PHASES, MaskConfig, NeuronConfig
+from dtvit.models.settings import KERNELS, PHASES, LayerConfig, MaskConfig, NeuronConfig
 
 
 class SpikingViT(nn.Module):
@@ -36,6 +36,7 @@ class SpikingViT(nn.Module):
     dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
     kernels: 'fused' (the fused neuron recurrence and the fast-gradient conv and pool) or 'reference'
       (`lax.scan`, lax's conv, Flax's pool): the same values and gradients (settings.KERNELS).
+    layer_cfg: `LayerConfig`, the initialisers and pre-BN biases.
     schedule: None (dense: all T_max steps, the training path), or ((module path, steps), ...) for
       skipped-step inference with hard masks: each listed masked module runs only the step indices `steps`
       (a sorted tuple) and is skipped when it is empty. Built from trained masks by `dtvit.inference`.
@@ -57,6 +58,7 @@ class SpikingViT(nn.Module):
   dtype: Any = jnp.float32
   kernels: str = "fused"
   schedule: Any = None
+  layer_cfg: LayerConfig = LayerConfig()
 
   def validate(self):
     if self.phase not in PHASES:
@@ -75,6 +77,7 @@ class SpikingViT(nn.Module):
       raise ValueError(f"Unknown kernels {self.kernels!r}; choose one of {KERNELS}.")
     self.neuron.validate()
     self.mask.validate()
+    self.layer_cfg.validate()
     if self.schedule is not None:
       self._validate_schedule()
 
@@ -115,7 +118,7 @@ class SpikingViT(nn.Module):
     self.check_input(images_BHWC)
     T = self.num_steps if self.phase == "snn" else 1
     common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
-                  dtype=self.dtype, fused=self.kernels == "fused", schedule=self.schedule)
+                  dtype=self.dtype, fused=self.kernels == "fused", schedule=self.schedule, layer_cfg=self.layer_cfg)
     remat = train and self.phase == "snn" and self.neuron.remat == "blocks"
     call = functools.partial(recompute_in_backward, train=train) if remat else (
         lambda module, x, t: module(x, train=train, temperature=t))
@@ -130,8 +133,9 @@ class SpikingViT(nn.Module):
                            attn_scale=self.attn_scale, name=paths.block(i), **common)
       x_XND = call(block, x_XND, mask_temperature)
     feats_XD = jnp.mean(x_XND, axis=1)
-    logits_XK = layers.Dense(self.num_classes, dtype=self.dtype, phase=self.phase, num_steps=T, name=paths.HEAD)(
-        feats_XD).astype(jnp.float32)
+    head = layers.Dense(self.num_classes, dtype=self.dtype, phase=self.phase, num_steps=T,
+                        kernel_init=self.layer_cfg.init("head_init"), name=paths.HEAD)
+    logits_XK = head(feats_XD).astype(jnp.float32)
     logits_TBK = logits_XK.reshape(T, -1, self.num_classes)
     if self.phase == "snn":
       layers.sow(self, paths.AUX_STEP_LOGITS, logits_TBK)

@@ -4,13 +4,15 @@ The recipes in configs/ hold every training choice; a setting only says which re
 paper's model, dataset and T_max = 8, so that the paper's runs have one name each:
 
   python -m dtvit.main --config=experiments/paper_scale/settings.py:cifar10_4_384 --workdir=workdirs/c10_4_384
+  python -m dtvit.main --config=experiments/paper_scale/settings.py:cifar10_4_384,direct --workdir=workdirs/c10_d
   python -m dtvit.main --config=experiments/paper_scale/settings.py:imagenet_8_768 \
       --config.data.data_dir=/data/tfds --workdir=/mnt/shared/in1k_8_768
   # the same code paths in seconds (tests):
   python -m dtvit.main --config=experiments/paper_scale/settings.py:cifar10_4_384,tiny --workdir=/tmp/t
 
 Argument: `<setting>[,<recipe argument>...]`; anything after the setting's name is appended to the recipe's own
-argument (e.g. `tiny`, or `local` for CIFAR-10's JPEG copy). This file is named settings.py, not configs.py, so
+argument: the mode (`hybrid`, the default: ANN twin then SNN; `direct`: the SNN from scratch), `tiny`, or
+`local` for CIFAR-10's JPEG copy. This file is named settings.py, not configs.py, so
 that it never shadows the repository's `configs` package when a script in this folder runs.
 """
 
