@@ -341,7 +341,7 @@ def main(argv=None):
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
   if args.curves:
     import curves  # pylint: disable=g-import-not-at-top
-    return curves.run(args, argv)
+    return curves.run(args, argv if argv is not None else sys.argv[1:])
   if args.render:
     res = json.loads(Path(args.render).read_text())
     name = Path(args.render).stem
