@@ -468,16 +468,16 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
   stepper = _Stepper(ph, state)
   log = _MetricLog(writer, meta, metrics_lib.Throughput(ph.pc.num_steps, ph.pc.batch_size))
   bar = metrics_lib.progress_bar(ph.pc.num_steps, initial=start, desc=ph.name)
-  pending, go = [], stepper.go
+  pending, go, local, batch = [], stepper.go, None, None
   with _SigtermFlag() as sigterm:
     try:
       for step in range(start, end):
-        local = next(batches)
+        previous, local = local, next(batches)
         if batch_hook is not None:
           local = batch_hook(ph.name, step, local)
-        batch = sharding.global_batch(ph.mesh, {k: v for k, v in local.items() if k in _BATCH_KEYS})
-        if ph.table is not None:
-          batch.update(ph.table)
+        if local is not previous:  # resident index chunks serve several steps: sent once
+          batch = sharding.global_batch(ph.mesh, {k: v for k, v in local.items() if k in _BATCH_KEYS})
+          batch.update(ph.table or {})
         state, metrics = stepper(state, batch, go, sigterm.raised)
         bar.update(1)
         pending.append(_Pending(step, batch, metrics))
