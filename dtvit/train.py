@@ -84,6 +84,8 @@ def validate_config(config) -> None:
       raise ValueError(f"{p}: mask temperatures must be > 0.")
     if pc.batch_size < 1:
       raise ValueError(f"{p}.batch_size must be >= 1, got {pc.batch_size}.")
+    if pc.sync_every < 1:
+      raise ValueError(f"{p}.sync_every must be >= 1 (1: read every step's flags at once), got {pc.sync_every}.")
     _check_periodic_eval(config, p)
   for p in phases:
     models.build_model(config.model, 2, phase="snn" if p != "ann" else "ann")
@@ -336,17 +338,19 @@ _FLAG_KEYS = ("finite", "stop", "go")
 def _gated(step_fn):
   """The train step with two flags that let the host read a step's flags one step late.
 
-  (state, batch, go, stop_D) -> (state, metrics): the step runs only where `go` (the previous step's 'go':
-  it was finite and no process asked to stop); otherwise the state comes back unchanged, so when the host
-  learns after dispatching step k that step k-1 was bad, the state still is the one step k-1 started from
-  (or, after a stop, the one to checkpoint). stop_D: bool [devices], each process's SIGTERM flag on its
-  devices; metrics 'stop' is their OR, so every process reads the same answer at the same step."""
+  (state, batch, go, stop_D) -> (state, metrics): the step runs only where `go` (the previous step's 'go');
+  otherwise the state comes back unchanged. 'go' is sticky: it turns False at the first step that is not
+  finite or after which a process asked to stop, and stays False until the host passes True again. So when
+  the host reads the flags of several steps at once, the state is the one to diagnose or re-run from after a
+  bad step, and the one to checkpoint after a stop; the steps queued after it changed nothing. stop_D: bool
+  [devices], each process's SIGTERM flag on its devices; metrics 'stop' is their OR, so every process reads
+  the same answer at the same step."""
 
   def gated(state, batch, go, stop_D):
     new_state, metrics = step_fn(state, batch)
     new_state = jax.tree.map(lambda new, old: jnp.where(go, new, old), new_state, state)
     stop = jnp.any(stop_D)
-    return new_state, dict(metrics, stop=stop, go=metrics["finite"] & ~stop)
+    return new_state, dict(metrics, stop=stop, go=go & metrics["finite"] & ~stop)
 
   return gated
 
@@ -378,16 +382,39 @@ class _Pending:
   metrics: dict   # device arrays, with 'finite', 'stop', 'go'
 
 
-def _settle(ph: Phase, ckpt, state, p: _Pending, log: _MetricLog) -> tuple[bool, bool]:
-  """Reads step p's flags (waits for it); non-finite: raises under 'error', warns under 'skip' (`state` must be
-  the state step p started from, or its reverted result); else adds its metrics to the log. Returns (whether
-  it was finite, whether any process asked to stop after it)."""
-  flags = jax.device_get({k: p.metrics.pop(k) for k in _FLAG_KEYS})
-  if flags["finite"]:
-    log.add(p.metrics)
-  else:
-    _stop_on_nonfinite(ph, ckpt, state, p.batch, p.step)
-  return bool(flags["finite"]), bool(flags["stop"])
+def _settle(ph: Phase, ckpt, state, pending: list[_Pending], log: _MetricLog) -> tuple[int | None, bool]:
+  """Reads the flags of the pending steps (one transfer; waits for the last) and takes them in order: a finite
+  step's metrics go to the log; the first non-finite one raises under 'error' and warns under 'skip' (`state`
+  is the one it started from: the steps after it were gated off). Returns (the position in `pending` of the
+  first step after which the gate closed, or None; whether it closed because a process asked to stop)."""
+  flags = jax.device_get([{k: p.metrics.pop(k) for k in _FLAG_KEYS} for p in pending])
+  for i, (p, f) in enumerate(zip(pending, flags)):
+    if f["finite"]:
+      log.add(p.metrics)
+    else:
+      _stop_on_nonfinite(ph, ckpt, state, p.batch, p.step)
+    if not f["go"]:
+      return i, bool(f["stop"])
+  return None, False
+
+
+def _check(ph: Phase, ckpt, stepper: _Stepper, state, pending: list[_Pending], log: _MetricLog,
+           sigterm) -> tuple[dict, int | None]:
+  """Settles the pending steps; under 'skip' re-runs the steps queued after a skipped one (they were gated
+  off), and settles those. Returns (the state with every pending step applied or skipped, the step count
+  at which a process asked to stop, or None)."""
+  while pending:
+    closed, stop = _settle(ph, ckpt, state, pending, log)
+    if closed is None:
+      break
+    if stop:
+      return state, pending[closed].step + 1
+    queued, pending, go = pending[closed + 1:], [], stepper.go
+    for p in queued:
+      state, metrics = stepper(state, p.batch, go, sigterm.raised)
+      pending.append(_Pending(p.step, p.batch, metrics))
+      go = metrics["go"]
+  return state, None
 
 
 def _save(ph: Phase, ckpt, done: int, state, log: _MetricLog, *, stop: bool) -> None:
@@ -399,11 +426,17 @@ def _save(ph: Phase, ckpt, done: int, state, log: _MetricLog, *, stop: bool) -> 
 
 
 def _at_sync_point(ph: Phase, ckpt, done: int, start: int, end: int) -> bool:
-  """Where the loop waits for the step it just dispatched: the first (its time is not throughput), log,
-  evaluation and checkpoint steps, and the last. The same steps in every process."""
+  """Where the loop waits for the step it just dispatched and acts on the state: the first (its time is not
+  throughput), log, evaluation and checkpoint steps, and the last. The same steps in every process."""
   pc = ph.pc
   return (done in (start + 1, end) or done % pc.log_every == 0 or ckpt.should_save(done)
           or (pc.eval_every > 0 and done % pc.eval_every == 0))
+
+
+def _at_check_point(ph: Phase, ckpt, done: int, start: int, end: int) -> bool:
+  """Where the loop reads the flags of the steps dispatched since the last such point: every `sync_every`
+  steps and at sync points. The same steps in every process."""
+  return done % ph.pc.sync_every == 0 or _at_sync_point(ph, ckpt, done, start, end)
 
 
 def _log_and_evaluate(ph: Phase, log: _MetricLog, state, done: int, end: int, periodic_eval) -> None:
@@ -427,41 +460,40 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
   `Checkpointer`'s interval), at `end`, and at the step after a SIGTERM reached any process, then raises
   `Preempted`.
 
-  The host never waits for a step by itself: it reads step k-1's flags (finite, stop) after dispatching step
-  k, which the device runs only if they were fine (`_gated`). It waits at sync points (`_at_sync_point`),
-  where logging, evaluation and checkpoints need the state anyway.
+  The host never waits for a step by itself: it dispatches `sync_every` steps, then reads their flags
+  (finite, stop) in one transfer (`_check`); the device gates off every step after a bad one or a stop
+  (`_gated`), so the outcome is the one of a loop that waits after every step, bitwise. It also waits at sync
+  points (`_at_sync_point`), where logging, evaluation and checkpoints need the state anyway.
   """
   stepper = _Stepper(ph, state)
   log = _MetricLog(writer, meta, metrics_lib.Throughput(ph.pc.num_steps, ph.pc.batch_size))
   bar = metrics_lib.progress_bar(ph.pc.num_steps, initial=start, desc=ph.name)
-  pending, go = None, stepper.go
+  pending, go, local, batch = [], stepper.go, None, None
   with _SigtermFlag() as sigterm:
     try:
       for step in range(start, end):
-        local = next(batches)
+        previous, local = local, next(batches)
         if batch_hook is not None:
           local = batch_hook(ph.name, step, local)
-        batch = sharding.global_batch(ph.mesh, {k: v for k, v in local.items() if k in _BATCH_KEYS})
-        if ph.table is not None:
-          batch.update(ph.table)
+        if local is not previous:  # resident index chunks serve several steps: sent once
+          batch = sharding.global_batch(ph.mesh, {k: v for k, v in local.items() if k in _BATCH_KEYS})
+          batch.update(ph.table or {})
         state, metrics = stepper(state, batch, go, sigterm.raised)
         bar.update(1)
-        if pending is not None:  # step k-1, read now that step k is queued
-          finite, stop = _settle(ph, ckpt, state, pending, log)
-          if stop:  # step k did not run: the state is step k-1's
-            _save(ph, ckpt, step, state, log, stop=True)
-          if not finite:  # skipped under 'skip'; step k did not run either: run it now
-            state, metrics = stepper(state, batch, stepper.go, sigterm.raised)
-        pending, go = _Pending(step, batch, metrics), metrics["go"]
-        done = step + 1
+        pending.append(_Pending(step, batch, metrics))
+        go, done = metrics["go"], step + 1
+        if not _at_check_point(ph, ckpt, done, start, end):
+          continue
+        state, stopped = _check(ph, ckpt, stepper, state, pending, log, sigterm)
+        pending, go = [], stepper.go
+        if stopped is not None and stopped < done:  # the steps after the stop were gated off
+          _save(ph, ckpt, stopped, state, log, stop=True)
         if _at_sync_point(ph, ckpt, done, start, end):
-          _, stop = _settle(ph, ckpt, state, pending, log)
-          pending, go = None, stepper.go
           _log_and_evaluate(ph, log, state, done, end, periodic_eval)
           if done == start + 1 or done % ph.pc.log_every == 0:
             log.meter.start(done)  # the next interval starts after this point's work
-          if stop or done == end or ckpt.should_save(done):
-            _save(ph, ckpt, done, state, log, stop=stop)
+        if stopped is not None or done == end or ckpt.should_save(done):
+          _save(ph, ckpt, done, state, log, stop=stopped is not None)
     finally:
       bar.close()
       ckpt.wait()

@@ -1,10 +1,12 @@
-"""The training loop (dtvit/train.py `train_loop`): it reads a step's flags (finite, stop) one step late, never
-waiting for the device between sync points, and ends exactly where a loop that waits after every step ends:
-the same states, the same non-finite errors and skips, the same SIGTERM checkpoint. Also what it writes for a
-run you watch: periodic evaluation on the held-out split, steps/s, images/s, ETA and hparams in TensorBoard.
+"""The training loop (dtvit/train.py `train_loop`): it reads the steps' flags (finite, stop) in windows of
+`sync_every` steps, never waiting for the device in between, and ends exactly where a loop that waits after
+every step ends: the same states, the same non-finite errors and skips, the same SIGTERM checkpoint. Also what
+it writes for a run you watch: periodic evaluation on the held-out split, steps/s, images/s, ETA and hparams in
+TensorBoard.
 
 The reference run logs and checkpoints every step, so each of its steps is a sync point (the flags are read
-right after the step); the other runs log and checkpoint rarely, so most steps are read one step late.
+right after the step); the other runs log and checkpoint rarely and read the flags of all their steps after
+the first in one window (sync_every 10 > 8 steps), so a bad step or a stop is found several steps late.
 """
 
 import os
@@ -58,26 +60,26 @@ def reference(tiny_config, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_flags_read_one_step_late_and_the_run_ends_as_the_waiting_loop_does(tiny_config, reference, tmp_path,
-                                                                            monkeypatch, saved_state, same_tree):
+def test_flags_read_in_windows_and_the_run_ends_as_the_waiting_loop_does(tiny_config, reference, tmp_path,
+                                                                         monkeypatch, saved_state, same_tree):
   events = []
   stepper_call, settle = train._Stepper.__call__, train._settle
   def record_dispatch(self, state, batch, go, stop):
     events.append("dispatch")
     return stepper_call(self, state, batch, go, stop)
-  def record_settle(ph, ckpt, state, p, log):
-    events.append(f"read {p.step}")
-    return settle(ph, ckpt, state, p, log)
+  def record_settle(ph, ckpt, state, pending, log):
+    events.append(f"read {[p.step for p in pending]}")
+    return settle(ph, ckpt, state, pending, log)
   monkeypatch.setattr(train._Stepper, "__call__", record_dispatch)
   monkeypatch.setattr(train, "_settle", record_settle)
   monkeypatch.setattr(sharding, "any_process", lambda flag: pytest.fail("a host-side stop agreement"))
 
   workdir = str(tmp_path)
-  train.run(_config(tiny_config, **{"ann.log_every": 4}), workdir)
-  # Sync points (read right after their own dispatch): step 0 (the first, for the throughput) and the log
-  # steps 3 and 7 (done = 4, 8). Every other step is read after the next one is dispatched.
-  assert events == ["dispatch", "read 0", "dispatch", "dispatch", "read 1", "dispatch", "read 2", "read 3",
-                    "dispatch", "dispatch", "read 4", "dispatch", "read 5", "dispatch", "read 6", "read 7"]
+  train.run(_config(tiny_config, **{"ann.log_every": 4, "ann.sync_every": 3}), workdir)
+  # Flags are read in one transfer at every 3rd step (done = 3, 6) and at the sync points: the first step (for
+  # the throughput), the log steps (done = 4, 8) and the end; the steps between are dispatched without waiting.
+  assert events == ["dispatch", "read [0]", "dispatch", "dispatch", "read [1, 2]", "dispatch", "read [3]",
+                    "dispatch", "dispatch", "read [4, 5]", "dispatch", "dispatch", "read [6, 7]"]
   assert _steps(workdir) == [STEPS]
   same_tree(saved_state(_ckpt_dir(workdir), STEPS), saved_state(_ckpt_dir(reference), STEPS))
 

@@ -49,7 +49,8 @@ def test_without_random_ops_a_batch_is_the_host_pipelines_records(source, image_
   table = resident.load_table(cfg)
   index_B = np.array([3, 0, 7, 3, ds.info.num_train - 1], np.int32)
   fetch = resident.make_fetch(cfg, seed=0, num_classes=ds.info.num_classes)
-  got = jax.jit(fetch)(jnp.int32(0), {"index": index_B, **table})
+  chunk = np.stack([index_B[::-1], index_B], axis=1)  # step 1 takes the second column
+  got = jax.jit(fetch)(jnp.int32(1), {"index": chunk, **table})
   want = pipeline._train_batch({"index": index_B.astype(np.int64), "seed": np.arange(5, dtype=np.int64)}, ds=ds,
                                aug=ml_collections.FrozenConfigDict(cfg.augment), method=cfg.resize_method,
                                num_classes=ds.info.num_classes)
@@ -59,25 +60,33 @@ def test_without_random_ops_a_batch_is_the_host_pipelines_records(source, image_
 
 
 def test_each_epoch_visits_every_record_once_and_a_batch_depends_only_on_seed_and_step():
-  take = lambda it, n: [next(it)["index"] for _ in range(n)]  # noqa: E731
-  stream = np.concatenate(take(resident.index_batches(10, global_batch_size=4, seed=1), 10))  # 4 epochs
+  stream = resident.index_batches(10, global_batch_size=4, seed=1)
+  first, second = next(stream), next(stream)
+  assert first is second and first["index"].shape == (4, resident.CHUNK)  # one transfer for a chunk of steps
+  steps = [b["index"][:, s] for s, b in enumerate([first, second] + [next(stream) for _ in range(8)])]
+  flat = np.concatenate(steps)  # 10 steps x 4 = 4 epochs of 10
   for epoch in range(4):
-    assert sorted(stream[10 * epoch:10 * (epoch + 1)]) == list(range(10))
-  assert not np.array_equal(stream[:10], stream[10:20])  # each epoch reshuffled
-  resumed = take(resident.index_batches(10, global_batch_size=4, seed=1, start_step=3), 2)
-  np.testing.assert_array_equal(np.concatenate(resumed), stream[12:20])
-  halves = [take(resident.index_batches(10, global_batch_size=4, seed=1, start_step=3, process_index=p,
-                                        process_count=2), 1)[0] for p in (0, 1)]
-  np.testing.assert_array_equal(np.concatenate(halves), stream[12:16])  # process p: its slice of the batch
-  other = np.concatenate(take(resident.index_batches(10, global_batch_size=4, seed=2), 3))
-  assert not np.array_equal(other, stream[:12])
+    assert sorted(flat[10 * epoch:10 * (epoch + 1)]) == list(range(10))
+  assert not np.array_equal(flat[:10], flat[10:20])  # each epoch reshuffled
+  resumed = resident.index_batches(10, global_batch_size=4, seed=1, start_step=3)
+  np.testing.assert_array_equal(np.concatenate([next(resumed)["index"][:, s] for s in (3, 4)]), flat[12:20])
+  beyond = resident.index_batches(10, global_batch_size=4, seed=1, start_step=resident.CHUNK - 1)
+  last, after = next(beyond), next(beyond)  # the chunk ends: the next step gets the next chunk
+  whole = resident.index_batches(10, global_batch_size=4, seed=1, start_step=resident.CHUNK)
+  np.testing.assert_array_equal(after["index"], next(whole)["index"])
+  assert last is not after
+  halves = [next(resident.index_batches(10, global_batch_size=4, seed=1, start_step=3, process_index=p,
+                                        process_count=2))["index"][:, 3] for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate(halves), flat[12:16])  # process p: its slice of the batch
+  other = next(resident.index_batches(10, global_batch_size=4, seed=2))["index"][:, :3]
+  assert not np.array_equal(other.T.reshape(-1), flat[:12])
 
 
 def test_crops_and_flips_cover_their_range_and_do_not_depend_on_the_device_count():
   cfg = _data_config(crop_padding=2, flip=True)
   table = resident.load_table(cfg)
   fetch = resident.make_fetch(cfg, seed=0, num_classes=10)
-  index_B = np.arange(64, dtype=np.int32)
+  index_B = np.repeat(np.arange(64, dtype=np.int32)[:, None], 8, axis=1)  # a chunk of 8 steps
   outs = []
   for num_devices in (1, 8):
     mesh = sharding.make_mesh(num_devices)

@@ -2,8 +2,9 @@
 
 For datasets that fit on every device (digits, CIFAR-10/100: 150 MB as uint8), the whole train split is
 uploaded once, replicated, in its stored dtype (after the one deterministic resize to the model's side that the
-host pipeline also applies). Each train step then receives a global int32 batch of record indices, sharded over
-'data', and the jitted step itself gathers the records, applies the random crop of the zero-padded image
+host pipeline also applies). The host sends the record indices of `CHUNK` steps at once (int32 [GB, CHUNK],
+sharded over 'data'; the same array serves those steps, so nothing is transferred at the others), and the
+jitted step itself takes its column, gathers the records, applies the random crop of the zero-padded image
 (`data.augment.crop_padding`) and the horizontal flip, normalises and one-hot encodes; mixup and cutmix follow
 as on the host path (`mixing.py`). The host's work per step is a numpy slice of an epoch permutation, so the
 input pipeline no longer competes with the step for the host's cores, and an accelerator never waits for it.
@@ -33,6 +34,7 @@ PLACEMENTS = ('host', 'device')
 MAX_BYTES = 8 * 2**30  # the train split is replicated on every device: larger ones stay on the host
 _AUG_STREAM = 0x617567  # separates the crop / flip keys from other keys drawn from the run's seed
 HOST_ONLY_AUGMENTS = ('randaugment_ops', 'random_resized_crop', 'random_erasing')  # host ops in augment.py
+CHUNK = 32  # steps whose record indices travel to the devices together
 TABLE_KEYS = ('table_image', 'table_label')  # the resident arrays, passed to the step beside 'index'
 
 
@@ -101,9 +103,11 @@ class _Epochs:
 
 
 def index_batches(num_examples: int, *, global_batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Endless {'index': int32 [B]}: this process's record indices of global batches start_step, start_step+1, ...
-  (B = global_batch_size / process_count; see the module docstring for the order)."""
+                  process_index: int = 0, process_count: int = 1, chunk: int = CHUNK) -> Iterator[dict]:
+  """Endless, one element per step from `start_step` on: {'index': int32 [B, chunk]}, this process's record
+  indices of the global batches of the steps c*chunk .. c*chunk + chunk-1 (column j: step c*chunk + j) for the
+  chunk c holding the step; the same array object for every step of a chunk (B = global_batch_size /
+  process_count; see the module docstring for the order). `make_fetch` takes the step's column."""
   if seed < 0 or start_step < 0:
     raise ValueError(f'seed ({seed}) and start_step ({start_step}) must be non-negative.')
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -113,8 +117,12 @@ def index_batches(num_examples: int, *, global_batch_size: int, seed: int, start
   epochs = _Epochs(num_examples, seed)
   step = start_step
   while True:
-    yield {'index': epochs.take(step * global_batch_size + process_index * local, local)}
-    step += 1
+    first = step - step % chunk
+    columns = [epochs.take(s * global_batch_size + process_index * local, local) for s in range(first, first + chunk)]
+    batch = {'index': np.stack(columns, axis=1)}
+    for _ in range(first + chunk - step):
+      yield batch
+    step = first + chunk
 
 
 def shift_flip(image_BHWC: jax.Array, dy_B: jax.Array, dx_B: jax.Array, flip_B: jax.Array) -> jax.Array:
@@ -146,14 +154,14 @@ def draw_shift_flip(key: jax.Array, batch_size: int, *, padding: int, flip: bool
 
 
 def make_fetch(data_cfg, *, seed: int, num_classes: int):
-  """(step, batch) -> batch, for the train step's `augment_fn`: the batch {'index', 'table_image',
-  'table_label'} becomes {'image' normalised float32 [B, H, W, C], 'label', 'target' one-hot}."""
+  """(step, batch) -> batch, for the train step's `augment_fn`: the batch {'index' [B, chunk] (`index_batches`),
+  'table_image', 'table_label'} becomes {'image' normalised float32 [B, H, W, C], 'label', 'target' one-hot}."""
   aug = data_cfg.augment
   ds = sources.load(data_cfg)
   mean_C, std_C = jnp.asarray(ds.mean, jnp.float32), jnp.asarray(ds.std, jnp.float32)
 
   def fetch(step, batch):
-    index_B = batch['index']
+    index_B = jax.lax.dynamic_index_in_dim(batch['index'], step % batch['index'].shape[1], axis=1, keepdims=False)
     image = batch['table_image'][index_B]
     image = image.astype(jnp.float32) / 255.0 if image.dtype == jnp.uint8 else image.astype(jnp.float32)
     if aug.crop_padding > 0 or aug.flip:

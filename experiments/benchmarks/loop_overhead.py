@@ -85,9 +85,14 @@ def step_steps_per_s(config, num_steps: int, *, with_data: bool = False) -> floa
   step_fn = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
 
-  def next_batch():
-    local = {k: v for k, v in next(batches).items() if k in ("image", "label", "target", "index")}
-    return {**sharding.global_batch(mesh, local), **(table or {})}
+  memo = {}
+
+  def next_batch():  # as the loop: a resident index chunk that serves several steps is sent once
+    local = next(batches)
+    if memo.get("local") is not local:
+      memo.update(local=local, batch={**sharding.global_batch(mesh, {k: v for k, v in local.items() if k in (
+          "image", "label", "target", "index")}), **(table or {})})
+    return memo["batch"]
 
   batch = next_batch()
   state, out = step_fn(state, batch)
