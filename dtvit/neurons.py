@@ -27,7 +27,10 @@ Two implementations of the same recurrence (`multistep(fused=...)`): a `lax.scan
 reference), and a fused one with a hand-written backward (`lif_multistep`, the default in training): the T
 steps are unrolled in Python (T is static and small) so XLA fuses each direction into a few elementwise loops,
 and the only residual is the membrane before reset h [T, ...], from which the backward recomputes spikes,
-surrogate slopes and the pre-step membranes, instead of `lax.scan`'s stacked per-step intermediates.
+surrogate slopes and the pre-step membranes, instead of `lax.scan`'s stacked per-step intermediates. XLA:CPU
+computes each output step of such a fused loop from the inputs of every earlier step, so its cost grows as T^2;
+beyond `UNROLL_MAX` steps the fused recurrence therefore loops over chunks of a few unrolled steps (`chunk`),
+one pass over the neurons per chunk, with the same residual and the same hand-written step gradients.
 `tests/neurons_test.py` checks that both give the same values and gradients.
 """
 
@@ -103,6 +106,13 @@ class NeuronSpec:
   def distance(self, h, vth):
     """The spike function's argument x: U/Vth - 1 or U - Vth."""
     return h / vth - 1.0 if self.surrogate_input == "normalized" else h - vth
+
+  def fires(self, h, vth):
+    """The spike decision H[t] >= Vth, for Vth > 0 exactly `distance(h, vth) >= 0` in both conventions (a float
+    h < Vth has h/Vth <= 1 - 2^-24, which rounds below 1), without the division: XLA:CPU keeps a division as a
+    fusion boundary, whose output then stayed alive from the forward to the backward pass (where CSE merged
+    the backward's recomputation into it). `dtvit.models.layers.Neuron` keeps Vth >= 1e-3."""
+    return h >= vth
 
   def after_reset(self, h, s, vth):
     return h - vth * s if self.reset == "soft" else h * (1.0 - s)
@@ -235,16 +245,39 @@ class _Fused:
   static: bool        # a static input fed at every step
   masked: bool        # a 'skip' mask inside the recurrence
   membrane_dtype: jnp.dtype
+  chunk: int = 0      # 0: the T steps unrolled; k > 0: a loop over T/k chunks of k unrolled steps
 
 
 def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, threshold=1.0, num_steps=None,
-                  step_mask_T=None, membrane_dtype=jnp.float32):
-  """`multistep` (spikes only) with a hand-written backward: the same values and gradients (module docstring)."""
+                  step_mask_T=None, membrane_dtype=jnp.float32, chunk: int | None = None):
+  """`multistep` (spikes only) with a hand-written backward: the same values and gradients (module docstring).
+
+  chunk: None picks by T (`chunk_steps`); 0 unrolls all T steps; k > 0 (dividing T) loops over T/k chunks of
+  k unrolled steps. The same values and gradients either way; only the program differs."""
   T = _num_steps(current_TX, num_steps)
   masked = step_mask_T is not None
   mask_T = (check_step_mask(step_mask_T, T).astype(jnp.float32) if masked else jnp.zeros((0,), jnp.float32))
-  fused = _Fused(spec, T, num_steps is not None, masked, jnp.dtype(membrane_dtype))
-  return _lif(current_TX, spec.leak_factor(leak), jnp.asarray(threshold, jnp.float32), mask_T, fused)
+  chunk = chunk_steps(T) if chunk is None else int(chunk)
+  if chunk < 0 or (chunk and T % chunk):
+    raise ValueError(f"chunk must be 0 or a divisor of T = {T}, got {chunk}.")
+  fused = _Fused(spec, T, num_steps is not None, masked, jnp.dtype(membrane_dtype), chunk)
+  lif = _lif_looped if fused.chunk else _lif
+  return lif(current_TX, spec.leak_factor(leak), jnp.asarray(threshold, jnp.float32), mask_T, fused)
+
+
+def chunk_steps(num_steps: int) -> int:
+  """The fused recurrence's loop chunk for T steps: 0 (all T unrolled) up to UNROLL_MAX steps, else the largest
+  divisor of T up to LOOP_CHUNK."""
+  if num_steps <= UNROLL_MAX:
+    return 0
+  return max(k for k in range(1, LOOP_CHUNK + 1) if num_steps % k == 0)
+
+
+# Measured in the benchmark model's train step (experiments/benchmarks/README.md): at T = 8 the unrolled form is
+# 2-5% faster than the loops (which hold 5% less XLA temp memory); at T = 16 the loop of 2-step chunks is as fast
+# in CPU time, 17-26% faster in wall time and holds 11% less.
+UNROLL_MAX = 8
+LOOP_CHUNK = 2
 
 
 def _lif_forward(current, lam, vth, mask_T, f: _Fused):
@@ -255,7 +288,7 @@ def _lif_forward(current, lam, vth, mask_T, f: _Fused):
     i = (current if f.static else current[t]).astype(mdtype)
     # The same expressions as `make_step`, so the forward is bitwise the reference's.
     h = spec.charge(u, i, lam)
-    s = (spec.distance(h, vth) >= 0).astype(mdtype)
+    s = spec.fires(h, vth).astype(mdtype)
     u_next = spec.after_reset(h, s, vth)
     if f.masked:
       m = mask_T[t].astype(mdtype)
@@ -284,7 +317,7 @@ def _held_membranes(h_TX, vth, mask_T, f: _Fused) -> list:
   out = []
   for t in range(f.num_steps):
     h = h_TX[t]
-    r = spec.after_reset(h, (spec.distance(h, vth) >= 0).astype(mdtype), vth)
+    r = spec.after_reset(h, spec.fires(h, vth).astype(mdtype), vth)
     m = mask_T[t].astype(mdtype)
     u = m * r + (1.0 - m) * u
     out.append(u)
@@ -299,15 +332,19 @@ def _membrane_before(t, h_TX, vth, u_after, f: _Fused):
   if f.masked:
     return u_after[t - 1]
   h_prev = h_TX[t - 1]  # recomputed from the stored h[t-1]
-  return spec.after_reset(h_prev, (spec.distance(h_prev, vth) >= 0).astype(mdtype), vth)
+  return spec.after_reset(h_prev, spec.fires(h_prev, vth).astype(mdtype), vth)
 
 
 def _step_grads(h, g_o, g_u, u_prev, m, lam, vth, f: _Fused):
   """The backward of one step: (dL/dI[t], dL/dU[t-1], dL/dlam, dL/dVth, dL/dm) terms, elementwise."""
   spec, mdtype = f.spec, f.membrane_dtype
   soft = spec.reset == "soft"
-  x = spec.distance(h, vth)
-  s = (x >= 0).astype(mdtype)
+  normalized = spec.surrogate_input == "normalized"
+  # One division per call, not per element: multiplies fuse across the steps' loops where XLA:CPU keeps
+  # elementwise divisions as boundaries (2-3% of the train step; the surrogate's x moves by an ulp at most).
+  inv = 1.0 / vth if normalized else None
+  x = h - vth if inv is None else h * inv - 1.0
+  s = spec.fires(h, vth).astype(mdtype)
   g_mask = None
   if m is not None:
     g_mask = jnp.sum(g_o * s + g_u * (spec.after_reset(h, s, vth) - u_prev), dtype=jnp.float32)
@@ -317,9 +354,8 @@ def _step_grads(h, g_o, g_u, u_prev, m, lam, vth, f: _Fused):
   if not spec.detach_reset:  # the reset's dependence on the spike
     g_s = g_s - (vth * g_r if soft else h * g_r)
   g_x = g_s * surrogate_grad(x, spec.surrogate, spec.alpha).astype(mdtype)
-  normalized = spec.surrogate_input == "normalized"
-  g_h = (g_x / vth if normalized else g_x) + (g_r if soft else g_r * (1.0 - s))
-  g_vth = (-g_x * h / (vth * vth) if normalized else -g_x) - (s * g_r if soft else 0.0)
+  g_h = (g_x * inv if normalized else g_x) + (g_r if soft else g_r * (1.0 - s))
+  g_vth = (-g_x * h * (inv * inv) if normalized else -g_x) - (s * g_r if soft else 0.0)
   if spec.neuron == "spikformer":
     g_in, g_u_prev, g_lam = g_h / spec.tau, g_h - g_h / spec.tau, None
   else:
@@ -358,3 +394,116 @@ def _lif_bwd(f: _Fused, res, g_TX):
 
 
 _lif.defvjp(_lif_fwd, _lif_bwd)
+
+# ----------------------------------------------------------------------------------------------------------
+# The same recurrence as a loop over chunks of `chunk` steps, unrolled inside a chunk (a lax.scan forward, a
+# lax.fori_loop backward). Fully unrolled, XLA:CPU fuses each direction into loops that recompute the earlier
+# steps for every output step, so its cost grows as T^2 (experiments/benchmarks/README.md); a loop over
+# chunks is one pass over the neurons per chunk, linear in T, with the quadratic part bounded by the chunk.
+
+
+def _chunk_forward(u, i_KX, m_K, lam, vth, f: _Fused, out_dtype):
+  """k steps from the membrane u: the same expressions as `_lif_forward`. Returns (u, spikes [k], h [k])."""
+  spec, mdtype = f.spec, f.membrane_dtype
+  spikes, hs = [], []
+  for j in range(f.chunk):
+    h = spec.charge(u, i_KX if f.static else i_KX[j].astype(mdtype), lam)
+    s = spec.fires(h, vth).astype(mdtype)
+    u_next = spec.after_reset(h, s, vth)
+    if f.masked:
+      u_next = m_K[j] * u_next + (1.0 - m_K[j]) * u
+      s = s * m_K[j]
+    u = u_next
+    spikes.append(s.astype(out_dtype))
+    hs.append(h)
+  return u, jnp.stack(spikes), jnp.stack(hs)
+
+
+def _lif_forward_looped(current, lam, vth, mask_T, f: _Fused):
+  mdtype, k, n = f.membrane_dtype, f.chunk, f.num_steps // f.chunk
+  x_shape = current.shape[int(not f.static):]
+  static = current.astype(mdtype) if f.static else None
+
+  def body(u, inputs):
+    i_KX, m_K = inputs
+    u, s_KX, h_KX = _chunk_forward(u, static if f.static else i_KX, m_K, lam, vth, f, current.dtype)
+    return u, (s_KX, h_KX)
+
+  u0 = _initial_membrane(x_shape, f.spec, vth, mdtype)
+  xs = (None if f.static else current.reshape((n, k) + x_shape),
+        mask_T.astype(mdtype).reshape(n, k) if f.masked else None)
+  _, (spikes, h_TX) = jax.lax.scan(body, u0, xs, length=n)
+  return spikes.reshape((f.num_steps,) + x_shape), h_TX.reshape((f.num_steps,) + x_shape)
+
+
+def _held_membranes_looped(h_TX, vth, mask_T, f: _Fused):
+  """[T, ...]: the membrane after each step (held where masked), recomputed from h in one loop."""
+  spec, mdtype = f.spec, f.membrane_dtype
+
+  def body(u, inputs):
+    h, m = inputs
+    r = spec.after_reset(h, spec.fires(h, vth).astype(mdtype), vth)
+    u = m * r + (1.0 - m) * u
+    return u, u
+
+  u0 = _initial_membrane(h_TX.shape[1:], spec, vth, mdtype)
+  return jax.lax.scan(body, u0, (h_TX, mask_T.astype(mdtype)))[1]
+
+
+def _lif_bwd_looped(f: _Fused, res, g_TX):
+  h_TX, lam, vth, mask_T = res
+  spec, mdtype, k, n = f.spec, f.membrane_dtype, f.chunk, f.num_steps // f.chunk
+  x_shape = h_TX.shape[1:]
+  u_after = _held_membranes_looped(h_TX, vth, mask_T, f) if f.masked else None
+  u_init = _initial_membrane(x_shape, spec, vth, mdtype)
+  reset = lambda h: spec.after_reset(h, spec.fires(h, vth).astype(mdtype), vth)
+  take = lambda a, t: jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
+
+  def u_prev_at(t):  # the membrane entering step t (a traced index)
+    prev = take(u_after, jnp.maximum(t - 1, 0)) if f.masked else reset(take(h_TX, jnp.maximum(t - 1, 0)))
+    return jnp.where(t > 0, prev, u_init)
+
+  def body(c, carry):
+    c = n - 1 - c
+    g_u, g_lam, g_vth, g_in, g_mask = carry
+    g_chunk = []
+    for j in reversed(range(k)):
+      t = c * k + j
+      m = mask_T[t].astype(mdtype) if f.masked else None
+      u_prev = u_prev_at(t) if (j == 0 or f.masked) else reset(take(h_TX, t - 1))
+      g_i, g_u, g_l, g_v, g_m = _step_grads(take(h_TX, t), take(g_TX, t).astype(mdtype), g_u, u_prev, m, lam,
+                                            vth, f)
+      g_chunk.append(g_i)
+      g_vth = g_vth + g_v
+      if g_l is not None:
+        g_lam = g_lam + g_l
+      if f.masked:
+        g_mask = g_mask.at[t].set(g_m)
+    g_chunk = g_chunk[::-1]
+    if f.static:
+      g_in = g_in + sum(g_chunk[1:], g_chunk[0])
+    else:
+      g_in = jax.lax.dynamic_update_slice_in_dim(g_in, jnp.stack(g_chunk).astype(g_in.dtype), c * k, 0)
+    return g_u, g_lam, g_vth, g_in, g_mask
+
+  zeros = jnp.zeros(x_shape, mdtype)
+  g_in0 = zeros if f.static else jnp.zeros(g_TX.shape, g_TX.dtype)
+  carry = (zeros, zeros, zeros, g_in0, jnp.zeros(mask_T.shape, jnp.float32))
+  g_u, g_lam, g_vth, g_current, g_mask_T = jax.lax.fori_loop(0, n, body, carry)
+  if spec.init_membrane:
+    g_vth = g_vth + spec.init_membrane * g_u
+  return (g_current.astype(g_TX.dtype), jnp.sum(g_lam, dtype=jnp.float32), jnp.sum(g_vth, dtype=jnp.float32),
+          g_mask_T.astype(mask_T.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lif_looped(current, lam, vth, mask_T, f):
+  return _lif_forward_looped(current, lam, vth, mask_T, f)[0]
+
+
+def _lif_looped_fwd(current, lam, vth, mask_T, f):
+  spikes, h_TX = _lif_forward_looped(current, lam, vth, mask_T, f)
+  return spikes, (h_TX, lam, vth, mask_T)
+
+
+_lif_looped.defvjp(_lif_looped_fwd, _lif_bwd_looped)

@@ -9,6 +9,9 @@ passes badly (measured in experiments/benchmarks/README.md):
   forward. Here the forward is a max over k*k strided slices and the backward routes each output's gradient to
   the FIRST maximum of its window in row-major order, as XLA's select-and-scatter and torch do: ties are the
   rule, not the exception, on binary spikes, and splitting the gradient among tied inputs would change it.
+- `dot_general` of a Dense layer on [..., D] inputs: with more than one leading axis, XLA:CPU contracts the
+  weight gradient over them through a transposed copy of the output gradient (e.g. [F, T*B, N] for [T*B, N, F]).
+  Here the leading axes are folded first, so the weight gradient is one [D, M] x [M, F] matmul read in place.
 (The neuron recurrence's fused backward lives with the dynamics, in `dtvit.neurons`.)
 
 Which path a model takes is its static `kernels` attribute ('fused' | 'reference', see
@@ -131,6 +134,29 @@ def conv2d(x_NHWC, w_HWIO, *, strides: Sequence[int] = (1, 1), padding="SAME", p
   strides = tuple(int(s) for s in strides)
   pads = _explicit_padding(padding, x_NHWC.shape[1:3], w_HWIO.shape[:2], strides)
   return _conv2d(x_NHWC, w_HWIO, strides, pads, precision)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense.
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """Drop-in for `lax.dot_general` as `flax.linen.Dense` calls it ([..., D] x [D, F], contracting the last
+  axis): `dense` for that form, lax's own for any other."""
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+  if (lhs_b or rhs_b or rhs.ndim != 2 or tuple(rhs_c) != (0,) or tuple(lhs_c) != (lhs.ndim - 1,)
+      or preferred_element_type is not None):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+  return dense(lhs, rhs, precision=precision)
+
+
+def dense(x_XD, w_DF, precision=None):
+  """x @ w over the last axis of x, [..., D] x [D, F] -> [..., F], as one 2-D matmul [M, D] x [D, F] with the
+  leading axes folded into M (so that autodiff's weight gradient is a 2-D contraction over M, no transpose)."""
+  d, f = w_DF.shape
+  y_MF = lax.dot_general(x_XD.reshape(-1, d), w_DF, (((1,), (0,)), ((), ())), precision=precision)
+  return y_MF.reshape(x_XD.shape[:-1] + (f,))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -228,3 +228,61 @@ def test_lif_multistep_with_a_skip_mask_matches_scan(neuron, surrogate, reset, d
   for a, b in zip(g_fast[1:], g_ref[1:]):
     _close(a, b, rtol=1e-4)
   assert float(jnp.max(jnp.abs(g_ref[3]))) > 0  # the mask does get a gradient
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3])
+@pytest.mark.parametrize("neuron,surrogate,reset,detach,static,init", _NEURON_CASES[1:6])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_chunk_loop_matches_scan(chunk, neuron, surrogate, reset, detach, static, init, masked):
+  """The fused recurrence unrolled (chunk 0) or as a loop over chunks of 1, 2 or 3 unrolled steps (T = 6):
+  the same spikes as the scan, and the same gradients (input, leak, threshold and a soft 'skip' mask's)."""
+  spec = neurons.NeuronSpec.resolve(neuron, surrogate=surrogate, reset=reset, detach_reset=detach,
+                                    init_membrane=init)
+  x = 1.5 * jax.random.normal(jax.random.key(6), (6, 3, 20)) + 0.3
+  inp = x[0] if static else x
+  w = jax.random.normal(jax.random.key(7), (6, 3, 20))
+  m = jnp.asarray([1.0, 0.0, 0.3, 1.0, 0.8, 1.0]) if masked else None
+
+  def run(inp, leak, threshold, m, fast):
+    kw = dict(leak=leak, threshold=threshold, num_steps=6 if static else None, step_mask_T=m)
+    s = (neurons.lif_multistep(inp, spec, chunk=chunk, **kw) if fast
+         else neurons.multistep(inp, spec, fused=False, **kw))
+    return jnp.sum(s * w), s
+
+  grad = jax.jit(jax.value_and_grad(run, argnums=(0, 1, 2) + ((3,) if masked else ()), has_aux=True),
+                 static_argnums=4)
+  (_, s_ref), g_ref = grad(inp, 0.8, 0.9, m, False)
+  (_, s_fast), g_fast = grad(inp, 0.8, 0.9, m, True)
+  chex.assert_trees_all_equal(s_fast, s_ref)
+  assert 0 < float(jnp.mean(s_ref)) < 1
+  _close(g_fast[0], g_ref[0])
+  for a, b in zip(g_fast[1:], g_ref[1:]):
+    _close(a, b, rtol=1e-4)
+  loops = "scan" in str(jax.make_jaxpr(lambda i: run(i, 0.8, 0.9, m, True)[0])(inp))
+  assert loops == (chunk > 0)
+
+
+def test_chunk_policy():
+  assert [neurons.chunk_steps(t) for t in (1, 4, neurons.UNROLL_MAX)] == [0, 0, 0]  # unrolled up to UNROLL_MAX
+  for t in (neurons.UNROLL_MAX + 1, 2 * neurons.UNROLL_MAX, 16):
+    k = neurons.chunk_steps(t)
+    assert 1 <= k <= neurons.LOOP_CHUNK and t % k == 0
+  with pytest.raises(ValueError, match="divisor"):
+    neurons.lif_multistep(jnp.zeros((6, 2)), chunk=4)
+
+
+@pytest.mark.parametrize("surrogate_input", ["normalized", "difference"])
+def test_fires_is_the_distance_sign_for_positive_thresholds(surrogate_input):
+  """The fused path's division-free spike decision h >= Vth equals distance(h, Vth) >= 0 bitwise, including
+  the floats adjacent to Vth, for thresholds across many binades."""
+  spec = neurons.NeuronSpec.resolve("lif", surrogate_input=surrogate_input)
+  vth = np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(1e3), 4000)).astype(np.float32)
+  vth = np.concatenate([vth, np.float32([1e-3, 0.5, 1.0, 2.0, 3.0])])
+  hs = [vth, np.nextafter(vth, np.float32(np.inf)), np.nextafter(vth, np.float32(-np.inf)),
+        np.nextafter(np.nextafter(vth, np.float32(-np.inf)), np.float32(-np.inf)), vth * np.float32(0.999999),
+        -vth, np.zeros_like(vth)]
+  for h in hs:
+    fires = np.asarray(spec.fires(jnp.asarray(h), jnp.asarray(vth)))
+    np.testing.assert_array_equal(fires, np.asarray(spec.distance(jnp.asarray(h), jnp.asarray(vth)) >= 0))
+  assert np.asarray(spec.fires(jnp.asarray(hs[0]), jnp.asarray(vth))).all()
+  assert not np.asarray(spec.fires(jnp.asarray(hs[2]), jnp.asarray(vth))).any()

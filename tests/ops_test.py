@@ -161,3 +161,21 @@ def test_remat_blocks_is_exact_and_bounds_memory(arch):
   chex.assert_trees_all_equal(out["blocks"], out[False])
   if arch == "spikformer":
     assert temp["blocks"] <= 0.7 * temp[False], temp
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 8), (4, 8), (2, 3, 4, 8)])
+def test_dense_matches_lax(shape):
+  """ops.dense (leading axes folded into one matmul) == lax.dot_general over the last axis: values and
+  gradients; and the drop-in takes that path only for Dense's form."""
+  kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+  x = _spikes(kx, shape)
+  w = jax.random.normal(kw, (8, 5))
+  dn = (((len(shape) - 1,), (0,)), ((), ()))
+  y_ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.dot_general(x, w, dn), x, w)
+  y, vjp = jax.vjp(lambda x, w: ops.dot_general(x, w, dn), x, w)
+  _close(y, y_ref)
+  g = jax.random.normal(kg, y.shape)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    _close(a, b)
+  other = jax.make_jaxpr(lambda a, b: ops.dot_general(a, b, (((1,), (1,)), ((), ()))))(x.reshape(-1, 8), w.T)
+  assert "reshape" not in str(other)

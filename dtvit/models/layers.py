@@ -297,7 +297,8 @@ class SpikingModule(nn.Module):
     steps."""
     unit = paths.neuron_of(layer)
     y = Dense(features, use_bias=layer in self.layer_cfg.pre_bn_bias, kernel_init=self.layer_cfg.init("dense_init"),
-              dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps, name=layer)(x, works[unit])
+              dtype=self.dtype, phase=self.phase, num_steps=self.sim_steps,
+              dot_general=ops.dot_general if self.fused else None, name=layer)(x, works[unit])
     y = batch_norm(train, paths.batch_norm_of(layer))(y, works[unit])
     return self.neuron_layer(y, unit, masks[unit])
 

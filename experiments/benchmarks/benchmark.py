@@ -1,7 +1,8 @@
 r"""dtvit vs SpikingJelly: train-step time, inference time and peak memory of the same Spikformer, side by side.
 
 Run (after `bash experiments/benchmarks/setup_torch_venv.sh`):
-  .venv/bin/python experiments/benchmarks/benchmark.py            # full run, ~20 min on 2 CPU cores
+  .venv/bin/python experiments/benchmarks/benchmark.py            # full run with the paper-size model, ~15 min
+  .venv/bin/python experiments/benchmarks/benchmark.py --curves   # cost curves vs T, batch, width (curves.py)
   .venv/bin/python experiments/benchmarks/benchmark.py --quick    # T in {1, 4}, 2 rounds, a few minutes
 Writes experiments/benchmarks/results/<name>.json and the table between the RESULTS markers of
 experiments/benchmarks/README.md (`--no-readme` to skip).
@@ -19,13 +20,22 @@ temp + argument + output - alias bytes (argument: params, optimizer state, batch
 step minus the RSS before it (a fresh worker, after a warm-up step and malloc_trim), i.e. without the resident
 params and optimizer state (about 8 MB here).
 
+The neuron is `NeuronConfig.preset('spikingjelly')`: SpikingJelly's in every setting, its surrogate acting on
+U - Vth included (the variant 'normalized' times dtvit's own convention, U/Vth - 1).
 Both pool the stem's batch-norm output before the neuron (conv -> BN -> pool -> LIF), as SpikingJelly's
 Spikformer does: dtvit's `stem_pool_first=True`. (dtvit's default is the original Spikformer's conv -> BN -> LIF ->
 pool, whose two pooled stem neurons run at 4x the resolution; the variant 'pool-after' times it.)
-Differences that remain between the two models (neither changes the shapes of the heavy layers):
-- SpikingJelly repeats the image T times and runs the first conv T times; dtvit runs it once (direct encoding).
-- SpikingJelly fuses Q, K, V into one 1x1 conv; dtvit has three Dense layers. dtvit also carries its time-step
-  masks (one multiply per neuron output), as in training.
+Both do the same work otherwise: the same model, AdamW (lr 5e-4, weight decay 0.06 on every parameter, betas
+0.9/0.999, eps 1e-8 on both sides), the same batch; the analog first conv + BN runs once per image on both sides
+(SpikingJelly's own model repeats the image T times and runs it T times; sj_worker.py's `_OnceOverTime` makes it
+run once and broadcast, as dtvit's direct encoding does; `--sj-analog-per-step` times SpikingJelly's own).
+Differences that remain:
+- dtvit carries its time-step masks (a few multiplies per neuron output, masked batch-norm statistics and the
+  mask scores' gradients), as in training; SpikingJelly has none. This is work only dtvit does.
+- SpikingJelly computes Q, K, V as one 1x1 conv -> BN -> LIF over 3D channels; dtvit as three Dense -> BN -> LIF
+  over D (the same FLOPs; one concatenated Q/K/V matmul measured no faster in dtvit and was dropped).
+- Memory is measured differently: dtvit's peak counts the step's arguments (params, optimizer state, batch),
+  SpikingJelly's excludes the resident params and optimizer state; the XLA temp column is the like-for-like one.
 """
 
 from __future__ import annotations
@@ -55,25 +65,31 @@ from dtvit.models import NeuronConfig  # noqa: E402
 
 DEFAULT_TORCH_PY = HERE / ".venv-torch" / "bin" / "python"
 MB = 1e6
+PAPER = dict(depth=4, dim=384, heads=12, batch=64)  # Spikformer-4-384 on CIFAR, the paper's batch size
 
 
 # ----------------------------------------------------------------------------------------------------------
 # dtvit side.
 
 
-def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_infer: bool = True):
-  """Compiled train and inference steps of dtvit's Spikformer for one (T, phase, variant).
+def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_infer: bool = True, **size):
+  """Compiled train and inference steps of dtvit's Spikformer for one (T, phase, variant); `size` overrides
+  args' batch, dim, depth, heads.
 
   variant: 'fast' (default kernels), 'ref' (the model's kernels='reference'), 'remat:blocks' (the stem and each
-  block recomputed in the backward pass), 'bf16' (model dtype bfloat16), or
-  'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model).
+  block recomputed in the backward pass), 'bf16' (model dtype bfloat16),
+  'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model), or
+  'normalized' (dtvit's own surrogate convention, on U/Vth - 1, instead of SpikingJelly's U - Vth).
   """
-  neuron_kw = dict(neuron="spikformer", surrogate="sigmoid")
+  args = argparse.Namespace(**{**vars(args), **size})
+  neuron_kw = {}
   if variant.startswith("remat:"):
     neuron_kw["remat"] = variant.split(":", 1)[1]
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32  # bf16 matmuls and convs, float32 membranes
   model = models.spikformer("2-128", args.classes, depth=args.depth, dim=args.dim, num_heads=args.heads,
-                            num_steps=T, phase=phase, neuron=NeuronConfig(**neuron_kw), dtype=dtype,
+                            num_steps=T, phase=phase, neuron=NeuronConfig.preset(
+                                "spikformer_normalized" if variant == "normalized" else "spikingjelly",
+                                **neuron_kw), dtype=dtype,
                             stem_pool_first=variant != "pool-after",
                             kernels="reference" if variant == "ref" else "fused")
   variables = models.init(model, jax.random.key(0), (args.image, args.image, 3))
@@ -163,9 +179,71 @@ class Worker:
     self.proc.wait(timeout=30)
 
 
-def model_cfg(args, T):
-  return dict(T=T, batch=args.batch, dim=args.dim, depth=args.depth, heads=args.heads, image=args.image,
-              classes=args.classes, seed=0)
+def model_cfg(args, T, **size):
+  cfg = dict(T=T, batch=args.batch, dim=args.dim, depth=args.depth, heads=args.heads, image=args.image,
+             classes=args.classes, seed=0, analog_once=not args.sj_analog_per_step)
+  return {**cfg, **size}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One size, both frameworks: the paper-size model and the cost curves.
+
+
+def time_point(args, T: int, size: dict, *, rounds: int, variants=("fast",), what=("train",), log=print) -> dict:
+  """dtvit's `variants` and SpikingJelly (a fresh worker: its memory is measured first) at one model size,
+  timed in `rounds` alternating rounds after a warm-up. Returns {side: {"times": {what: {"wall", "cpu"}},
+  "memory": {what: {...}}}} with sides 'dtvit' (variant 'fast'), 'dtvit[<variant>]' and 'sj'."""
+  out, jobs = {}, {}
+  for v in variants:
+    side = "dtvit" if v == "fast" else f"dtvit[{v}]"
+    d = make_dtvit(args, T, variant=v, with_infer="infer" in what, **size)
+    out[side] = {"memory": {w: d["memory"][w] for w in what}, "compile_s": d["compile_s"]}
+    for w in what:
+      jobs[(side, w)] = lambda f=d[w]: time_jax(f)
+    log(f"  {side} T={T} {size}: compiled in {d['compile_s']:.0f}s, train peak "
+        f"{d['memory']['train'].get('peak', 0) / MB:.0f} MB")
+  worker = None
+  if not args.no_sj:
+    worker = Worker(args.torch_python, args.device)
+    worker(cmd="build", key="point", **model_cfg(args, T, **size))
+    out["sj"] = {"memory": {w: worker(cmd="memory", key="point", T=T, what=w) for w in what}}
+    for w in what:
+      jobs[("sj", w)] = lambda w=w: worker(cmd="time", key="point", T=T, what=w, n=1)
+    log(f"  sj T={T} {size}: train peak {out['sj']['memory']['train']['peak_bytes'] / MB:.0f} MB")
+  try:
+    for k, fn in jobs.items():
+      if k[0] != "sj":  # SpikingJelly's memory measurement ran two steps already
+        fn()
+    for side in out:
+      out[side]["times"] = {w: {"wall": [], "cpu": []} for w in what}
+    for r in range(rounds):
+      keys = sorted(jobs, key=lambda k: (k[0] == "sj") == (r % 2 == 0))
+      for k in keys:
+        t = jobs[k]()
+        out[k[0]]["times"][k[1]]["wall"] += t["wall"]
+        out[k[0]]["times"][k[1]]["cpu"] += t["cpu"]
+  finally:
+    if worker is not None:
+      worker.close()
+  return out
+
+
+def peak_mb(side: dict, what: str = "train") -> float:
+  m = side["memory"][what]
+  return (m["peak"] if "peak" in m else m["peak_bytes"]) / MB
+
+
+def point_row(res: dict, what: str = "train", base: str = "dtvit") -> dict:
+  """Medians, best rounds and their dtvit/SJ ratios for one `time_point` result."""
+  d, sj = res[base]["times"][what], res.get("sj", {}).get("times", {}).get(what)
+  row = {f"{base}_s": med(d["wall"]), f"{base}_cpu_s": med(d["cpu"]), f"{base}_min_s": min(d["wall"]),
+         f"{base}_peak_MB": peak_mb(res[base], what)}
+  if sj:
+    row.update(sj_s=med(sj["wall"]), sj_cpu_s=med(sj["cpu"]), sj_min_s=min(sj["wall"]),
+               sj_peak_MB=peak_mb(res["sj"], what))
+    row.update(ratio=row[f"{base}_s"] / row["sj_s"], cpu_ratio=row[f"{base}_cpu_s"] / row["sj_cpu_s"],
+               min_ratio=row[f"{base}_min_s"] / row["sj_min_s"], mem_ratio=row[f"{base}_peak_MB"] / row["sj_peak_MB"])
+  return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,7 +312,7 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:blocks', 'bf16', 'pool-after' (default 'remat:blocks,pool-after'; "
+                      "'remat:blocks', 'bf16', 'pool-after', 'normalized' (default 'remat:blocks,normalized'; "
                       "none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
@@ -244,7 +322,26 @@ def main(argv=None):
   p.add_argument("--readme", default=str(HERE / "README.md"))
   p.add_argument("--no-sj", action="store_true", help="dtvit only (no torch venv needed)")
   p.add_argument("--render", default=None, help="re-render a results JSON into the README and exit")
+  p.add_argument("--paper-steps", default=None,
+                 help="T values at which the paper's CIFAR model (Spikformer-4-384, batch 64, 12 heads) is timed "
+                      "(default 4; none with --quick)")
+  p.add_argument("--paper-rounds", type=int, default=3)
+  p.add_argument("--sj-analog-per-step", action="store_true",
+                 help="SpikingJelly's own first stage (its analog conv + BN run on T copies of the image); by "
+                      "default it runs once per image, as in dtvit")
+  p.add_argument("--curves", action="store_true",
+                 help="the cost curves instead (curves.py): time and peak memory vs T, batch and width")
+  p.add_argument("--curve-sweeps", default="T,batch,width")
+  p.add_argument("--curve-rounds", type=int, default=2)
+  p.add_argument("--compile-cache", default=None,
+                 help="a JAX persistent compilation cache directory (shared by the main run and --curves: the "
+                      "same programs compile once; timings are unaffected)")
   args = p.parse_args(argv)
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+  if args.curves:
+    import curves  # pylint: disable=g-import-not-at-top
+    return curves.run(args, argv if argv is not None else sys.argv[1:])
   if args.render:
     res = json.loads(Path(args.render).read_text())
     name = Path(args.render).stem
@@ -257,7 +354,7 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  default_variants = "" if args.quick else "remat:blocks,pool-after"
+  default_variants = "" if args.quick else "remat:blocks,normalized"
   variants = [v for v in (args.variants if args.variants is not None else default_variants).split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")
@@ -267,9 +364,12 @@ def main(argv=None):
   log = lambda *a: print(f"[{time.perf_counter() - t_start:6.0f}s]", *a, flush=True)
 
   result = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine_info(), "config": {k: getattr(args, k) for k in
-                                                  ("batch", "dim", "depth", "heads", "image", "classes", "device")},
-            "steps": steps, "rounds": rounds, "variants": variants}
+            "machine": machine_info(), "config": {**{k: getattr(args, k) for k in
+                                                     ("batch", "dim", "depth", "heads", "image", "classes",
+                                                      "device")},
+                                                  "sj_analog_once": not args.sj_analog_per_step,
+                                                  "paper": PAPER},
+            "steps": steps, "rounds": rounds, "variants": variants, "paper_rounds": args.paper_rounds}
   log("machine", result["machine"])
 
   worker = None
@@ -341,6 +441,13 @@ def main(argv=None):
     log(f"round {r + 1}/{rounds} done; load average {os.getloadavg()[0]:.1f}")
   if worker is not None:
     worker.close()
+  paper_steps = [int(t) for t in (args.paper_steps or ("" if args.quick else "4")).split(",") if t]
+  result["paper"] = {}
+  for T in paper_steps:
+    log(f"paper model T={T}: {PAPER}, {args.paper_rounds} rounds")
+    result["paper"][str(T)] = time_point(args, T, PAPER, rounds=args.paper_rounds, what=("train", "infer"),
+                                         log=log)
+    log(f"paper model T={T} done; load average {os.getloadavg()[0]:.1f}")
 
   result["times"] = {f"{k[0]} T={k[1]} {k[2]}": v for k, v in times.items()}
   result["memory"] = mem
@@ -402,8 +509,10 @@ def summarize(res, steps, variants, variant_steps) -> dict:
                        "time_vs_default": g(f"{key} train") / base_t,
                        "cpu_vs_default": g(f"{key} train", "cpu") / base_c,
                        "peak_MB": m[key]["train"]["peak"] / MB, "peak_vs_default": m[key]["train"]["peak"] / base_m})
+  paper = [{"T": int(T), "train": point_row(pr, "train"), "infer": point_row(pr, "infer")}
+           for T, pr in res.get("paper", {}).items()]
   return {"rows": rows, "variants": var_rows, "ann_train_s": ann_train, "ann_infer_s": ann_infer,
-          "ann_train_cpu_s": ann_train_cpu}
+          "ann_train_cpu_s": ann_train_cpu, "paper": paper}
 
 
 def render(res, name) -> str:
@@ -451,6 +560,22 @@ def render(res, name) -> str:
     for v in s["variants"]:
       lines.append(f"| {v['variant']} | {v['T']} | {v['train_s']:.2f} | {v['time_vs_default']:.2f}, "
                    f"{v['cpu_vs_default']:.2f} | {v['peak_MB']:.0f} | {v['peak_vs_default']:.2f} |")
+  if s.get("paper"):
+    pp = res["config"].get("paper", PAPER)
+    lines += ["", f"The paper's CIFAR model: Spikformer-{pp['depth']}-{pp['dim']} ({pp['heads']} heads), batch "
+              f"{pp['batch']}, 32x32 input, float32; medians of {res.get('paper_rounds', 3)} alternating "
+              "rounds.", "",
+              "| T | train s dtvit / SJ (median) | train ratio: median, CPU, best | infer s dtvit / SJ (median) | "
+              "infer ratio: median, CPU, best | train peak MB dtvit / SJ | mem ratio |",
+              "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in s["paper"]:
+      a, b = r["train"], r["infer"]
+      lines.append(f"| {r['T']} | {a['dtvit_s']:.2f} / {a.get('sj_s', nan):.2f} | {a.get('ratio', nan):.2f}, "
+                   f"{a.get('cpu_ratio', nan):.2f}, **{a.get('min_ratio', nan):.2f}** | {b['dtvit_s']:.3f} / "
+                   f"{b.get('sj_s', nan):.3f} | {b.get('ratio', nan):.2f}, {b.get('cpu_ratio', nan):.2f}, "
+                   f"**{b.get('min_ratio', nan):.2f}** | {a['dtvit_peak_MB']:.0f} / {a.get('sj_peak_MB', nan):.0f} | "
+                   f"**{a.get('mem_ratio', nan):.2f}** |")
   return "\n".join(lines)
 
 

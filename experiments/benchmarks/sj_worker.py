@@ -6,7 +6,10 @@ per line on stdin and writes one JSON reply per line on stdout (everything else 
 Commands:
   {"cmd": "info"} -> versions, threads, device.
   {"cmd": "build", "T": 4, "batch": 32, "dim": 128, "depth": 2, "heads": 4, "image": 32, "classes": 10,
-   "seed": 0} -> builds SpikingJelly's Spikformer, AdamW and a fixed batch; keeps one per T.
+   "seed": 0, "analog_once": true} -> builds SpikingJelly's Spikformer, AdamW and a fixed batch; keeps one per
+   T (or under "key", which "time" and "memory" then name). With analog_once (the default) the first conv + BN
+   runs once per image and is broadcast over T, as in dtvit (`_OnceOverTime`); false: SpikingJelly's own model,
+   which runs it on T copies of the image.
   {"cmd": "time", "T": 4, "what": "train" | "infer", "n": 1} -> {"wall": [s...], "cpu": [s...]}.
   {"cmd": "memory", "T": 4, "what": "train" | "infer"} -> peak memory of one step (CPU: peak RSS minus the RSS
    before the step, after one warm-up step and malloc_trim; CUDA: max_memory_allocated minus allocated before).
@@ -59,12 +62,30 @@ def _trim() -> None:
     pass
 
 
+class _OnceOverTime(torch.nn.Module):
+  """Runs a stateless module on step 0 of a sequence whose T steps are equal and broadcasts the result over
+  T (a view): the analog first conv + BN computed once per image, as dtvit computes it, instead of T times
+  on T copies of the image. The same values (batch-norm statistics over T equal copies are those of one copy)
+  up to float summation order; the gradient sums over T, as dtvit's does."""
+
+  def __init__(self, inner):
+    super().__init__()
+    self.inner = inner
+
+  def forward(self, x_seq):
+    y = self.inner(x_seq[:1])
+    return y.expand(x_seq.shape[0], *y.shape[1:])
+
+
 def build(cfg, device):
   torch.manual_seed(cfg.get("seed", 0))
   T = cfg["T"]
   model = Spikformer(T=T, in_channels=3, img_size_h=cfg["image"], img_size_w=cfg["image"], patch_size=4,
                      num_classes=cfg["classes"], embed_dims=cfg["dim"], num_heads=cfg["heads"],
                      mlp_ratio=cfg.get("mlp_ratio", 4.0), depths=cfg["depth"]).to(device)
+  if cfg.get("analog_once", True):
+    first = model.patch_embed.stages[0]
+    first.conv_bn = _OnceOverTime(first.conv_bn)
   opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.06)
   x = torch.randn(cfg["batch"], 3, cfg["image"], cfg["image"], device=device)
   y = torch.arange(cfg["batch"], device=device) % cfg["classes"]
@@ -86,8 +107,9 @@ def build(cfg, device):
     functional.reset_net(model)
     return logits
 
-  _MODELS[T] = {"train": train_step, "infer": infer_step, "params": sum(p.numel() for p in model.parameters())}
-  return {"params": _MODELS[T]["params"]}
+  key = cfg.get("key", T)
+  _MODELS[key] = {"train": train_step, "infer": infer_step, "params": sum(p.numel() for p in model.parameters())}
+  return {"params": _MODELS[key]["params"]}
 
 
 def time_it(T, what, n, device):
@@ -161,9 +183,9 @@ def main():
       elif c == "build":
         out = build(cmd, device)
       elif c == "time":
-        out = time_it(cmd["T"], cmd["what"], cmd.get("n", 1), device)
+        out = time_it(cmd.get("key", cmd["T"]), cmd["what"], cmd.get("n", 1), device)
       elif c == "memory":
-        out = memory(cmd["T"], cmd["what"], device)
+        out = memory(cmd.get("key", cmd["T"]), cmd["what"], device)
       elif c == "lif":
         out = lif(cmd, device)
       else:
