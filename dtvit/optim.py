@@ -104,9 +104,10 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
   Args:
     opt_cfg: {'name': 'adamw'|'sgd', 'lr', 'warmup_steps', 'end_lr_factor', 'cooldown_steps', 'weight_decay',
       'grad_clip', 'clip_scores', 'momentum' (sgd), 'neuron_lr_mult', 'score_optimizer' ('sgd'|'adam'),
-      'score_lr', 'score_momentum' (sgd)}. The global-norm clip covers the scores only with `clip_scores` (default True): otherwise it
-      clips the weights and neuron parameters jointly and leaves the scores' gradients as they are, so that a
-      large weight gradient cannot slow the time-step cost's pull on the scores by the clip factor.
+      'score_lr', 'score_momentum' (sgd)}. The global-norm clip covers the scores only with `clip_scores`
+      (default True): otherwise it clips the weights and neuron parameters jointly and leaves the scores'
+      gradients as they are, so that a large weight gradient cannot slow the time-step cost's pull on the scores
+      by the clip factor.
     num_steps: the phase's steps (for the schedule).
     trainable: the groups that train; the others are frozen.
 
