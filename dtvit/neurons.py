@@ -300,14 +300,20 @@ def _lif_forward(current, lam, vth, mask_T, f: _Fused):
   return jnp.stack(spikes), jnp.stack(hs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lif(current, lam, vth, mask_T, f):
-  return _lif_forward(current, lam, vth, mask_T, f)[0]
+def _custom_lif(forward, backward):
+  """(current, lam, vth, mask_T, f) -> spikes with a hand-written VJP: `forward` returns (spikes, h_TX) and
+  only h_TX (with the parameters) is kept for `backward`."""
 
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+  def lif(current, lam, vth, mask_T, f):
+    return forward(current, lam, vth, mask_T, f)[0]
 
-def _lif_fwd(current, lam, vth, mask_T, f):
-  spikes, h_TX = _lif_forward(current, lam, vth, mask_T, f)
-  return spikes, (h_TX, lam, vth, mask_T)
+  def lif_fwd(current, lam, vth, mask_T, f):
+    spikes, h_TX = forward(current, lam, vth, mask_T, f)
+    return spikes, (h_TX, lam, vth, mask_T)
+
+  lif.defvjp(lif_fwd, backward)
+  return lif
 
 
 def _held_membranes(h_TX, vth, mask_T, f: _Fused) -> list:
@@ -393,7 +399,7 @@ def _lif_bwd(f: _Fused, res, g_TX):
   return g_current.astype(g_TX.dtype), g_lam, g_vth, g_mask_T
 
 
-_lif.defvjp(_lif_fwd, _lif_bwd)
+_lif = _custom_lif(_lif_forward, _lif_bwd)
 
 # ----------------------------------------------------------------------------------------------------------
 # The same recurrence as a loop over chunks of `chunk` steps, unrolled inside a chunk (a lax.scan forward, a
@@ -496,14 +502,4 @@ def _lif_bwd_looped(f: _Fused, res, g_TX):
           g_mask_T.astype(mask_T.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lif_looped(current, lam, vth, mask_T, f):
-  return _lif_forward_looped(current, lam, vth, mask_T, f)[0]
-
-
-def _lif_looped_fwd(current, lam, vth, mask_T, f):
-  spikes, h_TX = _lif_forward_looped(current, lam, vth, mask_T, f)
-  return spikes, (h_TX, lam, vth, mask_T)
-
-
-_lif_looped.defvjp(_lif_looped_fwd, _lif_bwd_looped)
+_lif_looped = _custom_lif(_lif_forward_looped, _lif_bwd_looped)
