@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _overrides(num_steps: int, batch_size: int, placement: str) -> list[str]:
-  return [f"--config.data.placement={placement}", "--config.phases=snn", f"--config.snn.num_steps={num_steps}", f"--config.snn.batch_size={batch_size}",
+  return [f"--config.data.placement={placement}", "--config.phases=snn", f"--config.snn.num_steps={num_steps}",
+          f"--config.snn.batch_size={batch_size}",
           f"--config.snn.log_every={num_steps // 4}", f"--config.snn.checkpoint_every={num_steps}",
           "--config.eval_fixed_steps=False", "--config.eval_batch_size=360", "--config.mesh.num_devices=1"]
 
