@@ -49,8 +49,9 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
   c.checkpoint_every = 500
   c.max_to_keep = 2
   c.sync_every = 10                  # the host reads the steps' finite / stop flags every this many steps (and at
-                                     # log, eval, checkpoint steps): steps queue on the device in between; a
-                                     # SIGTERM or Ctrl-C is acted on within this many steps. Results do not depend on it
+                                     # log, eval, checkpoint steps): steps queue on the device in between (their
+                                     # batches stay alive until then, for a re-run); a SIGTERM or Ctrl-C is acted
+                                     # on within this many steps. The results do not depend on it.
   c.nonfinite = "error"              # 'error' | 'skip': what a non-finite loss/gradient does
   return c
 
