@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtvit import compilation
 from dtvit import inference
 from dtvit import loader
 from dtvit import masks as masks_lib
@@ -125,7 +126,7 @@ def _comparison_fn(ann: loader.Loaded, snn: loader.Loaded, ann_source: str, hist
                    "ann": a[:h], "snn": o.mean(axis=0)[:h], "snn_masked": m[:h]}
     return out, h_aux["spike_rates"]
 
-  return jax.jit(fn)
+  return compilation.jit(fn)
 
 
 def _accumulate(out, sums: dict, values: dict, keep: int) -> None:

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from dtvit import compilation
 from dtvit import energy as energy_lib
 from dtvit import masks as masks_lib
 from dtvit import data
@@ -26,7 +27,7 @@ _RATE_KEYS = ("input_rates", "attention_rates", "spike_rates", "masks")
 @functools.lru_cache(maxsize=16)
 def _eval_fn(model, mesh):
   """The jitted eval step, one per (model, mesh): evaluating again during training compiles nothing new."""
-  return jax.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
+  return compilation.jit(steps.make_eval_step(model), out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(model, variables, config, mesh, *, split: str = "test", batches: Iterable[dict] | None = None) -> dict:

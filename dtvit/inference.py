@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtvit import compilation
 from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models import paths
@@ -112,7 +113,7 @@ def make_inference_fn(model: SpikingViT, variables) -> tuple[Callable[[jax.Array
   schedule = make_schedule(model, variables["params"])
   fast = scheduled_model(model, schedule)
 
-  @jax.jit
+  @compilation.jit
   def fn(images):
     return models.apply_model(fast, variables, images, with_aux=False)
 
@@ -290,7 +291,7 @@ def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapp
   else:
     run_model = models.with_mask(model, hard=True)
 
-  @jax.jit
+  @compilation.jit
   def step_logits(images):
     return models.apply_model(run_model, variables, images)[1]["step_logits"]
 

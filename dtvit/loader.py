@@ -202,10 +202,9 @@ class Loaded:
 def _jitted(kind: str):
   """One jitted function per kind for all `Loaded` objects, the model a static argument: equal models (same
   config, phase and mask settings) share their compiled code, e.g. after loading the same run twice."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import compilation, models  # pylint: disable=g-import-not-at-top
   with_aux = kind == "apply"
-  return jax.jit(lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
+  return compilation.jit(lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
                  static_argnums=0)
 
 

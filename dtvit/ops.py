@@ -1,10 +1,9 @@
-"""Generic conv and pool with fast custom gradients: exact replacements for the reference ops where XLA's own gradients are slow.
+"""Pool and Dense matmul with fast gradients: exact replacements for the reference ops where XLA's own
+gradients are slow.
 
 Each op computes the same values and the same gradients as its reference (JAX's autodiff of the plain lax op),
 up to float summation order; `tests/ops_test.py` checks both. They exist because XLA:CPU lowers some backward
 passes badly (measured in experiments/benchmarks/README.md):
-- `conv_general_dilated`: the kernel gradient of a 3x3 conv, emitted as a convolution whose window is the whole
-  image, ran 2-5x slower than the forward conv. Here it is k*k tap matmuls [C, N*H*W] x [N*H*W, D].
 - `max_pool`: `reduce_window` max backward (select-and-scatter) carries int32 index tensors and ran ~10x its
   forward. Here the forward is a max over k*k strided slices and the backward routes each output's gradient to
   the FIRST maximum of its window in row-major order, as XLA's select-and-scatter and torch do: ties are the
@@ -12,11 +11,14 @@ passes badly (measured in experiments/benchmarks/README.md):
 - `dot_general` of a Dense layer on [..., D] inputs: with more than one leading axis, XLA:CPU contracts the
   weight gradient over them through a transposed copy of the output gradient (e.g. [F, T*B, N] for [T*B, N, F]).
   Here the leading axes are folded first, so the weight gradient is one [D, M] x [M, F] matmul read in place.
-(The neuron recurrence's fused backward lives with the dynamics, in `dtvit.neurons`.)
+(The neuron recurrence's fused backward lives with the dynamics, in `dtvit.neurons`.) Convolutions are lax's
+own on both paths: a kernel gradient as k*k tap matmuls was faster than lax's only while XLA:CPU ran
+convolutions on one core; with `dtvit.compilation`'s CPU options lax's is faster
+(experiments/benchmarks/README.md).
 
 Which path a model takes is its static `kernels` attribute ('fused' | 'reference', see
-`dtvit.models.SpikingViT`): a model built with 'reference' uses lax's conv and `flax.linen.max_pool`. Being a
-model attribute, the choice is part of what `jax.jit` traces and caches.
+`dtvit.models.SpikingViT`): a model built with 'reference' uses `flax.linen.max_pool` and Flax's Dense matmul.
+Being a model attribute, the choice is part of what `jax.jit` traces and caches.
 
 No Flax here: plain functions of arrays.
 """
@@ -24,117 +26,10 @@ No Flax here: plain functions of arrays.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-# ----------------------------------------------------------------------------------------------------------
-# Convolution.
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _is_nhwc(dimension_numbers, ndim: int) -> bool:
-  if ndim != 4:
-    return False
-  if dimension_numbers is None:
-    return False
-  dn = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, dimension_numbers)
-  return tuple(dn) == tuple(lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _NHWC))
-
-
-def _explicit_padding(padding, in_hw, k_hw, strides):
-  if isinstance(padding, str):
-    return tuple(lax.padtype_to_pads(in_hw, k_hw, strides, padding))
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None):
-  """Drop-in for `lax.conv_general_dilated` (the signature `flax.linen.Conv` calls) with a fast kernel
-  gradient for 2-D NHWC/HWIO convolutions without dilation or groups; lax's own for any other convolution."""
-  simple = (_is_nhwc(dimension_numbers, lhs.ndim) and feature_group_count == 1 and batch_group_count == 1
-            and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
-            and preferred_element_type is None)
-  if not simple:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=feature_group_count,
-                                    batch_group_count=batch_group_count, precision=precision,
-                                    preferred_element_type=preferred_element_type)
-  strides = tuple(int(s) for s in window_strides)
-  pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-  return conv2d(lhs, rhs, strides=strides, padding=pads, precision=precision)
-
-
-def _conv_ref(x, w, strides, padding, precision):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv2d(x_NHWC, w_HWIO, strides, padding, precision):
-  return _conv_ref(x_NHWC, w_HWIO, strides, padding, precision)
-
-
-def _conv2d_fwd(x, w, strides, padding, precision):
-  return _conv_ref(x, w, strides, padding, precision), (x, w)
-
-
-def _conv2d_bwd(strides, padding, precision, res, g_NHWD):
-  x, w = res
-  # The input gradient is a transposed conv, which XLA handles well: take lax's own (the forward is DCE'd).
-  _, vjp_x = jax.vjp(lambda x_: _conv_ref(x_, w, strides, padding, precision), x)
-  (dx,) = vjp_x(g_NHWD)
-  return dx, conv2d_kernel_grad(x, g_NHWD, w.shape, strides, padding, precision).astype(w.dtype)
-
-
-_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-def conv2d_kernel_grad(x_NHWC, g_NHWD, kernel_shape, strides, padding, precision=None):
-  """dL/dw of y = conv(x, w) as k_h*k_w tap matmuls: dw[i, j] = x_tap(i, j)^T g, contracted over N*H*W."""
-  kh, kw, c, d = kernel_shape
-  (plo, phi), (qlo, qhi) = padding
-  sh, sw = strides
-  xp = jnp.pad(x_NHWC, ((0, 0), (plo, phi), (qlo, qhi), (0, 0)))
-  n, ho, wo, _ = g_NHWD.shape
-  g_MD = g_NHWD.reshape(-1, d)
-  dot = lambda x_tap: lax.dot_general(x_tap.reshape(-1, c), g_MD, (((0,), (0,)), ((), ())), precision=precision,
-                                      preferred_element_type=jnp.float32)
-  if (sh, sw) == (1, 1) and kh * kw > 1:
-    # A loop, so that one shifted copy of x is alive at a time (unrolled, XLA kept all k*k of them).
-    def body(t, dw):
-      x_tap = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, ho, wo, c))
-      return lax.dynamic_update_index_in_dim(dw, dot(x_tap), t, 0)
-    dw = lax.fori_loop(0, kh * kw, body, jnp.zeros((kh * kw, c, d), jnp.float32))
-    return dw.reshape(kh, kw, c, d)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      x_tap = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
-      taps.append(lax.dot_general(x_tap.reshape(-1, c), g_MD, (((0,), (0,)), ((), ())), precision=precision,
-                                  preferred_element_type=jnp.float32))
-  return jnp.stack(taps).reshape(kh, kw, c, d)
-
-
-def conv2d(x_NHWC, w_HWIO, *, strides: Sequence[int] = (1, 1), padding="SAME", precision=None):
-  """2-D convolution, NHWC x HWIO -> NHWC, with the fast kernel gradient.
-
-  Args:
-    x_NHWC: input [N, H, W, C].
-    w_HWIO: kernel [kh, kw, C, D].
-    strides: (sh, sw).
-    padding: 'SAME' | 'VALID' | ((lo, hi), (lo, hi)).
-  Returns:
-    [N, Ho, Wo, D], equal to `lax.conv_general_dilated` (the same lax op computes it).
-  """
-  strides = tuple(int(s) for s in strides)
-  pads = _explicit_padding(padding, x_NHWC.shape[1:3], w_HWIO.shape[:2], strides)
-  return _conv2d(x_NHWC, w_HWIO, strides, pads, precision)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Dense.

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dtvit import compilation
 from dtvit import losses
 from dtvit import masks as masks_lib
 from dtvit import models
@@ -192,5 +193,5 @@ def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op
             "grads": list(grads_ok.values()),
             "params": list(_finite_by_module(optax.apply_updates(state["params"], updates)).values())}
 
-  out = jax.device_get(jax.jit(fn)(state, batch, jnp.asarray(step, jnp.int32)))
+  out = jax.device_get(compilation.jit(fn)(state, batch, jnp.asarray(step, jnp.int32)))
   return _describe(names["forward"], names["modules"], out)

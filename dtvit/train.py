@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from dtvit import checkpointing
+from dtvit import compilation
 from dtvit import energy as energy_lib
 from dtvit import evaluate as evaluate_lib
 from dtvit import data
@@ -364,7 +365,7 @@ class _Stepper:
     step_fn = steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
                                     augment_fn=ph.augment_fn)
     batch_sharding = data_sharded if ph.table is None else {"index": data_sharded, **{k: rep for k in ph.table}}
-    self._fn = jax.jit(_gated(step_fn), in_shardings=(state_sharding, batch_sharding, rep, data_sharded),
+    self._fn = compilation.jit(_gated(step_fn), in_shardings=(state_sharding, batch_sharding, rep, data_sharded),
                        out_shardings=(state_sharding, rep), donate_argnums=(0,))
     self.go = jax.device_put(jnp.array(True), rep)
     local = len(ph.mesh.local_devices)

@@ -28,42 +28,6 @@ def _compile(fn, *args):
   return jax.jit(fn).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
 
 
-def _conv_ref(x, w, strides, padding):
-  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@pytest.mark.parametrize("shape,kernel,strides,padding", [
-    ((4, 8, 8, 3), (3, 3), (1, 1), "SAME"),
-    ((2, 9, 7, 5), (3, 3), (1, 1), "SAME"),
-    ((2, 8, 8, 4), (3, 3), (2, 2), "SAME"),
-    ((2, 8, 8, 3), (4, 4), (4, 4), "VALID"),       # the ViT patch embedding
-    ((2, 6, 6, 2), (5, 5), (1, 1), ((1, 3), (2, 0))),
-])
-@pytest.mark.slow
-def test_conv2d_matches_lax(shape, kernel, strides, padding):
-  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-  x = _spikes(kx, shape)
-  w = jax.random.normal(kw, kernel + (shape[-1], 6))
-  y_ref, vjp_ref = jax.vjp(lambda x, w: _conv_ref(x, w, strides, padding), x, w)
-  y, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, strides=strides, padding=padding), x, w)
-  chex.assert_trees_all_equal(y, y_ref)  # the forward is the same lax op
-  g = jax.random.normal(kg, y.shape)
-  for a, b in zip(vjp(g), vjp_ref(g)):
-    _close(a, b)
-
-
-def test_conv_general_dilated_dispatch():
-  """The drop-in takes the fast path only for plain NHWC convs without dilation."""
-  x = _spikes(jax.random.key(1), (2, 8, 8, 3))
-  w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
-  dn = ("NHWC", "HWIO", "NHWC")
-  fast = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))(x, w)
-  assert "custom_vjp" in str(fast)
-  dilated = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
-                                                                 dimension_numbers=dn))(x, w)
-  assert "custom_vjp" not in str(dilated)
-
-
 def _pool_ref(x, window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))):
   return nn.max_pool(x, window, strides=strides, padding=padding)
 

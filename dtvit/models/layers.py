@@ -134,7 +134,7 @@ class Dense(nn.Dense):
 
 class Conv(nn.Conv):
   """nn.Conv that, in the SNN, sows its per-step input event rate. `kind='analog'` marks the layer that sees
-  the pixels: it runs once per image, not once per step. Build it with `conv(fast=...)`."""
+  the pixels: it runs once per image, not once per step."""
   phase: str = "snn"
   num_steps: int = 1
   kind: str = "synaptic"
@@ -175,10 +175,9 @@ class BatchNorm(nn.BatchNorm):
     return y
 
 
-def conv(*args, fast: bool, **kwargs) -> Conv:
-  """A `Conv` with the fast-gradient conv of `dtvit.ops` (`fast`) or lax's own."""
-  return Conv(*args, conv_general_dilated=ops.conv_general_dilated if fast else lax.conv_general_dilated,
-              **kwargs)
+def conv(*args, **kwargs) -> Conv:
+  """A `Conv` (lax's convolution on both kernel paths; see `dtvit.ops`)."""
+  return Conv(*args, **kwargs)
 
 
 def batch_norm(train: bool, name: str) -> BatchNorm:
@@ -392,7 +391,7 @@ class SPSStem(SpikingModule):
 
   def conv(self, features, layer, kind="synaptic"):
     return conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, phase=self.phase,
-                num_steps=self.sim_steps, kind=kind, fast=self.fused, kernel_init=self.layer_cfg.init("conv_init"),
+                num_steps=self.sim_steps, kind=kind, kernel_init=self.layer_cfg.init("conv_init"),
                 name=layer)
 
   @nn.compact
@@ -435,7 +434,7 @@ class PatchStem(SpikingModule):
     masks, _ = self.unit_masks(temperature, enabled=self.mask.mask_stem)
     p = self.patch_size
     x = conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, phase=self.phase,
-             num_steps=self.sim_steps, kind="analog", fast=self.fused, kernel_init=self.layer_cfg.init("conv_init"),
+             num_steps=self.sim_steps, kind="analog", kernel_init=self.layer_cfg.init("conv_init"),
              name=paths.PATCH)(images_BHWC)
     x = x.reshape(x.shape[0], -1, self.dim)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.dim), jnp.float32)

@@ -60,7 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dtvit import models, neurons  # noqa: E402
+from dtvit import compilation, models, neurons  # noqa: E402
 from dtvit.models import NeuronConfig  # noqa: E402
 
 DEFAULT_TORCH_PY = HERE / ".venv-torch" / "bin" / "python"
@@ -79,7 +79,8 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   variant: 'fast' (default kernels), 'ref' (the model's kernels='reference'), 'remat:blocks' (the stem and each
   block recomputed in the backward pass), 'bf16' (model dtype bfloat16),
   'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model), or
-  'normalized' (dtvit's own surrogate convention, on U/Vth - 1, instead of SpikingJelly's U - Vth).
+  'normalized' (dtvit's own surrogate convention, on U/Vth - 1, instead of SpikingJelly's U - Vth), or
+  'xla-default' (compiled without `dtvit.compilation`'s CPU options: XLA's default convolutions).
   """
   args = argparse.Namespace(**{**vars(args), **size})
   neuron_kw = {}
@@ -116,8 +117,10 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
     return models.apply_model(model, variables, x, train=False, with_aux=False)
 
   t0 = time.perf_counter()
-  train = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
-  infer = jax.jit(infer_step).lower(variables, x).compile() if with_infer else None
+  # dtvit's own jits (`compilation.jit`) pass `compilation.options()`; 'xla-default' times XLA's defaults.
+  copts = None if variant == "xla-default" else compilation.options()
+  train = jax.jit(train_step, donate_argnums=0, compiler_options=copts).lower(state, x, y).compile()
+  infer = jax.jit(infer_step, compiler_options=copts).lower(variables, x).compile() if with_infer else None
   compile_s = time.perf_counter() - t0
   holder = {"state": state}
 
@@ -312,7 +315,8 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:blocks', 'bf16', 'pool-after', 'normalized' (default 'remat:blocks,normalized'; "
+                      "'remat:blocks', 'bf16', 'pool-after', 'normalized', 'xla-default' (default "
+                      "'remat:blocks,normalized,xla-default'; "
                       "none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
@@ -354,7 +358,7 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  default_variants = "" if args.quick else "remat:blocks,normalized"
+  default_variants = "" if args.quick else "remat:blocks,normalized,xla-default"
   variants = [v for v in (args.variants if args.variants is not None else default_variants).split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")

@@ -30,7 +30,7 @@ import numpy as np
 import jax
 
 from configs import quickstart
-from dtvit import data, energy, metrics, models, optim, sharding, steps, train
+from dtvit import compilation, data, energy, metrics, models, optim, sharding, steps, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dtvit.main runs here
 
@@ -83,8 +83,8 @@ def step_steps_per_s(config, num_steps: int, *, with_data: bool = False) -> floa
   batch_sharding = sharding.batch_sharded(mesh)
   if table is not None:
     batch_sharding = {"index": batch_sharding, **{k: sharding.replicated(mesh) for k in table}}
-  step_fn = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  step_fn = compilation.jit(step, in_shardings=(state_sharding, batch_sharding),
+                            out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
 
   memo = {}
 

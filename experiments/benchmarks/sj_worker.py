@@ -13,6 +13,9 @@ Commands:
   {"cmd": "time", "T": 4, "what": "train" | "infer", "n": 1} -> {"wall": [s...], "cpu": [s...]}.
   {"cmd": "memory", "T": 4, "what": "train" | "infer"} -> peak memory of one step (CPU: peak RSS minus the RSS
    before the step, after one warm-up step and malloc_trim; CUDA: max_memory_allocated minus allocated before).
+  {"cmd": "profile", "T": 4, "what": "train", "n": 2} -> torch.profiler's per-op self times of n steps:
+   {"ops": [[name, self_us, calls], ...], "wall_s": ...} (op times on the calling thread; intra-op threads are
+   inside them).
   {"cmd": "lif", "x": [[...]], "g": [[...]], "threshold": 1.0} -> spikes and dL/dx of a multi-step LIFNode.
   {"cmd": "exit"}
 """
@@ -145,6 +148,22 @@ def memory(T, what, device):
   return {"peak_bytes": int((peak - before) * 1024), "method": "peak RSS (VmHWM) - RSS before, after malloc_trim"}
 
 
+def profile(T, what, n, device):
+  from torch.profiler import ProfilerActivity, profile as torch_profile  # pylint: disable=g-import-not-at-top
+  fn = _MODELS[T][what]
+  fn()
+  _sync(device)
+  acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+  t0 = time.perf_counter()
+  with torch_profile(activities=acts) as prof:
+    for _ in range(n):
+      fn()
+    _sync(device)
+  wall = time.perf_counter() - t0
+  ops = [[e.key, float(e.self_cpu_time_total), int(e.count)] for e in prof.key_averages()]
+  return {"ops": sorted(ops, key=lambda o: -o[1]), "wall_s": wall, "n": n}
+
+
 def lif(cmd, device):
   x = torch.tensor(cmd["x"], dtype=torch.float32, device=device, requires_grad=True)
   g = torch.tensor(cmd["g"], dtype=torch.float32, device=device)
@@ -186,6 +205,8 @@ def main():
         out = time_it(cmd.get("key", cmd["T"]), cmd["what"], cmd.get("n", 1), device)
       elif c == "memory":
         out = memory(cmd.get("key", cmd["T"]), cmd["what"], device)
+      elif c == "profile":
+        out = profile(cmd.get("key", cmd["T"]), cmd["what"], cmd.get("n", 2), device)
       elif c == "lif":
         out = lif(cmd, device)
       else:
