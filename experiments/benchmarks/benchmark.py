@@ -61,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from dtvit import compilation, models, neurons  # noqa: E402
-from dtvit.models import NeuronConfig  # noqa: E402
+from dtvit.models import MaskConfig, NeuronConfig  # noqa: E402
 
 DEFAULT_TORCH_PY = HERE / ".venv-torch" / "bin" / "python"
 MB = 1e6
@@ -80,7 +80,8 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   block recomputed in the backward pass), 'bf16' (model dtype bfloat16),
   'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model), or
   'normalized' (dtvit's own surrogate convention, on U/Vth - 1, instead of SpikingJelly's U - Vth), or
-  'xla-default' (compiled without `dtvit.compilation`'s CPU options: XLA's default convolutions).
+  'xla-default' (compiled without `dtvit.compilation`'s CPU options: XLA's default convolutions), or
+  'fixed-T' (time-step masks off: every step of every module runs, which is exactly SpikingJelly's work).
   """
   args = argparse.Namespace(**{**vars(args), **size})
   neuron_kw = {}
@@ -92,6 +93,7 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
                                 "spikformer_normalized" if variant == "normalized" else "spikingjelly",
                                 **neuron_kw), dtype=dtype,
                             stem_pool_first=variant != "pool-after",
+                            mask=MaskConfig(enabled=variant != "fixed-T"),
                             kernels="reference" if variant == "ref" else "fused")
   variables = models.init(model, jax.random.key(0), (args.image, args.image, 3))
   tx = optax.adamw(5e-4, weight_decay=0.06)
@@ -199,9 +201,10 @@ def time_point(args, T: int, size: dict, *, rounds: int, variants=("fast",), wha
   out, jobs = {}, {}
   for v in variants:
     side = "dtvit" if v == "fast" else f"dtvit[{v}]"
-    d = make_dtvit(args, T, variant=v, with_infer="infer" in what, **size)
-    out[side] = {"memory": {w: d["memory"][w] for w in what}, "compile_s": d["compile_s"]}
-    for w in what:
+    whats = what if v == "fast" else ("train",)  # variants: the train step only
+    d = make_dtvit(args, T, variant=v, with_infer="infer" in whats, **size)
+    out[side] = {"memory": {w: d["memory"][w] for w in whats}, "compile_s": d["compile_s"]}
+    for w in whats:
       jobs[(side, w)] = lambda f=d[w]: time_jax(f)
     log(f"  {side} T={T} {size}: compiled in {d['compile_s']:.0f}s, train peak "
         f"{d['memory']['train'].get('peak', 0) / MB:.0f} MB")
@@ -315,8 +318,8 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:blocks', 'bf16', 'pool-after', 'normalized', 'xla-default' (default "
-                      "'remat:blocks,normalized,xla-default'; "
+                      "'remat:blocks', 'bf16', 'pool-after', 'normalized', 'xla-default', 'fixed-T' (default "
+                      "'fixed-T,remat:blocks,normalized,xla-default'; "
                       "none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
@@ -358,7 +361,7 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  default_variants = "" if args.quick else "remat:blocks,normalized,xla-default"
+  default_variants = "" if args.quick else "fixed-T,remat:blocks,normalized,xla-default"
   variants = [v for v in (args.variants if args.variants is not None else default_variants).split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")
@@ -450,6 +453,7 @@ def main(argv=None):
   for T in paper_steps:
     log(f"paper model T={T}: {PAPER}, {args.paper_rounds} rounds")
     result["paper"][str(T)] = time_point(args, T, PAPER, rounds=args.paper_rounds, what=("train", "infer"),
+                                         variants=("fast", "fixed-T") if "fixed-T" in variants else ("fast",),
                                          log=log)
     log(f"paper model T={T} done; load average {os.getloadavg()[0]:.1f}")
 
@@ -509,11 +513,15 @@ def summarize(res, steps, variants, variant_steps) -> dict:
       key = f"dtvit[{v}] T={T}"
       if key not in m:
         continue
+      sj_t = t.get(f"sj T={T} train", {"wall": [float("nan")]})["wall"]
       var_rows.append({"variant": v, "T": T, "train_s": g(f"{key} train"), "train_cpu_s": g(f"{key} train", "cpu"),
+                       "vs_sj": g(f"{key} train") / med(sj_t), "vs_sj_cpu": g(f"{key} train", "cpu") / g(
+                           f"sj T={T} train", "cpu"), "vs_sj_min": min(t[f"{key} train"]["wall"]) / min(sj_t),
                        "time_vs_default": g(f"{key} train") / base_t,
                        "cpu_vs_default": g(f"{key} train", "cpu") / base_c,
                        "peak_MB": m[key]["train"]["peak"] / MB, "peak_vs_default": m[key]["train"]["peak"] / base_m})
-  paper = [{"T": int(T), "train": point_row(pr, "train"), "infer": point_row(pr, "infer")}
+  paper = [{"T": int(T), "train": point_row(pr, "train"), "infer": point_row(pr, "infer"),
+            **({"fixed-T": point_row(pr, "train", base="dtvit[fixed-T]")} if "dtvit[fixed-T]" in pr else {})}
            for T, pr in res.get("paper", {}).items()]
   return {"rows": rows, "variants": var_rows, "ann_train_s": ann_train, "ann_infer_s": ann_infer,
           "ann_train_cpu_s": ann_train_cpu, "paper": paper}
@@ -559,11 +567,14 @@ def render(res, name) -> str:
   lines += ["", f"dtvit ANN twin (phase='ann'): train step {s['ann_train_s']:.3f} s (CPU {s['ann_train_cpu_s']:.3f} s), "
             f"inference {s['ann_infer_s']:.3f} s."]
   if s["variants"]:
-    lines += ["", "| dtvit variant | T | train s | time vs default (wall, CPU) | train peak MB | peak vs default |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| dtvit variant | T | train s | time vs default (wall, CPU) | train vs SJ: median, CPU, best | "
+              "train peak MB | peak vs default |",
+              "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for v in s["variants"]:
       lines.append(f"| {v['variant']} | {v['T']} | {v['train_s']:.2f} | {v['time_vs_default']:.2f}, "
-                   f"{v['cpu_vs_default']:.2f} | {v['peak_MB']:.0f} | {v['peak_vs_default']:.2f} |")
+                   f"{v['cpu_vs_default']:.2f} | {v.get('vs_sj', nan):.2f}, {v.get('vs_sj_cpu', nan):.2f}, "
+                   f"**{v.get('vs_sj_min', nan):.2f}** | {v['peak_MB']:.0f} | {v['peak_vs_default']:.2f} |")
   if s.get("paper"):
     pp = res["config"].get("paper", PAPER)
     lines += ["", f"The paper's CIFAR model: Spikformer-{pp['depth']}-{pp['dim']} ({pp['heads']} heads), batch "
@@ -580,6 +591,12 @@ def render(res, name) -> str:
                    f"{b.get('sj_s', nan):.3f} | {b.get('ratio', nan):.2f}, {b.get('cpu_ratio', nan):.2f}, "
                    f"**{b.get('min_ratio', nan):.2f}** | {a['dtvit_peak_MB']:.0f} / {a.get('sj_peak_MB', nan):.0f} | "
                    f"**{a.get('mem_ratio', nan):.2f}** |")
+      if "fixed-T" in r:
+        f = r["fixed-T"]
+        lines.append(f"| {r['T']}, fixed-T | {f['dtvit[fixed-T]_s']:.2f} / {f.get('sj_s', nan):.2f} | "
+                     f"{f.get('ratio', nan):.2f}, {f.get('cpu_ratio', nan):.2f}, **{f.get('min_ratio', nan):.2f}** | "
+                     f"- | - | {f['dtvit[fixed-T]_peak_MB']:.0f} / {f.get('sj_peak_MB', nan):.0f} | "
+                     f"**{f.get('mem_ratio', nan):.2f}** |")
   return "\n".join(lines)
 
 
