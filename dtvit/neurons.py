@@ -29,7 +29,8 @@ steps are unrolled in Python (T is static and small) so XLA fuses each direction
 and the only residual is the membrane before reset h [T, ...], from which the backward recomputes spikes,
 surrogate slopes and the pre-step membranes, instead of `lax.scan`'s stacked per-step intermediates. XLA:CPU
 computes each output step of such a fused loop from the inputs of every earlier step, so its cost grows as T^2;
-beyond `UNROLL_MAX` steps the fused recurrence therefore loops over chunks of a few unrolled steps (`chunk`),
+beyond `UNROLL_MAX` steps (`UNROLL_MAX_UNMASKED` without a step mask) the fused recurrence therefore loops
+over chunks of a few unrolled steps (`chunk`),
 one pass over the neurons per chunk, with the same residual and the same hand-written step gradients.
 `tests/neurons_test.py` checks that both give the same values and gradients.
 """
@@ -252,12 +253,12 @@ def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, thre
                   step_mask_T=None, membrane_dtype=jnp.float32, chunk: int | None = None):
   """`multistep` (spikes only) with a hand-written backward: the same values and gradients (module docstring).
 
-  chunk: None picks by T (`chunk_steps`); 0 unrolls all T steps; k > 0 (dividing T) loops over T/k chunks of
+  chunk: None picks by T and the mask (`chunk_steps`); 0 unrolls all T steps; k > 0 (dividing T) loops over T/k chunks of
   k unrolled steps. The same values and gradients either way; only the program differs."""
   T = _num_steps(current_TX, num_steps)
   masked = step_mask_T is not None
   mask_T = (check_step_mask(step_mask_T, T).astype(jnp.float32) if masked else jnp.zeros((0,), jnp.float32))
-  chunk = chunk_steps(T) if chunk is None else int(chunk)
+  chunk = chunk_steps(T, masked=masked) if chunk is None else int(chunk)
   if chunk < 0 or (chunk and T % chunk):
     raise ValueError(f"chunk must be 0 or a divisor of T = {T}, got {chunk}.")
   fused = _Fused(spec, T, num_steps is not None, masked, jnp.dtype(membrane_dtype), chunk)
@@ -265,18 +266,20 @@ def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, thre
   return lif(current_TX, spec.leak_factor(leak), jnp.asarray(threshold, jnp.float32), mask_T, fused)
 
 
-def chunk_steps(num_steps: int) -> int:
-  """The fused recurrence's loop chunk for T steps: 0 (all T unrolled) up to UNROLL_MAX steps, else the largest
-  divisor of T up to LOOP_CHUNK."""
-  if num_steps <= UNROLL_MAX:
+def chunk_steps(num_steps: int, *, masked: bool = True) -> int:
+  """The fused recurrence's loop chunk for T steps: 0 (all T unrolled) up to UNROLL_MAX steps
+  (UNROLL_MAX_UNMASKED without a step mask), else the largest divisor of T up to LOOP_CHUNK."""
+  if num_steps <= (UNROLL_MAX if masked else UNROLL_MAX_UNMASKED):
     return 0
   return max(k for k in range(1, LOOP_CHUNK + 1) if num_steps % k == 0)
 
 
-# Measured in the benchmark model's train step (experiments/benchmarks/README.md): at T = 8 the unrolled form is
-# 2-5% faster than the loops (which hold 5% less XLA temp memory); at T = 16 the loop of 2-step chunks is as fast
-# in CPU time, 17-26% faster in wall time and holds 11% less.
+# Measured in the benchmark model's train step, side by side (experiments/benchmarks/README.md). With step
+# masks, at T = 8 the unrolled form is 3% faster than the loop of 2-step chunks; without them the loop is 11%
+# faster at T = 8 and the unrolled form 12% faster at T = 4. At T = 16 the loop of 2-step chunks is as fast in
+# CPU time, 17-26% faster in wall time and holds 11% less.
 UNROLL_MAX = 8
+UNROLL_MAX_UNMASKED = 4
 LOOP_CHUNK = 2
 
 

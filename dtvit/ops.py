@@ -58,6 +58,12 @@ def dense(x_XD, w_DF, precision=None):
 # Max pooling.
 
 
+def _explicit_padding(padding, in_hw, k_hw, strides):
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(in_hw, k_hw, strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 def _pool_taps(xp, window, strides, out_hw):
   n, _, _, c = xp.shape
   (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw

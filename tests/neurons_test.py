@@ -263,10 +263,12 @@ def test_fused_chunk_loop_matches_scan(chunk, neuron, surrogate, reset, detach, 
 
 
 def test_chunk_policy():
-  assert [neurons.chunk_steps(t) for t in (1, 4, neurons.UNROLL_MAX)] == [0, 0, 0]  # unrolled up to UNROLL_MAX
-  for t in (neurons.UNROLL_MAX + 1, 2 * neurons.UNROLL_MAX, 16):
-    k = neurons.chunk_steps(t)
-    assert 1 <= k <= neurons.LOOP_CHUNK and t % k == 0
+  for masked, limit in ((True, neurons.UNROLL_MAX), (False, neurons.UNROLL_MAX_UNMASKED)):
+    assert [neurons.chunk_steps(t, masked=masked) for t in (1, limit)] == [0, 0]  # unrolled up to the limit
+    for t in (limit + 1, 2 * limit, 16):
+      k = neurons.chunk_steps(t, masked=masked)
+      assert 1 <= k <= neurons.LOOP_CHUNK and t % k == 0
+  assert neurons.chunk_steps(8, masked=True) == 0 and neurons.chunk_steps(8, masked=False) == 2
   with pytest.raises(ValueError, match="divisor"):
     neurons.lif_multistep(jnp.zeros((6, 2)), chunk=4)
 

@@ -16,8 +16,9 @@ GRANULARITIES = ("module", "layer")
 # False: plain backprop through time; 'blocks': the backward pass recomputes the stem and each block from its
 # input (`dtvit.models.remat.recompute_in_backward`), bounding BPTT memory to one block's intermediates.
 REMAT_MODES = (False, "blocks")
-# 'fused': the fused neuron recurrence (`neurons.lif_multistep`) and the fast-gradient conv and pool of
-# `dtvit.ops`; 'reference': `lax.scan`, lax's conv and `flax.linen.max_pool`. The same values and gradients.
+# 'fused': the fused neuron recurrence (`neurons.lif_multistep`) and the fast-gradient pool and Dense matmul of
+# `dtvit.ops`; 'reference': `lax.scan`, `flax.linen.max_pool` and Flax's Dense. The same values and gradients.
+# Convolutions are lax's on both.
 KERNELS = ("fused", "reference")
 
 

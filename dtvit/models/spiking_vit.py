@@ -34,8 +34,8 @@ class SpikingViT(nn.Module):
     neuron, mask: `NeuronConfig`, `MaskConfig`.
     attn_scale: the scale of Q K^T V.
     dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
-    kernels: 'fused' (the fused neuron recurrence and the fast-gradient conv and pool) or 'reference'
-      (`lax.scan`, lax's conv, Flax's pool): the same values and gradients (settings.KERNELS).
+    kernels: 'fused' (the fused neuron recurrence, the fast-gradient pool and Dense matmul) or 'reference'
+      (`lax.scan`, Flax's pool and Dense): the same values and gradients (settings.KERNELS).
     layer_cfg: `LayerConfig`, the initialisers and pre-BN biases.
     schedule: None (dense: all T_max steps, the training path), or ((module path, steps), ...) for
       skipped-step inference with hard masks: each listed masked module runs only the step indices `steps`
