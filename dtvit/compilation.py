@@ -2,9 +2,10 @@
 
 On CPU, XLA (jaxlib 0.10 and 0.11) hands convolutions to its YNNPACK library by default, which ran the Spikformer
 stem's convolutions on one core of a 2-core machine; XLA's Eigen convolutions use every core. `CPU_OPTIONS` keeps
-YNNPACK for matmuls and reductions and gives the convolutions back to Eigen: the benchmark model's train step
-took 0.82-0.86 of the time (experiments/benchmarks/README.md, "Convolutions on every core"). The option only
-chooses which library computes an op, so values agree to float rounding (summation order).
+YNNPACK for reductions only and gives convolutions and matmuls to Eigen: the benchmark model's train step took
+0.82-0.86 of the time (convolutions), the paper-size model's 0.92 of that again (Eigen's matmuls are faster at
+dim 384; the same at dim 128) (experiments/benchmarks/README.md, "Second round"). The option only chooses which
+library computes an op, so values agree to float rounding (summation order).
 
 Every jit in dtvit goes through `jit` below; a notebook that jits its own function over a dtvit model gets the
 same programs with `jax.jit(fn, compiler_options=compilation.options())`. A jaxlib that does not know the
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 CPU_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 
