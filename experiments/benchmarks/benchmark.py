@@ -134,7 +134,7 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   def run_infer():
     return infer(variables, x)
 
-  return {"train": run_train, "infer": run_infer, "compile_s": compile_s, "train_compiled": train,
+  return {"train": run_train, "infer": run_infer, "compile_s": compile_s, "train_compiled": train, "infer_compiled": infer,
           "memory": {"train": _xla_memory(train), "infer": _xla_memory(infer) if infer else {}}}
 
 

@@ -3,6 +3,7 @@ r"""Where each framework's train step spends its time: per-op profiles of dtvit 
 Run (after `bash experiments/benchmarks/setup_torch_venv.sh`), on a quiet machine, ~2 min:
   .venv/bin/python experiments/benchmarks/op_profile.py            # benchmark model, T = 4
   .venv/bin/python experiments/benchmarks/op_profile.py --T 8 --mask off
+  .venv/bin/python experiments/benchmarks/op_profile.py --what infer --size paper   # Spikformer-4-384, batch 64
 
 dtvit: a `jax.profiler` trace of 2 train steps (compiled with `dtvit.compilation`'s options, as dtvit runs
 them); each op's duration is joined with its `op_name` in the optimised HLO and grouped by the layer the name
@@ -57,20 +58,20 @@ def _group(name: str) -> str:
 def dtvit_profile(args) -> dict:
   """{group: ms per step} of dtvit's train step (op durations from a jax.profiler trace)."""
   variant = "fixed-T" if args.mask == "off" else "fast"
-  d = benchmark.make_dtvit(args, args.T, variant=variant, with_infer=False)
-  hlo = d["train_compiled"].as_text()
+  d = benchmark.make_dtvit(args, args.T, variant=variant, with_infer=args.what == "infer")
+  hlo = d[f"{args.what}_compiled"].as_text()
   meta = {}
   for line in hlo.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"", line)
     if m:
       meta[m.group(1)] = m.group(2)
   for _ in range(2):
-    jax.block_until_ready(d["train"]())
+    jax.block_until_ready(d[args.what]())
   tmp = tempfile.mkdtemp()
   try:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
       for _ in range(2):
-        jax.block_until_ready(d["train"]())
+        jax.block_until_ready(d[args.what]())
     trace = json.load(gzip.open(glob.glob(tmp + "/**/*perfetto_trace.json.gz", recursive=True)[0]))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -101,7 +102,7 @@ def sj_profile(args) -> dict:
   w = benchmark.Worker(args.torch_python, "cpu")
   try:
     w(cmd="build", **benchmark.model_cfg(args, args.T))
-    r = w(cmd="profile", T=args.T, what="train", n=2)
+    r = w(cmd="profile", T=args.T, what=args.what, n=2)
   finally:
     w.close()
   groups = collections.Counter()
@@ -176,10 +177,13 @@ def main(argv=None):
   p.add_argument("--T", type=int, default=4)
   p.add_argument("--mask", default="on", choices=("on", "off"), help="dtvit's time-step masks (off: fixed T)")
   p.add_argument("--torch-python", default=str(benchmark.DEFAULT_TORCH_PY))
+  p.add_argument("--what", default="train", choices=("train", "infer"))
+  p.add_argument("--size", default="benchmark", choices=("benchmark", "paper"),
+                 help="the benchmark model (depth 2, dim 128, batch 32) or the paper's (benchmark.PAPER)")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   a = p.parse_args(argv)
-  args = argparse.Namespace(batch=32, dim=128, depth=2, heads=4, image=32, classes=10, sj_analog_per_step=False,
-                            **vars(a))
+  size = dict(batch=32, dim=128, depth=2, heads=4) if a.size == "benchmark" else dict(benchmark.PAPER)
+  args = argparse.Namespace(image=32, classes=10, sj_analog_per_step=False, **size, **vars(a))
   res = {"machine": benchmark.machine_info(), "T": a.T, "mask": a.mask}
   res["dtvit"] = dtvit_profile(args)
   res["sj"] = sj_profile(args)
@@ -189,13 +193,13 @@ def main(argv=None):
 
   print(f"CPU: {res['machine']['cpu']}, {res['machine']['cores']} cores; load average "
         f"{res['machine']['load_average_start'][0]:.1f} -> {res['machine']['load_average_end'][0]:.1f}; "
-        f"benchmark model, T={a.T}, dtvit masks {a.mask}")
+        f"{a.size} model {size}, {a.what} step, T={a.T}, dtvit masks {a.mask}")
   tot = sum(res["dtvit"].values())
-  print(f"\ndtvit op time per train step, summed over threads (convolutions excluded, see below): {tot:.0f} ms")
+  print(f"\ndtvit op time per {a.what} step, summed over threads (convolutions excluded, see below): {tot:.0f} ms")
   for g, ms in sorted(res["dtvit"].items(), key=lambda kv: -kv[1]):
     print(f"  {ms:7.1f} ms  {g}")
   sj = res["sj"]
-  print(f"\nSpikingJelly self op time per train step (step wall {sj['wall_ms']:.0f} ms under the profiler): "
+  print(f"\nSpikingJelly self op time per {a.what} step (step wall {sj['wall_ms']:.0f} ms under the profiler): "
         f"{sum(sj['groups'].values()):.0f} ms")
   for g, ms in sorted(sj["groups"].items(), key=lambda kv: -kv[1]):
     print(f"  {ms:7.1f} ms  {g}")
