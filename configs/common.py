@@ -76,7 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.stem_pool_first = False          # 'spikformer': pool before the stem neuron (SpikingJelly's order)
   m.dtype = "float32"                # matmul dtype: 'float32' | 'bfloat16' (membranes stay float32)
   m.attn_scale = 0.125
-  m.kernels = "fused"                # or 'reference' (lax.scan, lax conv, Flax pool): same numbers, slower
+  m.kernels = "fused"                # 'xla' (no CPU neuron kernel) or 'reference' (lax.scan, Flax pool): same numbers
   # Initialisers (dtvit.models.settings.INITIALIZERS) of the blocks' Dense layers, the stem convs, the head.
   m.dense_init = "lecun_normal"
   m.conv_init = "lecun_normal"

@@ -32,7 +32,9 @@ computes each output step of such a fused loop from the inputs of every earlier 
 beyond `UNROLL_MAX` steps (`UNROLL_MAX_UNMASKED` without a step mask) the fused recurrence therefore loops
 over chunks of a few unrolled steps (`chunk`),
 one pass over the neurons per chunk, with the same residual and the same hand-written step gradients.
-`tests/neurons_test.py` checks that both give the same values and gradients.
+`tests/neurons_test.py` checks that both give the same values and gradients. On CPU the fused recurrence's
+training path runs as an FFI kernel instead (`dtvit.cpu_kernels`: each neuron's T steps in one pass, the same
+expressions and residual; `tests/cpu_kernels_test.py`); inference keeps XLA's fused forward.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from dtvit import cpu_kernels
 
 NEURONS = ("lif", "if", "spikformer")
 SURROGATES = ("pwl", "sigmoid", "atan")
@@ -171,7 +175,7 @@ def make_step(spec: NeuronSpec, *, leak=1.0, threshold=1.0) -> Callable:
 
 def multistep(current_TX: jax.Array, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, threshold=1.0,
               num_steps: int | None = None, step_mask_T: jax.Array | None = None, fused: bool = True,
-              return_membrane: bool = False, membrane_dtype=jnp.float32):
+              return_membrane: bool = False, membrane_dtype=jnp.float32, cpu_kernel: bool = True):
   """Runs a neuron over the leading time axis.
 
   Args:
@@ -184,6 +188,7 @@ def multistep(current_TX: jax.Array, spec: NeuronSpec = NeuronSpec(), *, leak=1.
       the membrane is held and nothing is emitted).
     fused: the fused recurrence with a hand-written backward (`lif_multistep`); False: `lax.scan` over
       `make_step`. The same values and gradients.
+    cpu_kernel: with `fused`, run it as the CPU kernel on CPU (`lif_multistep`); False: the pure-JAX recurrence.
     return_membrane: also return the membrane before reset [T, ...] (the scan path).
     membrane_dtype: dtype of the membrane state (float32 even when the currents are bf16).
 
@@ -194,7 +199,7 @@ def multistep(current_TX: jax.Array, spec: NeuronSpec = NeuronSpec(), *, leak=1.
   step_mask_T = check_step_mask(step_mask_T, T)
   if fused and not return_membrane:
     return lif_multistep(current_TX, spec, leak=leak, threshold=threshold, num_steps=num_steps,
-                         step_mask_T=step_mask_T, membrane_dtype=membrane_dtype)
+                         step_mask_T=step_mask_T, membrane_dtype=membrane_dtype, cpu_kernel=cpu_kernel)
   step = make_step(spec, leak=leak, threshold=threshold)
   out_dtype = current_TX.dtype
   static = None if num_steps is None else current_TX.astype(membrane_dtype)
@@ -250,11 +255,14 @@ class _Fused:
 
 
 def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, threshold=1.0, num_steps=None,
-                  step_mask_T=None, membrane_dtype=jnp.float32, chunk: int | None = None):
+                  step_mask_T=None, membrane_dtype=jnp.float32, chunk: int | None = None, cpu_kernel: bool = True):
   """`multistep` (spikes only) with a hand-written backward: the same values and gradients (module docstring).
 
   chunk: None picks by T and the mask (`chunk_steps`); 0 unrolls all T steps; k > 0 (dividing T) loops over T/k chunks of
-  k unrolled steps. The same values and gradients either way; only the program differs."""
+  k unrolled steps. The same values and gradients either way; only the program differs.
+  cpu_kernel: on CPU, run the recurrence as `dtvit.cpu_kernels`' FFI kernel (each neuron's T steps in one pass)
+  where it is built and supports the dtypes (float32); other platforms keep the unrolled recurrence. The same
+  spikes bitwise, gradients to float rounding."""
   T = _num_steps(current_TX, num_steps)
   masked = step_mask_T is not None
   mask_T = (check_step_mask(step_mask_T, T).astype(jnp.float32) if masked else jnp.zeros((0,), jnp.float32))
@@ -263,6 +271,8 @@ def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, thre
     raise ValueError(f"chunk must be 0 or a divisor of T = {T}, got {chunk}.")
   fused = _Fused(spec, T, num_steps is not None, masked, jnp.dtype(membrane_dtype), chunk)
   lif = _lif_looped if fused.chunk else _lif
+  if cpu_kernel and cpu_kernels.supports(spec, current_TX.dtype, membrane_dtype) and cpu_kernels.available():
+    lif = _lif_cpu_kernel
   return lif(current_TX, spec.leak_factor(leak), jnp.asarray(threshold, jnp.float32), mask_T, fused)
 
 
@@ -314,12 +324,15 @@ def _lif_forward(current, lam, vth, mask_T, f: _Fused):
   return jnp.stack(spikes), jnp.stack(hs)
 
 
-def _custom_lif(forward, backward):
+def _custom_lif(forward, backward, primal=None):
   """(current, lam, vth, mask_T, f) -> spikes with a hand-written VJP: `forward` returns (spikes, h_TX) and
-  only h_TX (with the parameters) is kept for `backward`."""
+  only h_TX (with the parameters) is kept for `backward`. `primal` (default: `forward`'s spikes) computes the
+  spikes where no gradient is taken."""
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
   def lif(current, lam, vth, mask_T, f):
+    if primal is not None:
+      return primal(current, lam, vth, mask_T, f)
     return forward(current, lam, vth, mask_T, f)[0]
 
   def lif_fwd(current, lam, vth, mask_T, f):
@@ -518,3 +531,43 @@ def _lif_bwd_looped(f: _Fused, res, g_TX):
 
 
 _lif_looped = _custom_lif(_lif_forward_looped, _lif_bwd_looped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recurrence as `dtvit.cpu_kernels`' FFI kernel on CPU (each neuron's T steps in one pass, forward and
+# backward), the pure-JAX one above elsewhere: `lax.platform_dependent` lowers only the branch of the platform
+# it compiles for. Both keep the same residual h [T, ...].
+
+
+def _forward_kernel_or_jax(current, lam, vth, mask_T, f: _Fused):
+  def on_cpu(current, lam, vth, mask_T):
+    spikes, h = cpu_kernels.forward(current, lam, vth, mask_T, f.spec, num_steps=f.num_steps, masked=f.masked,
+                                    static=f.static)
+    return spikes.astype(current.dtype), h.reshape(spikes.shape)
+
+  elsewhere = functools.partial(_lif_forward_looped if f.chunk else _lif_forward, f=f)
+  return jax.lax.platform_dependent(current, lam, vth, mask_T, cpu=on_cpu, default=elsewhere)
+
+
+def _spikes_jax(current, lam, vth, mask_T, f: _Fused):
+  """Where no gradient is taken (inference), XLA's fused forward: 1.5-3% faster than the kernel in the
+  benchmark and paper-size models' inference steps (experiments/benchmarks/README.md)."""
+  return (_lif_forward_looped if f.chunk else _lif_forward)(current, lam, vth, mask_T, f)[0]
+
+
+def _bwd_kernel_or_jax(f: _Fused, res, g_TX):
+  h_TX, lam, vth, mask_T = res
+
+  def on_cpu(h_TX, lam, vth, mask_T, g_TX):
+    g_current, g_lam, g_vth, g_mask = cpu_kernels.backward(
+        h_TX.reshape(f.num_steps, -1), g_TX.astype(jnp.float32), lam, vth, mask_T, f.spec, masked=f.masked,
+        static=f.static)
+    return g_current.astype(g_TX.dtype), g_lam, g_vth, g_mask.astype(mask_T.dtype)
+
+  def elsewhere(h_TX, lam, vth, mask_T, g_TX):
+    return (_lif_bwd_looped if f.chunk else _lif_bwd)(f, (h_TX, lam, vth, mask_T), g_TX)
+
+  return jax.lax.platform_dependent(h_TX, lam, vth, mask_T, g_TX, cpu=on_cpu, default=elsewhere)
+
+
+_lif_cpu_kernel = _custom_lif(_forward_kernel_or_jax, _bwd_kernel_or_jax, _spikes_jax)

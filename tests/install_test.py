@@ -59,6 +59,8 @@ assert dtvit.__file__.startswith(target) and configs.__file__.startswith(target)
 assert sources.project_root() is None
 assert quickstart.get_config("tiny").model.num_steps == 3
 assert cifar10_spikformer.get_config("tiny,local").data.archive == "../shared/data/cifar10-jpg.tar.gz"
+from dtvit import cpu_kernels
+assert str(cpu_kernels.SOURCE).startswith(target) and cpu_kernels.SOURCE.exists()  # the kernel's source ships
 print("ok", os.path.dirname(configs.__file__))
 """
 

@@ -1,5 +1,6 @@
 """Neuron dynamics: scan equals a plain loop, the fused recurrence equals the scan (values and gradients),
-surrogate gradients, conversion behaviour, errors."""
+surrogate gradients, conversion behaviour, errors. The fused recurrence here is the pure-JAX one
+(`cpu_kernel=False`); tests/cpu_kernels_test.py checks the CPU kernel against it."""
 
 import math
 
@@ -17,7 +18,7 @@ def _multistep(current, *, leak=1.0, threshold=1.0, num_steps=None, step_mask_T=
   """`neurons.multistep` with the spec's settings as keywords."""
   return neurons.multistep(current, neurons.NeuronSpec.resolve(**spec), leak=leak, threshold=threshold,
                            num_steps=num_steps, step_mask_T=step_mask_T, fused=fused,
-                           return_membrane=return_membrane)
+                           return_membrane=return_membrane, cpu_kernel=False)
 
 
 def _close(a, b, rtol=2e-5, floor=1e-6):
@@ -245,7 +246,7 @@ def test_fused_chunk_loop_matches_scan(chunk, neuron, surrogate, reset, detach, 
 
   def run(inp, leak, threshold, m, fast):
     kw = dict(leak=leak, threshold=threshold, num_steps=6 if static else None, step_mask_T=m)
-    s = (neurons.lif_multistep(inp, spec, chunk=chunk, **kw) if fast
+    s = (neurons.lif_multistep(inp, spec, chunk=chunk, cpu_kernel=False, **kw) if fast
          else neurons.multistep(inp, spec, fused=False, **kw))
     return jnp.sum(s * w), s
 

@@ -92,6 +92,7 @@ class Neuron(nn.Module):
   init_threshold: float
   semantics: str = "skip"
   fused: bool = True
+  cpu_kernel: bool = True  # with `fused`: the neuron's CPU kernel on CPU (`dtvit.cpu_kernels`)
 
   @nn.compact
   def __call__(self, x, mask_T=None, *, static: bool = False):
@@ -106,7 +107,7 @@ class Neuron(nn.Module):
     current = x if static else x.reshape(T, x.shape[0] // T, *x.shape[1:])
     spikes_TX = neurons_lib.multistep(current, self.cfg.spec, leak=leak, threshold=threshold,
                                       num_steps=T if static else None, step_mask_T=mask_T if inside else None,
-                                      fused=self.fused)
+                                      fused=self.fused, cpu_kernel=self.cpu_kernel)
     if mask_T is not None and not inside:
       spikes_TX = spikes_TX * mask_T.reshape((T,) + (1,) * (spikes_TX.ndim - 1)).astype(spikes_TX.dtype)
     spikes = spikes_TX.reshape((-1,) + spikes_TX.shape[2:])
@@ -225,6 +226,7 @@ class SpikingModule(nn.Module):
   mask: MaskConfig
   dtype: Any = jnp.float32
   fused: bool = True
+  cpu_kernel: bool = True
   # Skipped-step inference (built by `dtvit.inference`): ((module path, steps), ...) with `steps` the sorted
   # tuple of step indices the module runs, or None to simulate all T_max steps (the training path).
   schedule: Any = None
@@ -259,7 +261,7 @@ class SpikingModule(nn.Module):
   def common(self) -> dict:
     """The attributes a submodule shares with this one."""
     return dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask, dtype=self.dtype,
-                fused=self.fused, schedule=self.schedule, layer_cfg=self.layer_cfg)
+                fused=self.fused, cpu_kernel=self.cpu_kernel, schedule=self.schedule, layer_cfg=self.layer_cfg)
 
   def unit_masks(self, temperature, enabled: bool = True) -> tuple[dict, dict]:
     """({neuron: mask [T]}, {neuron: work mask [T]}) for the neurons of `UNITS`, all None when the module is
@@ -289,7 +291,8 @@ class SpikingModule(nn.Module):
   def neuron_layer(self, x, name, mask_T, *, threshold=None, static=False):
     return Neuron(self.phase, self.sim_steps, self.neuron,
                   self.neuron.init_threshold if threshold is None else threshold,
-                  semantics=self.mask.semantics, fused=self.fused, name=name)(x, mask_T, static=static)
+                  semantics=self.mask.semantics, fused=self.fused,
+                  cpu_kernel=self.cpu_kernel, name=name)(x, mask_T, static=static)
 
   def dense_unit(self, x, features, layer, masks, works, *, train):
     """Dense -> BN -> neuron: the Dense's input counted and the BN's statistics taken at the neuron's working

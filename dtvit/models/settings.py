@@ -16,10 +16,11 @@ GRANULARITIES = ("module", "layer")
 # False: plain backprop through time; 'blocks': the backward pass recomputes the stem and each block from its
 # input (`dtvit.models.remat.recompute_in_backward`), bounding BPTT memory to one block's intermediates.
 REMAT_MODES = (False, "blocks")
-# 'fused': the fused neuron recurrence (`neurons.lif_multistep`) and the fast-gradient pool and Dense matmul of
-# `dtvit.ops`; 'reference': `lax.scan`, `flax.linen.max_pool` and Flax's Dense. The same values and gradients.
-# Convolutions are lax's on both.
-KERNELS = ("fused", "reference")
+# 'fused': the fused neuron recurrence (`neurons.lif_multistep`, as the FFI kernel of `dtvit.cpu_kernels` on CPU)
+# and the fast-gradient pool and Dense matmul of `dtvit.ops`; 'xla': the same with the neuron recurrence in
+# pure JAX on CPU too; 'reference': `lax.scan`, `flax.linen.max_pool` and Flax's Dense. The same values and
+# gradients (the kernel's to float rounding). Convolutions are lax's on all three.
+KERNELS = ("fused", "xla", "reference")
 
 
 @dataclasses.dataclass(frozen=True)

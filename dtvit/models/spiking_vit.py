@@ -34,8 +34,9 @@ class SpikingViT(nn.Module):
     neuron, mask: `NeuronConfig`, `MaskConfig`.
     attn_scale: the scale of Q K^T V.
     dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
-    kernels: 'fused' (the fused neuron recurrence, the fast-gradient pool and Dense matmul) or 'reference'
-      (`lax.scan`, Flax's pool and Dense): the same values and gradients (settings.KERNELS).
+    kernels: 'fused' (the fused neuron recurrence, as a CPU kernel on CPU, the fast-gradient pool and Dense
+      matmul), 'xla' (the same with the recurrence in pure JAX everywhere) or 'reference' (`lax.scan`, Flax's
+      pool and Dense): the same values and gradients (settings.KERNELS).
     layer_cfg: `LayerConfig`, the initialisers and pre-BN biases.
     schedule: None (dense: all T_max steps, the training path), or ((module path, steps), ...) for
       skipped-step inference with hard masks: each listed masked module runs only the step indices `steps`
@@ -118,7 +119,8 @@ class SpikingViT(nn.Module):
     self.check_input(images_BHWC)
     T = self.num_steps if self.phase == "snn" else 1
     common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
-                  dtype=self.dtype, fused=self.kernels == "fused", schedule=self.schedule, layer_cfg=self.layer_cfg)
+                  dtype=self.dtype, fused=self.kernels != "reference", cpu_kernel=self.kernels == "fused",
+                  schedule=self.schedule, layer_cfg=self.layer_cfg)
     remat = train and self.phase == "snn" and self.neuron.remat == "blocks"
     call = functools.partial(recompute_in_backward, train=train) if remat else (
         lambda module, x, t: module(x, train=train, temperature=t))

@@ -82,7 +82,8 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   'pool-after' (the original Spikformer stem order, neuron before pool; not SpikingJelly's model), or
   'normalized' (dtvit's own surrogate convention, on U/Vth - 1, instead of SpikingJelly's U - Vth), or
   'xla-default' (compiled without `dtvit.compilation`'s CPU options: XLA's default convolutions), or
-  'fixed-T' (time-step masks off: every step of every module runs, which is exactly SpikingJelly's work).
+  'fixed-T' (time-step masks off: every step of every module runs, which is exactly SpikingJelly's work), or
+  'xla-lif' (the model's kernels='xla': the neuron recurrence in pure JAX, not `dtvit.cpu_kernels`' kernel).
   """
   args = argparse.Namespace(**{**vars(args), **size})
   neuron_kw = {}
@@ -95,7 +96,7 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
                                 **neuron_kw), dtype=dtype,
                             stem_pool_first=variant != "pool-after",
                             mask=MaskConfig(enabled=variant != "fixed-T"),
-                            kernels="reference" if variant == "ref" else "fused")
+                            kernels={"ref": "reference", "xla-lif": "xla"}.get(variant, "fused"))
   variables = models.init(model, jax.random.key(0), (args.image, args.image, 3))
   tx = optax.adamw(5e-4, weight_decay=0.06)
   # The train step donates its state: give it its own copy of the arrays the inference step keeps using.
