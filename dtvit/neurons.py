@@ -34,7 +34,8 @@ over chunks of a few unrolled steps (`chunk`),
 one pass over the neurons per chunk, with the same residual and the same hand-written step gradients.
 `tests/neurons_test.py` checks that both give the same values and gradients. On CPU the fused recurrence's
 training path runs as an FFI kernel instead (`dtvit.cpu_kernels`: each neuron's T steps in one pass, the same
-expressions and residual; `tests/cpu_kernels_test.py`); inference keeps XLA's fused forward.
+expressions and residual; `tests/cpu_kernels_test.py`); inference too beyond 4 steps (XLA's fused forward up
+to 4, where it is faster).
 """
 
 from __future__ import annotations
@@ -549,10 +550,16 @@ def _forward_kernel_or_jax(current, lam, vth, mask_T, f: _Fused):
   return jax.lax.platform_dependent(current, lam, vth, mask_T, cpu=on_cpu, default=elsewhere)
 
 
-def _spikes_jax(current, lam, vth, mask_T, f: _Fused):
-  """Where no gradient is taken (inference), XLA's fused forward: 1.5-3% faster than the kernel in the
-  benchmark and paper-size models' inference steps (experiments/benchmarks/README.md)."""
+def _spikes_kernel_or_jax(current, lam, vth, mask_T, f: _Fused):
+  """The spikes where no gradient is taken (inference): up to `KERNEL_INFERENCE_MIN_STEPS - 1` steps XLA's
+  unrolled forward, which fuses into its neighbours (3% faster than the kernel at T = 4, benchmark model);
+  beyond, the kernel (7-10% faster at T = 8, benchmark and paper-size models; experiments/benchmarks/README.md)."""
+  if f.num_steps >= KERNEL_INFERENCE_MIN_STEPS:
+    return _forward_kernel_or_jax(current, lam, vth, mask_T, f)[0]
   return (_lif_forward_looped if f.chunk else _lif_forward)(current, lam, vth, mask_T, f)[0]
+
+
+KERNEL_INFERENCE_MIN_STEPS = 5
 
 
 def _bwd_kernel_or_jax(f: _Fused, res, g_TX):
@@ -570,4 +577,4 @@ def _bwd_kernel_or_jax(f: _Fused, res, g_TX):
   return jax.lax.platform_dependent(h_TX, lam, vth, mask_T, g_TX, cpu=on_cpu, default=elsewhere)
 
 
-_lif_cpu_kernel = _custom_lif(_forward_kernel_or_jax, _bwd_kernel_or_jax, _spikes_jax)
+_lif_cpu_kernel = _custom_lif(_forward_kernel_or_jax, _bwd_kernel_or_jax, _spikes_kernel_or_jax)

@@ -70,6 +70,9 @@ def test_kernel_matches_the_fused_recurrence_and_the_scan(kernel, neuron, surrog
   m = None if MASKS[mask] is None else jnp.asarray(MASKS[mask], jnp.float32)
   s_k, g_k, hlo = _grads(spec, inp, w, m, static, path="kernel")
   assert cpu_kernels.FORWARD in hlo and cpu_kernels.BACKWARD in hlo  # the kernel did run
+  infer = compilation.jit(lambda i, m: neurons.multistep(i, spec, leak=0.8, threshold=0.9, step_mask_T=m,
+                                                         num_steps=5 if static else None))
+  chex.assert_trees_all_equal(infer(inp, m), s_k)  # inference (T = 5: the kernel's forward alone)
   for path in ("xla", "scan"):
     s_r, g_r, hlo_r = _grads(spec, inp, w, m, static, path=path)
     assert cpu_kernels.FORWARD not in hlo_r
@@ -99,16 +102,20 @@ def test_kernel_over_many_neurons_and_steps(kernel, T):
     _close(a, b, 1e-4)
 
 
-def test_inference_keeps_xla_and_other_platforms_never_see_the_kernel(kernel):
-  """Without a gradient the forward is XLA's own (faster there, experiments/benchmarks/README.md); lowered for
-  GPU or TPU the program has no trace of the CPU kernel (`lax.platform_dependent`)."""
-  x, m = jnp.ones((4, 8, 16)), jnp.ones((4,))
-  spikes = jax.jit(lambda x, m: neurons.lif_multistep(x, step_mask_T=m))
-  assert cpu_kernels.FORWARD not in spikes.lower(x, m).compile().as_text()
+def test_inference_and_other_platforms(kernel):
+  """Without a gradient the forward is XLA's own up to 4 steps (faster there) and the kernel's beyond
+  (experiments/benchmarks/README.md); lowered for GPU or TPU the program has no trace of the CPU kernel
+  (`lax.platform_dependent`)."""
+  for T in (4, 5, 8):
+    x, m = jnp.ones((T, 8, 16)), jnp.ones((T,))
+    spikes = jax.jit(lambda x, m: neurons.lif_multistep(x, step_mask_T=m))
+    assert (cpu_kernels.FORWARD in spikes.lower(x, m).compile().as_text()) == (
+        T >= neurons.KERNEL_INFERENCE_MIN_STEPS)
   grad = jax.jit(jax.grad(lambda x, m: jnp.sum(neurons.lif_multistep(x, step_mask_T=m)), argnums=(0, 1)))
   assert cpu_kernels.BACKWARD in grad.lower(x, m).as_text()
   for platforms in (("cuda",), ("tpu",)):
     assert "dtvit_lif" not in grad.trace(x, m).lower(lowering_platforms=platforms).as_text()
+    assert "dtvit_lif" not in spikes.trace(x, m).lower(lowering_platforms=platforms).as_text()
 
 
 def test_bfloat16_currents_take_the_jax_recurrence(kernel):

@@ -334,9 +334,8 @@ def main(argv=None):
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--variants", default=None,
                  help="extra dtvit variants timed at the two largest T: 'ref' (reference ops), "
-                      "'remat:blocks', 'bf16', 'pool-after', 'normalized', 'xla-default', 'fixed-T' (default "
-                      "'fixed-T,remat:blocks,normalized,xla-default'; "
-                      "none with --quick)")
+                      "'remat:blocks', 'bf16', 'pool-after', 'normalized', 'xla-default', 'fixed-T', 'xla-lif' "
+                      "(default 'fixed-T,xla-lif,remat:blocks,normalized,xla-default'; none with --quick)")
   p.add_argument("--device", default="cpu", help="torch device for SpikingJelly: cpu | cuda")
   p.add_argument("--torch-python", default=str(DEFAULT_TORCH_PY))
   p.add_argument("--name", default=None, help="results/<name>.json (default: cpu or gpu, with -quick)")
@@ -380,7 +379,7 @@ def main(argv=None):
     return res
   steps = [int(t) for t in (args.steps or ("1,4" if args.quick else "1,2,4,8")).split(",")]
   rounds = args.rounds or (2 if args.quick else 5)
-  default_variants = "" if args.quick else "fixed-T,remat:blocks,normalized,xla-default"
+  default_variants = "" if args.quick else "fixed-T,xla-lif,remat:blocks,normalized,xla-default"
   variants = [v for v in (args.variants if args.variants is not None else default_variants).split(",") if v]
   variant_steps = sorted(steps)[-2:]
   name = args.name or ("gpu" if args.device.startswith("cuda") else "cpu") + ("-quick" if args.quick else "")
