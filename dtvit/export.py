@@ -45,12 +45,15 @@ def _key(i: int) -> str:
 
 
 def _inference_model(run):
-  """The model the export runs and its schedule {module: steps run} ({} for the ANN twin)."""
+  """The model the export runs and its schedule {module: steps run} ({} for the ANN twin). Its neurons
+  run the pure-JAX recurrence (`kernels='xla'`, the same spikes bitwise): the CPU kernel is a custom call
+  that only a process with dtvit's kernel registered could run, and jax.export keeps none."""
   from dtvit import inference  # pylint: disable=g-import-not-at-top
+  model = run.model.clone(kernels="xla") if run.model.kernels == "fused" else run.model
   if not run.is_snn:
-    return run.model, {}
-  schedule = inference.make_schedule(run.model, run.variables["params"])
-  return inference.scheduled_model(run.model, schedule), {k: list(v) for k, v in schedule.items()}
+    return model, {}
+  schedule = inference.make_schedule(model, run.variables["params"])
+  return inference.scheduled_model(model, schedule), {k: list(v) for k, v in schedule.items()}
 
 
 def export_run(workdir: str, out: str, *, phase: str | None = None, batch_size: int = 0,

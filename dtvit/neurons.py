@@ -259,8 +259,8 @@ def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, thre
                   step_mask_T=None, membrane_dtype=jnp.float32, chunk: int | None = None, cpu_kernel: bool = True):
   """`multistep` (spikes only) with a hand-written backward: the same values and gradients (module docstring).
 
-  chunk: None picks by T and the mask (`chunk_steps`); 0 unrolls all T steps; k > 0 (dividing T) loops over T/k chunks of
-  k unrolled steps. The same values and gradients either way; only the program differs.
+  chunk: None picks by T and the mask (`chunk_steps`); 0 unrolls all T steps; k > 0 (dividing T) loops over
+  T/k chunks of k unrolled steps. The same values and gradients either way; only the program differs.
   cpu_kernel: on CPU, run the recurrence as `dtvit.cpu_kernels`' FFI kernel (each neuron's T steps in one pass)
   where it is built and supports the dtypes (float32); other platforms keep the unrolled recurrence. The same
   spikes bitwise, gradients to float rounding."""
@@ -272,7 +272,10 @@ def lif_multistep(current_TX, spec: NeuronSpec = NeuronSpec(), *, leak=1.0, thre
     raise ValueError(f"chunk must be 0 or a divisor of T = {T}, got {chunk}.")
   fused = _Fused(spec, T, num_steps is not None, masked, jnp.dtype(membrane_dtype), chunk)
   lif = _lif_looped if fused.chunk else _lif
-  if cpu_kernel and cpu_kernels.supports(spec, current_TX.dtype, membrane_dtype) and cpu_kernels.available():
+  # The kernel where programs run on CPU (the default backend; an accelerator host does not build it). The
+  # program still lowers for other platforms without it (`_lif_cpu_kernel`, e.g. an export for GPU).
+  if (cpu_kernel and jax.default_backend() == "cpu" and cpu_kernels.supports(spec, current_TX.dtype, membrane_dtype)
+      and cpu_kernels.available()):
     lif = _lif_cpu_kernel
   return lif(current_TX, spec.leak_factor(leak), jnp.asarray(threshold, jnp.float32), mask_T, fused)
 
