@@ -383,30 +383,20 @@ ffi::Error LifBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hs_b, ffi::Bu
 
 }  // namespace
 
+// Float32 buffers in (ARG) and out (RET), and the settings, as both handlers bind them.
+#define DTVIT_ARG .Arg<ffi::Buffer<ffi::F32>>()
+#define DTVIT_RET .Ret<ffi::Buffer<ffi::F32>>()
 #define DTVIT_LIF_ATTRS                                                                                    \
   .Attr<float>("tau").Attr<float>("alpha").Attr<float>("init").Attr<int32_t>("spikformer")                 \
       .Attr<int32_t>("soft").Attr<int32_t>("normalized").Attr<int32_t>("surrogate").Attr<int32_t>("detach") \
       .Attr<int32_t>("masked").Attr<int32_t>("is_static").Attr<int32_t>("with_lam")
 
+// (current, lam, vth, mask) -> (spikes, h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DtvitLifForward, LifForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() DTVIT_LIF_ATTRS);
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() DTVIT_ARG DTVIT_ARG DTVIT_ARG DTVIT_ARG
+                                  DTVIT_RET DTVIT_RET DTVIT_LIF_ATTRS);
 
+// (h, dL/dspikes, lam, vth, mask) -> (dL/dcurrent, dL/dlam, dL/dVth, dL/dmask).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DtvitLifBackward, LifBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() DTVIT_LIF_ATTRS);
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() DTVIT_ARG DTVIT_ARG DTVIT_ARG DTVIT_ARG
+                                  DTVIT_ARG DTVIT_RET DTVIT_RET DTVIT_RET DTVIT_RET DTVIT_LIF_ATTRS);
