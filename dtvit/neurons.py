@@ -553,6 +553,10 @@ def _forward_kernel_or_jax(current, lam, vth, mask_T, f: _Fused):
   return jax.lax.platform_dependent(current, lam, vth, mask_T, cpu=on_cpu, default=elsewhere)
 
 
+# From this many steps on, inference runs the kernel's forward too (measured: `_spikes_kernel_or_jax`).
+KERNEL_INFERENCE_MIN_STEPS = 5
+
+
 def _spikes_kernel_or_jax(current, lam, vth, mask_T, f: _Fused):
   """The spikes where no gradient is taken (inference): up to `KERNEL_INFERENCE_MIN_STEPS - 1` steps XLA's
   unrolled forward, which fuses into its neighbours (3% faster than the kernel at T = 4, benchmark model);
@@ -560,9 +564,6 @@ def _spikes_kernel_or_jax(current, lam, vth, mask_T, f: _Fused):
   if f.num_steps >= KERNEL_INFERENCE_MIN_STEPS:
     return _forward_kernel_or_jax(current, lam, vth, mask_T, f)[0]
   return (_lif_forward_looped if f.chunk else _lif_forward)(current, lam, vth, mask_T, f)[0]
-
-
-KERNEL_INFERENCE_MIN_STEPS = 5
 
 
 def _bwd_kernel_or_jax(f: _Fused, res, g_TX):
