@@ -9,7 +9,8 @@ and wherever the kernel cannot be built.
 Building: the first `available()` in a process compiles the source with the C++ compiler (`$CXX`, else `g++`)
 against jaxlib's FFI headers into a cache folder (`$DTVIT_KERNEL_CACHE`, else `~/.cache/dtvit/kernels`), keyed
 by the source, the flags, the compiler, jaxlib's version and the CPU's instruction sets (the build is for this
-CPU, `-march=native`); later processes load the cached library. A failed build logs one warning and the
+CPU, `-march=native`; a per-user temp folder where the cache folder is not writable); later processes load the
+cached library. A failed build logs one warning and the
 pure-JAX recurrence runs instead. `DTVIT_CPU_KERNELS=0` turns the kernel off for a process without building.
 
 The kernel's forward is bitwise the pure-JAX forward (the same expressions, no FMA contraction); its gradients
@@ -47,6 +48,23 @@ class BuildError(RuntimeError):
 
 def cache_dir() -> Path:
   return Path(os.environ.get("DTVIT_KERNEL_CACHE") or Path.home() / ".cache" / "dtvit" / "kernels")
+
+
+def _writable_dir(preferred: Path | None) -> Path:
+  """`preferred` (or `cache_dir()`), created; where it cannot be (a read-only home), a per-user temp folder."""
+  if preferred is not None:
+    preferred.mkdir(parents=True, exist_ok=True)
+    return preferred
+  try:
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.access(directory, os.W_OK):
+      return directory
+  except (OSError, RuntimeError):  # RuntimeError: no home directory
+    pass
+  directory = Path(tempfile.gettempdir()) / f"dtvit-kernels-{os.getuid()}"
+  directory.mkdir(parents=True, exist_ok=True)
+  return directory
 
 
 def _compiler() -> str:
@@ -87,7 +105,8 @@ def build(directory: Path | None = None) -> Path:
   include = Path(jax.ffi.include_dir())
   if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
     raise BuildError(f"jaxlib's FFI headers are missing under {include}")
-  directory = Path(directory or cache_dir()) / _build_key(version.splitlines()[0] if version else "")
+  directory = _writable_dir(None if directory is None else Path(directory))
+  directory = directory / _build_key(version.splitlines()[0] if version else "")
   library = directory / "liblif_cpu.so"
   if library.exists():
     return library

@@ -156,3 +156,14 @@ def test_build_is_cached_per_source_and_machine(kernel, tmp_path):
   stamp = first.stat().st_mtime_ns
   assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
   assert [p.name for p in first.parent.iterdir() if p.suffix == ".so"] == ["liblif_cpu.so"]  # no partial file
+
+
+@pytest.mark.slow
+def test_an_unusable_cache_folder_builds_in_a_temp_folder(kernel, tmp_path, monkeypatch):
+  """A cache path that cannot be a folder (here under a file: no user may create it) falls back to a per-user
+  temp folder, and the build works there."""
+  (tmp_path / "a-file").write_text("")
+  monkeypatch.setenv("DTVIT_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+  monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  library = cpu_kernels.build()
+  assert library.exists() and library.is_relative_to(tmp_path / "tmp")
