@@ -202,7 +202,7 @@ def _headline(summary):
     s = summary.get(phase, {})
     keys = ("test_accuracy", "test_accuracy_fixed_T", "mask_semantics", "average_time_steps",
             "average_simulated_steps", "op_weighted_time_steps", "op_weighted_simulated_steps",
-            "per_module_time_steps", "per_module_simulated_steps", "T_max", "train_time_s")
+            "per_module_time_steps", "per_module_simulated_steps", "T_max", "train_time_s", "cpu_time_s")
     out[phase] = {k: s[k] for k in keys if k in s}
     if "energy" in s:
       out[phase]["energy"] = s["energy"]["totals"]

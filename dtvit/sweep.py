@@ -57,7 +57,7 @@ NAME_KEY = "_name"
 ROOT = "{root}"
 RECORD = analysis.SWEEP_RECORD
 TABLE_KEYS = ("accuracy", "accuracy_all_steps", "ann_accuracy", "T_max", "T_avg", "T_sim", "T_avg_op", "T_sim_op",
-              "energy_ratio", "steps", "train_time_s", "wall_time_s")
+              "energy_ratio", "steps", "train_time_s", "cpu_time_s", "wall_time_s")
 _SAFE = "._-+"
 _MAX_NAME = 200
 
@@ -434,7 +434,8 @@ def _point_row(root: str, point: Mapping[str, Any], config, keys: Sequence[str],
   if phase == "ann":   # an ANN-only run: its accuracy is the ANN's
     row["accuracy"] = (summary.get("ann") or {}).get("test_accuracy")
   phase_summary = summary.get(phase) or {}
-  row.update(phase=phase, steps=phase_summary.get("steps"), train_time_s=phase_summary.get("train_time_s"))
+  row.update(phase=phase, steps=phase_summary.get("steps"), train_time_s=phase_summary.get("train_time_s"),
+             cpu_time_s=phase_summary.get("cpu_time_s"))
   attempts = timings.get(name, [])
   row["wall_time_s"] = round(sum(a["seconds"] for a in attempts), 1) if attempts else None
   row["workdir"] = workdir

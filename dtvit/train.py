@@ -558,8 +558,10 @@ class _NoRewrites:
     self._writer.close()
 
 
-def _phase_summary(state, history, train_time_s: float) -> dict:
-  summary: dict[str, Any] = {"steps": int(jax.device_get(state["step"])), "train_time_s": round(train_time_s, 1)}
+def _phase_summary(state, history, clock: dict) -> dict:
+  summary: dict[str, Any] = {"steps": int(jax.device_get(state["step"])),
+                             "train_time_s": round(clock["train_time_s"], 1),
+                             "cpu_time_s": round(clock["cpu_time_s"], 1)}
   if history:
     summary["train_loss_first"] = history[0]["loss"]
     summary["train_loss_last"] = history[-1]["loss"]
@@ -571,7 +573,8 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   """Trains one phase (resuming from its latest checkpoint), evaluates it, returns its summary.
 
   `train_time_s` is the training time of every launch up to the phase's last checkpoint (it travels in the
-  checkpoint meta; time spent after the last checkpoint of a killed launch is redone, not counted twice).
+  checkpoint meta; time spent after the last checkpoint of a killed launch is redone, not counted twice), and
+  `cpu_time_s` the CPU time of this process's threads (all cores) over the same span.
   """
   pc = config[phase]
   phase_dir = os.path.join(workdir, phase)
@@ -586,10 +589,12 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
   start, history = int(meta.get("step", 0)), meta.get("history", [])
   end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
-  t0, clock = time.time(), {"train_time_s": float(meta.get("train_time_s", 0.0))}
-  before = clock["train_time_s"]
+  t0, c0 = time.time(), time.process_time()
+  clock = {"train_time_s": float(meta.get("train_time_s", 0.0)), "cpu_time_s": float(meta.get("cpu_time_s", 0.0))}
+  before = dict(clock)
   # The time at each save goes into its meta; the summary reports the last save's, as a later resume would.
-  ckpt.extra_meta = lambda: clock.update(train_time_s=before + time.time() - t0) or dict(clock)
+  ckpt.extra_meta = lambda: clock.update(train_time_s=before["train_time_s"] + time.time() - t0,
+                                         cpu_time_s=before["cpu_time_s"] + time.process_time() - c0) or dict(clock)
   # Closed however the phase ends (a non-finite step, a preemption), so what was logged reaches the disk.
   with _NoRewrites(metrics_lib.create_default_writer(phase_dir), phase_dir) as writer:
     if start == 0:
@@ -600,7 +605,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
       state, history = train_loop(ph, state, meta, batches, ckpt=ckpt, writer=writer, start=start, end=end,
                                   batch_hook=batch_hook, periodic_eval=_periodic_eval(config, ph))
     ckpt.close()
-    summary = _phase_summary(state, history, clock["train_time_s"])
+    summary = _phase_summary(state, history, clock)
     if stop_at_step is not None and end < pc.num_steps:
       summary["stopped_at"] = end
     else:

@@ -48,7 +48,7 @@ CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", 
               "--config.model.patch_size=2", "--config.eval_fixed_steps=False", "--config.phases=ann",
               f"--config.ann.num_steps={STEPS}", f"--config.ann.checkpoint_every={EVERY}",
               "--config.ann.log_every=1", "--config.ann.max_to_keep=10"]
-TIME_KEYS = ("train_time_s", "wall_time_s", "workdir")
+TIME_KEYS = ("train_time_s", "cpu_time_s", "wall_time_s", "workdir")
 
 _LAUNCHER = textwrap.dedent("""
     import os, runpy, sys, time

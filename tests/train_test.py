@@ -280,6 +280,10 @@ def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path)
   assert before >= 1.0
   assert before + 1.0 <= summary["ann"]["train_time_s"] <= before + second_launch_s + 0.1
   assert summary["ann"]["train_time_s"] == round(_meta(workdir, 4)["train_time_s"], 1)
+  # cpu_time_s adds up the same way: launch 1's CPU time (compiling, at least) carries into the summary.
+  cpu_before = _meta(workdir, 2)["cpu_time_s"]
+  assert cpu_before > 0.1
+  assert summary["ann"]["cpu_time_s"] == round(_meta(workdir, 4)["cpu_time_s"], 1) > cpu_before
   scalars = metrics.read_scalars(os.path.join(workdir, "ann"))
   assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]  # step 3, logged by both launches, is in once
   assert [s for s, _ in scalars["test_accuracy"]] == [4]

@@ -1,0 +1,120 @@
+"""A strong CPU-scale CIFAR-10 recipe: a Spikformer-style twin chosen by a measured scan (see README.md).
+
+  # the scan: a few Spikformer sizes, SCAN_EPOCHS each (ANN only): accuracy against images/s
+  python -m dtvit.sweep --config=experiments/cifar10_strong/config.py:scan --root=experiments/cifar10_strong/scan
+  # the twin and the SNN runs from it
+  python -m dtvit.sweep --config=experiments/cifar10_strong/config.py --root=experiments/cifar10_strong/runs
+
+`get_config(arg)`: the chosen model (`SIZE`), the ANN twin's recipe, and the SNN phase from the twin's checkpoint.
+`get_sweep(arg)`: with `scan`, the scan's points (`scan_<name>`: ANN only, a short cosine schedule each);
+otherwise the twin (`ann`).
+
+Arguments (comma-separated, for both):
+  scan        the scan's sweep (get_sweep) / a short ANN schedule (get_config)
+  size=<n>    one of SIZES (default SIZE)
+  smoke       a tiny model, a few steps, a test subset: the same code paths (tests)
+  digits      scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
+"""
+
+from configs import common
+from dtvit import sweep
+
+ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"
+NUM_TRAIN = 50_000
+BATCH_SIZE = 128
+# Spikformer-style sizes: (depth, dim, heads, mlp ratio, which of the 4 SPS stages pool). Pooling after stages
+# 2 and 3 keeps the first two convs at 32x32 (the stem is where a small model's accuracy comes from) and gives
+# 8x8 = 64 tokens.
+SIZES = {
+    "2-128": (2, 128, 4, 4.0, (False, True, True, False)),
+    "4-128": (4, 128, 4, 4.0, (False, True, True, False)),
+    "2-192": (2, 192, 6, 4.0, (False, True, True, False)),
+    "4-192": (4, 192, 6, 4.0, (False, True, True, False)),
+    "2-256": (2, 256, 8, 4.0, (False, True, True, False)),
+    "2-256e": (2, 256, 8, 4.0, (True, True, False, False)),
+}
+SIZE = "2-192"
+SCAN_EPOCHS = 2
+ANN_EPOCHS = 40
+SNN_EPOCHS = 1
+T_MAX = 4
+TWIN = "{root}/ann/ann/checkpoints"
+_ARGS = ("scan", "size", "smoke", "digits")
+
+
+def _args(arg: str) -> dict:
+  args = common.parse_arg(arg, _ARGS, "cifar10_strong")
+  if args.get("size") and args["size"] not in SIZES:
+    raise ValueError(f"cifar10_strong: size={args['size']!r}; choose one of {', '.join(SIZES)}.")
+  return args
+
+
+def get_sweep(arg: str = ""):
+  """The scan's points (with `scan`), or the twin and the SNN runs from it."""
+  args = _args(arg)
+  if "scan" in args:
+    if "smoke" in args:   # two tiny sizes: the scan's code paths in seconds
+      return [sweep.named(f"scan_{d}-16", {"model.depth": d, "model.dim": 16, "model.num_heads": 2})
+              for d in (1, 2)]
+    return [sweep.named(f"scan_{s}", _size_overrides(s)) for s in SIZES]
+  return [sweep.named("ann", {"phases": "ann"})]
+
+
+def _size_overrides(size: str) -> dict:
+  depth, dim, heads, mlp_ratio, pools = SIZES[size]
+  return {"model.depth": depth, "model.dim": dim, "model.num_heads": heads, "model.mlp_ratio": mlp_ratio,
+          "model.stem_pools": pools}
+
+
+def get_config(arg: str = ""):
+  args = _args(arg)
+  c = common.get_base_config()
+  if "digits" in args:
+    c.data.name = "digits"
+    c.data.augment.crop_padding = 1
+    num_train, image_side = 1437, 8
+  else:
+    c.data.name = "cifar10_local"
+    c.data.archive = ARCHIVE
+    c.data.data_dir = "data_dir"
+    c.data.augment.crop_padding = 4
+    c.data.augment.flip = True
+    num_train, image_side = NUM_TRAIN, 32
+  c.data.placement = "device"   # crops and flips inside the step: the host does no per-image work
+  c.eval_batch_size = 250
+
+  m = c.model
+  m.arch = "spikformer"
+  m.variant = "2-128"
+  depth, dim, heads, mlp_ratio, pools = SIZES[args.get("size") or SIZE]
+  m.depth, m.dim, m.num_heads, m.mlp_ratio = depth, dim, heads, mlp_ratio
+  m.stem_pools = pools if image_side == 32 else (False, False, False, True)
+  m.num_steps = T_MAX
+  m.mask.semantics = "skip"
+
+  steps = lambda epochs: int(epochs * num_train // BATCH_SIZE)
+  ann_epochs = SCAN_EPOCHS if "scan" in args else ANN_EPOCHS
+  c.ann = common.phase_config(steps=steps(ann_epochs), lr=2e-3, batch_size=BATCH_SIZE)
+  c.ann.optimizer.weight_decay = 0.05
+  c.ann.label_smoothing = 0.1
+  c.ann.log_every = 100
+  c.ann.checkpoint_every = 250
+  c.snn = common.phase_config(steps=steps(SNN_EPOCHS), lr=5e-4, batch_size=BATCH_SIZE)
+  c.snn.optimizer.weight_decay = 0.05
+  c.snn.optimizer.score_lr = 0.3
+  c.snn.label_smoothing = 0.1
+  c.snn.log_every = 50
+  c.snn.checkpoint_every = 100
+  c.snn.init_from = ""
+  c.phases = "ann" if "scan" in args else "snn"
+  if "smoke" in args:   # the same code paths on a tiny model: seconds to compile
+    m.depth, m.dim, m.num_heads = 1, 16, 2
+    c.eval_fixed_steps = False
+    for p in ("ann", "snn"):
+      c[p].num_steps = 6
+      c[p].batch_size = 16
+      c[p].log_every = 2
+      c[p].checkpoint_every = 3
+    c.eval_examples = 480 if image_side == 32 else 240
+    c.eval_batch_size = 40   # divisible by 8 devices
+  return c
