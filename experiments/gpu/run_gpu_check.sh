@@ -19,5 +19,5 @@ fi
 export PYTHONUNBUFFERED=1
 # JAX and torch run in two processes on one GPU: let each allocate what it uses.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-timeout 560 python3 experiments/gpu/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/log.txt"
+timeout 560 python3 -m experiments.gpu.gpu_check --out "$OUT" 2>&1 | tee "$OUT/log.txt"
 exit "${PIPESTATUS[0]}"
