@@ -43,6 +43,7 @@ from dtvit import inference
 from dtvit import loader
 from dtvit import masks as masks_lib
 from dtvit import models
+from dtvit import workdir as workdir_lib
 from dtvit.models import paths
 
 DEFAULT_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -398,8 +399,7 @@ def _sweep_labels(paths: Sequence[str]) -> list[str] | None:
     record = os.path.join(p, SWEEP_RECORD)
     if not os.path.isfile(record):
       return None
-    with open(record) as f:
-      records.append(json.load(f))
+    records.append(workdir_lib.read_json(record, expect=dict))
   keys = list(dict.fromkeys(k for r in records for k in r["overrides"]))
   varying = [k for k in keys if len({sweep.format_value(r["overrides"].get(k)) for r in records}) > 1]
   labels = [r["name"] if r.get("named") else

@@ -9,9 +9,15 @@ and wherever the kernel cannot be built.
 Building: the first `available()` in a process compiles the source with the C++ compiler (`$CXX`, else `g++`)
 against jaxlib's FFI headers into a cache folder (`$DTVIT_KERNEL_CACHE`, else `~/.cache/dtvit/kernels`), keyed
 by the source, the flags, the compiler, jaxlib's version and the CPU's instruction sets (the build is for this
-CPU, `-march=native`; a per-user temp folder where the cache folder is not writable); later processes load the
-cached library. A failed build logs one warning and the
+CPU, `-march=native`); later processes load the cached library. A failed build logs one warning and the
 pure-JAX recurrence runs instead. `DTVIT_CPU_KERNELS=0` turns the kernel off for a process without building.
+
+A library loaded into the process runs as its user, so it is built and loaded only from folders that user alone
+can write: each folder is created with mode 0700, and the cache folder, the key folder and the library file
+must be the user's own (not a symbolic link, no group or other write bit), checked again just before loading.
+Where the cache folder fails that (or cannot be created: a read-only home), a per-user temp folder
+`<tmp>/dtvit-kernels-<uid>` under the same rule; where that fails too (another user created it first), a fresh
+private folder from `tempfile.mkdtemp`, with one warning saying why.
 
 The kernel's forward is bitwise the pure-JAX forward (the same expressions, no FMA contraction); its gradients
 sum the threshold, leak and mask terms in another order, so they agree to float rounding
@@ -21,13 +27,14 @@ sum the threshold, leak and mask terms in another order, so they agree to float 
 from __future__ import annotations
 
 import ctypes
-import fcntl
+import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,6 +47,13 @@ SOURCE = Path(__file__).parent / "csrc" / "lif_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 FORWARD, BACKWARD = "dtvit_lif_forward", "dtvit_lif_backward"
 SURROGATES = ("pwl", "sigmoid", "atan")  # the kernel's surrogate codes, in order
+# What the kernel implements (the settings list at the top of csrc/lif_cpu.cc), by `neurons.NeuronSpec` field;
+# a neuron with any other value or field takes the pure-JAX recurrence.
+NEURONS = ("lif", "if", "spikformer")
+RESETS = ("soft", "hard")
+SURROGATE_INPUTS = ("normalized", "difference")
+SPEC_FIELDS = frozenset({"neuron", "surrogate", "alpha", "tau", "reset", "detach_reset", "init_membrane",
+                         "surrogate_input"})
 
 
 class BuildError(RuntimeError):
@@ -50,21 +64,79 @@ def cache_dir() -> Path:
   return Path(os.environ.get("DTVIT_KERNEL_CACHE") or Path.home() / ".cache" / "dtvit" / "kernels")
 
 
-def _writable_dir(preferred: Path | None) -> Path:
-  """`preferred` (or `cache_dir()`), created; where it cannot be (a read-only home), a per-user temp folder."""
-  if preferred is not None:
-    preferred.mkdir(parents=True, exist_ok=True)
-    return preferred
+def _unsafe(path: Path, *, directory: bool = True) -> str | None:
+  """Why `path` may not hold code this process loads, or None: it must be a real directory (or, for
+  `directory=False`, a regular file), not a symbolic link, owned by this user, with no group or other write bit."""
   try:
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if os.access(directory, os.W_OK):
-      return directory
-  except (OSError, RuntimeError):  # RuntimeError: no home directory
+    st = os.lstat(path)
+  except OSError as e:
+    return f"{path}: {e.strerror or e}"
+  kind = "directory" if directory else "file"
+  if stat.S_ISLNK(st.st_mode):
+    return f"{path} is a symbolic link, not a {kind}"
+  if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+    return f"{path} is not a {kind}"
+  if st.st_uid != os.getuid():
+    return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+  if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    return f"{path} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):o})"
+  return None
+
+
+def _private_dir(path: Path) -> tuple[str | None, bool]:
+  """Creates `path` with mode 0700 (its missing parents as usual) unless it exists. (None, False) when it is
+  then safe (`_unsafe`) and writable; else (why not, whether it was refused as unsafe rather than unusable)."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700)
+  except FileExistsError:
     pass
-  directory = Path(tempfile.gettempdir()) / f"dtvit-kernels-{os.getuid()}"
-  directory.mkdir(parents=True, exist_ok=True)
-  return directory
+  except OSError as e:
+    return f"{path} cannot be created: {e.strerror or e}", False
+  why = _unsafe(path)
+  if why is not None:
+    return why, True
+  if not os.access(path, os.W_OK):
+    return f"{path} is not writable", False
+  return None, False
+
+
+def _cache_root(preferred: Path | None) -> Path:
+  """`preferred` (or `cache_dir()`) when it is a safe folder (`_private_dir`), else the per-user temp folder
+  under the same rule, else a fresh `mkdtemp`. A folder refused as unsafe (not merely unusable, as under a
+  read-only home) logs one warning. Raises BuildError when no folder can be made."""
+  candidates, reasons, refused = [], [], False
+  try:
+    candidates.append(cache_dir() if preferred is None else Path(preferred))
+  except RuntimeError as e:  # no home directory
+    reasons.append(str(e))
+  candidates.append(Path(tempfile.gettempdir()) / f"dtvit-kernels-{os.getuid()}")
+  chosen = None
+  for candidate in candidates:
+    why, unsafe = _private_dir(candidate)
+    if why is None:
+      chosen = candidate
+      break
+    reasons.append(why)
+    refused |= unsafe
+  if chosen is None:
+    try:
+      chosen = Path(tempfile.mkdtemp(prefix="dtvit-kernels-"))
+    except OSError as e:
+      raise BuildError(f"no safe folder to build in ({'; '.join(reasons)}; mkdtemp: {e})") from e
+  if refused:
+    logging.warning("dtvit: not using a CPU kernel folder that others could write (%s); building in %s.",
+                    "; ".join(reasons), chosen)
+  return chosen
+
+
+def check_library(library: Path) -> None:
+  """Raises BuildError unless `library`, its key folder and the cache folder above are this user's own
+  (`_unsafe`): the check made just before the library is loaded."""
+  library = Path(library)
+  why = _unsafe(library.parent.parent) or _unsafe(library.parent) or _unsafe(library, directory=False)
+  if why is not None:
+    raise BuildError(f"refusing to load {library}: {why}")
 
 
 def _compiler() -> str:
@@ -105,23 +177,31 @@ def build(directory: Path | None = None) -> Path:
   include = Path(jax.ffi.include_dir())
   if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
     raise BuildError(f"jaxlib's FFI headers are missing under {include}")
-  directory = _writable_dir(None if directory is None else Path(directory))
-  directory = directory / _build_key(version.splitlines()[0] if version else "")
-  library = directory / "liblif_cpu.so"
-  if library.exists():
+  directory = _cache_root(None if directory is None else Path(directory))
+  key = directory / _build_key(version.splitlines()[0] if version else "")
+  why, _ = _private_dir(key)
+  if why is not None:  # the cache folder is ours, so only this user (or root) made the key folder so
+    logging.warning("dtvit: not using the CPU kernel folder %s (%s); building in a fresh folder.", key, why)
+    key = Path(tempfile.mkdtemp(prefix="dtvit-kernels-")) / key.name
+    key.mkdir(mode=0o700)
+  library = key / "liblif_cpu.so"
+  if os.path.lexists(library):
+    check_library(library)
     return library
-  directory.mkdir(parents=True, exist_ok=True)
-  with open(directory / ".lock", "w") as lock:  # one build when several processes start at once
+  import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only: `dtvit.models` imports this module anywhere
+  with open(key / ".lock", "w") as lock:  # one build when several processes start at once
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if library.exists():
+    if os.path.lexists(library):
+      check_library(library)
       return library
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".so", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(dir=key, suffix=".so", delete=False) as tmp:
       partial = Path(tmp.name)
     cmd = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
       partial.unlink(missing_ok=True)
       raise BuildError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    os.chmod(partial, 0o700)
     os.replace(partial, library)  # atomic: a reader never sees a half-written library
   return library
 
@@ -132,7 +212,9 @@ def available() -> bool:
   if os.environ.get("DTVIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
     return False
   try:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
+    library = build()
+    check_library(library)  # again, just before loading: nothing may have replaced it since
+    lib = ctypes.cdll.LoadLibrary(str(library))
     jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.DtvitLifForward), platform="cpu")
     jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.DtvitLifBackward), platform="cpu")
   except (BuildError, OSError, AttributeError) as e:
@@ -142,9 +224,16 @@ def available() -> bool:
 
 
 def supports(spec, current_dtype, membrane_dtype) -> bool:
-  """Whether the kernel computes this neuron: float32 currents and membranes (any neuron setting)."""
+  """Whether the kernel computes this neuron: float32 currents and membranes, and a `neurons.NeuronSpec` whose
+  every setting the kernel implements (NEURONS, SURROGATES, RESETS, SURROGATE_INPUTS; a positive tau)."""
+  try:
+    fields = {f.name for f in dataclasses.fields(spec)}
+  except TypeError:  # not a dataclass
+    return False
   return (jnp.dtype(current_dtype) == jnp.float32 and jnp.dtype(membrane_dtype) == jnp.float32
-          and spec.surrogate in SURROGATES)
+          and fields == SPEC_FIELDS and spec.neuron in NEURONS and spec.surrogate in SURROGATES
+          and spec.reset in RESETS and spec.surrogate_input in SURROGATE_INPUTS
+          and isinstance(spec.detach_reset, (bool, np.bool_)) and float(spec.tau) > 0)
 
 
 def _attributes(spec, *, masked: bool, static: bool) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Iterator
 
@@ -230,8 +229,8 @@ def read_config(workdir: str):
     raise FileNotFoundError(f"dtvit.load: {workdir} has no config.json, so it is not a dtvit workdir (the "
                             f"training run writes config.json there first). Its entries: "
                             f"{sorted(os.listdir(workdir))[:10]}.")
-  with open(path) as f:
-    raw = json.load(f)
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # jax only when loading
+  raw = workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
   mask = raw.get("model", {}).get("mask")
   if isinstance(mask, dict) and "semantics" not in mask:
     # Runs from before `mask.semantics` existed trained with spikes filtered by the mask (membranes integrating
@@ -242,11 +241,8 @@ def read_config(workdir: str):
 
 def read_summary(workdir: str) -> dict | None:
   """`<workdir>/summary.json` (written when a run finishes), or None."""
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.read_json(os.path.join(workdir, "summary.json"), expect=dict)
 
 
 def run_phases(config) -> list[str]:

@@ -11,8 +11,9 @@ Several processes (hosts): start the same command in each with `--config.distrib
 or under SLURM `jax.distributed.initialize()` finds the others by itself, elsewhere give
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (any of these flags also turns distributed
 mode on). SIGTERM (preemption) or Ctrl-C (SIGINT) checkpoints the current step and exits with status 143 or 130;
-rerun to resume. Errors in the command (a config key, a config file, a value, a workdir holding another run, a
-non-finite step) print one line saying what to change, with exit status 2 (command line) or 1 (run); the
+rerun to resume. One run at a time per workdir: a second launch into a workdir that a running launch holds stops
+at once, naming the holder. Errors in the command (a config key, a config file, a value, a workdir holding another
+run, a non-finite step) print one line saying what to change, with exit status 2 (command line) or 1 (run); the
 traceback is logged at --verbosity=1.
 """
 
@@ -58,7 +59,7 @@ def main(argv):
     # Unset values come from the cluster environment (TPU pod, SLURM, Open MPI, Kubernetes).
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
-  from dtvit import train  # after distributed init: nothing may touch the backend earlier
+  from dtvit import train, workdir_lock  # after distributed init: nothing may touch the backend earlier
 
   logging.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
   try:
@@ -70,6 +71,9 @@ def main(argv):
     print("interrupted: stopped outside the training steps (or by a second Ctrl-C), nothing saved since the "
           "last checkpoint; rerun the same command to resume from it.", file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT_STATUS)
+  except workdir_lock.WorkdirBusyError as e:  # its message names the holder and what to do
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(ERROR_EXIT_STATUS)
   except train.NonFiniteError as e:
     _fail(f"NonFiniteError: {e}", _nonfinite_advice(e, config))
   except (ValueError, OSError) as e:  # bad config values, missing data, a workdir holding another run...

@@ -264,17 +264,17 @@ def expand(module, arg: str, grids: Sequence[str] = ()) -> list[dict]:
 
 
 def _read_json(path: str, default=None):
-  if not os.path.isfile(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
+  """`workdir.read_json`: a damaged record stops with one line naming it. The sweep's own tables (in the root)
+  are rewritten by any rerun, so their fix is to delete them."""
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # jax only when needed
+  in_root = os.path.basename(path) in ("timings.json", "sweep.json")
+  return workdir_lib.read_json(path, default, fix=("delete it (python -m dtvit.sweep writes it anew)"
+                                                   if in_root else None))
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.write_json(path, obj, default=str)
 
 
 def state(workdir: str) -> str:
@@ -605,7 +605,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[sweep] preempted: {e}; rerun the same command to resume.", file=sys.stderr)
     return 143
   if not a.child:
-    rows = table(a.root, points, configs)
+    try:
+      rows = table(a.root, points, configs)
+    except ValueError as e:  # a damaged record
+      print(e, file=sys.stderr)
+      return 2
     paths = write_table(a.root, rows, swept_keys(points))
     plot(rows, swept_keys(points), os.path.join(a.root, "sweep.png"))
     print(open(paths["md"]).read() + f"[sweep] table: {paths['csv']}, {paths['md']}; plot: "

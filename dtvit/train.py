@@ -38,6 +38,7 @@ from dtvit import optim
 from dtvit import sharding
 from dtvit import steps
 from dtvit import workdir as workdir_lib
+from dtvit import workdir_lock
 from dtvit.models import paths
 
 PHASES = workdir_lib.PHASES  # ("ann", "snn", "finetune")
@@ -643,9 +644,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   `batch_hook(phase, step, local_batch) -> local_batch` may edit this process's numpy train batch (dict of
   'image', 'label', 'target') before it is sharded; step counts from 0 (fault injection in tests).
 
-  Raises `Preempted` after SIGTERM or SIGINT (state checkpointed at the current step), `NonFiniteError` on a
-  non-finite step with `nonfinite='error'` (naming the step and the first module; the last good checkpoint is
-  kept; its `phase` and `lr` attributes say what to change).
+  Raises `workdir_lock.WorkdirBusyError` when another run holds `workdir` (`dtvit.workdir_lock`, taken before
+  the workdir is read), `Preempted` after SIGTERM or SIGINT (state checkpointed at the current step),
+  `NonFiniteError` on a non-finite step with `nonfinite='error'` (naming the step and the first module; the last
+  good checkpoint is kept; its `phase` and `lr` attributes say what to change).
   """
   validate_config(config)
   phases = parse_phases(config)
@@ -653,6 +655,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   for phase in phases:  # now, not after hours of training
     sharding.check_batch_size(config[phase].batch_size, mesh, f"{phase}.batch_size")
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  with workdir_lock.hold(workdir):  # one run per workdir, from before its records are read to the end
+    return _run_locked(config, workdir, phases, mesh, overwrite=overwrite, allow_changes=allow_changes,
+                       stop_at_step=stop_at_step, batch_hook=batch_hook)
+
+
+def _run_locked(config, workdir, phases, mesh, *, overwrite, allow_changes, stop_at_step, batch_hook) -> dict:
   launch = workdir_lib.plan_launch(workdir, config.to_dict(), overwrite=overwrite, allow_changes=allow_changes,
                                    defaults=_base_defaults())
   finished = workdir_lib.finished_summary(launch)

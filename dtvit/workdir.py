@@ -15,8 +15,10 @@ A launch into a workdir that holds a run (`plan_launch`) compares the configs:
 - `<phase>.nonfinite` may go from 'error' to 'skip': a run under 'error' had only finite steps;
 - any other key only when named in `allow_changes` (`--allow_changes=key,...`; a key names its subtree too);
   the change is kept in config_history.json.
-`record_launch` then writes config.json and the history entry. The records are written atomically (a temporary
-file, then a rename), so a reader never sees half a file.
+`record_launch` then writes config.json and the history entry. The records are written atomically and durably
+(`write_json`: a temporary file flushed to disk, then a rename, then the folder flushed), so a reader never sees
+half a file, even after a crash. A record that cannot be parsed anyway (`read_json`) stops the launch with one
+line naming the file; `--overwrite` moves such a run aside without reading it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import Any
 from absl import logging
 import jax
 import numpy as np
+
+from dtvit import workdir_lock
 
 # The config sections that are training phases, in the order they can run.
 PHASES = ('ann', 'snn', 'finetune')
@@ -67,25 +71,69 @@ def to_json(record: dict) -> dict:
     raise TypeError(f'A record must be JSON-serialisable (numpy scalars/arrays are converted): {e}') from e
 
 
-def _write_json(path: str, record: Any, *, sort_keys: bool = False) -> None:
+def _fsync_dir(directory: str) -> None:
+  """Makes a rename in `directory` durable (where directories can be opened: not on Windows)."""
+  try:
+    fd = os.open(directory or '.', os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_json(path: str, record: Any, *, sort_keys: bool = False, default=_json_default) -> None:
+  """Writes `record` to `path` atomically and durably: a temporary file, flushed to disk, renamed over `path`,
+  then the folder flushed, so a crash or power loss leaves the old file or the new one, never a damaged one."""
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2, sort_keys=sort_keys, default=_json_default)
+    json.dump(record, f, indent=2, sort_keys=sort_keys, default=default)
     f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)  # readers never see a half-written file
+  _fsync_dir(os.path.dirname(path))
 
 
-def _read_json(path: str, default: Any = None) -> Any:
+class DamagedRecordError(ValueError):
+  """A JSON record that dtvit reads (config.json, summary.json, ...) cannot be parsed; the message names the
+  file and the fix."""
+
+
+def read_json(path: str, default: Any = None, *, expect: type | None = None, fix: str | None = None) -> Any:
+  """The JSON record at `path`, or `default` when there is none. A record that cannot be read as JSON (empty,
+  truncated, garbled, not text), or is not an `expect` (e.g. dict), raises DamagedRecordError naming the file and
+  `fix` (default: move the workdir aside, or rerun training with --overwrite, which moves it aside unread)."""
   if not os.path.exists(path):
     return default
-  with open(path) as f:
-    return json.load(f)
+  text = None
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    record = json.loads(text)
+    if expect is not None and not isinstance(record, expect):
+      raise ValueError(f'a JSON {type(record).__name__} where a {expect.__name__} belongs')
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (not text), the wrong type
+    if text is not None and not text.strip():
+      why = 'empty'
+    elif text is None:
+      why = 'not UTF-8 text'
+    else:
+      why = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    folder, name = os.path.split(path)
+    fix = fix or ('move the workdir aside, or rerun training there with --overwrite (which moves the run aside '
+                  'without reading it)')
+    raise DamagedRecordError(f'workdir {folder or "."}: {name} is damaged ({why}); {fix}.') from e
+  return record
 
 
 def write_summary(workdir: str, summary: dict) -> None:
   """Writes `<workdir>/summary.json` (process 0 only)."""
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
+    write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
 
 
 def flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
@@ -199,9 +247,12 @@ def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, all
     since) is free when it holds its default, the value that keeps what older code did.
   """
   config = to_json(config_dict)
-  saved = _read_json(os.path.join(workdir, CONFIG_FILENAME))
-  if saved is None or overwrite:
-    return Launch(workdir, config, earlier=saved is not None, overwrite=overwrite)
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if overwrite:  # moved aside unread: a damaged run must not stop its own replacement
+    return Launch(workdir, config, earlier=os.path.exists(path), overwrite=True)
+  saved = read_json(path, expect=dict)
+  if saved is None:
+    return Launch(workdir, config, earlier=False, overwrite=False)
   allow = _check_allow_keys(allow_changes, saved, config)
   started = checkpoint_steps(workdir, PHASES)
   changes = config_differences(saved, config)
@@ -224,7 +275,7 @@ def finished_summary(launch: Launch) -> dict | None:
   """The earlier run's summary when it already ran every phase of `launch.config` to its end, else None."""
   if not launch.earlier or launch.overwrite:
     return None
-  summary = _read_json(os.path.join(launch.workdir, SUMMARY_FILENAME))
+  summary = read_json(os.path.join(launch.workdir, SUMMARY_FILENAME), expect=dict)
   phases = _phases(launch.config)
   if summary is None or summary.get('phases') != phases:
     return None
@@ -233,11 +284,18 @@ def finished_summary(launch: Launch) -> dict | None:
 
 
 def _move_aside(workdir: str) -> str:
+  """Moves everything in `workdir` but its lock (`dtvit.workdir_lock`, held by this launch) to a new folder beside
+  it, `<workdir>.old-<time>`, without reading any of it; returns that folder."""
   old = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
   n = 1
   while os.path.exists(old):
     old, n = f'{old.rsplit("~", 1)[0]}~{n}', n + 1
-  os.rename(workdir, old)
+  os.makedirs(old)
+  for name in os.listdir(workdir):
+    if name != workdir_lock.LOCK_FILENAME:
+      os.rename(os.path.join(workdir, name), os.path.join(old, name))
+  _fsync_dir(old)
+  _fsync_dir(workdir)
   logging.warning('overwrite: moved the earlier run in %s to %s; starting fresh.', workdir, old)
   return old
 
@@ -251,9 +309,9 @@ def record_launch(launch: Launch) -> None:
   if launch.overwrite and launch.earlier:
     entry['moved_aside'] = _move_aside(launch.workdir)
   os.makedirs(launch.workdir, exist_ok=True)
-  _write_json(os.path.join(launch.workdir, CONFIG_FILENAME), launch.config, sort_keys=True)
+  write_json(os.path.join(launch.workdir, CONFIG_FILENAME), launch.config, sort_keys=True)
   path = os.path.join(launch.workdir, HISTORY_FILENAME)
-  history = _read_json(path, default=[])
+  history = read_json(path, default=[], expect=list)
   entry.update(launch=len(history) + 1, resumed_from=launch.resumed_from if launch.earlier else {},
                changes={k: {'from': old, 'to': new} for k, (old, new) in launch.changes.items()},
                allowed=list(launch.allowed), notes=list(launch.notes))
@@ -262,4 +320,4 @@ def record_launch(launch: Launch) -> None:
   if launch.allowed:
     logging.warning('resume with changed keys (allowed): %s', ', '.join(
         f'{k} {_fmt(launch.changes[k][0])} -> {_fmt(launch.changes[k][1])}' for k in launch.allowed))
-  _write_json(path, history + [entry])
+  write_json(path, history + [entry])

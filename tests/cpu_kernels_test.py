@@ -4,6 +4,8 @@ rounding; lowered on CPU only; a failed build falls back to the pure-JAX recurre
 
 import os
 import shutil
+import subprocess
+import sys
 
 import chex
 import jax
@@ -167,3 +169,153 @@ def test_an_unusable_cache_folder_builds_in_a_temp_folder(kernel, tmp_path, monk
   monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   library = cpu_kernels.build()
   assert library.exists() and library.is_relative_to(tmp_path / "tmp")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Only this user's folders: a library another user could plant is never loaded.
+
+OTHER_UID = 12345  # a user that is not this one (the tests run as root here, so chown can give folders away)
+
+
+def _give_away(path):
+  if os.getuid() != 0:
+    pytest.skip("making a folder another user's needs root")
+  os.chown(path, OTHER_UID, OTHER_UID)
+
+
+def _unsafe_folder(tmp_path, how):
+  """A folder that holds a planted key folder, made unsafe `how`: another user's, group-writable, a symlink."""
+  real = tmp_path / "real"
+  real.mkdir(mode=0o700)
+  if how == "symlink":
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    return tmp_path / "link"
+  if how == "group-writable":
+    real.chmod(0o770)
+  elif how == "other-owner":
+    real.chmod(0o777)
+    _give_away(real)
+  return real
+
+
+@pytest.mark.parametrize("how", ["other-owner", "group-writable", "symlink"])
+def test_a_folder_others_could_write_is_refused(tmp_path, monkeypatch, caplog, how):
+  cache = _unsafe_folder(tmp_path, how)
+  assert cpu_kernels._unsafe(cache) is not None
+  monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  chosen = cpu_kernels._cache_root(cache)
+  assert chosen == tmp_path / "tmp" / f"dtvit-kernels-{os.getuid()}"  # the per-user temp folder instead
+  st = os.lstat(chosen)
+  assert st.st_uid == os.getuid() and (st.st_mode & 0o777) == 0o700
+  assert cpu_kernels._unsafe(chosen) is None
+  assert caplog.text.count("not using a CPU kernel folder that others could write") == 1
+  assert str(cache) in caplog.text
+
+
+def test_a_temp_folder_another_user_made_first_gives_a_fresh_private_folder(tmp_path, monkeypatch, caplog):
+  (tmp_path / "a-file").write_text("")  # the cache folder cannot be created (as under a read-only home)
+  monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  planted = tmp_path / "tmp" / f"dtvit-kernels-{os.getuid()}"
+  planted.mkdir(parents=True, mode=0o777)
+  planted.chmod(0o777)
+  _give_away(planted)
+  chosen = cpu_kernels._cache_root(tmp_path / "a-file" / "kernels")
+  assert chosen.parent == tmp_path / "tmp" and chosen != planted and chosen.name.startswith("dtvit-kernels-")
+  assert cpu_kernels._unsafe(chosen) is None and (os.lstat(chosen).st_mode & 0o777) == 0o700
+  assert caplog.text.count("not using a CPU kernel folder") == 1
+
+
+@pytest.mark.parametrize("how", ["other-owner", "group-writable", "symlink", "library"])
+def test_a_library_outside_this_users_folders_is_never_loaded(tmp_path, how):
+  """The check just before loading: the cache folder another user's, the key folder group-writable or swapped
+  for a symlink, or the library itself another user's."""
+  cache, key = tmp_path / "cache", tmp_path / "cache" / "0123456789abcdef"
+  key.mkdir(parents=True, mode=0o700)
+  cache.chmod(0o700)
+  library = key / "liblif_cpu.so"
+  library.write_bytes(b"\x7fELF")
+  library.chmod(0o700)
+  cpu_kernels.check_library(library)  # all this user's own: accepted
+  if how == "other-owner":
+    cache.chmod(0o777)
+    _give_away(cache)
+  elif how == "group-writable":
+    key.chmod(0o770)
+  elif how == "symlink":
+    key.rename(tmp_path / "elsewhere")
+    key.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+  else:
+    library.chmod(0o777)
+    _give_away(library)
+  with pytest.raises(cpu_kernels.BuildError, match="refusing to load"):
+    cpu_kernels.check_library(library)
+
+
+PLANTED_SOURCE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+__attribute__((constructor)) static void planted(void) {
+  FILE* f = fopen(getenv("MARKER"), "w");
+  if (f) { fprintf(f, "constructor ran: uid=%d\n", (int)getuid()); fclose(f); }
+}
+"""
+
+
+@pytest.mark.slow
+def test_a_planted_library_in_a_shared_cache_folder_never_runs(kernel, tmp_path):
+  """The attack of issue 22: another user pre-creates the cache folder (mode 0777) with a library at the key
+  this user would compute; a training process must neither load it nor run its constructor. The process loads
+  the kernel from its own per-user temp folder instead (seeded here with the real build, to skip a compile)."""
+  if shutil.which("gcc") is None:
+    pytest.skip("no C compiler to build the planted library")
+  real = cpu_kernels.build()
+  shared = tmp_path / "shared"
+  (shared / real.parent.name).mkdir(parents=True)
+  planted = shared / real.parent.name / "liblif_cpu.so"
+  source = tmp_path / "planted.c"
+  source.write_text(PLANTED_SOURCE)
+  subprocess.run(["gcc", "-shared", "-fPIC", str(source), "-o", str(planted)], check=True)
+  for p in (shared, shared / real.parent.name, planted):
+    p.chmod(0o777)
+    _give_away(p)
+  own = tmp_path / "tmp" / f"dtvit-kernels-{os.getuid()}" / real.parent.name
+  own.mkdir(parents=True, mode=0o700)
+  own.parent.chmod(0o700)
+  shutil.copy2(real, own / "liblif_cpu.so")
+  marker = tmp_path / "marker"
+  script = ("import jax, jax.numpy as jnp\nfrom dtvit import cpu_kernels, neurons\n"
+            "assert cpu_kernels.available()\nprint('library:', cpu_kernels.build())\n"
+            "g = jax.jit(jax.grad(lambda x: jnp.sum(neurons.lif_multistep(x))))\n"
+            "assert 'dtvit_lif' in g.lower(jnp.ones((4, 3))).as_text()\n")
+  env = dict(os.environ, DTVIT_KERNEL_CACHE=str(shared), TMPDIR=str(tmp_path / "tmp"), MARKER=str(marker))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  assert not marker.exists(), marker.read_text()  # the planted constructor never ran
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"library: {own / 'liblif_cpu.so'}" in proc.stdout
+  assert "not using a CPU kernel folder that others could write" in proc.stderr
+
+
+def test_an_unknown_neuron_takes_the_jax_recurrence(kernel):
+  """A setting the kernel does not implement (a new neuron kind, reset or surrogate input; a spec with a field
+  the kernel does not know) must not run there with the wrong dynamics."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class WithRefractory(neurons.NeuronSpec):
+    refractory: int = 2
+
+  known = neurons.NeuronSpec.resolve("lif")
+  assert cpu_kernels.supports(known, jnp.float32, jnp.float32)
+  for spec in (dataclasses.replace(known, neuron="adex"), dataclasses.replace(known, reset="zero"),
+               dataclasses.replace(known, surrogate_input="scaled"), WithRefractory()):
+    assert not cpu_kernels.supports(spec, jnp.float32, jnp.float32), spec
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(neurons.lif_multistep(x, dataclasses.replace(known, neuron="adex")))))
+  assert "dtvit_lif" not in grad.lower(jnp.ones((4, 3))).as_text()
+
+
+@pytest.mark.slow
+def test_the_models_import_where_fcntl_does_not_exist():
+  script = "import sys\nsys.modules['fcntl'] = None\nimport dtvit.models, dtvit.cpu_kernels\nprint('imported')\n"
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-2000:]

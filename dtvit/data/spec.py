@@ -14,7 +14,6 @@ shorter side when that is > 0 (ImageNet-style data of varying size), resized to 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -57,10 +56,8 @@ def write_spec(workdir: str, data_cfg) -> dict:
   spec = data_spec(data_cfg)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, SPEC_FILE)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(spec, f, indent=2)
-    os.replace(path + '.tmp', path)
+    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    workdir_lib.write_json(os.path.join(workdir, SPEC_FILE), spec)  # atomically and durably
   return spec
 
 
@@ -69,8 +66,8 @@ def read_spec(workdir: str, data_cfg=None) -> dict:
   (the run's `config.data`)."""
   path = os.path.join(workdir, SPEC_FILE)
   if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f)
+    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    return workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
   if data_cfg is None:
     raise FileNotFoundError(f'{workdir} has no {SPEC_FILE}; pass the run\'s config.data to recompute it.')
   return data_spec(data_cfg)
