@@ -218,6 +218,52 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
   assert "summary:" in out
 
 
+# Both phases, 8 steps each, a checkpoint every 2; the kills: each at a step the child has logged, in its phase.
+BOTH_PHASES = ["--config.phases=ann,snn", "--config.ann.num_steps=8", "--config.ann.checkpoint_every=2",
+               "--config.snn.num_steps=8", "--config.snn.checkpoint_every=2", "--config.snn.log_every=1",
+               "--config.snn.max_to_keep=10"]
+KILL_SCHEDULE = [("ann", 5), ("snn", 3), ("snn", 6)]
+
+
+def _kill_at_logged_step(cli, phase, step):
+  """Reads the child's log until it logs `step` of `phase`, then SIGKILLs it. Returns whether the kill landed:
+  the child was still running at that step and died of the signal (not a run that ended first)."""
+  current, pattern = None, re.compile(rf"\] \[{step}\] accuracy=")
+  for line in cli.proc.stderr:
+    cli.lines.append(line)
+    if m := re.search(r"=== phase (\w+) ===", line):
+      current = m.group(1)
+    if current == phase and pattern.search(line):
+      cli.proc.send_signal(signal.SIGKILL)
+      break
+  return cli.finish()[0] == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkills_at_logged_steps_in_both_phases_all_land_and_the_rerun_is_bitwise_exact(cache, tmp_path, saved_state,
+                                                                                          same_tree):
+  reference, workdir = str(tmp_path / "reference"), str(tmp_path / "run")
+  _run_cli(reference, *BOTH_PHASES, cache=cache)
+  landed = [(phase, step) for phase, step in KILL_SCHEDULE
+            if _kill_at_logged_step(_Cli(workdir, *BOTH_PHASES, step_delay=0.1, cache=cache), phase, step)]
+  assert landed == KILL_SCHEDULE  # every requested kill landed, in the phase asked
+  _, err = _run_cli(workdir, *BOTH_PHASES, cache=cache)
+  assert re.search(r"snn: resumed from step [246]\b", err)
+  for phase in ("ann", "snn"):
+    ckpt, ref = os.path.join(workdir, phase, "checkpoints"), os.path.join(reference, phase, "checkpoints")
+    ref_steps = sorted(int(n) for n in os.listdir(ref) if n.isdigit())
+    assert ref_steps == [2, 4, 6, 8] and set(ref_steps) <= {int(n) for n in os.listdir(ckpt) if n.isdigit()}
+    for step in ref_steps:
+      same_tree(saved_state(ckpt, step), saved_state(ref, step))
+  summaries = [json.load(open(os.path.join(w, "summary.json"))) for w in (workdir, reference)]
+  for s in summaries:
+    for key in TIME_KEYS:
+      s.pop(key, None)
+      for phase in ("ann", "snn"):
+        s[phase].pop(key, None)
+  assert summaries[0] == summaries[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
 def test_signal_checkpoints_the_current_step_and_rerun_is_bitwise_exact(reference, cache, tmp_path, signum, status,
