@@ -52,7 +52,11 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
                                      # log, eval, checkpoint steps): steps queue on the device in between (their
                                      # batches stay alive until then, for a re-run); a SIGTERM or Ctrl-C is acted
                                      # on within this many steps. The results do not depend on it.
-  c.nonfinite = "error"              # 'error' | 'skip': what a non-finite loss/gradient does
+  c.nonfinite = "error"              # 'error' | 'skip': what a step whose loss, gradients, parameters, batch
+                                     # statistics or optimizer state go non-finite does ('skip': the state
+                                     # stays as it was and the step counter moves past the batch)
+  c.max_consecutive_skips = 100      # under 'skip': this many skipped steps in a row stop the run with an error
+                                     # (the state is broken, not a batch); >= 1
   return c
 
 

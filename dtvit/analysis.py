@@ -200,7 +200,7 @@ def ann_reference(snn: loader.Loaded, ann_params: str = "auto") -> loader.Loaded
   errors = []
   for wd in candidates:
     try:
-      return loader.load(wd, "ann")
+      return loader.load(wd, "ann", allow_unfinished=True)  # the ANN the SNN (already accepted) started from
     except FileNotFoundError as e:
       errors.append(str(e))
   if ann_params == "ann":

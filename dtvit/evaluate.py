@@ -7,6 +7,8 @@ of `dtvit.masks`), through `step_averages` for the log lines during training and
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -166,13 +168,23 @@ class FolderBatches:
              "mask": np.asarray([1.0] * n + [0.0] * pad, np.float32)}
 
 
+def check_writable(path: str) -> None:
+  """Raises PermissionError / FileNotFoundError now when the file `path` could not be written later."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist.")
+  if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise PermissionError(f"cannot write {path}: the folder {folder} is not writable; choose another path.")
+
+
 def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "test", images: str | None = None,
-                     examples: int = 0) -> dict:
-  """`evaluate_phase` for a trained run (`dtvit.load(workdir, phase)`) on its data's `split` (`examples` > 0:
-  an evenly strided subset) or on the images in `images`/<class name>/. Keys as in summary.json, with
-  'accuracy' for 'test_accuracy'; also 'phase', 'data' and 'count'."""
+                     examples: int = 0, allow_unfinished: bool = False) -> dict:
+  """`evaluate_phase` for a trained run (`dtvit.load(workdir, phase, allow_unfinished=...)`) on its data's
+  `split` (`examples` > 0: an evenly strided subset) or on the images in `images`/<class name>/. Keys as in
+  summary.json, with 'accuracy' for 'test_accuracy'; also 'phase', 'step', 'finished', 'data' and 'count'."""
   from dtvit import loader  # pylint: disable=g-import-not-at-top
-  run = loader.load(workdir, phase)
+  run = loader.load(workdir, phase, allow_unfinished=allow_unfinished)
+  print(f"dtvit.evaluate: {run.source}", file=sys.stderr)
   config = run.config.copy_and_resolve_references()
   config.eval_examples = examples
   n = jax.device_count()
@@ -188,12 +200,15 @@ def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "te
   out = evaluate_phase(run.model, variables, config, mesh, run.info, run.phase, op_counts=op_counts,
                        split=split, batches=batches)
   out = {k.replace("test_accuracy", "accuracy"): v for k, v in out.items()}
-  return {"phase": run.phase, "data": images or f"{split} split", "count": count, **out}
+  return {"phase": run.phase, "step": run.step, "finished": run.finished, "data": images or f"{split} split",
+          "count": count, **out}
 
 
 def main(argv=None) -> None:
+  """The command line; a user's mistake prints one line and exits with status 1 (`loader.user_errors`)."""
   import argparse  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
+  from dtvit import loader  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="python -m dtvit.evaluate", description="Accuracy (SNN phases: also time "
                               "steps and energy) of a trained run on a split of its data or a folder of images.")
   p.add_argument("--workdir", required=True, help="a training run's --workdir")
@@ -202,13 +217,18 @@ def main(argv=None) -> None:
   p.add_argument("--images", help="instead of a split: a folder with one subfolder of images per class")
   p.add_argument("--examples", type=int, default=0, help="> 0: an evenly strided subset of the split")
   p.add_argument("--out", help="also write every figure (spike rates, masks, energy per layer) to this JSON")
+  p.add_argument("--allow_unfinished", action="store_true", help="evaluate a run that has not finished (its "
+                 "latest checkpoint); without it such a run is refused")
   args = p.parse_args(argv)
-  result = evaluate_workdir(args.workdir, phase=args.phase, split=args.split, images=args.images,
-                            examples=args.examples)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  headline = {k: result[k] for k in ("phase", "data", "count", *_HEADLINE) if k in result}
+  with loader.user_errors("dtvit.evaluate"):
+    if args.out:
+      check_writable(args.out)  # before the work, not after it
+    result = evaluate_workdir(args.workdir, phase=args.phase, split=args.split, images=args.images,
+                              examples=args.examples, allow_unfinished=args.allow_unfinished)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+  headline = {k: result[k] for k in ("phase", "step", "finished", "data", "count", *_HEADLINE) if k in result}
   if "energy" in result:
     headline["energy"] = result["energy"]["totals"]
   print(json.dumps(headline, indent=2))

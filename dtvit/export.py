@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -57,11 +58,14 @@ def _inference_model(run):
 
 
 def export_run(workdir: str, out: str, *, phase: str | None = None, batch_size: int = 0,
-               platforms: tuple[str, ...] | None = None) -> dict:
+               platforms: tuple[str, ...] | None = None, allow_unfinished: bool = False) -> dict:
   """Exports the run's `phase` (default: its latest) into `out` (its four files overwritten); returns the
-  metadata written to export.json. batch_size 0: a symbolic batch dimension."""
-  import dtvit  # pylint: disable=g-import-not-at-top
-  return export_loaded(dtvit.load(workdir, phase), out, batch_size=batch_size, platforms=platforms)
+  metadata written to export.json. batch_size 0: a symbolic batch dimension. An unfinished run is refused
+  unless `allow_unfinished` (`dtvit.load`)."""
+  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  run = loader.load(workdir, phase, allow_unfinished=allow_unfinished)
+  print(f"dtvit.export: {run.source}", file=sys.stderr)
+  return export_loaded(run, out, batch_size=batch_size, platforms=platforms)
 
 
 def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, ...] | None = None) -> dict:
@@ -79,7 +83,7 @@ def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, .
   specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
            jax.ShapeDtypeStruct((batch, *run.info.image_shape), np.float32))
   exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
-  meta = {"workdir": run.workdir, "phase": run.phase, "schedule": schedule, "num_steps": run.num_steps,
+  meta = {"workdir": run.workdir, "phase": run.phase, "step": run.step, "finished": run.finished, "schedule": schedule, "num_steps": run.num_steps,
           "batch_size": batch_size or None, "image_shape": list(run.info.image_shape),
           "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
           "weights": [jax.tree_util.keystr(path) for path, _ in named], "jax_version": jax.__version__}
@@ -140,10 +144,18 @@ def main(argv=None) -> None:
   p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
   p.add_argument("--batch_size", type=int, default=0, help="0: any batch size (symbolic); else this one only")
   p.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda,tpu; default: this machine's")
+  p.add_argument("--allow_unfinished", action="store_true", help="export a run that has not finished (its "
+                 "latest checkpoint); without it such a run is refused")
   args = p.parse_args(argv)
   platforms = tuple(x for x in args.platforms.split(",") if x) or None
-  meta = export_run(args.workdir, args.out, phase=args.phase, batch_size=args.batch_size, platforms=platforms)
-  print(json.dumps({k: meta[k] for k in ("phase", "schedule", "batch_size", "platforms")}))
+  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  with loader.user_errors("dtvit.export"):
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+      raise PermissionError(f"--out={args.out} is not writable; choose another folder.")
+    meta = export_run(args.workdir, args.out, phase=args.phase, batch_size=args.batch_size, platforms=platforms,
+                      allow_unfinished=args.allow_unfinished)
+  print(json.dumps({k: meta[k] for k in ("phase", "step", "schedule", "batch_size", "platforms")}))
   print(f"export: {os.path.abspath(args.out)}")
 
 

@@ -12,7 +12,10 @@
 
 What it reads (the layout `dtvit.train.run` writes): `<workdir>/config.json` (the run's config),
 `<workdir>/<phase>/checkpoints/` (Orbax, via `dtvit.checkpointing.restore_variables`: params and batch_stats of
-the latest finished step) and, when present, `<workdir>/summary.json` (the run's test results).
+the latest finished step) and `<workdir>/summary.json` (the run's test results). A run without a complete
+summary.json (every phase of its config at its num_steps) is unfinished: `load` refuses it unless asked with
+`allow_unfinished=True` (the CLIs' `--allow_unfinished`), and then logs a warning naming the phase and step.
+`run.phase`, `run.step` and `run.finished` say what was loaded.
 
 Images are what the run's input pipeline yields: float32 [B, H, W, C], normalised by the data set's mean and
 std (`run.batches()` gives them). The model is the phase's evaluation model: for 'snn' and 'finetune' the SNN
@@ -24,13 +27,21 @@ Orbax load on the first call of `load`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import os
+import sys
 from typing import Any, Iterator
 
 PHASES = ("ann", "snn", "finetune")
 MASK_MODES = ("hard", "off")
+USER_ERROR_EXIT_STATUS = 1  # as `dtvit.main`'s
+
+
+class UnfinishedRunError(ValueError):
+  """`load` of a run whose summary.json does not show every phase of its config finished."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,6 +64,8 @@ class Loaded:
     summary: this phase's entry of `<workdir>/summary.json` (test accuracy, time steps, energy, ...), or None
       when the run has not written one yet.
     checkpoint_dir: where the variables were restored from.
+    step: the checkpoint step the variables come from.
+    finished: whether the run finished every phase of its config (an unfinished one loads only when asked).
   """
   workdir: str
   phase: str
@@ -64,6 +77,15 @@ class Loaded:
   step_counts: dict
   summary: dict | None
   checkpoint_dir: str
+  step: int = -1
+  finished: bool = True
+
+  @property
+  def source(self) -> str:
+    """Which phase and step this is, in words: "phase 'snn' at step 24 of 24 (finished run /w)"."""
+    total = self.config[self.phase].num_steps
+    return (f"phase {self.phase!r} at step {self.step} of {total} ({'finished' if self.finished else 'UNFINISHED'}"
+            f" run {self.workdir})")
 
   @property
   def is_snn(self) -> bool:
@@ -193,7 +215,8 @@ class Loaded:
     steps = (f", T_max={self.num_steps}, T_avg={self.average_time_steps:.2f}, "
              f"simulated={self.average_simulated_steps:.2f} ({m.mask.semantics})" if self.steps_per_module else
              f", T_max={self.num_steps}" if self.is_snn else "")
-    return (f"Loaded({self.workdir!r}, phase={self.phase!r}: {what}, {m.stem} stem, depth {m.depth}, dim {m.dim}"
+    return (f"Loaded({self.workdir!r}, phase={self.phase!r}, step={self.step}"
+            f"{'' if self.finished else ' (unfinished run)'}: {what}, {m.stem} stem, depth {m.depth}, dim {m.dim}"
             f"{steps})")
 
 
@@ -245,27 +268,77 @@ def read_summary(workdir: str) -> dict | None:
   return workdir_lib.read_json(os.path.join(workdir, "summary.json"), expect=dict)
 
 
+def unfinished(workdir: str, config, summary: dict | None) -> str:
+  """'' when `summary` (the run's summary.json) shows every phase of `config` at its num_steps, else how far
+  the run got, e.g. "ann at step 325 of 3000, snn not started"."""
+  phases = run_phases(config)
+  if (summary is not None and summary.get("phases") == phases
+      and all(summary.get(p, {}).get("steps", -1) >= config[p].num_steps for p in phases)):
+    return ""
+  where = []
+  for p in phases:
+    d = os.path.join(workdir, p, "checkpoints")
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    where.append(f"{p} at step {max(steps)} of {config[p].num_steps}" if steps else f"{p} not started")
+  return ", ".join(where)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+  """Turns a user's mistake in a command after training (a missing or empty workdir, an unfinished run, a damaged
+  record, an unreadable image, a read-only output folder: ValueError or OSError) into one line on stderr and exit
+  status 1, as `dtvit.main` does; set DTVIT_TRACEBACK=1 to see the traceback instead."""
+  try:
+    yield
+  except (ValueError, OSError) as e:
+    if os.environ.get("DTVIT_TRACEBACK"):
+      raise
+    print(f"error: {prog}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_STATUS)
+
+
 def run_phases(config) -> list[str]:
   """The phases the run's config lists, in order."""
   return [p.strip() for p in str(config.phases).split(",") if p.strip()]
 
 
-def load(workdir: str, phase: str | None = None) -> Loaded:
+def load(workdir: str, phase: str | None = None, *, allow_unfinished: bool = False) -> Loaded:
   """Restores a training run's model, variables and hard masks; see the module docstring.
 
   Args:
     workdir: a training run's directory (`--workdir` of `python -m dtvit.main`).
     phase: 'ann' | 'snn' | 'finetune', or None for the latest phase of the run (in `config.phases` order) that
       has a finished checkpoint.
+    allow_unfinished: load a run that has not finished every phase of its config (its latest checkpoint of
+      `phase`), with a warning; else such a run raises UnfinishedRunError.
   Raises:
     FileNotFoundError: no such workdir, no config.json, the phase did not run there, or it has no finished
       checkpoint.
-    ValueError: an unknown phase, or a checkpoint that does not fit the config's model.
+    UnfinishedRunError: the run has not finished and `allow_unfinished` is False.
+    ValueError: an unknown phase, a damaged config.json or summary.json, or a checkpoint that does not fit the
+      config's model.
   """
   if phase is not None and phase not in PHASES:
     raise ValueError(f"dtvit.load: unknown phase {phase!r}; choose one of {PHASES} or None (the latest).")
   config = read_config(workdir)
   workdir = os.path.abspath(workdir)
+  progress = unfinished(workdir, config, read_summary(workdir))
+  if progress and not allow_unfinished:
+    raise UnfinishedRunError(
+        f"dtvit.load: the run in {workdir} is unfinished ({progress}): its checkpoints are not the trained "
+        f"model. Finish it (rerun its dtvit.main command), or load its latest checkpoint anyway with "
+        f"--allow_unfinished (dtvit.load(..., allow_unfinished=True)).")
+  run = _load(workdir, config, phase)
+  run = dataclasses.replace(run, finished=not progress)
+  if progress:
+    logging.getLogger("dtvit").warning("dtvit.load: using %s, as asked (allow_unfinished; %s).", run.source,
+                                       progress)
+  else:
+    logging.getLogger("dtvit").info("dtvit.load: using %s.", run.source)
+  return run
+
+
+def _load(workdir: str, config, phase: str | None) -> Loaded:
   phases = run_phases(config)
   present = [p for p in PHASES if os.path.isdir(os.path.join(workdir, p, "checkpoints"))]
   if phase is not None:
@@ -300,8 +373,10 @@ def _load_phase(workdir: str, config, phase: str) -> Loaded:
                                                train=False))
   abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
   ckpt_dir = os.path.join(workdir, phase, "checkpoints")
-  variables = checkpointing.restore_variables(ckpt_dir, abstract, what=f"dtvit.load(phase={phase!r})")
+  step = max((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), default=None)
+  variables = checkpointing.restore_variables(ckpt_dir, abstract, what=f"dtvit.load(phase={phase!r})", step=step)
   masks, counts = _masks_of(model, variables["params"])
   summary = read_summary(workdir)
   return Loaded(workdir=workdir, phase=phase, config=config, info=info, model=model, variables=variables,
-                masks=masks, step_counts=counts, summary=(summary or {}).get(phase), checkpoint_dir=ckpt_dir)
+                masks=masks, step_counts=counts, summary=(summary or {}).get(phase), checkpoint_dir=ckpt_dir,
+                step=step)

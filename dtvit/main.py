@@ -113,9 +113,11 @@ def _nonfinite_advice(error, config) -> str:
   allow = ",".join(dict.fromkeys([*FLAGS.allow_changes, key]))
   lower = _rerun_command(sys.argv, {f"config.{key}": f"{config[phase].optimizer.lr / 10:.3g}",
                                     "allow_changes": allow})
+  advice = f"\nTo rerun with a 10x lower learning rate (from the last good checkpoint, if any):\n  {lower}"
+  if getattr(error, "skipping", False):  # skipping already, and every batch went non-finite
+    return advice
   skip = _rerun_command(sys.argv, {f"config.{phase}.nonfinite": "skip"})
-  return (f"\nTo rerun with a 10x lower learning rate (from the last good checkpoint, if any):\n  {lower}\n"
-          f"or skipping such batches:\n  {skip}")
+  return f"{advice}\nor skipping such batches:\n  {skip}"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
   python -m dtvit.predict --workdir=workdirs/quickstart digit.png other.png [--top=3] [--phase=ann] [--json]
 
-prints one line per image, `path: name (probability), ...`, best first. Each file is read as grey or RGB to
+prints one line per image, `path: name (probability), ...`, best first; a file that cannot be read as an image
+gets one `error:` line on stderr and the others their predictions (exit status 1 if any failed). Which phase and
+step of the run answer goes to stderr; an unfinished run is refused unless --allow_unfinished. Each file is read as grey or RGB to
 match the run's data, then preprocessed as in training (`Loaded.preprocess`: resized to the model's size,
 normalised with the run's mean and std from `<workdir>/data_spec.json`). The probabilities are the softmax of
 the model's logits: for the SNN, its time-averaged output with the learned (hard) masks.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -25,21 +28,29 @@ def softmax(logits_BK) -> np.ndarray:
 
 
 def predict_files(run, paths: Sequence[str], *, top: int = 3, batch_size: int = 0) -> list[dict]:
-  """[{'path', 'classes': [(name, probability), ...] best first, `top` of them}] for image files, with `run` a
-  `dtvit.load` result; batches of `batch_size` (default the run's eval_batch_size)."""
+  """[{'path', 'classes': [(name, probability), ...] best first, `top` of them}] for image files, in their
+  order, with `run` a `dtvit.load` result; batches of `batch_size` (default the run's eval_batch_size). A file
+  that cannot be read or preprocessed as an image gets {'path', 'error': why} instead, and the others go on."""
   from dtvit.data import spec  # pylint: disable=g-import-not-at-top
   if not paths:
     raise ValueError("predict: no image files given.")
   names, channels = run.class_names, run.info.image_shape[-1]
   top = max(1, min(top, len(names)))
   batch_size = batch_size or run.config.eval_batch_size
-  rows = []
-  for i in range(0, len(paths), batch_size):
-    chunk = list(paths[i:i + batch_size])
-    probs_BK = softmax(run(run.preprocess([spec.read_image(p, channels) for p in chunk])))
-    for path, p_K in zip(chunk, probs_BK):
+  rows, images = [], {}
+  for i, path in enumerate(paths):
+    try:
+      images[i] = run.preprocess([spec.read_image(path, channels)])[0]
+      rows.append({"path": path})
+    except (OSError, ValueError) as e:  # not an image, unreadable, missing
+      rows.append({"path": path, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"})
+  good = list(images)
+  for i in range(0, len(good), batch_size):
+    chunk = good[i:i + batch_size]
+    probs_BK = softmax(run(np.stack([images[j] for j in chunk])))
+    for j, p_K in zip(chunk, probs_BK):
       best = np.argsort(-p_K, kind="stable")[:top]
-      rows.append({"path": path, "classes": [(names[k], float(p_K[k])) for k in best]})
+      rows[j]["classes"] = [(names[k], float(p_K[k])) for k in best]
   return rows
 
 
@@ -50,14 +61,27 @@ def main(argv=None) -> None:
   p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
   p.add_argument("--top", type=int, default=3, help="how many classes to print per image")
   p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+  p.add_argument("--allow_unfinished", action="store_true", help="use a run that has not finished (its latest "
+                 "checkpoint); without it such a run is refused")
   p.add_argument("images", nargs="+", metavar="IMG", help="image files (any size; grey or colour)")
   args = p.parse_args(argv)
-  import dtvit  # pylint: disable=g-import-not-at-top
-  for row in predict_files(dtvit.load(args.workdir, args.phase), args.images, top=args.top):
-    if args.json:
+  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  with loader.user_errors("dtvit.predict"):
+    run = loader.load(args.workdir, args.phase, allow_unfinished=args.allow_unfinished)
+    print(f"dtvit.predict: {run.source}", file=sys.stderr)
+    rows = predict_files(run, args.images, top=args.top)
+  for row in rows:
+    if "error" in row:
+      print(f"error: dtvit.predict: {row['path']}: {row['error']}", file=sys.stderr)
+    elif args.json:
       print(json.dumps(row))
     else:
       print(f"{row['path']}: " + ", ".join(f"{name} ({prob:.3f})" for name, prob in row["classes"]))
+  failed = sum("error" in row for row in rows)
+  if failed:
+    print(f"dtvit.predict: {failed} of {len(rows)} files failed (above); the others have their predictions.",
+          file=sys.stderr)
+    sys.exit(loader.USER_ERROR_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -434,10 +434,12 @@ def _curves_section(workdir: str, result: dict, out: str) -> list[str]:
           "steps (hard masks) at each log point.", "", "![training curves](training_curves.png)", ""]
 
 
-def _primary_snn(workdir: str) -> tuple[loader.Loaded | None, list[str]]:
-  """The primary run's SNN phase to analyse, or None and the reason in Markdown."""
+def _primary_snn(workdir: str, allow_unfinished: bool) -> tuple[loader.Loaded | None, list[str]]:
+  """The primary run's SNN phase to analyse, or None and the reason in Markdown. An unfinished run raises
+  `loader.UnfinishedRunError` unless `allow_unfinished`."""
   try:
-    snn = loader.load(workdir)
+    snn = loader.load(workdir, allow_unfinished=allow_unfinished)
+    print(f"dtvit.report: {snn.source}", file=sys.stderr)
   except FileNotFoundError as e:
     return None, [f"No checkpoint to analyse in {workdir}: {e}", ""]
   if not snn.is_snn:
@@ -535,7 +537,7 @@ def _output_dir(workdirs: Sequence[str], out: str | None, ann_params: str) -> st
 def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches: int = 2,
                  batch_size: int | None = None, early_exit_batches: int = 0, ann_params: str = "auto",
                  criterion: str = "confidence", thresholds: Sequence[float] = analysis_lib.DEFAULT_THRESHOLDS,
-                 command: str = "") -> dict:
+                 command: str = "", allow_unfinished: bool = False) -> dict:
   """Writes `report.md`, the PNGs and `report.json` into `out`; returns the report.json dict.
 
   Args:
@@ -545,6 +547,8 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
     batch_size: test batch size (default: the primary run's eval_batch_size).
     early_exit_batches: test batches for early exit (0: the whole test split).
     ann_params: the ANN of the activation analysis: 'auto' | 'ann' | 'snn', see `analysis.ann_reference`.
+    allow_unfinished: analyse a primary run that has not finished (its latest checkpoint; `dtvit.load`); else
+      such a run raises `loader.UnfinishedRunError`.
   """
   out = _output_dir(workdirs, out, ann_params)
   rows = analysis_lib.run_rows(workdirs)
@@ -552,7 +556,7 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
                             "report": os.path.join(os.path.abspath(out), "report.md"), "runs": rows, "plots": {}}
   md = _runs_section(rows, result, out, command)
   md += _curves_section(workdirs[0], result, out)
-  snn, md_none = _primary_snn(workdirs[0])
+  snn, md_none = _primary_snn(workdirs[0], allow_unfinished)
   md += md_none
   if snn is not None:
     md += _time_steps_section(snn, rows[0]["name"], result, out)
@@ -591,10 +595,13 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = write_report(analysis_lib.expand_sweeps(FLAGS.workdir), FLAGS.out, num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size,
-                        early_exit_batches=FLAGS.early_exit_batches, ann_params=FLAGS.ann_params,
-                        criterion=FLAGS.criterion, thresholds=[float(t) for t in FLAGS.thresholds],
-                        command="python -m dtvit.report " + " ".join(sys.argv[1:]))
+  with loader.user_errors("dtvit.report"):
+    result = write_report(analysis_lib.expand_sweeps(FLAGS.workdir), FLAGS.out, num_batches=FLAGS.num_batches,
+                          batch_size=FLAGS.batch_size, early_exit_batches=FLAGS.early_exit_batches,
+                          ann_params=FLAGS.ann_params, criterion=FLAGS.criterion,
+                          thresholds=[float(t) for t in FLAGS.thresholds],
+                          command="python -m dtvit.report " + " ".join(sys.argv[1:]),
+                          allow_unfinished=FLAGS.allow_unfinished)
   print(f"report: {result['report']} ({len(result['plots'])} plots)")
 
 
@@ -611,6 +618,8 @@ def _define_flags():
                     "'snn' = the ANN twin of the SNN's own weights, 'auto' = 'ann' when there is one, else 'snn'.")
   flags.DEFINE_enum("criterion", "confidence", ["confidence", "entropy"], "Early-exit criterion.")
   flags.DEFINE_list("thresholds", [str(t) for t in analysis_lib.DEFAULT_THRESHOLDS], "Early-exit thresholds in [0, 1].")
+  flags.DEFINE_bool("allow_unfinished", False, "Analyse a primary run that has not finished (its latest "
+                    "checkpoint); without it such a run is refused.")
   flags.mark_flag_as_required("workdir")
 
 

@@ -2,7 +2,8 @@
 
 A train state is a dict {'params', 'batch_stats', 'opt_state', 'step'}; a batch a dict of global arrays
 {'image' [B, H, W, C], 'label' [B], 'target' [B, K]} (eval: 'image', 'label', 'mask' [B], 1 for real examples).
-`diagnose_nonfinite` re-runs a train step that went non-finite and says where it first did.
+`make_diagnosis` builds (and jits once) the re-run of a train step that went non-finite, which says where it
+first did; `diagnose_nonfinite` is the one-off call.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None):
   """The jitted-to-be step: (state, batch) -> (state, metrics).
 
-  When the loss, a gradient or an updated parameter is not finite the step returns the state it was given
-  (params, batch_stats, optimizer state untouched) and metric 'finite' False; under `nonfinite='skip'` the step
+  When the loss, a gradient, an updated parameter, an updated batch statistic or the updated optimizer state is
+  not finite the step returns the state it was given (params, batch_stats, optimizer state untouched) and metric 'finite' False; under `nonfinite='skip'` the step
   counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
   """
   loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
@@ -78,7 +79,10 @@ def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augme
         state["params"], state["batch_stats"], batch, temperature)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params) & all_finite(new_bs)
+    # What `make_diagnosis` checks, in the same terms: a non-finite optimizer state (e.g. Adam's second moment
+    # overflowing on huge gradients) would poison every later update even where the parameters stay finite.
+    finite = (jnp.isfinite(loss) & all_finite(grads) & all_finite(params) & all_finite(new_bs)
+              & all_finite(opt_state))
     new_state = {"params": params, "batch_stats": new_bs, "opt_state": opt_state, "step": state["step"] + 1}
     # A non-finite step leaves the state as it was: the error policy can then say where it happened by
     # re-running the step (`diagnose_nonfinite`), and the skip policy moves on from the last good state.
@@ -136,62 +140,93 @@ def _forward_flags(model, variables, images, temperature) -> tuple[list[str], di
 
 
 def _finite_by_module(tree) -> dict[str, jax.Array]:
-  """{module: whether all its leaves in a params-like tree are finite}, in tree order."""
+  """{module: whether all its float leaves in a params-like tree are finite}, in tree order."""
   by_module: dict[str, list] = {}
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    by_module.setdefault(paths.module_of_param(path), []).append(jnp.all(jnp.isfinite(x)))
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      by_module.setdefault(paths.module_of_param(path), []).append(jnp.all(jnp.isfinite(x)))
   return {m: jnp.all(jnp.stack(v)) for m, v in by_module.items()}
 
 
-def _describe(forward: list[str], modules: list[str], out: dict) -> str:
+def _finite_by_leaf(tree) -> dict[str, jax.Array]:
+  """{leaf path: whether it is finite} of the float leaves of any tree (e.g. an optimizer state), in tree order."""
+  return {jax.tree_util.keystr(path): jnp.all(jnp.isfinite(x))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if jnp.issubdtype(x.dtype, jnp.inexact)}
+
+
+def _describe(names: dict[str, list[str]], out: dict) -> str:
+  forward, modules = names["forward"], names["modules"]
   # Modules in execution order; a parameter of the root module (e.g. 'cls') counts as used first.
   position = {m: (forward.index(m) if m in forward else -1) for m in modules}
-  bad_forward = [p for p, ok in zip(forward, out["forward"]) if not ok]
-  bad_grads = [m for m, ok in zip(modules, out["grads"]) if not ok]
-  bad_params = [m for m, ok in zip(modules, out["params"]) if not ok]
-  if bad_forward:
-    return (f"first non-finite module: {bad_forward[0]!r}, its output in the forward pass "
-            f"({len(bad_forward)} of {len(forward)} module outputs non-finite)")
+  bad = {k: [n for n, ok in zip(names[k], out[k]) if not ok]
+         for k in ("forward", "grads", "params", "batch_stats", "opt_state")}
+  if bad["forward"]:
+    return (f"first non-finite module: {bad['forward'][0]!r}, its output in the forward pass "
+            f"({len(bad['forward'])} of {len(forward)} module outputs non-finite)")
   if not out["loss"]:
     return "first non-finite value: the loss (every module output was finite; check the targets and the loss)"
-  if bad_grads:
-    first = max(bad_grads, key=lambda m: position[m])
+  if bad["grads"]:
+    first = max(bad["grads"], key=lambda m: position[m])
     return (f"first non-finite module: {first!r}, its gradients in the backward pass (forward pass and loss "
-            f"finite; {len(bad_grads)} of {len(modules)} modules with non-finite gradients)")
-  if bad_params:
-    first = min(bad_params, key=lambda m: position[m])
+            f"finite; {len(bad['grads'])} of {len(modules)} modules with non-finite gradients)")
+  if bad["params"]:
+    first = min(bad["params"], key=lambda m: position[m])
     return (f"first non-finite module: {first!r}, its parameters after the optimizer update (gradients finite; "
             f"the learning rate is too high for them)")
+  if bad["batch_stats"]:
+    first = min(bad["batch_stats"], key=lambda m: forward.index(m) if m in forward else -1)
+    return (f"first non-finite module: {first!r}, its batch statistics after the step (outputs, gradients and "
+            f"parameters finite; {len(bad['batch_stats'])} of {len(names['batch_stats'])} modules with "
+            f"non-finite running statistics: activations too large, e.g. a learning rate too high)")
+  if bad["opt_state"]:
+    return (f"first non-finite value: the optimizer state {bad['opt_state'][0]} after the update (parameters "
+            f"finite; {len(bad['opt_state'])} of {len(names['opt_state'])} optimizer state arrays non-finite: "
+            f"gradients too large for the optimizer's moments, e.g. a learning rate too high)")
   return "not reproduced when the step was re-run (first non-finite module unknown)"
 
 
-def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None,
-                       augment_fn: AugmentFn | None = None) -> str:
-  """Re-runs a non-finite train step from `state` on `batch` and says where the values first went non-finite.
+def make_diagnosis(model, tx, pc, *, phase: str, op_weights: dict | None,
+                   augment_fn: AugmentFn | None = None) -> Callable[[dict, dict, int], str]:
+  """(state, batch, step) -> a one-line description of where a non-finite train step first went non-finite.
 
-  In the order they are computed: the forward pass (the first leaf module whose output is non-finite, in
-  execution order, e.g. 'blocks_0/attn/q'), then the loss, then the backward pass (the first module in
-  backward order, i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer
-  update (the first module whose updated parameters are non-finite). Returns a one-line description.
-  `augment_fn` is the train step's (the step re-run sees the batch the step saw).
+  Re-runs the step from `state` on `batch` and checks everything the train step's 'finite' flag checks, in the
+  order they are computed: the forward pass (the first leaf module whose output is non-finite, in execution
+  order, e.g. 'blocks_0/attn/q'), then the loss, then the backward pass (the first module in backward order,
+  i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer update (the first
+  module whose updated parameters are non-finite), then the updated batch statistics (the first module in
+  execution order), then the updated optimizer state (its first non-finite array). `augment_fn` is the train
+  step's (the step re-run sees the batch the step saw). Jitted once: every call with the same shapes reuses it.
   """
   loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
   names: dict[str, list[str]] = {}
 
-  def fn(state, batch, step):
+  def diagnose_step(state, batch, step):
     if augment_fn is not None:
       batch = augment_fn(step, batch)
     temperature = temperature_at(pc, step, pc.num_steps)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     names["forward"], flags = _forward_flags(model, variables, batch["image"], temperature)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, state["batch_stats"], batch, temperature)[0])(
-        state["params"])
-    updates, _ = tx.update(grads, state["opt_state"], state["params"])
-    grads_ok = _finite_by_module(grads)
-    names["modules"] = list(grads_ok)
+    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, state["batch_stats"], batch, temperature),
+                                            has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    checks = {"grads": _finite_by_module(grads),
+              "params": _finite_by_module(optax.apply_updates(state["params"], updates)),
+              "batch_stats": _finite_by_module(aux[3]), "opt_state": _finite_by_leaf(opt_state)}
+    names.update({k: list(v) for k, v in checks.items()}, modules=list(checks["grads"]))
     return {"forward": [flags[p] for p in names["forward"]], "loss": jnp.isfinite(loss),
-            "grads": list(grads_ok.values()),
-            "params": list(_finite_by_module(optax.apply_updates(state["params"], updates)).values())}
+            **{k: list(v.values()) for k, v in checks.items()}}
 
-  out = jax.device_get(compilation.jit(fn)(state, batch, jnp.asarray(step, jnp.int32)))
-  return _describe(names["forward"], names["modules"], out)
+  jitted = compilation.jit(diagnose_step)
+
+  def diagnose(state, batch, step: int) -> str:
+    out = jax.device_get(jitted(state, batch, jnp.asarray(step, jnp.int32)))
+    return _describe(names, out)
+
+  return diagnose
+
+
+def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None,
+                       augment_fn: AugmentFn | None = None) -> str:
+  """`make_diagnosis(...)(state, batch, step)`, compiled for this one call."""
+  return make_diagnosis(model, tx, pc, phase=phase, op_weights=op_weights, augment_fn=augment_fn)(
+      state, batch, step)

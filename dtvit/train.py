@@ -50,7 +50,9 @@ _HPARAM_METRICS = ("loss", "accuracy", "val_accuracy", "test_accuracy")
 
 
 class NonFiniteError(FloatingPointError):
-  """Raised when the loss or gradients stop being finite (config `nonfinite='error'`)."""
+  """Raised when a step goes non-finite (config `nonfinite='error'`), or after `max_consecutive_skips` skipped
+  steps in a row (`nonfinite='skip'`; then `skipping` is True)."""
+  skipping = False
 
 
 class Preempted(Exception):
@@ -82,6 +84,8 @@ def validate_config(config) -> None:
       raise ValueError(f"{p}.cost_kind={pc.cost_kind!r}; choose one of {masks_lib.COSTS}.")
     if pc.nonfinite not in NONFINITE_POLICIES:
       raise ValueError(f"{p}.nonfinite={pc.nonfinite!r}; choose one of {NONFINITE_POLICIES}.")
+    if pc.get("max_consecutive_skips", 1) < 1:
+      raise ValueError(f"{p}.max_consecutive_skips must be >= 1, got {pc.max_consecutive_skips}.")
     if pc.temperature_start <= 0 or pc.temperature_end <= 0:
       raise ValueError(f"{p}: mask temperatures must be > 0.")
     if pc.batch_size < 1:
@@ -318,20 +322,45 @@ def train_feed(config, pc, info, mesh, start: int):
   return batches, {k: jax.make_array_from_callback(v.shape, rep, lambda i, v=v: v[i]) for k, v in table.items()}
 
 
-def _stop_on_nonfinite(ph: Phase, ckpt, state, batch, step: int) -> None:
-  """Says where the step went non-finite; raises under `nonfinite='error'`, warns under 'skip'."""
-  where = steps.diagnose_nonfinite(ph.model, ph.tx, ph.pc, state, batch, step, phase=ph.name,
-                                   op_weights=ph.op_weights, augment_fn=ph.augment_fn)
-  if ph.pc.nonfinite == "skip":
-    logging.warning("%s: step %d skipped (params unchanged), %s", ph.name, step + 1, where)
-    return
+def _kept(ckpt) -> str:
   ckpt.wait()
   last_good = ckpt.latest_step()
-  kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory} and a rerun resumes from it"
+  return (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory} and a rerun resumes from it"
           if last_good is not None else "no checkpoint had been written yet")
-  raise NonFiniteError(
-      f"{ph.name}: non-finite values at step {step + 1}: {where}. Training stopped; {kept}. Lower the learning "
-      f"rate, fix the data, or set {ph.name}.nonfinite='skip' to skip such batches.")
+
+
+def _stop_on_nonfinite(ph: Phase, ckpt, stepper: _Stepper, state, batch, step: int) -> None:
+  """Says where the step went non-finite; raises under `nonfinite='error'`. Under 'skip' warns once per run of
+  consecutive skips (the first, diagnosed) and raises when the run reaches `max_consecutive_skips`."""
+  if ph.pc.nonfinite == "skip" and stepper.skipped:
+    stepper.skipped.append(step + 1)
+  else:
+    stepper.where = stepper.diagnose(state, batch, step)
+    if ph.pc.nonfinite != "skip":
+      raise NonFiniteError(
+          f"{ph.name}: non-finite values at step {step + 1}: {stepper.where}. Training stopped; {_kept(ckpt)}. "
+          f"Lower the learning rate, fix the data, or set {ph.name}.nonfinite='skip' to skip such batches.")
+    stepper.skipped = [step + 1]
+    logging.warning("%s: step %d skipped (params unchanged), %s. Further skips in a row are reported when they "
+                    "end (at most %s.max_consecutive_skips=%d).", ph.name, step + 1, stepper.where, ph.name,
+                    ph.pc.max_consecutive_skips)
+  if len(stepper.skipped) >= ph.pc.max_consecutive_skips:
+    first, n = stepper.skipped[0], len(stepper.skipped)
+    error = NonFiniteError(
+        f"{ph.name}: {n} consecutive steps skipped (steps {first} to {step + 1}, {ph.name}.max_consecutive_skips="
+        f"{ph.pc.max_consecutive_skips}): every batch goes non-finite from the last good state, so skipping "
+        f"cannot go on; at step {first}: {stepper.where}. Training stopped; {_kept(ckpt)}. Lower the learning "
+        f"rate or fix the data.")
+    error.skipping = True
+    raise error
+
+
+def _end_of_skips(ph: Phase, stepper: _Stepper, step: int) -> None:
+  """Reports a run of consecutive skips that a finite step (`step`, 0-based) ended."""
+  if len(stepper.skipped) > 1:
+    logging.warning("%s: steps %d to %d skipped (%d in a row, params unchanged); step %d is finite again.",
+                    ph.name, stepper.skipped[0], stepper.skipped[-1], len(stepper.skipped), step + 1)
+  stepper.skipped = []
 
 
 _FLAG_KEYS = ("finite", "stop", "go")
@@ -358,9 +387,11 @@ def _gated(step_fn):
 
 
 class _Stepper:
-  """The jitted gated train step of a phase and its constant flag arrays."""
+  """The jitted gated train step of a phase, its constant flag arrays, its non-finite diagnosis (jitted at its
+  first use, once) and the run of consecutive skipped steps (1-based) under `nonfinite='skip'`."""
 
   def __init__(self, ph: Phase, state):
+    self._ph, self._diagnose, self.skipped, self.where = ph, None, [], ""
     state_sharding = sharding.state_shardings(ph.mesh, state)
     rep, data_sharded = sharding.replicated(ph.mesh), sharding.batch_sharded(ph.mesh)
     step_fn = steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
@@ -375,6 +406,14 @@ class _Stepper:
   def __call__(self, state, batch, go, stop: bool):
     return self._fn(state, batch, go, self._stop[int(stop)])
 
+  def diagnose(self, state, batch, step: int) -> str:
+    """`steps.make_diagnosis` of this phase: where the step from `state` on `batch` went non-finite."""
+    if self._diagnose is None:
+      ph = self._ph
+      self._diagnose = steps.make_diagnosis(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
+                                            augment_fn=ph.augment_fn)
+    return self._diagnose(state, batch, step)
+
 
 @dataclasses.dataclass
 class _Pending:
@@ -384,17 +423,20 @@ class _Pending:
   metrics: dict   # device arrays, with 'finite', 'stop', 'go'
 
 
-def _settle(ph: Phase, ckpt, state, pending: list[_Pending], log: _MetricLog) -> tuple[int | None, bool]:
+def _settle(ph: Phase, ckpt, stepper: _Stepper, state, pending: list[_Pending],
+            log: _MetricLog) -> tuple[int | None, bool]:
   """Reads the flags of the pending steps (one transfer; waits for the last) and takes them in order: a finite
-  step's metrics go to the log; the first non-finite one raises under 'error' and warns under 'skip' (`state`
-  is the one it started from: the steps after it were gated off). Returns (the position in `pending` of the
+  step's metrics go to the log; the first non-finite one raises under 'error' and is counted as skipped under
+  'skip' (`_stop_on_nonfinite`; `state` is the one it started from: the steps after it were gated off). Returns (the position in `pending` of the
   first step after which the gate closed, or None; whether it closed because a process asked to stop)."""
   flags = jax.device_get([{k: p.metrics.pop(k) for k in _FLAG_KEYS} for p in pending])
   for i, (p, f) in enumerate(zip(pending, flags)):
     if f["finite"]:
       log.add(p.metrics)
+      if stepper.skipped:
+        _end_of_skips(ph, stepper, p.step)
     else:
-      _stop_on_nonfinite(ph, ckpt, state, p.batch, p.step)
+      _stop_on_nonfinite(ph, ckpt, stepper, state, p.batch, p.step)
     if not f["go"]:
       return i, bool(f["stop"])
   return None, False
@@ -406,7 +448,7 @@ def _check(ph: Phase, ckpt, stepper: _Stepper, state, pending: list[_Pending], l
   off), and settles those. Returns (the state with every pending step applied or skipped, the step count
   at which a process asked to stop, or None)."""
   while pending:
-    closed, stop = _settle(ph, ckpt, state, pending, log)
+    closed, stop = _settle(ph, ckpt, stepper, state, pending, log)
     if closed is None:
       break
     if stop:
@@ -683,9 +725,10 @@ def _run_locked(config, workdir, phases, mesh, *, overwrite, allow_changes, stop
                                    stop_at_step=stop_at_step, batch_hook=batch_hook)
     except NonFiniteError as e:
       e.phase, e.lr = phase, float(config[phase].optimizer.lr)
+      skip = "" if getattr(e, "skipping", False) else f"; {phase}.nonfinite='skip' needs no permission"
       e.args = (f"{e} (A rerun resumes with a lower {phase}.optimizer.lr when allowed: "
-                f"--allow_changes={phase}.optimizer.lr, or train.run(..., allow_changes=['{phase}.optimizer.lr']); "
-                f"{phase}.nonfinite='skip' needs no permission.)",)
+                f"--allow_changes={phase}.optimizer.lr, or train.run(..., allow_changes=['{phase}.optimizer.lr'])"
+                f"{skip}.)",)
       raise
     if "stopped_at" in summary[phase]:
       return summary

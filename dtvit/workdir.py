@@ -39,11 +39,12 @@ PHASES = ('ann', 'snn', 'finetune')
 
 # Dotted keys that may change between a run and its resume: they change how the run is watched (log and eval
 # cadence, the split evaluated during training), stored (checkpoint cadence and count), fed (threads preparing
-# the same batches) or paced (how often the host reads the steps' flags), never a value it computes. Keep this
+# the same batches), paced (how often the host reads the steps' flags) or given up (how many skipped steps in a
+# row stop it), never a value it computes. Keep this
 # set short: every key added here is a way to resume into a silently different run.
 RESUME_NEUTRAL_KEYS = frozenset(
     {f'{p}.{k}' for p in PHASES for k in ('log_every', 'eval_every', 'checkpoint_every', 'max_to_keep',
-                                           'sync_every')}
+                                           'sync_every', 'max_consecutive_skips')}
     | {'data.num_threads', 'data.prefetch', 'data.periodic_eval_split'})
 
 CONFIG_FILENAME = 'config.json'

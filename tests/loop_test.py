@@ -67,9 +67,9 @@ def test_flags_read_in_windows_and_the_run_ends_as_the_waiting_loop_does(tiny_co
   def record_dispatch(self, state, batch, go, stop):
     events.append("dispatch")
     return stepper_call(self, state, batch, go, stop)
-  def record_settle(ph, ckpt, state, pending, log):
+  def record_settle(ph, ckpt, stepper, state, pending, log):
     events.append(f"read {[p.step for p in pending]}")
-    return settle(ph, ckpt, state, pending, log)
+    return settle(ph, ckpt, stepper, state, pending, log)
   monkeypatch.setattr(train._Stepper, "__call__", record_dispatch)
   monkeypatch.setattr(train, "_settle", record_settle)
   monkeypatch.setattr(sharding, "any_process", lambda flag: pytest.fail("a host-side stop agreement"))

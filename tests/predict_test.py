@@ -50,7 +50,7 @@ def test_evaluate_reproduces_the_runs_results(tiny_run):
     assert out[key] == snn[key]
   assert out["energy"]["totals"] == pytest.approx(snn["energy"]["totals"], rel=1e-6)
   ann = evaluate.evaluate_workdir(tiny_run, phase="ann", split="train", examples=100)
-  assert ann["phase"] == "ann" and ann["count"] == 100 and set(ann) == {"phase", "data", "count", "accuracy"}
+  assert ann["phase"] == "ann" and ann["count"] == 100 and set(ann) == {"phase", "step", "finished", "data", "count", "accuracy"}
 
 
 @pytest.mark.slow
@@ -101,3 +101,109 @@ def test_predict_command_line(run, tiny_run, digit_folder):
   assert proc.returncode == 0, proc.stderr[-2000:]
   (name1, p1), (name2, p2) = predict.predict_files(run, paths, top=2)[0]["classes"]
   assert proc.stdout.strip().splitlines()[-1] == f"{paths[0]}: {name1} ({p1:.3f}), {name2} ({p2:.3f})"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# After training: user errors in one line, an unfinished run refused unless asked, the phase and step said.
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tiny_run, tmp_path_factory):
+  """The tiny run as it was before its SNN phase started: the ANN finished, no summary.json."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("unfinished") / "run"
+  shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("snn", "summary.json"))
+  return str(workdir)
+
+
+def _cli(capsys, main, argv):
+  """(exit status, stdout, stderr lines) of a command's main(argv) run in this process."""
+  status = 0
+  try:
+    main(argv)
+  except SystemExit as e:
+    status = e.code
+  out, err = capsys.readouterr()
+  return status, out, [l for l in err.splitlines() if l.strip()]
+
+
+def _commands(workdir, tmp_path):
+  image = str(tmp_path / "seven.png")
+  Image.fromarray(np.full((8, 8), 128, np.uint8)).save(image)
+  from dtvit import export  # pylint: disable=g-import-not-at-top
+  return {"evaluate": (evaluate.main, ["--workdir", workdir, "--examples=8"]),
+          "predict": (predict.main, ["--workdir", workdir, image]),
+          "export": (export.main, ["--workdir", workdir, "--out", str(tmp_path / "export")])}
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_is_refused_unless_asked_and_then_named_with_its_step(unfinished_run, tmp_path, capsys,
+                                                                                caplog):
+  with pytest.raises(dtvit.loader.UnfinishedRunError, match=r"unfinished \(ann at step 16 of 16, snn not started\)"):
+    dtvit.load(unfinished_run)
+  run = dtvit.load(unfinished_run, allow_unfinished=True)
+  assert (run.phase, run.step, run.finished) == ("ann", 16, False)
+  assert "using phase 'ann' at step 16 of 16 (UNFINISHED run" in caplog.text
+  for name, (main, argv) in _commands(unfinished_run, tmp_path).items():
+    status, out, err = _cli(capsys, main, argv)
+    assert status == 1 and out == "" and len(err) == 1, (name, err)
+    assert err[0].startswith(f"error: dtvit.{name}: UnfinishedRunError: dtvit.load: the run in {unfinished_run} is "
+                             f"unfinished (ann at step 16 of 16, snn not started)"), err
+    assert "--allow_unfinished" in err[0]
+    status, out, err = _cli(capsys, main, argv + ["--allow_unfinished"])
+    assert status == 0, (name, err)
+    assert f"dtvit.{name}: phase 'ann' at step 16 of 16 (UNFINISHED run {unfinished_run})" in err, err
+  meta = json.load(open(tmp_path / "export" / "export.json"))
+  assert (meta["phase"], meta["step"], meta["finished"]) == ("ann", 16, False)
+
+
+@pytest.mark.slow
+def test_the_commands_say_which_phase_and_step_they_use(tiny_run, tmp_path, capsys):
+  for name, (main, argv) in _commands(tiny_run, tmp_path).items():
+    status, out, err = _cli(capsys, main, argv)
+    assert status == 0, (name, err)
+    assert f"dtvit.{name}: phase 'snn' at step 6 of 6 (finished run {tiny_run})" in err, err
+  status, out, _ = _cli(capsys, evaluate.main, ["--workdir", tiny_run, "--examples=8"])
+  headline = json.loads(out)
+  assert (headline["phase"], headline["step"], headline["finished"]) == ("snn", 6, True)
+
+
+def test_user_errors_after_training_are_one_line_with_status_1(tiny_run, tmp_path, capsys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  (tmp_path / "empty").mkdir()
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tiny_run, damaged)
+  (damaged / "summary.json").write_text('{"phases": ["ann", "snn"], "ann": {"ste')
+  (tmp_path / "a_file").write_text("")
+  cases = [(str(tmp_path / "nowhere"), "FileNotFoundError: dtvit.load: workdir", "does not exist"),
+           (str(tmp_path / "empty"), "FileNotFoundError: dtvit.load:", "has no config.json"),
+           (str(damaged), f"ValueError: {damaged}/summary.json is damaged (not valid JSON", "")]
+  for workdir, start, part in cases:
+    for name, (main, argv) in _commands(workdir, tmp_path).items():
+      status, out, err = _cli(capsys, main, argv)
+      assert status == 1 and out == "" and len(err) == 1, (name, workdir, err)
+      assert err[0].startswith(f"error: dtvit.{name}: {start}") and part in err[0], err
+  # An output folder that cannot be written: said before any work.
+  from dtvit import export  # pylint: disable=g-import-not-at-top
+  for main, argv in [(export.main, ["--workdir", tiny_run, "--out", str(tmp_path / "a_file" / "export")]),
+                     (evaluate.main, ["--workdir", tiny_run, "--out", str(tmp_path / "a_file" / "x.json")])]:
+    status, out, err = _cli(capsys, main, argv)
+    assert status == 1 and out == "" and len(err) == 1 and "a_file" in err[0], err
+    assert err[0].startswith("error: dtvit.") and ("NotADirectoryError" in err[0] or "FileNotFoundError" in err[0])
+
+
+@pytest.mark.slow
+def test_predict_reports_each_bad_file_and_predicts_the_others(tiny_run, digit_folder, tmp_path, capsys):
+  good = sorted(os.path.join(digit_folder, "7", f) for f in os.listdir(os.path.join(digit_folder, "7")))[:2]
+  text = tmp_path / "notes.txt"
+  text.write_text("not an image")
+  missing = str(tmp_path / "missing.png")
+  paths = [good[0], str(text), missing, good[1]]
+  status, out, err = _cli(capsys, predict.main, ["--workdir", tiny_run, "--top=1", *paths])
+  assert status == 1
+  assert [line.split(":")[0] for line in out.splitlines()] == [good[0], good[1]]  # both valid images answered
+  expected = [r["classes"] for r in predict.predict_files(dtvit.load(tiny_run), [good[0], good[1]], top=1)]
+  assert [f"{n} ({p:.3f})" for (n, p), in expected] == [line.split(": ")[1] for line in out.splitlines()]
+  errors = [line for line in err if line.startswith("error:")]
+  assert len(errors) == 2 and errors[0].startswith(f"error: dtvit.predict: {text}: ") and missing in errors[1]
+  assert "2 of 4 files failed" in err[-1]

@@ -54,12 +54,13 @@ _LAUNCHER = textwrap.dedent("""
     import os, runpy, sys, time
     step_delay = float(os.environ.get("TEST_STEP_DELAY", "0"))
     inf_at = int(os.environ.get("TEST_INF_AT_STEP", "-1"))
-    if step_delay or inf_at >= 0:
+    inf_from = int(os.environ.get("TEST_INF_FROM_STEP", "-1"))
+    if step_delay or inf_at >= 0 or inf_from >= 0:
       from dtvit import sharding
       _global_batch, calls = sharding.global_batch, [0]
       def slow_global_batch(mesh, local):
         time.sleep(step_delay)
-        if calls[0] == inf_at and "target" in local:  # a train batch
+        if (calls[0] == inf_at or 0 <= inf_from <= calls[0]) and "target" in local:  # a train batch
           local = dict(local, image=local["image"].copy())
           local["image"][0, 0, 0, 0] = float("inf")
         calls[0] += "target" in local
@@ -140,9 +141,11 @@ def _xla_flags(devices: int) -> str:
 class _Cli:
   """`python -m dtvit.main` with CLI_CONFIG in a subprocess, stderr read line by line."""
 
-  def __init__(self, workdir, *extra, step_delay=0.0, devices=8, cache=None, inf_at_step=-1, argv=None):
+  def __init__(self, workdir, *extra, step_delay=0.0, devices=8, cache=None, inf_at_step=-1, inf_from_step=-1,
+               argv=None):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TEST_STEP_DELAY=str(step_delay),
-               TEST_INF_AT_STEP=str(inf_at_step), XLA_FLAGS=_xla_flags(devices))
+               TEST_INF_AT_STEP=str(inf_at_step), TEST_INF_FROM_STEP=str(inf_from_step),
+               XLA_FLAGS=_xla_flags(devices))
     if cache:  # a persistent compilation cache: a rerun loads what the first launch compiled (as users would)
       env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -213,6 +216,52 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
   assert not [n for n in os.listdir(_ckpt_dir(workdir)) if ".orbax-checkpoint-tmp" in n]
   assert_matches_reference(workdir, reference)
   assert "summary:" in out
+
+
+# Both phases, 8 steps each, a checkpoint every 2; the kills: each at a step the child has logged, in its phase.
+BOTH_PHASES = ["--config.phases=ann,snn", "--config.ann.num_steps=8", "--config.ann.checkpoint_every=2",
+               "--config.snn.num_steps=8", "--config.snn.checkpoint_every=2", "--config.snn.log_every=1",
+               "--config.snn.max_to_keep=10"]
+KILL_SCHEDULE = [("ann", 5), ("snn", 3), ("snn", 6)]
+
+
+def _kill_at_logged_step(cli, phase, step):
+  """Reads the child's log until it logs `step` of `phase`, then SIGKILLs it. Returns whether the kill landed:
+  the child was still running at that step and died of the signal (not a run that ended first)."""
+  current, pattern = None, re.compile(rf"\] \[{step}\] accuracy=")
+  for line in cli.proc.stderr:
+    cli.lines.append(line)
+    if m := re.search(r"=== phase (\w+) ===", line):
+      current = m.group(1)
+    if current == phase and pattern.search(line):
+      cli.proc.send_signal(signal.SIGKILL)
+      break
+  return cli.finish()[0] == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkills_at_logged_steps_in_both_phases_all_land_and_the_rerun_is_bitwise_exact(cache, tmp_path, saved_state,
+                                                                                          same_tree):
+  reference, workdir = str(tmp_path / "reference"), str(tmp_path / "run")
+  _run_cli(reference, *BOTH_PHASES, cache=cache)
+  landed = [(phase, step) for phase, step in KILL_SCHEDULE
+            if _kill_at_logged_step(_Cli(workdir, *BOTH_PHASES, step_delay=0.1, cache=cache), phase, step)]
+  assert landed == KILL_SCHEDULE  # every requested kill landed, in the phase asked
+  _, err = _run_cli(workdir, *BOTH_PHASES, cache=cache)
+  assert re.search(r"snn: resumed from step [246]\b", err)
+  for phase in ("ann", "snn"):
+    ckpt, ref = os.path.join(workdir, phase, "checkpoints"), os.path.join(reference, phase, "checkpoints")
+    ref_steps = sorted(int(n) for n in os.listdir(ref) if n.isdigit())
+    assert ref_steps == [2, 4, 6, 8] and set(ref_steps) <= {int(n) for n in os.listdir(ckpt) if n.isdigit()}
+    for step in ref_steps:
+      same_tree(saved_state(ckpt, step), saved_state(ref, step))
+  summaries = [json.load(open(os.path.join(w, "summary.json"))) for w in (workdir, reference)]
+  for s in summaries:
+    for key in TIME_KEYS:
+      s.pop(key, None)
+      for phase in ("ann", "snn"):
+        s[phase].pop(key, None)
+  assert summaries[0] == summaries[1]
 
 
 @pytest.mark.slow
@@ -311,6 +360,75 @@ def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_co
   assert np.isfinite(summary["ann"]["train_loss_last"])
 
 
+def _inf_at_steps(bad):
+  """A `train.run` batch hook making each train step in `bad` (from 0) non-finite."""
+  def hook(phase, step, local):
+    del phase
+    if step in bad:
+      local = dict(local, image=local["image"].copy())
+      local["image"][0, 0, 0, 0] = np.inf
+    return local
+  return hook
+
+
+@pytest.mark.slow
+def test_nonfinite_skips_report_once_per_run_compile_the_diagnosis_once_and_stop_after_the_limit(tiny_config,
+                                                                                                 tmp_path, caplog):
+  config = _config(tiny_config, **{"ann.nonfinite": "skip", "ann.max_consecutive_skips": 3})
+  caplog.set_level("WARNING")
+  # Step 2 alone, steps 5-6 in a row, then every step from 9 on (steps counted from 1).
+  with jax.log_compiles(True), pytest.raises(train.NonFiniteError) as error:
+    train.run(config, str(tmp_path), batch_hook=_inf_at_steps({1, 4, 5, *range(8, STEPS)}))
+  message = str(error.value)
+  assert error.value.skipping and message.startswith(
+      "ann: 3 consecutive steps skipped (steps 9 to 11, ann.max_consecutive_skips=3): every batch goes non-finite")
+  assert "at step 9: first non-finite module: 'embedding/patch'" in message
+  assert "the last good checkpoint (step 9) is kept" in message and "nonfinite='skip' needs no" not in message
+  skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage() and r.name != "jax"]
+  assert [m.split(",")[0].split(" (")[0] for m in skips] == [
+      "ann: step 2 skipped", "ann: step 5 skipped", "ann: steps 5 to 6 skipped", "ann: step 9 skipped"], skips
+  assert "(2 in a row, params unchanged); step 7 is finite again" in skips[2]
+  compiles = [r for r in caplog.records if "Compiling jit(diagnose_step)" in r.getMessage()]
+  assert len(compiles) == 1  # three diagnoses, one compilation
+  assert _steps(str(tmp_path)) == [3, 6, 9]
+
+
+@pytest.mark.slow
+def test_diagnosis_names_batch_statistics_and_optimizer_state_that_the_step_flags(tiny_config):
+  config = _config(tiny_config, **{"ann.batch_size": 8})
+  info = data.get_info(config.data)
+  model = models.phase_model(config.model, info.num_classes, "ann")
+  mesh = sharding.make_mesh(-1)
+  tx = optax.adam(1e-3)
+  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
+  local = next(data.train_batches(config.data, global_batch_size=8, seed=0))
+  batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "target")})
+  diagnose = steps.make_diagnosis(model, tx, config.ann, phase="ann", op_weights=None)
+  step_fn = jax.jit(steps.make_train_step(model, tx, config.ann, phase="ann", op_weights=None))
+  host = jax.device_get(state)
+
+  # A running mean that overflowed: the forward pass (batch statistics), loss, gradients and update are finite.
+  stats = jax.tree.map(np.array, host["batch_stats"])
+  module = next(m for m in stats["embedding"] if m.endswith("bn"))
+  stats["embedding"][module]["mean"][0] = np.inf
+  bad_stats = dict(state, batch_stats=sharding.replicate(mesh, stats))
+  assert not step_fn(bad_stats, batch)[1]["finite"]
+  assert diagnose(bad_stats, batch, 0).startswith(
+      f"first non-finite module: 'embedding/{module}', its batch statistics after the step")
+
+  # Adam's second moment overflowed (huge gradients): the update is 0 there, the parameters stay finite.
+  opt = jax.tree.map(np.array, host["opt_state"])
+  opt[0].nu["head"]["kernel"][0, 0] = np.inf
+  bad_opt = dict(state, opt_state=sharding.replicate(mesh, opt))
+  new_state, metrics = step_fn(bad_opt, batch)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(new_state["params"]))
+  assert not metrics["finite"]  # the step keeps the state it was given
+  assert np.isinf(jax.device_get(new_state["opt_state"][0].nu["head"]["kernel"])[0, 0])
+  assert diagnose(bad_opt, batch, 0).startswith(
+      "first non-finite value: the optimizer state [0].nu['head']['kernel'] after the update")
+  assert "not reproduced" in diagnose(state, batch, 0)
+
+
 def _printed_commands(err):
   return [shlex.split(line.strip()) for line in err.splitlines() if line.startswith("  python -m dtvit.main ")]
 
@@ -338,6 +456,28 @@ def test_the_nonfinite_advice_works_exactly_as_printed(tiny_config, cache, tmp_p
     last = json.load(open(os.path.join(workdir, "config_history.json")))[-1]
     assert list(last["changes"]) == [changed] and last["allowed"] == allowed and last["resumed_from"] == {"ann": 3}
     assert _summary(workdir)["ann"]["steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_after_too_many_skips_the_advice_is_a_lower_learning_rate_and_following_it_finishes(tiny_config, cache,
+                                                                                             tmp_path):
+  workdir = str(tmp_path / "run")
+  skip = ["--config.ann.nonfinite=skip", "--config.ann.max_consecutive_skips=3"]
+  rc, _, err = _Cli(workdir, *skip, cache=cache, inf_from_step=4).finish()  # every batch from step 5 on
+  assert rc == 1 and "Traceback" not in err, err[-4000:]
+  assert "error: NonFiniteError: ann: 3 consecutive steps skipped (steps 5 to 7" in err
+  assert len(re.findall(r"ann: step \d+ skipped", err)) == 1  # one warning for the run of skips
+  lr = _config(tiny_config).ann.optimizer.lr
+  this_launch = ["python", "-m", "dtvit.main", *CLI_CONFIG, f"--workdir={workdir}", *skip]
+  lower, = _printed_commands(err)  # skipping more would not help: no 'nonfinite=skip' advice
+  assert lower == [*this_launch, f"--config.ann.optimizer.lr={lr / 10:.3g}", "--allow_changes=ann.optimizer.lr"]
+  rc, out, err = _Cli(workdir, cache=cache, argv=lower[3:]).finish()  # as printed, the data fine again
+  assert rc == 0, err[-4000:]
+  assert "ann: resumed from step 6" in err and "summary:" in out
+  last = json.load(open(os.path.join(workdir, "config_history.json")))[-1]
+  assert last["allowed"] == ["ann.optimizer.lr"] and last["resumed_from"] == {"ann": 6}
+  assert json.load(open(os.path.join(workdir, "config.json")))["ann"]["optimizer"]["lr"] == pytest.approx(lr / 10)
+  assert _summary(workdir)["ann"]["steps"] == STEPS
 
 
 @pytest.mark.slow
