@@ -32,25 +32,60 @@ def temperature_at(pc, step, num_steps):
   return pc.temperature_start * (pc.temperature_end / pc.temperature_start) ** frac
 
 
-def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None):
-  """(params, batch_stats, batch, temperature) -> (loss, (cross-entropy, cost, logits, new batch_stats)).
+def loss_option(pc) -> str:
+  """The phase's `loss` ('final' | 'every_step'); 'final' for configs older than the key."""
+  return pc.get("loss", "final")
 
-  loss = cross-entropy + `time_cost` * time-step cost; the cost is 0 outside the 'snn' phase.
+
+def distill_weight(pc) -> float:
+  """The phase's `distill_weight` (0: no distillation; also for configs older than the key)."""
+  return float(pc.get("distill_weight", 0.0))
+
+
+def twin_logits(twin_model, twin_variables, images) -> jax.Array:
+  """The frozen ANN twin's logits [B, K]: evaluation mode (running batch statistics), no gradient."""
+  return jax.lax.stop_gradient(models.apply_model(twin_model, twin_variables, images, with_aux=False))
+
+
+def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None, twin_model=None):
+  """(params, batch_stats, batch, temperature, twin_variables=None) -> (loss, (cross-entropy, cost, distill,
+  logits, new batch_stats)).
+
+  loss = cross-entropy + `time_cost` * time-step cost + `distill_weight` * distillation. The cross-entropy is
+  the time-averaged logits' (`pc.loss='final'`) or SEENN's mean over steps of the accumulated logits'
+  ('every_step', `losses.every_step_cross_entropy`). The cost is 0 outside the 'snn' phase. The distillation
+  term (`losses.distillation_kl` at `distill_temperature`, 0 without a twin) compares the model's time-averaged
+  logits with those of `twin_model` (the ANN twin, phase 'ann') run on the same batch with `twin_variables`.
+  'logits' are the time-averaged logits [B, K] either way.
   """
   use_cost = phase == "snn" and model.mask.enabled and pc.time_cost > 0
+  every_step = loss_option(pc) == "every_step"
+  weight = distill_weight(pc)
+  if weight > 0 and twin_model is None:
+    raise ValueError(f"{phase}.distill_weight={weight} needs the ANN twin (twin_model).")
 
-  def loss_fn(params, batch_stats, batch, temperature):
-    logits, new_bs = models.apply_model(model, {"params": params, "batch_stats": batch_stats}, batch["image"],
-                                        train=True, mask_temperature=temperature, with_aux=False)
-    ce = losses.cross_entropy(logits, batch["target"], label_smoothing=pc.label_smoothing)
+  def loss_fn(params, batch_stats, batch, temperature, twin_variables=None):
+    out, new_bs = models.apply_model(model, {"params": params, "batch_stats": batch_stats}, batch["image"],
+                                     train=True, mask_temperature=temperature, with_aux=False,
+                                     step_logits=every_step)
+    if every_step:
+      logits = jnp.mean(out, axis=0)
+      ce = losses.every_step_cross_entropy(out, batch["target"], label_smoothing=pc.label_smoothing)
+    else:
+      logits = out
+      ce = losses.cross_entropy(logits, batch["target"], label_smoothing=pc.label_smoothing)
     cost = jnp.zeros(())
     if use_cost:
       cost = masks_lib.time_step_cost(models.active_scores(model, params), kind=pc.cost_kind,
                                       op_weights=op_weights, target=pc.target_steps or None,
                                       temperature=temperature, monotone=model.mask.monotone,
                                       semantics=model.mask.semantics)
-    loss = ce + pc.time_cost * cost
-    return loss, (ce, cost, logits, new_bs)
+    distill = jnp.zeros(())
+    if weight > 0:
+      teacher = twin_logits(twin_model, twin_variables, batch["image"])
+      distill = losses.distillation_kl(logits, teacher, temperature=pc.distill_temperature)
+    loss = ce + pc.time_cost * cost + weight * distill
+    return loss, (ce, cost, distill, logits, new_bs)
 
   return loss_fn
 
@@ -61,21 +96,25 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None):
-  """The jitted-to-be step: (state, batch) -> (state, metrics).
+def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None,
+                    twin_model=None):
+  """The jitted-to-be step: (state, batch, twin_variables=None) -> (state, metrics).
+
+  `twin_model` / `twin_variables`: the frozen ANN twin to distil from (`pc.distill_weight` > 0); its forward pass
+  runs inside the step, on the (augmented) batch the model sees.
 
   When the loss, a gradient or an updated parameter is not finite the step returns the state it was given
   (params, batch_stats, optimizer state untouched) and metric 'finite' False; under `nonfinite='skip'` the step
   counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
   """
-  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights, twin_model=twin_model)
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, twin_variables=None):
     if augment_fn is not None:
       batch = augment_fn(state["step"], batch)
     temperature = temperature_at(pc, state["step"], pc.num_steps)
-    (loss, (ce, cost, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], batch, temperature)
+    (loss, (ce, cost, distill, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, temperature, twin_variables)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params) & all_finite(new_bs)
@@ -86,6 +125,7 @@ def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augme
     if pc.nonfinite == "skip":
       new_state["step"] = state["step"] + 1
     metrics = {"loss": loss, "cross_entropy": ce, "time_cost": cost,
+               **({"distill": distill} if twin_model is not None else {}),
                "accuracy": jnp.mean(losses.correct(logits, batch["label"])), "temperature": temperature,
                "finite": finite}
     return new_state, metrics
@@ -166,26 +206,27 @@ def _describe(forward: list[str], modules: list[str], out: dict) -> str:
 
 
 def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None,
-                       augment_fn: AugmentFn | None = None) -> str:
+                       augment_fn: AugmentFn | None = None, twin_model=None, twin_variables=None) -> str:
   """Re-runs a non-finite train step from `state` on `batch` and says where the values first went non-finite.
 
   In the order they are computed: the forward pass (the first leaf module whose output is non-finite, in
   execution order, e.g. 'blocks_0/attn/q'), then the loss, then the backward pass (the first module in
   backward order, i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer
   update (the first module whose updated parameters are non-finite). Returns a one-line description.
-  `augment_fn` is the train step's (the step re-run sees the batch the step saw).
+  `augment_fn` is the train step's (the step re-run sees the batch the step saw); `twin_model` and
+  `twin_variables` its twin's.
   """
-  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights, twin_model=twin_model)
   names: dict[str, list[str]] = {}
 
-  def fn(state, batch, step):
+  def fn(state, batch, step, twin_variables):
     if augment_fn is not None:
       batch = augment_fn(step, batch)
     temperature = temperature_at(pc, step, pc.num_steps)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     names["forward"], flags = _forward_flags(model, variables, batch["image"], temperature)
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(p, state["batch_stats"], batch, temperature)[0])(
-        state["params"])
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_fn(p, state["batch_stats"], batch, temperature, twin_variables)[0])(state["params"])
     updates, _ = tx.update(grads, state["opt_state"], state["params"])
     grads_ok = _finite_by_module(grads)
     names["modules"] = list(grads_ok)
@@ -193,5 +234,5 @@ def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op
             "grads": list(grads_ok.values()),
             "params": list(_finite_by_module(optax.apply_updates(state["params"], updates)).values())}
 
-  out = jax.device_get(compilation.jit(fn)(state, batch, jnp.asarray(step, jnp.int32)))
+  out = jax.device_get(compilation.jit(fn)(state, batch, jnp.asarray(step, jnp.int32), twin_variables))
   return _describe(names["forward"], names["modules"], out)
