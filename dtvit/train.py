@@ -422,7 +422,8 @@ _FLAG_KEYS = ("finite", "stop", "go")
 def _gated(step_fn):
   """The train step with two flags that let the host read a step's flags one step late.
 
-  (state, batch, go, stop_D[, twin variables]) -> (state, metrics): the step runs only where `go` (the previous step's 'go');
+  (state, batch, go, stop_D[, twin variables]) -> (state, metrics): the step runs only where `go` (the previous
+  step's 'go');
   otherwise the state comes back unchanged. 'go' is sticky: it turns False at the first step that is not
   finite or after which a process asked to stop, and stays False until the host passes True again. So when
   the host reads the flags of several steps at once, the state is the one to diagnose or re-run from after a

@@ -53,7 +53,8 @@ def test_early_exit_command_writes_table_and_curves(exit_run, capsys):
   section = report._exit_eval_section(exit_run, rep, report_dir)  # pylint: disable=protected-access
   assert f"![accuracy vs energy and steps]({report.EXIT_PLOT}.png)" in section
   assert rep["early_exit_evaluation"] == result and os.path.exists(os.path.join(report_dir, f"{report.EXIT_PLOT}.png"))
-  assert report._exit_eval_section(os.path.dirname(exit_run), {"plots": {}}, report_dir) == []  # pylint: disable=protected-access
+  no_exit_eval = os.path.dirname(exit_run)
+  assert report._exit_eval_section(no_exit_eval, {"plots": {}}, report_dir) == []  # pylint: disable=protected-access
   # Given thresholds apply to every criterion.
   small = evaluate.early_exit_workdir(exit_run, criteria=("entropy",), thresholds=(0.0, 1.0), write=False)
   assert [r["threshold"] for r in small["rows"]] == [0.0, 1.0] and small["rows"][1]["avg_steps"] == 1.0

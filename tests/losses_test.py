@@ -36,7 +36,8 @@ def _hand_every_step(step_logits, targets, smoothing):
 
 
 def _hand_kl(student, teacher, temperature):
-  """Plain python: T^2 * mean over b of sum_k p_k (log p_k - log q_k), p = softmax(teacher/T), q = softmax(student/T)."""
+  """Plain python: T^2 * mean over b of sum_k p_k (log p_k - log q_k), p = softmax(teacher / T),
+  q = softmax(student / T)."""
   total = 0.0
   for s, t in zip(student, teacher):
     lp = _log_softmax([v / temperature for v in t])

@@ -100,7 +100,8 @@ def apply_model(model: SpikingViT, variables, images, *, train: bool = False, ma
   """Runs the model and collects its side outputs.
 
   Returns:
-    logits [B, K] (with `step_logits`: the per-step logits [T, B, K] instead, T = 1 for the ANN); aux (if `with_aux`) with
+    logits [B, K] (with `step_logits`: the per-step logits [T, B, K] instead, T = 1 for the ANN);
+    aux (if `with_aux`) with
       'masks': {module: [T]}, 'work': {module: [T]} (the steps whose work some output depends on, see
       `dtvit.masks.work_masks`), 'spike_rates': {neuron: [T]}, 'input_rates': {layer: [T]},
       'attention_rates': {attn module: [T]} (the two spike operands of the attention products),
