@@ -43,6 +43,15 @@ def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.Co
   c.target_steps = 0.0               # for the hinges: the target average number of steps
   c.temperature_start = 1.0          # mask temperature, annealed geometrically over the phase
   c.temperature_end = 1.0
+  # The classification loss: 'final' = cross-entropy of the time-averaged logits; 'every_step' (SEENN / DT-SNN,
+  # for per-sample early exit) = the mean over steps t of the cross-entropy of the accumulated logits up to t.
+  c.loss = "final"
+  # Distillation from the frozen ANN twin (SNN phases): loss += distill_weight * T^2 * KL(softmax(twin / T) ||
+  # softmax(snn / T)), T = distill_temperature, on the time-averaged logits. The twin (phase 'ann', evaluation
+  # mode) is the ANN checkpoint `distill_from` names; '' = the phase's `init_from`, else this run's 'ann' phase.
+  c.distill_weight = 0.0             # 0 = off
+  c.distill_temperature = 1.0
+  c.distill_from = ""
   c.log_every = 50
   c.eval_every = 0                   # > 0: accuracy on data.periodic_eval_split ('val': data.val_examples held
                                      # out from train) every this many steps and at the end; 0 = off

@@ -260,7 +260,7 @@ def early_exit_rows(snn: loader.Loaded, thresholds: Sequence[float] = DEFAULT_TH
                     criterion: str = "confidence", max_batches: int = 0,
                     batch_size: int | None = None) -> list[dict]:
   """`inference.early_exit_over_batches` on the test split (all of it when max_batches = 0):
-  [{'threshold', 'accuracy', 'avg_steps', 'avg_module_steps'}]."""
+  [{'threshold', 'accuracy', 'avg_steps', 'avg_module_steps', 'avg_simulated_steps', 'avg_energy_j'}]."""
   if not snn.is_snn:
     raise ValueError("Early exit needs an SNN phase.")
   batches = snn.batches(batch_size=batch_size)

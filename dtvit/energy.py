@@ -325,3 +325,59 @@ def _averages(per_unit, key: str, weights: Mapping[str, int], T: int) -> tuple[f
   if not per_unit:
     return float(T), float(T)
   return masks_lib.average_steps(per_unit, key), masks_lib.average_steps(per_unit, key, weights)
+
+
+def energy_by_exit(model, image_shape, aux: Mapping[str, Any], *, counts=None, e_mac: float = E_MAC,
+                   e_ac: float = E_AC) -> dict[str, Any]:
+  """SNN energy per sample when the sample stops after step e, for e = 1..T_max (per-sample early exit).
+
+  Counted from the same per-step rates as `energy_report` (aux of a dense evaluation with hard masks), layer by
+  layer, over the steps before the exit only:
+    analog layer:   e_mac * macs, once per image (it runs before the first step);
+    a layer a mask gates: its rate at the steps t < e where its unit works when the run is cut after step e
+      (`masks.work_masks` on the masks cut to their first e steps, under the model's `mask.semantics`): under
+      'skip' its active steps up to the exit; under 'filter' every step up to min(exit, its last active step);
+    a layer no mask gates (an unmasked stem, the head): its rate at every step t < e.
+  The rates already carry the uncut work masks (a cut one is 1 only where the uncut one is), so the cut
+  accounting is rate[t] * cut_work[t]. At e = T_max every cut is the full run and the result equals
+  `energy_report`'s 'snn_energy_j' and 'sops' exactly (the same products, summed in the same order).
+  The rates are means over the evaluated images: a sample's energy is counted at the mean rates of the steps
+  it ran, not at its own spike counts.
+
+  Returns {'exit_step': [1..T], 'snn_energy_j': [T], 'sops': [T], 'ann_energy_j', 'snn_analog_macs'} (python
+  floats / ints; index e - 1 for an exit after step e).
+  """
+  _check_inputs(aux, e_mac, e_ac)
+  T = int(model.num_steps)
+  counts = op_counts(model, image_shape) if counts is None else counts
+  masked = sorted(paths.mask_units(model))
+  rates, _ = _layer_rates(counts, aux, T)
+  mask_T, _ = _unit_steps(model, masked, aux)
+  units = paths.mask_units(model)
+  analog = sum(c["macs"] for c in counts.values() if c["kind"] == "analog")
+  energies, sops_e = [], []
+  for e in range(1, T + 1):
+    cut = masks_lib.work_masks({m: jnp.asarray(mask_T[m][:e]) for m in masked}, {m: units[m] for m in masked},
+                               model.mask.semantics) if masked else {}
+    acs = []
+    for p, c in counts.items():
+      if c["kind"] == "analog":
+        acs.append(0.0)
+        continue
+      gate_T = np.zeros(T)
+      gate_T[:e] = 1.0 if c["module"] is None else np.asarray(cut[c["module"]], np.float64)
+      acs.append(float(np.sum(c["macs"] * (rates[p] * gate_T))))
+    sops = sum(acs)
+    sops_e.append(float(sops))
+    energies.append(float(e_mac * analog + e_ac * sops))
+  return {"exit_step": list(range(1, T + 1)), "snn_energy_j": energies, "sops": sops_e,
+          "ann_energy_j": float(e_mac * sum(c["macs"] for c in counts.values())), "snn_analog_macs": int(analog)}
+
+
+def mean_exit_energy(energy_by_exit_T, exit_steps_B, weights_B=None) -> float:
+  """The mean per-sample energy of samples that stop after `exit_steps_B` (1-based), from `energy_by_exit`'s
+  'snn_energy_j' [T]; `weights_B` 1 for real samples, 0 for padding."""
+  e_T = np.asarray(energy_by_exit_T, np.float64)
+  steps_B = np.asarray(exit_steps_B).reshape(-1)
+  w_B = np.ones(steps_B.shape) if weights_B is None else np.asarray(weights_B, np.float64).reshape(-1)
+  return float(np.sum(e_T[steps_B - 1] * w_B) / np.sum(w_B))

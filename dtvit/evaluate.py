@@ -204,6 +204,86 @@ def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "te
           "count": count, **out}
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Per-sample early exit of a trained run (SEENN's confidence, DT-SNN's entropy):
+#   python -m dtvit.evaluate --workdir=W --early_exit=confidence,entropy [--thresholds=...]
+
+# Default threshold grids, each ending at the threshold that never exits early (the full evaluation).
+EXIT_THRESHOLDS = {"confidence": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0),
+                   "entropy": (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.001, 0.0)}
+EXIT_DIR = "early_exit"  # <workdir>/early_exit/: early_exit.json, early_exit.md, early_exit.png
+
+
+def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence", "entropy"),
+                       thresholds: Sequence[float] | None = None, phase: str | None = None, split: str = "test",
+                       examples: int = 0, write: bool = True, allow_unfinished: bool = False) -> dict:
+  """A trained SNN run under per-sample early exit: for each criterion and threshold the accuracy, the steps run
+  per image, the module steps up to the exit and the mean per-image energy (`inference.early_exit_over_batches`,
+  `energy.energy_by_exit`), over the run's `split` (`examples` > 0: an evenly strided subset).
+
+  `thresholds` apply to every criterion (default: `EXIT_THRESHOLDS` per criterion). With `write`, the table goes
+  to <workdir>/early_exit/early_exit.json and .md, the curves (accuracy vs energy and vs steps) to
+  early_exit.png; `dtvit.report` shows them. Returns the json's dict."""
+  from dtvit import inference  # pylint: disable=g-import-not-at-top
+  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  bad = [c for c in criteria if c not in inference.CRITERIA]
+  if bad or not criteria:
+    raise ValueError(f"--early_exit: unknown criteria {bad}; choose from {inference.CRITERIA}.")
+  run = loader.load(workdir, phase, allow_unfinished=allow_unfinished)
+  if run.phase == "ann":
+    raise ValueError(f"{workdir}: early exit needs an SNN phase ('snn' or 'finetune'), not the ANN twin.")
+  config = run.config
+  grids = {c: tuple(thresholds) if thresholds else EXIT_THRESHOLDS[c] for c in criteria}
+  batches = data.eval_batches(config.data, split=split, global_batch_size=config.eval_batch_size,
+                              max_examples=examples)
+  rows = inference.early_exit_criteria_over_batches(run.model, run.variables, batches, grids)
+  T = run.model.num_steps
+  table = []
+  for c in criteria:
+    for r in rows[c]:
+      table.append({"criterion": c, **r})
+  full = [r for r in table if r["avg_steps"] == T and r["threshold"] == (1.0 if r["criterion"] == "confidence"
+                                                                          else 0.0)]
+  result = {"workdir": os.path.abspath(workdir), "phase": run.phase, "data": f"{split} split",
+            "count": int(examples) if examples else (run.info.num_train if split == "train" else run.info.num_test),
+            "T_max": T, "mask_semantics": run.model.mask.semantics, "masks_enabled": bool(run.model.mask.enabled),
+            "no_exit": {k: full[0][k] for k in ("accuracy", "avg_energy_j")} if full else None,
+            "energy_convention": ("avg_energy_j: mean over images of the SNN energy up to each image's exit "
+                                  "(dtvit.energy.energy_by_exit: the stem, every module at its working steps up to "
+                                  "the exit under the mask semantics, the head at the steps run), from the per-step "
+                                  "rates of the dense evaluation averaged over full batches"),
+            "rows": table}
+  if write:
+    out = os.path.join(workdir, EXIT_DIR)
+    os.makedirs(out, exist_ok=True)
+    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    workdir_lib.write_json(os.path.join(out, "early_exit.json"), result)
+    with open(os.path.join(out, "early_exit.md"), "w") as f:
+      f.write("\n".join(exit_table_md(result)) + "\n")
+    from dtvit import report  # pylint: disable=g-import-not-at-top
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    fig = report.plot_exit_tradeoff(result)
+    fig.savefig(os.path.join(out, "early_exit.png"), dpi=110)
+    report._plt().close(fig)  # pylint: disable=protected-access
+  return result
+
+
+def exit_table_md(result: Mapping) -> list[str]:
+  """The early-exit table (`early_exit_workdir`) as Markdown lines."""
+  md = [f"Per-image early exit of {result['workdir']} ({result['phase']}, {result['data']}, {result['count']} "
+        f"images, T_max = {result['T_max']}, mask semantics {result['mask_semantics']!r}, masks "
+        f"{'learned' if result['masks_enabled'] else 'off (fixed T)'}). Energy per image in uJ.", "",
+        "| criterion | threshold | accuracy (%) | steps run | T_avg to exit | simulated to exit | energy (uJ) |",
+        "|---|---|---|---|---|---|---|"]
+  fmt = lambda v, spec=".2f", scale=1.0: "-" if v is None else format(v * scale, spec)
+  for r in result["rows"]:
+    md.append(f"| {r['criterion']} | {r['threshold']:g} | {100 * r['accuracy']:.2f} | {r['avg_steps']:.2f} "
+              f"| {fmt(r.get('avg_module_steps'))} | {fmt(r.get('avg_simulated_steps'))} "
+              f"| {fmt(r.get('avg_energy_j'), '.4f', 1e6)} |")
+  return md
+
+
 def main(argv=None) -> None:
   """The command line; a user's mistake prints one line and exits with status 1 (`loader.user_errors`)."""
   import argparse  # pylint: disable=g-import-not-at-top
@@ -219,8 +299,23 @@ def main(argv=None) -> None:
   p.add_argument("--out", help="also write every figure (spike rates, masks, energy per layer) to this JSON")
   p.add_argument("--allow_unfinished", action="store_true", help="evaluate a run that has not finished (its "
                  "latest checkpoint); without it such a run is refused")
+  p.add_argument("--early_exit", help="instead: per-image early exit under these criteria (comma-separated: "
+                 "confidence, entropy); writes <workdir>/early_exit/early_exit.{json,md,png}")
+  p.add_argument("--thresholds", help="early-exit thresholds in [0, 1], comma-separated, for every criterion "
+                 "(default: a grid per criterion, dtvit.evaluate.EXIT_THRESHOLDS)")
   args = p.parse_args(argv)
   with loader.user_errors("dtvit.evaluate"):
+    if args.early_exit:
+      criteria = [c.strip() for c in args.early_exit.split(",") if c.strip()]
+      try:
+        thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else None
+      except ValueError as e:
+        raise ValueError(f"--thresholds={args.thresholds!r}: give numbers in [0, 1], comma-separated.") from e
+      result = early_exit_workdir(args.workdir, criteria=criteria, thresholds=thresholds, phase=args.phase,
+                                  split=args.split, examples=args.examples, allow_unfinished=args.allow_unfinished)
+      print("\n".join(exit_table_md(result)))
+      print(f"written: {os.path.join(args.workdir, EXIT_DIR)}/early_exit.{{json,md,png}}")
+      return
     if args.out:
       check_writable(args.out)  # before the work, not after it
     result = evaluate_workdir(args.workdir, phase=args.phase, split=args.split, images=args.images,

@@ -50,6 +50,7 @@ from dtvit.models import paths
 from dtvit.models import SpikingViT
 
 CRITERIA = ("confidence", "entropy")
+_RATE_KEYS = ("input_rates", "attention_rates", "masks")  # what `energy.energy_by_exit` reads from aux
 
 # ----------------------------------------------------------------------------------------------------------
 # Skipped-step inference.
@@ -234,15 +235,18 @@ def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "co
                      weights_B=None, masks: Mapping[str, Any] | None = None,
                      simulated_T=None) -> dict[str, np.ndarray]:
   """Sums to accumulate over batches: {'correct', 'steps', 'module_steps' (with masks), 'simulated_steps'
-  (with simulated_T, from `simulated_steps_by_exit`), 'count'} per threshold ([R] each; 'count' a scalar).
+  (with simulated_T, from `simulated_steps_by_exit`), 'count'} per threshold ([R] each; 'count' a scalar), and
+  'exit_counts' [R, T]: how many samples stop after each step (for the energy, `_summarise`).
   weights_B: 1 for real examples, 0 for padding (default all 1)."""
   steps_RB, pred_RB = exit_steps(step_logits_TBK, thresholds, criterion)
   labels_B = np.asarray(labels_B).reshape(-1)
   if labels_B.shape[0] != steps_RB.shape[1]:
     raise ValueError(f"{labels_B.shape[0]} labels for {steps_RB.shape[1]} samples.")
   w_B = np.ones(labels_B.shape, np.float64) if weights_B is None else np.asarray(weights_B, np.float64)
+  T = np.asarray(step_logits_TBK).shape[0]
   out = {"correct": ((pred_RB == labels_B[None]) * w_B).sum(axis=1), "steps": (steps_RB * w_B).sum(axis=1),
-         "count": w_B.sum()}
+         "count": w_B.sum(),
+         "exit_counts": np.stack([((steps_RB == t) * w_B).sum(axis=1) for t in range(1, T + 1)], axis=1)}
   if masks:
     per_t = masks_lib.active_steps_by_exit(masks)
     out["module_steps"] = (per_t[steps_RB - 1] * w_B).sum(axis=1)
@@ -251,8 +255,10 @@ def early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion: str = "co
   return out
 
 
-def _summarise(thresholds, stats) -> list[dict]:
+def _summarise(thresholds, stats, energy_T=None) -> list[dict]:
   n = max(float(stats["count"]), 1e-12)
+  if energy_T is not None:  # the mean per-sample energy: each exit step's energy times its share of samples
+    energy_R = stats["exit_counts"] @ np.asarray(energy_T, np.float64) / n
   rows = []
   for i, thr in enumerate(np.asarray(thresholds, np.float64).reshape(-1)):
     row = {"threshold": float(thr), "accuracy": float(stats["correct"][i]) / n,
@@ -261,45 +267,90 @@ def _summarise(thresholds, stats) -> list[dict]:
       row["avg_module_steps"] = float(stats["module_steps"][i]) / n
     if "simulated_steps" in stats:
       row["avg_simulated_steps"] = float(stats["simulated_steps"][i]) / n
+    if energy_T is not None:
+      row["avg_energy_j"] = float(energy_R[i])
     rows.append(row)
   return rows
 
 
 def early_exit_eval(step_logits_TBK, labels_B, thresholds, criterion: str = "confidence", *,
-                    weights_B=None, masks: Mapping[str, Any] | None = None) -> list[dict]:
+                    weights_B=None, masks: Mapping[str, Any] | None = None, energy_T=None) -> list[dict]:
   """Accuracy and cost of per-sample early exit, one row per threshold.
 
   Returns [{'threshold', 'accuracy', 'avg_steps'}]: 'avg_steps' is the mean number of steps run per sample
   (T_max without exits). With `masks` ({module: hard mask [T]}) each row also has 'avg_module_steps': the
-  paper's T_avg (mean over masked modules of active steps) counted up to each sample's exit step.
+  paper's T_avg (mean over masked modules of active steps) counted up to each sample's exit step. With
+  `energy_T` (`energy.energy_by_exit(...)['snn_energy_j']`: joules per sample that stops after step t) each row
+  also has 'avg_energy_j', the mean per-sample energy (the stem, every module and the head at the steps each
+  sample ran, under the masks' semantics).
   """
   stats = early_exit_stats(step_logits_TBK, labels_B, thresholds, criterion, weights_B=weights_B, masks=masks)
-  return _summarise(thresholds, stats)
+  return _summarise(thresholds, stats, energy_T)
 
 
 def early_exit_over_batches(model: SpikingViT, variables, batches: Iterable[Mapping[str, Any]], thresholds,
-                            criterion: str = "confidence", *, skip_steps: bool = True) -> list[dict]:
+                            criterion: str = "confidence", *, skip_steps: bool = False,
+                            energy: bool = True) -> list[dict]:
   """`early_exit_eval` over a dataset: batches are {'image', 'label'[, 'mask']} (as from
   `data.eval_batches`; 'mask' marks real examples). The model runs with hard masks, with its masked
   steps skipped when `skip_steps` (same step logits either way). Rows also have 'avg_simulated_steps' (the
-  mean over mask units of their simulated steps up to each sample's exit, `simulated_steps_by_exit`)."""
-  _check_early_exit_args(criterion, thresholds)
+  mean over mask units of their simulated steps up to each sample's exit, `simulated_steps_by_exit`) and, with
+  `energy`, 'avg_energy_j' (`energy.energy_by_exit` from the per-step rates of the dense evaluation, averaged
+  over the full batches as `evaluate.evaluate` does for the energy report; with `skip_steps` a second, dense
+  pass gives them)."""
+  return early_exit_criteria_over_batches(model, variables, batches, {criterion: thresholds},
+                                          skip_steps=skip_steps, energy=energy)[criterion]
+
+
+def early_exit_criteria_over_batches(model: SpikingViT, variables, batches: Iterable[Mapping[str, Any]],
+                                     thresholds: Mapping[str, Sequence[float]], *, skip_steps: bool = False,
+                                     energy: bool = True, e_mac: float | None = None,
+                                     e_ac: float | None = None) -> dict[str, list[dict]]:
+  """`early_exit_over_batches` for several criteria in one pass over the data: {criterion: thresholds} ->
+  {criterion: rows}."""
+  from dtvit import energy as energy_lib  # pylint: disable=g-import-not-at-top
+  for criterion, thr in thresholds.items():
+    _check_early_exit_args(criterion, thr)
   masks = models.hard_masks(model, variables["params"])
   simulated_T = simulated_steps_by_exit(model, masks) if masks else None
-  if skip_steps:
-    run_model = scheduled_model(model, make_schedule(model, variables["params"]))
-  else:
-    run_model = models.with_mask(model, hard=True)
+  dense = models.with_mask(model, hard=True)
+  run_model = scheduled_model(model, make_schedule(model, variables["params"])) if skip_steps else dense
 
   @compilation.jit
-  def step_logits(images):
-    return models.apply_model(run_model, variables, images)[1]["step_logits"]
+  def forward(images):
+    aux = models.apply_model(run_model, variables, images)[1]
+    out = {"step_logits": aux["step_logits"]}
+    if energy:
+      if run_model is not dense:  # a scheduled model's rates cover its run steps only: the dense pass has [T]
+        aux = models.apply_model(dense, variables, images)[1]
+      out.update({k: aux[k] for k in _RATE_KEYS})
+    return out
 
-  total = None
+  totals: dict[str, dict] = {}
+  rate_sums, full, partial, image_shape = None, 0, [], None
   for batch in batches:
-    stats = early_exit_stats(step_logits(jnp.asarray(batch["image"])), batch["label"], thresholds, criterion,
-                             weights_B=batch.get("mask"), masks=masks or None, simulated_T=simulated_T)
-    total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
-  if total is None:
+    image_shape = tuple(np.asarray(batch["image"]).shape[1:])
+    out = jax.device_get(forward(jnp.asarray(batch["image"])))
+    for criterion, thr in thresholds.items():
+      stats = early_exit_stats(out["step_logits"], batch["label"], thr, criterion, weights_B=batch.get("mask"),
+                               masks=masks or None, simulated_T=simulated_T)
+      prev = totals.get(criterion)
+      totals[criterion] = stats if prev is None else {k: prev[k] + v for k, v in stats.items()}
+    if energy:
+      rates = {k: out[k] for k in _RATE_KEYS}
+      weights = batch.get("mask")
+      if weights is None or float(np.min(weights)) > 0:
+        rate_sums = rates if rate_sums is None else jax.tree.map(np.add, rate_sums, rates)
+        full += 1
+      else:
+        partial.append(rates)
+  if not totals:
     raise ValueError("early_exit_over_batches got no batches.")
-  return _summarise(thresholds, total)
+  energy_T = None
+  if energy:
+    if not full:  # only partly padded batches: their rates, as the energy report would have none
+      rate_sums, full = jax.tree.map(lambda *x: np.sum(x, axis=0), *partial), len(partial)
+    aux = jax.tree.map(lambda x: np.asarray(x) / full, rate_sums)  # as `evaluate.evaluate` averages them
+    kw = {k: v for k, v in (("e_mac", e_mac), ("e_ac", e_ac)) if v is not None}
+    energy_T = energy_lib.energy_by_exit(dense, image_shape, aux, **kw)["snn_energy_j"]
+  return {c: _summarise(thresholds[c], totals[c], energy_T) for c in thresholds}

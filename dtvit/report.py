@@ -22,8 +22,11 @@ What it shows (the file of each plot in brackets):
   SNN averaged over its first T steps, their normalised error e_b(T), the sensitivity S_b = e_b(1) - e_b(T_max)
   and T90_b (`analysis.analyse_activations`, `analysis.sensitivity_table`).
 - Early exit [early_exit.png]: per-sample exit on top of the learned masks for a range of confidence
-  thresholds (`analysis.early_exit_rows`): accuracy vs steps run per image, and vs the paper's T_avg counted up
-  to each image's exit step.
+  thresholds (`analysis.early_exit_rows`): accuracy vs steps run per image, vs the paper's T_avg counted up
+  to each image's exit step, and vs the mean energy per image (`energy.energy_by_exit`).
+- Early-exit evaluation [exit_tradeoff.png, only when the primary run has one]: the table and curves of
+  `python -m dtvit.evaluate --workdir=W --early_exit=confidence,entropy` (<workdir>/early_exit/), accuracy vs
+  energy and vs steps per criterion.
 
 Library use (e.g. in a notebook): the `plot_*` functions (each returns a matplotlib Figure) on what
 `dtvit.analysis` computes; `write_report` does everything.
@@ -327,9 +330,12 @@ def plot_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]], steps_per_mod
 
 
 def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criterion: str = "confidence"):
-  """Accuracy vs steps run per image (left) and vs T_avg counted to each image's exit (right)."""
+  """Accuracy vs steps run per image (left), vs T_avg counted to each image's exit (middle) and, when the rows
+  have it, vs the mean energy per image (right)."""
   plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True, layout="constrained")
+  with_energy = all(r.get("avg_energy_j") is not None for r in rows)
+  fig, axes = plt.subplots(1, 3 if with_energy else 2, figsize=(17 if with_energy else 12, 4.4), sharey=True,
+                           layout="constrained")
   acc = [100 * r["accuracy"] for r in rows]
   panels = [("avg_steps", "steps run per image (mean)", "Early exit: accuracy vs latency"),
             ("avg_simulated_steps" if all("avg_simulated_steps" in r for r in rows) else "avg_module_steps",
@@ -337,6 +343,10 @@ def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criter
              if all("avg_simulated_steps" in r for r in rows) else
              "T_avg up to the exit step (mean active steps per module)",
              "Early exit: accuracy vs module time steps")]
+  if with_energy:
+    panels.append(("avg_energy_uj", "SNN energy per image (uJ, mean; counted to each image's exit)",
+                   "Early exit: accuracy vs energy"))
+    rows = [dict(r, avg_energy_uj=1e6 * r["avg_energy_j"]) for r in rows]
   full = [r for r in rows if r["threshold"] == (1.0 if criterion == "confidence" else 0.0)]
   thr = [r["threshold"] for r in rows]
   sc = None
@@ -351,7 +361,8 @@ def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criter
     if full:
       ax.axhline(100 * full[0]["accuracy"], color="0.3", ls="--", lw=1, label="no early exit (all T_max steps)")
       ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlim(-0.15, num_steps + 0.3)
+    if key != "avg_energy_uj":
+      ax.set_xlim(-0.15, num_steps + 0.3)
     ax.margins(y=0.1)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
@@ -512,11 +523,56 @@ def _early_exit_section(snn: loader.Loaded, rows: list[dict], criterion: str, ea
         f"to the exit step, averaged over modules (the paper's T_avg; {snn.average_time_steps:.2f} without "
         "exit); 'simulated to exit' counts the steps whose work is needed up to the exit step "
         f"({snn.average_simulated_steps:.2f} without exit).", "", "![early exit](early_exit.png)", "",
-        "| threshold | accuracy (%) | steps run | T_avg to exit | simulated to exit |", "|---|---|---|---|---|"]
+        "| threshold | accuracy (%) | steps run | T_avg to exit | simulated to exit | energy (uJ) |",
+        "|---|---|---|---|---|---|"]
   for r in rows:
     md.append(f"| {r['threshold']:g} | {100 * r['accuracy']:.2f} | {r['avg_steps']:.2f} "
-              f"| {_fmt(r.get('avg_module_steps'))} | {_fmt(r.get('avg_simulated_steps'))} |")
+              f"| {_fmt(r.get('avg_module_steps'))} | {_fmt(r.get('avg_simulated_steps'))} "
+              f"| {_fmt(r.get('avg_energy_j'), '.4f', 1e6)} |")
   return md + [""]
+
+
+def plot_exit_tradeoff(result: Mapping[str, Any]):
+  """Accuracy vs mean energy per image (left) and vs steps run per image (right), one curve per criterion, from
+  `dtvit.evaluate.early_exit_workdir`'s result."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True, layout="constrained")
+  markers = {"confidence": "o", "entropy": "s"}
+  for c in dict.fromkeys(r["criterion"] for r in result["rows"]):
+    rows = [r for r in result["rows"] if r["criterion"] == c]
+    acc = [100 * r["accuracy"] for r in rows]
+    for ax, key, scale in ((axes[0], "avg_energy_j", 1e6), (axes[1], "avg_steps", 1.0)):
+      if all(r.get(key) is not None for r in rows):
+        ax.plot([scale * r[key] for r in rows], acc, marker=markers.get(c, "^"), lw=1, ms=5, label=c)
+  if result.get("no_exit"):
+    for ax in axes:
+      ax.axhline(100 * result["no_exit"]["accuracy"], color="0.3", ls="--", lw=1, label="no exit")
+  axes[0].set_xlabel("SNN energy per image (uJ, mean; counted to each image's exit)")
+  axes[1].set_xlabel("steps run per image (mean)")
+  axes[0].set_ylabel(f"accuracy (%), {result['data']}")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+  fig.suptitle(f"Per-image early exit ({result['phase']}, T_max = {result['T_max']}, masks "
+               f"{'learned, ' + result['mask_semantics'] if result['masks_enabled'] else 'off'})", fontsize=10)
+  return fig
+
+
+EXIT_PLOT = "exit_tradeoff"  # drawn when the primary run has `python -m dtvit.evaluate --early_exit` results
+
+
+def _exit_eval_section(workdir: str, result: dict, out: str) -> list[str]:
+  """The primary run's early-exit evaluation (`dtvit.evaluate.early_exit_workdir`), when it has one."""
+  from dtvit import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, evaluate_lib.EXIT_DIR, "early_exit.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    ee = json.load(f)
+  result["early_exit_evaluation"] = ee
+  _save(plot_exit_tradeoff(ee), out, EXIT_PLOT, result)
+  return (["## Early exit: accuracy vs energy (python -m dtvit.evaluate --early_exit)", "",
+           f"![accuracy vs energy and steps]({EXIT_PLOT}.png)", ""] + evaluate_lib.exit_table_md(ee) + [""])
 
 
 def _output_dir(workdirs: Sequence[str], out: str | None, ann_params: str) -> str:
@@ -568,6 +624,7 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
     ee = analysis_lib.early_exit_rows(snn, thresholds, criterion=criterion, max_batches=early_exit_batches,
                                       batch_size=batch_size)
     md += _early_exit_section(snn, ee, criterion, early_exit_batches, result, out)
+  md += _exit_eval_section(workdirs[0], result, out)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(md))
   with open(os.path.join(out, "report.json"), "w") as f:

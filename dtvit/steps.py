@@ -33,25 +33,60 @@ def temperature_at(pc, step, num_steps):
   return pc.temperature_start * (pc.temperature_end / pc.temperature_start) ** frac
 
 
-def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None):
-  """(params, batch_stats, batch, temperature) -> (loss, (cross-entropy, cost, logits, new batch_stats)).
+def loss_option(pc) -> str:
+  """The phase's `loss` ('final' | 'every_step'); 'final' for configs older than the key."""
+  return pc.get("loss", "final")
 
-  loss = cross-entropy + `time_cost` * time-step cost; the cost is 0 outside the 'snn' phase.
+
+def distill_weight(pc) -> float:
+  """The phase's `distill_weight` (0: no distillation; also for configs older than the key)."""
+  return float(pc.get("distill_weight", 0.0))
+
+
+def twin_logits(twin_model, twin_variables, images) -> jax.Array:
+  """The frozen ANN twin's logits [B, K]: evaluation mode (running batch statistics), no gradient."""
+  return jax.lax.stop_gradient(models.apply_model(twin_model, twin_variables, images, with_aux=False))
+
+
+def make_loss_fn(model, pc, *, phase: str, op_weights: dict | None, twin_model=None):
+  """(params, batch_stats, batch, temperature, twin_variables=None) -> (loss, (cross-entropy, cost, distill,
+  logits, new batch_stats)).
+
+  loss = cross-entropy + `time_cost` * time-step cost + `distill_weight` * distillation. The cross-entropy is
+  the time-averaged logits' (`pc.loss='final'`) or SEENN's mean over steps of the accumulated logits'
+  ('every_step', `losses.every_step_cross_entropy`). The cost is 0 outside the 'snn' phase. The distillation
+  term (`losses.distillation_kl` at `distill_temperature`, 0 without a twin) compares the model's time-averaged
+  logits with those of `twin_model` (the ANN twin, phase 'ann') run on the same batch with `twin_variables`.
+  'logits' are the time-averaged logits [B, K] either way.
   """
   use_cost = phase == "snn" and model.mask.enabled and pc.time_cost > 0
+  every_step = loss_option(pc) == "every_step"
+  weight = distill_weight(pc)
+  if weight > 0 and twin_model is None:
+    raise ValueError(f"{phase}.distill_weight={weight} needs the ANN twin (twin_model).")
 
-  def loss_fn(params, batch_stats, batch, temperature):
-    logits, new_bs = models.apply_model(model, {"params": params, "batch_stats": batch_stats}, batch["image"],
-                                        train=True, mask_temperature=temperature, with_aux=False)
-    ce = losses.cross_entropy(logits, batch["target"], label_smoothing=pc.label_smoothing)
+  def loss_fn(params, batch_stats, batch, temperature, twin_variables=None):
+    out, new_bs = models.apply_model(model, {"params": params, "batch_stats": batch_stats}, batch["image"],
+                                     train=True, mask_temperature=temperature, with_aux=False,
+                                     step_logits=every_step)
+    if every_step:
+      logits = jnp.mean(out, axis=0)
+      ce = losses.every_step_cross_entropy(out, batch["target"], label_smoothing=pc.label_smoothing)
+    else:
+      logits = out
+      ce = losses.cross_entropy(logits, batch["target"], label_smoothing=pc.label_smoothing)
     cost = jnp.zeros(())
     if use_cost:
       cost = masks_lib.time_step_cost(models.active_scores(model, params), kind=pc.cost_kind,
                                       op_weights=op_weights, target=pc.target_steps or None,
                                       temperature=temperature, monotone=model.mask.monotone,
                                       semantics=model.mask.semantics)
-    loss = ce + pc.time_cost * cost
-    return loss, (ce, cost, logits, new_bs)
+    distill = jnp.zeros(())
+    if weight > 0:
+      teacher = twin_logits(twin_model, twin_variables, batch["image"])
+      distill = losses.distillation_kl(logits, teacher, temperature=pc.distill_temperature)
+    loss = ce + pc.time_cost * cost + weight * distill
+    return loss, (ce, cost, distill, logits, new_bs)
 
   return loss_fn
 
@@ -62,21 +97,25 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None):
-  """The jitted-to-be step: (state, batch) -> (state, metrics).
+def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None,
+                    twin_model=None):
+  """The jitted-to-be step: (state, batch, twin_variables=None) -> (state, metrics).
+
+  `twin_model` / `twin_variables`: the frozen ANN twin to distil from (`pc.distill_weight` > 0); its forward pass
+  runs inside the step, on the (augmented) batch the model sees.
 
   When the loss, a gradient, an updated parameter, an updated batch statistic or the updated optimizer state is
-  not finite the step returns the state it was given (params, batch_stats, optimizer state untouched) and metric 'finite' False; under `nonfinite='skip'` the step
-  counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
+  not finite the step returns the state it was given (params, batch_stats, optimizer state untouched) and metric
+  'finite' False; under `nonfinite='skip'` the step counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
   """
-  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights, twin_model=twin_model)
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, twin_variables=None):
     if augment_fn is not None:
       batch = augment_fn(state["step"], batch)
     temperature = temperature_at(pc, state["step"], pc.num_steps)
-    (loss, (ce, cost, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["batch_stats"], batch, temperature)
+    (loss, (ce, cost, distill, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, temperature, twin_variables)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # What `make_diagnosis` checks, in the same terms: a non-finite optimizer state (e.g. Adam's second moment
@@ -90,6 +129,7 @@ def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augme
     if pc.nonfinite == "skip":
       new_state["step"] = state["step"] + 1
     metrics = {"loss": loss, "cross_entropy": ce, "time_cost": cost,
+               **({"distill": distill} if twin_model is not None else {}),
                "accuracy": jnp.mean(losses.correct(logits, batch["label"])), "temperature": temperature,
                "finite": finite}
     return new_state, metrics
@@ -185,8 +225,8 @@ def _describe(names: dict[str, list[str]], out: dict) -> str:
   return "not reproduced when the step was re-run (first non-finite module unknown)"
 
 
-def make_diagnosis(model, tx, pc, *, phase: str, op_weights: dict | None,
-                   augment_fn: AugmentFn | None = None) -> Callable[[dict, dict, int], str]:
+def make_diagnosis(model, tx, pc, *, phase: str, op_weights: dict | None, augment_fn: AugmentFn | None = None,
+                   twin_model=None) -> Callable[..., str]:
   """(state, batch, step) -> a one-line description of where a non-finite train step first went non-finite.
 
   Re-runs the step from `state` on `batch` and checks everything the train step's 'finite' flag checks, in the
@@ -195,38 +235,39 @@ def make_diagnosis(model, tx, pc, *, phase: str, op_weights: dict | None,
   i.e. the one closest to the loss, whose gradients are non-finite), then the optimizer update (the first
   module whose updated parameters are non-finite), then the updated batch statistics (the first module in
   execution order), then the updated optimizer state (its first non-finite array). `augment_fn` is the train
-  step's (the step re-run sees the batch the step saw). Jitted once: every call with the same shapes reuses it.
+  step's (the step re-run sees the batch the step saw), `twin_model` its twin (the diagnosis takes the twin's
+  variables as the step does). Jitted once: every call with the same shapes reuses it.
   """
-  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights)
+  loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights, twin_model=twin_model)
   names: dict[str, list[str]] = {}
 
-  def diagnose_step(state, batch, step):
+  def diagnose_step(state, batch, step, twin_variables):
     if augment_fn is not None:
       batch = augment_fn(step, batch)
     temperature = temperature_at(pc, step, pc.num_steps)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     names["forward"], flags = _forward_flags(model, variables, batch["image"], temperature)
-    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, state["batch_stats"], batch, temperature),
-                                            has_aux=True)(state["params"])
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, state["batch_stats"], batch, temperature, twin_variables), has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     checks = {"grads": _finite_by_module(grads),
               "params": _finite_by_module(optax.apply_updates(state["params"], updates)),
-              "batch_stats": _finite_by_module(aux[3]), "opt_state": _finite_by_leaf(opt_state)}
+              "batch_stats": _finite_by_module(aux[-1]), "opt_state": _finite_by_leaf(opt_state)}
     names.update({k: list(v) for k, v in checks.items()}, modules=list(checks["grads"]))
     return {"forward": [flags[p] for p in names["forward"]], "loss": jnp.isfinite(loss),
             **{k: list(v.values()) for k, v in checks.items()}}
 
   jitted = compilation.jit(diagnose_step)
 
-  def diagnose(state, batch, step: int) -> str:
-    out = jax.device_get(jitted(state, batch, jnp.asarray(step, jnp.int32)))
+  def diagnose(state, batch, step: int, twin_variables=None) -> str:
+    out = jax.device_get(jitted(state, batch, jnp.asarray(step, jnp.int32), twin_variables))
     return _describe(names, out)
 
   return diagnose
 
 
 def diagnose_nonfinite(model, tx, pc, state, batch, step: int, *, phase: str, op_weights: dict | None,
-                       augment_fn: AugmentFn | None = None) -> str:
-  """`make_diagnosis(...)(state, batch, step)`, compiled for this one call."""
-  return make_diagnosis(model, tx, pc, phase=phase, op_weights=op_weights, augment_fn=augment_fn)(
-      state, batch, step)
+                       augment_fn: AugmentFn | None = None, twin_model=None, twin_variables=None) -> str:
+  """`make_diagnosis(...)(state, batch, step, twin_variables)`, compiled for this one call."""
+  return make_diagnosis(model, tx, pc, phase=phase, op_weights=op_weights, augment_fn=augment_fn,
+                        twin_model=twin_model)(state, batch, step, twin_variables)

@@ -30,7 +30,9 @@ from dtvit import compilation
 from dtvit import energy as energy_lib
 from dtvit import evaluate as evaluate_lib
 from dtvit import data
+from dtvit import inference
 from dtvit.data import resident
+from dtvit import losses
 from dtvit import masks as masks_lib
 from dtvit import metrics as metrics_lib
 from dtvit import models
@@ -92,9 +94,28 @@ def validate_config(config) -> None:
       raise ValueError(f"{p}.batch_size must be >= 1, got {pc.batch_size}.")
     if pc.sync_every < 1:
       raise ValueError(f"{p}.sync_every must be >= 1 (1: read every step's flags at once), got {pc.sync_every}.")
+    _check_loss_options(config, phases, p)
     _check_periodic_eval(config, p)
   for p in phases:
     models.build_model(config.model, 2, phase="snn" if p != "ann" else "ann")
+
+
+def _check_loss_options(config, phases, phase: str) -> None:
+  pc = config[phase]
+  if steps.loss_option(pc) not in losses.LOSSES:
+    raise ValueError(f"{phase}.loss={pc.loss!r}; choose one of {losses.LOSSES}.")
+  weight = steps.distill_weight(pc)
+  if not weight >= 0:
+    raise ValueError(f"{phase}.distill_weight must be >= 0 (0 = no distillation), got {weight}.")
+  if weight == 0:
+    return
+  if phase == "ann":
+    raise ValueError("ann.distill_weight must be 0: the ANN twin is the teacher, it cannot distil from itself.")
+  if not pc.distill_temperature > 0:
+    raise ValueError(f"{phase}.distill_temperature must be > 0, got {pc.distill_temperature}.")
+  if _twin_source(config, "", phases, phase) is None:
+    raise ValueError(f"{phase}.distill_weight={weight} needs an ANN twin: set {phase}.distill_from (or "
+                     f"{phase}.init_from) to an ANN phase's checkpoint directory, or run the 'ann' phase first.")
 
 
 def _check_periodic_eval(config, phase: str) -> None:
@@ -197,6 +218,65 @@ def initial_variables(config, workdir, phases, phase, model, info, rng, *, mesh)
   return variables
 
 
+def _twin_source(config, workdir, phases, phase) -> str | None:
+  """The ANN twin's checkpoint directory for distillation in `phase`: `distill_from`, else `init_from`, else this
+  run's 'ann' phase when it runs before `phase`; None when there is none."""
+  pc = config[phase]
+  if pc.get("distill_from", ""):
+    return pc.distill_from
+  if pc.init_from:
+    return pc.init_from
+  if "ann" in phases and phases.index("ann") < phases.index(phase):
+    return os.path.join(workdir, "ann", "checkpoints")
+  return None
+
+
+def twin_variables(config, workdir, phases, phase, info, rng, *, mesh):
+  """(the ANN twin's model, its variables on the mesh, its source) for distillation in `phase`, or None when
+  `distill_weight` is 0. The variables are read from the checkpoint at every launch (they never change), so a
+  resumed run distils from the same twin."""
+  if steps.distill_weight(config[phase]) <= 0:
+    return None
+  source = _twin_source(config, workdir, phases, phase)
+  twin = models.phase_model(config.model, info.num_classes, "ann")
+  init = _init_fn(twin, info.image_shape)
+  variables = checkpointing.restore_variables(source, _abstract(init, mesh, rng), what=f"{phase} ANN twin",
+                                              fresh=lambda: _run_once(init, mesh, rng),
+                                              reinit_on_mismatch=paths.is_scores_path)
+  logging.info("%s: distilling from the ANN twin of %s", phase, source)
+  return twin, variables, source
+
+
+def twin_cost(ph, twin, twin_vars, state, image_shape, num_classes) -> dict:
+  """What the twin adds to a train step, as matmul FLOPs of one global batch (`inference.matmul_flops`, counted
+  from the traced programs: no timing noise): the twin's forward pass, and the train step's loss and gradient
+  with and without it."""
+  pc = ph.pc
+  images = jax.ShapeDtypeStruct((pc.batch_size, *image_shape), jnp.float32)
+  batch = {"image": images, "label": jax.ShapeDtypeStruct((pc.batch_size,), jnp.int32),
+           "target": jax.ShapeDtypeStruct((pc.batch_size, num_classes), jnp.float32)}
+  spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  params, bs, tv = spec(state["params"]), spec(state["batch_stats"]), spec(twin_vars)
+  temperature = jax.ShapeDtypeStruct((), jnp.float32)
+
+  def grad_flops(fn, *args):
+    return inference.matmul_flops(jax.value_and_grad(fn, has_aux=True), params, bs, batch, temperature, *args)
+
+  with_twin = steps.make_loss_fn(ph.model, pc, phase=ph.name, op_weights=ph.op_weights, twin_model=twin)
+  without = steps.make_loss_fn(ph.model, _no_distill(pc), phase=ph.name, op_weights=ph.op_weights)
+  forward = inference.matmul_flops(lambda v, x: steps.twin_logits(twin, v, x), tv, images)
+  step_with, step_without = grad_flops(with_twin, tv), grad_flops(without)
+  return {"twin_forward_flops_per_step": forward, "train_step_flops_with_twin": step_with,
+          "train_step_flops_without_twin": step_without,
+          "twin_share_of_step_flops": round((step_with - step_without) / step_with, 4) if step_with else None}
+
+
+def _no_distill(pc):
+  c = pc.copy_and_resolve_references()
+  c.distill_weight = 0.0
+  return c
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The training loop.
 
@@ -282,6 +362,8 @@ class Phase:
   mesh: Any
   augment_fn: Any = None    # (step, batch) -> batch inside the train step: the resident gather, mixup / cutmix
   table: dict | None = None  # data.placement='device': the resident train split, replicated (resident.py)
+  twin: Any = None          # distillation: the ANN twin's model (phase 'ann'), or None
+  twin_variables: Any = None  # and its variables on the mesh (an argument of the jitted step, not a constant)
 
 
 def make_augment_fn(config, info, pc=None):
@@ -369,7 +451,8 @@ _FLAG_KEYS = ("finite", "stop", "go")
 def _gated(step_fn):
   """The train step with two flags that let the host read a step's flags one step late.
 
-  (state, batch, go, stop_D) -> (state, metrics): the step runs only where `go` (the previous step's 'go');
+  (state, batch, go, stop_D[, twin variables]) -> (state, metrics): the step runs only where `go` (the previous
+  step's 'go');
   otherwise the state comes back unchanged. 'go' is sticky: it turns False at the first step that is not
   finite or after which a process asked to stop, and stays False until the host passes True again. So when
   the host reads the flags of several steps at once, the state is the one to diagnose or re-run from after a
@@ -377,8 +460,8 @@ def _gated(step_fn):
   [devices], each process's SIGTERM flag on its devices; metrics 'stop' is their OR, so every process reads
   the same answer at the same step."""
 
-  def gated(state, batch, go, stop_D):
-    new_state, metrics = step_fn(state, batch)
+  def gated(state, batch, go, stop_D, *twin):
+    new_state, metrics = step_fn(state, batch, *twin)
     new_state = jax.tree.map(lambda new, old: jnp.where(go, new, old), new_state, state)
     stop = jnp.any(stop_D)
     return new_state, dict(metrics, stop=stop, go=go & metrics["finite"] & ~stop)
@@ -395,24 +478,27 @@ class _Stepper:
     state_sharding = sharding.state_shardings(ph.mesh, state)
     rep, data_sharded = sharding.replicated(ph.mesh), sharding.batch_sharded(ph.mesh)
     step_fn = steps.make_train_step(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
-                                    augment_fn=ph.augment_fn)
+                                    augment_fn=ph.augment_fn, twin_model=ph.twin)
     batch_sharding = data_sharded if ph.table is None else {"index": data_sharded, **{k: rep for k in ph.table}}
-    self._fn = compilation.jit(_gated(step_fn), in_shardings=(state_sharding, batch_sharding, rep, data_sharded),
-                       out_shardings=(state_sharding, rep), donate_argnums=(0,))
+    self._twin = () if ph.twin is None else (ph.twin_variables,)
+    twin_sharding = tuple(jax.tree.map(lambda x: x.sharding, t) for t in self._twin)
+    self._fn = compilation.jit(_gated(step_fn),
+                               in_shardings=(state_sharding, batch_sharding, rep, data_sharded, *twin_sharding),
+                               out_shardings=(state_sharding, rep), donate_argnums=(0,))
     self.go = jax.device_put(jnp.array(True), rep)
     local = len(ph.mesh.local_devices)
     self._stop = {f: jax.make_array_from_process_local_data(data_sharded, np.full((local,), f)) for f in (0, 1)}
 
   def __call__(self, state, batch, go, stop: bool):
-    return self._fn(state, batch, go, self._stop[int(stop)])
+    return self._fn(state, batch, go, self._stop[int(stop)], *self._twin)
 
   def diagnose(self, state, batch, step: int) -> str:
     """`steps.make_diagnosis` of this phase: where the step from `state` on `batch` went non-finite."""
     if self._diagnose is None:
       ph = self._ph
       self._diagnose = steps.make_diagnosis(ph.model, ph.tx, ph.pc, phase=ph.name, op_weights=ph.op_weights,
-                                            augment_fn=ph.augment_fn)
-    return self._diagnose(state, batch, step)
+                                            augment_fn=ph.augment_fn, twin_model=ph.twin)
+    return self._diagnose(state, batch, step, *self._twin)
 
 
 @dataclasses.dataclass
@@ -630,6 +716,13 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   ckpt = checkpointing.Checkpointer(workdir_lib.checkpoint_dir(workdir, phase), max_to_keep=pc.max_to_keep,
                                     save_interval_steps=pc.checkpoint_every, save_first=False)
   state, meta = _start(ph, config, workdir, phases, info, ckpt)
+  twin = twin_variables(config, workdir, phases, phase, info, jax.random.key(config.seed), mesh=mesh)
+  distill = None
+  if twin is not None:
+    ph = dataclasses.replace(ph, twin=twin[0], twin_variables=twin[1])
+    distill = {"source": twin[2], "weight": float(pc.distill_weight), "temperature": float(pc.distill_temperature),
+               "twin_macs_per_image": energy_lib.ann_macs(twin[0], info.image_shape),
+               **twin_cost(ph, twin[0], twin[1], state, info.image_shape, info.num_classes)}
   start, history = int(meta.get("step", 0)), meta.get("history", [])
   end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
   t0, c0 = time.time(), time.process_time()
@@ -649,6 +742,8 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
                                   batch_hook=batch_hook, periodic_eval=_periodic_eval(config, ph))
     ckpt.close()
     summary = _phase_summary(state, history, clock)
+    if distill is not None:
+      summary["distill"] = distill
     if stop_at_step is not None and end < pc.num_steps:
       summary["stopped_at"] = end
     else:
@@ -671,6 +766,8 @@ def _check_sources(config, phases) -> None:
   for phase in phases:
     if config[phase].init_from:
       checkpointing.check_source(config[phase].init_from, f"{phase}.init_from")
+    if config[phase].get("distill_from", ""):
+      checkpointing.check_source(config[phase].distill_from, f"{phase}.distill_from")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False, allow_changes=(),

@@ -341,3 +341,85 @@ def test_bad_arguments_are_clear_errors():
     energy.energy_report(tiny_vit(), IMG, fake_aux(), e_ac=-1.0)
   with pytest.raises(ValueError, match="not divisible"):
     energy.op_counts(tiny_vit(), (18, 18, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Energy of a per-sample early exit.
+
+
+def _counted_exit_energy(hand, aux, masks, exits, semantics, mask_stem, e_mac=4.6e-12, e_ac=0.9e-12):
+  """An independent counter, sample by sample, layer by layer, step by step: the analog layer once; a layer of a
+  masked module at the steps before the sample's exit where the module works when the run stops there ('skip':
+  the module is active at the step; 'filter': it is active at that step or a later one before the exit); a layer
+  of no mask (unmasked stem, head) at every step before the exit. Its rate at a step is aux's."""
+  att = aux["attention_rates"]["blocks_0/attn"]
+  first = "blocks_0/attn/kv" if "blocks_0/attn/kv" in hand else "blocks_0/attn/qk"
+  total = 0.0
+  for e in exits:
+    joules = 0.0
+    for layer, macs in hand.items():
+      if layer in ANALOG:
+        joules += e_mac * macs
+        continue
+      rate = att[0] if layer == first else att[1] if layer == "blocks_0/attn/qkv" else aux["input_rates"][layer]
+      module = module_of(layer, "module", mask_stem)
+      for t in range(e):
+        if module is None:
+          works = True
+        elif semantics == "skip":
+          works = masks[module][t] == 1
+        else:
+          works = any(masks[module][s] == 1 for s in range(t, e))
+        if works:
+          joules += e_ac * macs * float(rate[t])
+    total += joules
+  return total / len(exits)
+
+
+@pytest.mark.parametrize("semantics,mask_stem", [("skip", False), ("filter", True)])
+def test_per_exit_energy_against_an_independent_counter(semantics, mask_stem):
+  steps = 4
+  model = models.vit("tiny", K, patch_size=4, num_steps=steps, neuron=models.NeuronConfig(init_threshold=0.5),
+                     mask=models.MaskConfig(semantics=semantics, mask_stem=mask_stem, hard=True))
+  masks = {"blocks_0/attn": [1, 0, 1, 0], "blocks_0/mlp": [0, 1, 0, 1], "embedding": [1, 1, 0, 1]}
+
+  def set_scores(params):
+    for name, m in masks.items():
+      if name != "embedding" or mask_stem:
+        node = params
+        for part in name.split("/"):
+          node = node[part]
+        node["time_mask"]["time_scores"] = jnp.asarray([1.0 if v else -1.0 for v in m])
+    return params
+
+  aux = run(model, set_scores)
+  hand = vit_hand_macs()
+  rep = energy.energy_report(model, IMG, aux)
+  by_exit = energy.energy_by_exit(model, IMG, aux)
+  # No exit: exactly the energy report.
+  assert by_exit["snn_energy_j"][-1] == rep["totals"]["snn_energy_j"]
+  assert by_exit["sops"][-1] == rep["totals"]["sops"]
+  assert energy.mean_exit_energy(by_exit["snn_energy_j"], [steps] * 5) == rep["totals"]["snn_energy_j"]
+  # A batch with known exit steps, against the counter.
+  exits = [1, 4, 2, 2, 3, 4, 1]
+  got = energy.mean_exit_energy(by_exit["snn_energy_j"], exits)
+  assert got == pytest.approx(_counted_exit_energy(hand, aux, masks, exits, semantics, mask_stem), rel=1e-9)
+  for e in range(1, steps + 1):
+    assert by_exit["snn_energy_j"][e - 1] == pytest.approx(
+        _counted_exit_energy(hand, aux, masks, [e], semantics, mask_stem), rel=1e-9)
+  # Under 'filter' the mlp's step 0 (masked) integrates for its step 1, so an exit after step 1 does not pay it.
+  assert np.all(np.diff(by_exit["snn_energy_j"]) > 0)
+  assert by_exit["snn_energy_j"][0] > 4.6e-12 * hand["embedding/patch"]
+  # Padding does not count; the early-exit rows carry the same energy.
+  assert energy.mean_exit_energy(by_exit["snn_energy_j"], exits + [1], weights_B=[1] * 7 + [0]) == pytest.approx(got)
+  from dtvit import inference  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(steps, 40, K)) * 2
+  thresholds = [0.3, 0.6, 0.9, 1.0]
+  steps_RB, _ = inference.exit_steps(logits, thresholds, "confidence")
+  rows = inference.early_exit_eval(logits, rng.integers(0, K, 40), thresholds, energy_T=by_exit["snn_energy_j"])
+  for row, s in zip(rows, steps_RB):
+    assert len(set(s.tolist())) > 1 or row["threshold"] == 1.0
+    assert row["avg_energy_j"] == pytest.approx(
+        _counted_exit_energy(hand, aux, masks, s.tolist(), semantics, mask_stem), rel=1e-9)
+  assert rows[-1]["avg_energy_j"] == pytest.approx(rep["totals"]["snn_energy_j"], rel=1e-12)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dtvit import energy
 from dtvit import inference
 from dtvit import models
 
@@ -269,13 +270,22 @@ def test_early_exit_over_batches_matches_full_evaluation(vit_vars):
   batches = [{"image": x[:4], "label": labels[:4], "mask": np.ones(4)},
              {"image": jnp.concatenate([x[4:], pad]), "label": np.concatenate([labels[4:], [0, 0]]),
               "mask": np.array([1.0, 1.0, 0.0, 0.0])}]
-  thresholds = [1.0, 0.5]
+  thresholds = [1.0, 0.5, 0.0]
   rows = inference.early_exit_over_batches(model, v, batches, thresholds)
   assert rows[0]["accuracy"] == pytest.approx(4 / 6) and rows[0]["avg_steps"] == T
   masks = models.hard_masks(model, v["params"])
   ref = inference.early_exit_eval(aux["step_logits"], labels, thresholds, masks=masks)
   for r, e in zip(rows, ref):
-    chex.assert_trees_all_close({k: v for k, v in r.items() if k != "avg_simulated_steps"}, e, rtol=1e-6)
+    chex.assert_trees_all_close({k: v for k, v in r.items() if k not in ("avg_simulated_steps", "avg_energy_j")},
+                                e, rtol=1e-6)
+  # Without exits the energy is the energy report's, from the rates of the full batch (as `evaluate` averages).
+  hard = models.with_mask(model, hard=True)
+  full_aux = jax.device_get(jax.jit(lambda v, x: models.apply_model(hard, v, x))(v, x[:4])[1])
+  assert rows[0]["avg_energy_j"] == pytest.approx(
+      energy.energy_report(hard, IMG, full_aux)["totals"]["snn_energy_j"], rel=1e-12)
+  assert rows[2]["avg_steps"] == 1 and rows[2]["avg_energy_j"] < rows[1]["avg_energy_j"] <= rows[0]["avg_energy_j"]
+  skipped = inference.early_exit_over_batches(model, v, batches, thresholds, skip_steps=True)
+  chex.assert_trees_all_close(skipped, rows, rtol=1e-6)
   # At full evaluation avg_module_steps is the paper's T_avg of the hard masks, avg_simulated_steps the mean of
   # the simulated steps the accounting reports.
   assert rows[0]["avg_module_steps"] == pytest.approx(float(np.mean([np.sum(m) for m in masks.values()])))

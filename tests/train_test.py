@@ -159,6 +159,60 @@ def test_resume_gives_the_same_params(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
+def test_every_step_loss_and_distillation_resume_bitwise(tiny_config, ann_run, tmp_path):
+  """snn.loss='every_step' with distillation from the ANN twin (the init_from checkpoint): a run stopped and
+  resumed ends bitwise equal to an uninterrupted one; the summary records the twin and its cost."""
+  twin_dir = os.path.join(ann_run[0], "ann", "checkpoints")
+  config = tiny_config(**{"phases": "snn", "snn.num_steps": 6, "snn.time_cost": 0.1, "snn.init_from": twin_dir,
+                          "snn.loss": "every_step", "snn.distill_weight": 1.0, "snn.distill_temperature": 2.0})
+  straight = train.run(config, str(tmp_path / "straight"))
+  assert train.run(config, str(tmp_path / "resumed"), stop_at_step=3)["snn"]["stopped_at"] == 3
+  resumed = train.run(config, str(tmp_path / "resumed"))
+  a = load_params(str(tmp_path / "straight" / "snn"))
+  b = load_params(str(tmp_path / "resumed" / "snn"))
+  assert a[0] == b[0] == 6
+  jax.tree.map(np.testing.assert_array_equal, a[1], b[1])
+  d = straight["snn"]["distill"]
+  assert d == resumed["snn"]["distill"]
+  assert d["source"] == twin_dir and d["weight"] == 1.0 and d["temperature"] == 2.0
+  assert d["twin_forward_flops_per_step"] > 0 and d["twin_macs_per_image"] > 0
+  # The twin's forward pass is in the step: the step's matmul work grows by exactly it.
+  assert d["train_step_flops_with_twin"] - d["train_step_flops_without_twin"] == d["twin_forward_flops_per_step"]
+  # The distillation changed training: without it the params differ.
+  config.snn.distill_weight = 0.0
+  train.run(config, str(tmp_path / "plain"))
+  c = load_params(str(tmp_path / "plain" / "snn"))
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(c[1])))
+
+
+def test_a_run_older_than_the_loss_options_resumes_at_their_defaults(tiny_config, tmp_path):
+  from dtvit import workdir as workdir_lib
+  keys = ("loss", "distill_weight", "distill_temperature", "distill_from")
+  older = tiny_config().to_dict()
+  for p in ("ann", "snn", "finetune"):
+    for k in keys:
+      del older[p][k]
+  workdir = str(tmp_path / "run")
+  workdir_lib.record_launch(workdir_lib.plan_launch(workdir, older))
+  launch = workdir_lib.plan_launch(workdir, tiny_config().to_dict(), defaults=train._base_defaults())
+  assert launch.allowed == () and set(launch.changes) == {f"{p}.{k}" for p in ("ann", "snn", "finetune") for k in keys}
+  with pytest.raises(ValueError, match="snn.loss"):
+    workdir_lib.plan_launch(workdir, tiny_config(**{"snn.loss": "every_step"}).to_dict(),
+                            defaults=train._base_defaults())
+
+
+def test_loss_option_errors(tiny_config, tmp_path):
+  for overrides, message in (({"snn.loss": "every"}, r"snn.loss='every'; choose one of"),
+                             ({"phases": "snn", "snn.distill_weight": 1.0}, "needs an ANN twin"),
+                             ({"ann.distill_weight": 1.0}, "cannot distil from itself"),
+                             ({"snn.distill_weight": 1.0, "snn.distill_temperature": 0.0}, "must be > 0"),
+                             ({"snn.distill_weight": -1.0}, "must be >= 0")):
+    with pytest.raises(ValueError, match=message):
+      train.run(tiny_config(**overrides), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(ARCHIVE), reason=f"CIFAR-10 archive not found at {ARCHIVE}")
 def test_cifar10_archive_tiny_training(tmp_path):
   config = cifar10_spikformer.get_config("tiny,local")

@@ -96,11 +96,12 @@ def init(model: SpikingViT, rng, image_shape) -> dict:
 
 
 def apply_model(model: SpikingViT, variables, images, *, train: bool = False, mask_temperature=1.0,
-                with_aux: bool = True):
+                with_aux: bool = True, step_logits: bool = False):
   """Runs the model and collects its side outputs.
 
   Returns:
-    logits [B, K]; aux (if `with_aux`) with
+    logits [B, K] (with `step_logits`: the per-step logits [T, B, K] instead, T = 1 for the ANN);
+    aux (if `with_aux`) with
       'masks': {module: [T]}, 'work': {module: [T]} (the steps whose work some output depends on, see
       `dtvit.masks.work_masks`), 'spike_rates': {neuron: [T]}, 'input_rates': {layer: [T]},
       'attention_rates': {attn module: [T]} (the two spike operands of the attention products),
@@ -108,7 +109,7 @@ def apply_model(model: SpikingViT, variables, images, *, train: bool = False, ma
     and, if `train`, the updated 'batch_stats'. The return is (logits, aux[, batch_stats]).
   """
   mutable = (["aux"] if with_aux else []) + (["batch_stats"] if train else [])
-  out = model.apply(variables, images, train=train, mask_temperature=mask_temperature,
+  out = model.apply(variables, images, train=train, mask_temperature=mask_temperature, step_logits=step_logits,
                     mutable=mutable or False)
   logits, state = (out, {}) if not mutable else out
   result = (logits,)

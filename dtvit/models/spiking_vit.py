@@ -113,8 +113,9 @@ class SpikingViT(nn.Module):
                        f"downsampling factor {f}; resize the images or change the patch size / stem pools.")
 
   @nn.compact
-  def __call__(self, images_BHWC, *, train: bool = False, mask_temperature=1.0):
-    """Returns logits [B, num_classes], time-averaged in the SNN."""
+  def __call__(self, images_BHWC, *, train: bool = False, mask_temperature=1.0, step_logits: bool = False):
+    """Returns logits [B, num_classes], time-averaged in the SNN; with `step_logits` the per-step logits
+    [T, B, num_classes] instead (T = 1 for the ANN), whose mean over axis 0 is that output."""
     self.validate()
     self.check_input(images_BHWC)
     T = self.num_steps if self.phase == "snn" else 1
@@ -141,7 +142,7 @@ class SpikingViT(nn.Module):
     logits_TBK = logits_XK.reshape(T, -1, self.num_classes)
     if self.phase == "snn":
       layers.sow(self, paths.AUX_STEP_LOGITS, logits_TBK)
-    return jnp.mean(logits_TBK, axis=0)
+    return logits_TBK if step_logits else jnp.mean(logits_TBK, axis=0)
 
 
 # Spikformer: name -> (depth, dim, num_heads, mlp_ratio, stem_pools). CIFAR variants pool after the last two
