@@ -56,6 +56,12 @@ _SETTING = ("phases", "model.num_steps", "model.mask.enabled", "snn.time_cost", 
             "model.mask.semantics")
 
 
+def variant_of(row: dict) -> bool:
+  """True for the runs trained with another loss or with distillation (the per-sample exit comparison,
+  `exit_compare.py`): they are neither the fixed-T curve nor the learned runs judged here."""
+  return (row.get("snn.loss") or "final") != "final" or float(row.get("snn.distill_weight") or 0.0) > 0
+
+
 def kind_of(row: dict) -> str:
   """'ann' (the twin), 'fixed' (masks off) or 'learned', from a row of the sweep's table."""
   if row.get("phases") == "ann":
@@ -91,6 +97,8 @@ def collect(root: str, table: dict) -> list[dict]:
   'fixed' | 'learned'), masks, semantics, cost_kind, cost, per-module active and simulated steps, n_test."""
   rows, first, order = [], {}, {}
   for i, t in enumerate(table["rows"]):
+    if variant_of(t):
+      continue
     first.setdefault(_setting(t), t["name"])
     order[t["name"]] = i
     if t["state"] != "done":
@@ -118,7 +126,7 @@ def pending(table: dict) -> list[dict]:
   """The runs without a complete summary.json: 'started' (a workdir, no summary yet: running, or interrupted and
   resumable) or 'not started'."""
   return [{"name": t["name"], "state": "started" if t["state"] == "started" else "not started"}
-          for t in table["rows"] if t["state"] != "done"]
+          for t in table["rows"] if t["state"] != "done" and not variant_of(t)]
 
 
 def fixed_curve(rows: Sequence[dict]) -> list[dict]:
