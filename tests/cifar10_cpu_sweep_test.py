@@ -38,8 +38,8 @@ def test_the_sweep_as_data():
   names = list(points)
   # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds, then issue 23's
   # every-step and distillation runs; the twin first.
-  assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 6 + 2 + 4 + 3
-  assert names[-3:] == list(ISSUE_23)
+  assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 6 + 2 + 4 + 4
+  assert names[-4:] == list(EXIT_RUNS)
   assert {"learned_skip_0.03", "learned_filter_op_0.03", "fixed_T3_seed1", "learned_filter_0.03_seed1"} <= set(names)
   assert all(p["snn.init_from"] == "{root}/ann/ann/checkpoints" for n, p in points.items() if n != "ann")
   deps = dtvit_sweep.dependencies(list(points.values()), "/r")
@@ -59,14 +59,16 @@ def test_the_sweep_as_data():
   # T_max is an argument: fixed T = 1..T_max, learned at T_max.
   small = _points("T_max=2")
   assert [n for n in small if n.startswith("fixed_T") and n[len("fixed_T"):].isdigit()] == ["fixed_T1", "fixed_T2"]
-  assert list(small)[-3:] == ["fixed_T2_every_step", "learned_skip_0.03_distill", "fixed_T2_distill"]
+  assert list(small)[-4:] == ["fixed_T2_every_step", "learned_skip_0.03_distill", "fixed_T2_distill",
+                              "exit_learned_skip_0.03"]
   assert dtvit_sweep.point_config(recipe, "T_max=2", small["learned_skip_0.1"], "/r").model.num_steps == 2
 
 
-ISSUE_23 = ("fixed_T4_every_step", "learned_skip_0.03_distill", "fixed_T4_distill")  # runs not yet committed
+# The per-sample exit comparison's runs (exit_compare.py), checked against their records once committed.
+EXIT_RUNS = ("fixed_T4_every_step", "learned_skip_0.03_distill", "fixed_T4_distill", "exit_learned_skip_0.03")
 
 
-def test_issue_23_points_are_their_base_runs_with_one_option():
+def test_exit_comparison_points_are_their_base_runs_with_one_option():
   from dtvit import train  # pylint: disable=g-import-not-at-top
   points = _points()
   config = lambda name, arg="": dtvit_sweep.point_config(recipe, arg, points[name], "/r")
@@ -76,7 +78,8 @@ def test_issue_23_points_are_their_base_runs_with_one_option():
   distill = {"snn.distill_weight": (1.0, 0.0), "snn.distill_temperature": (2.0, 1.0)}
   assert diff("learned_skip_0.03_distill", "learned_skip_0.03") == distill
   assert diff("fixed_T4_distill", "fixed_T4") == distill
-  for name in ISSUE_23:  # valid, also at smoke size (the twin: snn.init_from)
+  assert diff("exit_learned_skip_0.03", "learned_skip_0.03") == {}   # the same run, its checkpoint kept
+  for name in EXIT_RUNS:  # valid, also at smoke size (the twin: snn.init_from)
     train.validate_config(config(name))
     train.validate_config(dtvit_sweep.point_config(recipe, "smoke,digits", points[name], "/r"))
 
@@ -85,7 +88,7 @@ def test_the_sweep_reproduces_the_recorded_runs():
   """The port: each point's config is the config its committed run recorded (but the twin's path); issue 23's
   runs once committed."""
   for name, point in _points().items():
-    if name in ISSUE_23 and not os.path.exists(os.path.join(RUNS, name, "config.json")):
+    if name in EXIT_RUNS and not os.path.exists(os.path.join(RUNS, name, "config.json")):
       continue
     with open(os.path.join(RUNS, name, "config.json")) as f:
       saved = dtvit_sweep.flatten(json.load(f))
@@ -204,7 +207,7 @@ def test_analysis_of_a_synthetic_sweep(synthetic_root):
   # Pending: every run without a summary; a workdir without one is 'started'.
   pending = {p["name"]: p["state"] for p in out["pending"]}
   assert pending["learned_skip_0.01"] == "started" and pending["learned_filter_op_0.03"] == "not started"
-  assert len(pending) == len(all_runs) - len(rows) - len(ISSUE_23)   # the exit-comparison runs are not pending
+  assert len(pending) == len(all_runs) - len(rows) - len(EXIT_RUNS)   # the exit-comparison runs are not pending
 
   # The fixed-T curve: the mean over seeds at each T, with the spread.
   curve = {c["T"]: c for c in out["fixed_curve"]}
@@ -246,7 +249,7 @@ def test_analysis_of_a_synthetic_sweep(synthetic_root):
   assert "Learned 'filter' at equal energy: MIXED" in text and "learned_filter_0.1 -0.49 pts within spread" in text
   assert "'filter' at equal ACTIVE steps T_avg (active steps understate what" in text
   # The every-step and distillation runs are exit_compare.py's, neither pending nor judged here.
-  assert "Provisional: 6 run(s) not finished" in text and not any(n in text for n in ISSUE_23)
+  assert "Provisional: 6 run(s) not finished" in text and not any(n in text for n in EXIT_RUNS)
 
   md = open(os.path.join(root, "results.md")).read()
   assert "| T_avg (active) | T_sim (simulated) |" in md
@@ -316,7 +319,7 @@ def test_sweep_runs_resumes_and_tabulates(tmp_path):
   assert 0.0 <= r["T_avg"] <= 2 and 0.0 <= r["T_sim"] <= 2
   assert set(r["per_module"]) == set(r["per_module_sim"])
   assert all(0.0 <= rows[n]["accuracy"] <= 1.0 for n in rows)
-  assert len(results["pending"]) == len(list(recipe.get_sweep("T_max=2"))) - 2 - len(ISSUE_23)
+  assert len(results["pending"]) == len(list(recipe.get_sweep("T_max=2"))) - 2 - len(EXIT_RUNS)
   assert results["comparison"][0]["fixed_at_T_sim"] is None   # no fixed-T run to compare with
   assert results["judgements"]["skip"] == {"T_sim": None, "energy": None}
   text = open(os.path.join(root, "results.md")).read()
@@ -332,3 +335,23 @@ def test_snn_run_before_the_twin_is_not_run(tmp_path, capsys):
   assert "fixed_T1: not run: it starts from ['ann'], not done" in out.out
   assert "not finished: fixed_T1" in out.err
   assert not os.path.exists(tmp_path / "fixed_T1" / "config.json")
+
+
+def test_exit_comparison_reads_energy_off_each_curves_pareto_frontier():
+  from experiments.cifar10_cpu import exit_compare  # pylint: disable=g-import-not-at-top
+  pts = [{"energy_ratio": e, "accuracy": a} for e, a in ((0.1, 0.50), (0.2, 0.58), (0.15, 0.49), (0.3, 0.60),
+                                                          (0.25, 0.55))]
+  # (0.15, 0.49) and (0.25, 0.55) are beaten by cheaper points: off the frontier.
+  assert [(p["energy_ratio"], p["accuracy"]) for p in exit_compare.frontier(pts)] == [(0.1, 0.5), (0.2, 0.58),
+                                                                                      (0.3, 0.6)]
+  assert exit_compare.accuracy_at(pts, 0.25) == pytest.approx(0.59)
+  assert exit_compare.accuracy_at(pts, 0.05) is None and exit_compare.accuracy_at(pts, 0.31) is None
+  rows = [{"name": "l", "kind": "learned", "semantics": "skip", "energy_ratio": 0.15, "accuracy": 0.56},
+          {"name": "f", "kind": "learned", "semantics": "filter", "energy_ratio": 0.15, "accuracy": 0.9}]
+  curves = [{"run": "e", "criterion": "confidence", "points": pts}]
+  fixed = [{"energy_ratio": 0.1, "accuracy": 0.52}, {"energy_ratio": 0.3, "accuracy": 0.56}]
+  c = exit_compare.compare(rows, curves, fixed)
+  # Every exit point against the fixed-T curve at its energy (0.52 + 0.04 * (e - 0.1) / 0.2).
+  assert c["exit_vs_fixed"][0]["gains"] == pytest.approx([-0.02, 0.04, -0.04, 0.04, 0.0])
+  # Only the 'skip' learned run is compared, at its energy on the exit curve's frontier (0.54 at 0.15).
+  assert [(e["learned"], e["gain"]) for e in c["learned_vs_exit"]] == [("l", pytest.approx(0.02))]

@@ -57,9 +57,11 @@ _SETTING = ("phases", "model.num_steps", "model.mask.enabled", "snn.time_cost", 
 
 
 def variant_of(row: dict) -> bool:
-  """True for the runs trained with another loss or with distillation (the per-sample exit comparison,
-  `exit_compare.py`): they are neither the fixed-T curve nor the learned runs judged here."""
-  return (row.get("snn.loss") or "final") != "final" or float(row.get("snn.distill_weight") or 0.0) > 0
+  """True for the runs of the per-sample exit comparison (`exit_compare.py`): trained with another loss, with
+  distillation, or a rerun kept for evaluation under exit (`exit_*`). They are neither the fixed-T curve nor the
+  learned runs judged here."""
+  return ((row.get("snn.loss") or "final") != "final" or float(row.get("snn.distill_weight") or 0.0) > 0
+          or row.get("name", "").startswith("exit_"))
 
 
 def kind_of(row: dict) -> str:

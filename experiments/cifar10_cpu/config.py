@@ -15,8 +15,10 @@ smallest Spikformer-style model we found to learn CIFAR-10 well within the 2-cor
 ANN twin (`ann`: phases=ann), fixed T = 1..T_max (`fixed_T<T>`: masks off, no cost), learned masks at T_max for
 each cost weight under both mask semantics (`learned_<semantics>_<cost>`, and `learned_<semantics>_op_<cost>`
 with the op-weighted cost), then second seeds (`<run>_seed1`) of SEED_RUNS: the seed-to-seed spread a gain must
-exceed; then issue 23's runs: `fixed_T<T_max>_every_step` (fixed T trained with snn.loss='every_step', for
-per-image early exit), `learned_skip_0.03_distill` and `fixed_T<T_max>_distill` (distillation from the twin).
+exceed; then the runs of the per-sample exit comparison (`exit_compare.py`): `fixed_T<T_max>_every_step` (fixed T
+trained with snn.loss='every_step', for per-image early exit), `learned_skip_0.03_distill` and
+`fixed_T<T_max>_distill` (distillation from the twin), and `exit_learned_skip_0.03` (learned_skip_0.03 again, its
+checkpoint kept for evaluation under exit: the combination).
 Every SNN run starts from the twin's checkpoint, `{root}/ann/ann/checkpoints`.
 
 Arguments (comma-separated, for both):
@@ -40,7 +42,7 @@ SEMANTICS = ("skip", "filter")
 # Second seeds (data order and augmentation; the same ANN twin): the seed-to-seed spread of the comparison.
 SEED_RUNS = ("fixed_T2", "fixed_T3", "learned_skip_0.03", "learned_filter_0.03")
 TWIN = "{root}/ann/ann/checkpoints"
-# Distillation from the twin (issue 23): weight 1 on T^2 KL(twin || snn) beside the cross-entropy, at temperature
+# Distillation from the twin: weight 1 on T^2 KL(twin || snn) beside the cross-entropy, at temperature
 # 2 (a common choice for CIFAR knowledge distillation; the T^2 factor keeps the gradient's scale).
 DISTILL_WEIGHT = 1.0
 DISTILL_TEMPERATURE = 2.0
@@ -70,15 +72,17 @@ def get_sweep(arg: str = ""):
 
 
 def _exit_and_distill_points(t_max: int) -> list[dict]:
-  """Issue 23's runs, after the others: fixed T = T_max trained with SEENN's every-step loss (for per-image exit),
-  and distillation from the twin for the learned 'skip' run at cost 0.03 and for fixed T = T_max."""
+  """The exit comparison's runs, after the others: fixed T = T_max trained with SEENN's every-step loss (for
+  per-image exit), distillation from the twin for the learned 'skip' run at cost 0.03 and for fixed T = T_max,
+  and the learned 'skip' run at cost 0.03 once more (its checkpoint is kept: the learned masks under exit)."""
   fixed = {"model.num_steps": t_max, "model.mask.enabled": False, "snn.time_cost": 0.0, "snn.init_from": TWIN}
   learned = {"snn.time_cost": 0.03, "snn.cost_kind": "expected", "model.mask.semantics": "skip",
              "snn.init_from": TWIN}
   distill = {"snn.distill_weight": DISTILL_WEIGHT, "snn.distill_temperature": DISTILL_TEMPERATURE}
   return [sweep.named(f"fixed_T{t_max}_every_step", {**fixed, "snn.loss": "every_step"}),
           sweep.named("learned_skip_0.03_distill", {**learned, **distill}),
-          sweep.named(f"fixed_T{t_max}_distill", {**fixed, **distill})]
+          sweep.named(f"fixed_T{t_max}_distill", {**fixed, **distill}),
+          sweep.named("exit_learned_skip_0.03", learned)]
 
 
 def get_config(arg: str = ""):
