@@ -5,9 +5,14 @@
   # the twin and the SNN runs from it
   python -m dtvit.sweep --config=experiments/cifar10_strong/config.py --root=experiments/cifar10_strong/runs
 
-`get_config(arg)`: the chosen model (`SIZE`), the ANN twin's recipe, and the SNN phase from the twin's checkpoint.
+`get_config(arg)`: the chosen model (`SIZE`), the ANN twin's recipe, and the SNN phase from the twin's checkpoint
+(skip masks, T_max = 4, distillation from the twin, SNN_EPOCHS of fine-tuning).
 `get_sweep(arg)`: with `scan`, the scan's points (`scan_<name>`: ANN only, a short cosine schedule each);
-otherwise the twin (`ann`).
+otherwise the twin (`ann`) and, from its checkpoint, in this order: learned masks at the headline cost
+(`learned_skip_<cost>`), fixed T = 1..4 (`fixed_T<T>`), fixed T = 4 trained with the every-step loss for
+per-sample exit (`fixed_T4_every_step`), learned masks at the second cost, then the extra seeds
+(`<run>_seed<k>`: 3 seeds of the headline learned run, 2 of fixed T = 2 and 3). Every SNN run keeps its final
+checkpoint, so `dtvit.evaluate --early_exit` can evaluate any of them under per-sample exit.
 
 Arguments (comma-separated, for both):
   scan        the scan's sweep (get_sweep) / a short ANN schedule (get_config)
@@ -36,9 +41,12 @@ SIZES = {
 SIZE = "2-192"
 SCAN_EPOCHS = 2
 ANN_EPOCHS = 40
-SNN_EPOCHS = 1
+SNN_EPOCHS = 2
 T_MAX = 4
 TWIN = "{root}/ann/ann/checkpoints"
+COSTS = (0.01, 0.03)         # time-step cost weights: the headline first (cifar10_cpu: T_sim ~2.5 at 0.01)
+SEEDS = {"learned_skip_0.01": (1, 2), "fixed_T2": (1,), "fixed_T3": (1,)}
+DISTILL_WEIGHT, DISTILL_TEMPERATURE = 1.0, 2.0
 _ARGS = ("scan", "size", "smoke", "digits")
 
 
@@ -57,7 +65,16 @@ def get_sweep(arg: str = ""):
       return [sweep.named(f"scan_{d}-16", {"model.depth": d, "model.dim": 16, "model.num_heads": 2})
               for d in (1, 2)]
     return [sweep.named(f"scan_{s}", _size_overrides(s)) for s in SIZES]
-  return [sweep.named("ann", {"phases": "ann"})]
+  snn = {"snn.init_from": TWIN}
+  fixed = {f"fixed_T{t}": {**snn, "model.num_steps": t, "model.mask.enabled": False, "snn.time_cost": 0.0}
+           for t in range(1, T_MAX + 1)}
+  learned = {f"learned_skip_{c:g}": {**snn, "snn.time_cost": c} for c in COSTS}
+  first = list(learned)[0]
+  runs = {first: learned[first], **fixed,
+          f"fixed_T{T_MAX}_every_step": {**fixed[f"fixed_T{T_MAX}"], "snn.loss": "every_step"},
+          **{n: p for n, p in learned.items() if n != first}}
+  seeds = {f"{n}_seed{k}": {**runs[n], "seed": k} for n, ks in SEEDS.items() for k in ks}
+  return [sweep.named("ann", {"phases": "ann"})] + [sweep.named(n, p) for n, p in {**runs, **seeds}.items()]
 
 
 def _size_overrides(size: str) -> dict:
@@ -105,7 +122,9 @@ def get_config(arg: str = ""):
   c.snn.label_smoothing = 0.1
   c.snn.log_every = 50
   c.snn.checkpoint_every = 100
-  c.snn.init_from = ""
+  c.snn.max_to_keep = 1
+  c.snn.distill_weight = DISTILL_WEIGHT
+  c.snn.distill_temperature = DISTILL_TEMPERATURE
   c.phases = "ann" if "scan" in args else "snn"
   if "smoke" in args:   # the same code paths on a tiny model: seconds to compile
     m.depth, m.dim, m.num_heads = 1, 16, 2
