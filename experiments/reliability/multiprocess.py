@@ -1,8 +1,8 @@
 """How close do 2 processes x 4 CPU devices (jax.distributed, Gloo) train to 1 process x 8 devices, and does a
 2-process run resume exactly after a SIGTERM that reaches one process only?
 
-  .venv/bin/python experiments/reliability/multiprocess.py                 # ANN phase, 12 steps
-  .venv/bin/python experiments/reliability/multiprocess.py --phase=snn
+  .venv/bin/python -m experiments.reliability.multiprocess               # ANN phase, 12 steps
+  .venv/bin/python -m experiments.reliability.multiprocess --phase=snn
 
 Runs the real CLI three ways on the tiny quickstart ViT, same config and seed:
   one    1 process, 8 devices;
