@@ -25,6 +25,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from dtvit import config_lib
+
 
 def _is_main_process() -> bool:
   return jax.process_index() == 0
@@ -118,19 +120,11 @@ def create_default_writer(logdir: str | None, *, just_logging: bool | None = Non
   return MetricWriter(logdir, just_logging=just_logging, prefix=prefix)
 
 
-def flatten_hparams(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten_hparams(tree: Mapping[str, Any]) -> dict[str, Any]:
   """A nested config (`config.to_dict()`) -> {'a.b.c': value} with values TensorBoard's hparams take: bools,
   numbers and strings as they are; None, tuples and anything else as their str()."""
-  out = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      out.update(flatten_hparams(value, prefix=f'{name}.'))
-    elif isinstance(value, (bool, int, float, str)):
-      out[name] = value
-    else:
-      out[name] = str(value)
-  return out
+  return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+          for name, value in config_lib.flatten(tree).items()}
 
 
 class _LineWriter:

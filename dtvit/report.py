@@ -47,9 +47,11 @@ from dtvit import analysis as analysis_lib
 from dtvit import loader
 from dtvit import masks as masks_lib
 from dtvit import metrics as metrics_lib
+from dtvit import workdir as workdir_lib
 from dtvit.models import paths
 
-PLOTS = ("training_curves", "accuracy_vs_steps", "time_steps", "spike_rates", "activation_histograms", "sensitivity", "early_exit")
+PLOTS = ("training_curves", "accuracy_vs_steps", "time_steps", "spike_rates", "activation_histograms", "sensitivity",
+         "early_exit")
 _COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", paths.ATTN: "#4c72b0",
            paths.MLP: "#dd8452", "other": "#8c8c8c"}
 
@@ -567,8 +569,7 @@ def _exit_eval_section(workdir: str, result: dict, out: str) -> list[str]:
   path = os.path.join(workdir, evaluate_lib.EXIT_DIR, "early_exit.json")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    ee = json.load(f)
+  ee = workdir_lib.read_json(path, expect=dict)
   result["early_exit_evaluation"] = ee
   _save(plot_exit_tradeoff(ee), out, EXIT_PLOT, result)
   return (["## Early exit: accuracy vs energy (python -m dtvit.evaluate --early_exit)", "",
@@ -627,17 +628,8 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
   md += _exit_eval_section(workdirs[0], result, out)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(md))
-  with open(os.path.join(out, "report.json"), "w") as f:
-    json.dump(result, f, indent=2, default=_json_default)
+  workdir_lib.write_json(os.path.join(out, "report.json"), result)
   return result
-
-
-def _json_default(x):
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------------------

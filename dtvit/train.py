@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from dtvit import checkpointing
+from dtvit import config_lib
 from dtvit import data
 from dtvit import energy as energy_lib
 from dtvit import evaluate as evaluate_lib
@@ -243,7 +244,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
 def _base_defaults() -> dict:
   """{dotted key: default} of the base config (`configs.common`), for resuming runs older than a key."""
   from configs import common  # pylint: disable=g-import-not-at-top  # the recipes' package, installed with dtvit
-  return workdir_lib.flatten_config(common.get_base_config().to_dict())
+  return config_lib.flatten(common.get_base_config().to_dict())
 
 
 def _check_sources(config, phases) -> None:
