@@ -260,12 +260,12 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
     workdir_lib.write_json(os.path.join(out, "early_exit.json"), result)
     with open(os.path.join(out, "early_exit.md"), "w") as f:
       f.write("\n".join(exit_table_md(result)) + "\n")
-    from dtvit import report  # pylint: disable=g-import-not-at-top
+    from dtvit import plots  # pylint: disable=g-import-not-at-top
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
-    fig = report.plot_exit_tradeoff(result)
+    fig = plots.plot_exit_tradeoff(result)
     fig.savefig(os.path.join(out, "early_exit.png"), dpi=110)
-    report._plt().close(fig)  # pylint: disable=protected-access
+    plots.pyplot().close(fig)
   return result
 
 
