@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtvit import compilation
+from dtvit import config_lib
 from dtvit import inference
 from dtvit import loader
 from dtvit import masks as masks_lib
@@ -393,7 +394,6 @@ def run_names(workdirs: Sequence[str]) -> list[str]:
 
 def _sweep_labels(paths: Sequence[str]) -> list[str] | None:
   """Labels from dtvit.sweep's records, or None unless every run has one and the labels are distinct."""
-  from dtvit import sweep  # pylint: disable=g-import-not-at-top  # sweep imports this module
   records = []
   for p in paths:
     record = os.path.join(p, SWEEP_RECORD)
@@ -401,8 +401,8 @@ def _sweep_labels(paths: Sequence[str]) -> list[str] | None:
       return None
     records.append(workdir_lib.read_json(record, expect=dict))
   keys = list(dict.fromkeys(k for r in records for k in r["overrides"]))
-  varying = [k for k in keys if len({sweep.format_value(r["overrides"].get(k)) for r in records}) > 1]
+  varying = [k for k in keys if len({config_lib.format_value(r["overrides"].get(k)) for r in records}) > 1]
   labels = [r["name"] if r.get("named") else
-            ", ".join(f"{k}={sweep.format_value(r['overrides'][k])}" for k in varying if k in r["overrides"])
+            ", ".join(f"{k}={config_lib.format_value(r['overrides'][k])}" for k in varying if k in r["overrides"])
             or r["name"] for r in records]
   return labels if len(set(labels)) == len(labels) else None

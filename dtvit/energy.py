@@ -160,6 +160,16 @@ def _check_keys(what: str, given, expected, hint: str) -> None:
     raise ValueError(f"Missing {what} in aux for {missing}. {hint}")
 
 
+def _traced(model, image_shape, aux, e_mac, e_ac, counts):
+  """What both energy accountings start from: (T_max, op counts, the masked modules (sorted), `_layer_rates`,
+  `_unit_steps`), after checking the inputs."""
+  _check_inputs(aux, e_mac, e_ac)
+  T = int(model.num_steps)
+  counts = op_counts(model, image_shape) if counts is None else counts
+  masked = sorted(paths.mask_units(model))
+  return T, counts, masked, _layer_rates(counts, aux, T), _unit_steps(model, masked, aux)
+
+
 def energy_report(model, image_shape, aux: Mapping[str, Any], *, counts=None, e_mac: float = E_MAC,
                   e_ac: float = E_AC) -> dict[str, Any]:
   """ANN-twin vs SNN energy per sample, SOPs, per-layer and per-module tables, average time steps.
@@ -185,12 +195,7 @@ def energy_report(model, image_shape, aux: Mapping[str, Any], *, counts=None, e_
       active), 'average_simulated_steps', 'op_weighted_average_steps', 'op_weighted_average_simulated_steps',
       'stem' (an unmasked stem's own steps, or None), 'masks_binary'.
   """
-  _check_inputs(aux, e_mac, e_ac)
-  T = int(model.num_steps)
-  counts = op_counts(model, image_shape) if counts is None else counts
-  masked = sorted(paths.mask_units(model))
-  rates, sources = _layer_rates(counts, aux, T)
-  mask_T, per_unit = _unit_steps(model, masked, aux)
+  T, counts, masked, (rates, sources), (mask_T, per_unit) = _traced(model, image_shape, aux, e_mac, e_ac, counts)
   table = _layer_table(counts, rates, sources, e_mac, e_ac)
   weights = _module_weights(counts, masked)
   t_avg, t_op = _averages(per_unit, "active_steps", weights, T)
@@ -347,12 +352,7 @@ def energy_by_exit(model, image_shape, aux: Mapping[str, Any], *, counts=None, e
   Returns {'exit_step': [1..T], 'snn_energy_j': [T], 'sops': [T], 'ann_energy_j', 'snn_analog_macs'} (python
   floats / ints; index e - 1 for an exit after step e).
   """
-  _check_inputs(aux, e_mac, e_ac)
-  T = int(model.num_steps)
-  counts = op_counts(model, image_shape) if counts is None else counts
-  masked = sorted(paths.mask_units(model))
-  rates, _ = _layer_rates(counts, aux, T)
-  mask_T, _ = _unit_steps(model, masked, aux)
+  T, counts, masked, (rates, _), (mask_T, _) = _traced(model, image_shape, aux, e_mac, e_ac, counts)
   units = paths.mask_units(model)
   analog = sum(c["macs"] for c in counts.values() if c["kind"] == "analog")
   energies, sops_e = [], []

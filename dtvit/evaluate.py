@@ -260,12 +260,12 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
     workdir_lib.write_json(os.path.join(out, "early_exit.json"), result)
     with open(os.path.join(out, "early_exit.md"), "w") as f:
       f.write("\n".join(exit_table_md(result)) + "\n")
-    from dtvit import report  # pylint: disable=g-import-not-at-top
+    from dtvit import plots  # pylint: disable=g-import-not-at-top
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
-    fig = report.plot_exit_tradeoff(result)
+    fig = plots.plot_exit_tradeoff(result)
     fig.savefig(os.path.join(out, "early_exit.png"), dpi=110)
-    report._plt().close(fig)  # pylint: disable=protected-access
+    plots.pyplot().close(fig)
   return result
 
 
@@ -284,26 +284,34 @@ def exit_table_md(result: Mapping) -> list[str]:
   return md
 
 
+def _define_flags(values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
+  flags.DEFINE_enum("phase", None, ["ann", "snn", "finetune"], "default: the run's latest phase", flag_values=values)
+  flags.DEFINE_enum("split", "test", ["test", "train"], "the run's data split", flag_values=values)
+  flags.DEFINE_string("images", None, "instead of a split: a folder with one subfolder of images per class",
+                      flag_values=values)
+  flags.DEFINE_integer("examples", 0, "> 0: an evenly strided subset of the split", flag_values=values)
+  flags.DEFINE_string("out", None, "also write every figure (spike rates, masks, energy per layer) to this JSON",
+                      flag_values=values)
+  flags.DEFINE_bool("allow_unfinished", False, "evaluate a run that has not finished (its latest checkpoint); "
+                    "without it such a run is refused", flag_values=values)
+  flags.DEFINE_string("early_exit", None, "instead: per-image early exit under these criteria (comma-separated: "
+                      "confidence, entropy); writes <workdir>/early_exit/early_exit.{json,md,png}", flag_values=values)
+  flags.DEFINE_string("thresholds", None, "early-exit thresholds in [0, 1], comma-separated, for every criterion "
+                      "(default: a grid per criterion, dtvit.evaluate.EXIT_THRESHOLDS)", flag_values=values)
+  flags.mark_flag_as_required("workdir", flag_values=values)
+
+
 def main(argv=None) -> None:
-  """The command line; a user's mistake prints one line and exits with status 1 (`loader.user_errors`)."""
-  import argparse  # pylint: disable=g-import-not-at-top
+  """`python -m dtvit.evaluate` with `argv` (without the program; None: sys.argv[1:]); a user's mistake prints one
+  line and exits with status 1 (`loader.user_errors`), one in the command line with status 2 (`cli.parse`)."""
   import json  # pylint: disable=g-import-not-at-top
+  from dtvit import cli  # pylint: disable=g-import-not-at-top
   from dtvit import loader  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="python -m dtvit.evaluate", description="Accuracy (SNN phases: also time "
-                              "steps and energy) of a trained run on a split of its data or a folder of images.")
-  p.add_argument("--workdir", required=True, help="a training run's --workdir")
-  p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
-  p.add_argument("--split", default="test", choices=("test", "train"), help="the run's data split")
-  p.add_argument("--images", help="instead of a split: a folder with one subfolder of images per class")
-  p.add_argument("--examples", type=int, default=0, help="> 0: an evenly strided subset of the split")
-  p.add_argument("--out", help="also write every figure (spike rates, masks, energy per layer) to this JSON")
-  p.add_argument("--allow_unfinished", action="store_true", help="evaluate a run that has not finished (its "
-                 "latest checkpoint); without it such a run is refused")
-  p.add_argument("--early_exit", help="instead: per-image early exit under these criteria (comma-separated: "
-                 "confidence, entropy); writes <workdir>/early_exit/early_exit.{json,md,png}")
-  p.add_argument("--thresholds", help="early-exit thresholds in [0, 1], comma-separated, for every criterion "
-                 "(default: a grid per criterion, dtvit.evaluate.EXIT_THRESHOLDS)")
-  args = p.parse_args(argv)
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  args, _ = cli.parse("dtvit.evaluate", _define_flags, argv, doc="Accuracy (SNN phases: also time steps and "
+                      "energy) of a trained run on a split of its data or a folder of images.")
   with loader.user_errors("dtvit.evaluate"):
     if args.early_exit:
       criteria = [c.strip() for c in args.early_exit.split(",") if c.strip()]
@@ -321,8 +329,7 @@ def main(argv=None) -> None:
     result = evaluate_workdir(args.workdir, phase=args.phase, split=args.split, images=args.images,
                               examples=args.examples, allow_unfinished=args.allow_unfinished)
     if args.out:
-      with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+      workdir_lib.write_json(args.out, result)
   headline = {k: result[k] for k in ("phase", "step", "finished", "data", "count", *_HEADLINE) if k in result}
   if "energy" in result:
     headline["energy"] = result["energy"]["totals"]

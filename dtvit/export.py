@@ -29,7 +29,6 @@ that can read its serialisation version (jax keeps reading versions for at least
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -72,6 +71,7 @@ def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, .
   """`export_run` of a `dtvit.load` result (its model and variables as they are)."""
   import jax  # pylint: disable=g-import-not-at-top
   from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   model, schedule = _inference_model(run)
   named, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(run.variables))
   leaves = [np.asarray(x) for _, x in named]
@@ -83,17 +83,16 @@ def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, .
   specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
            jax.ShapeDtypeStruct((batch, *run.info.image_shape), np.float32))
   exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
-  meta = {"workdir": run.workdir, "phase": run.phase, "step": run.step, "finished": run.finished, "schedule": schedule, "num_steps": run.num_steps,
-          "batch_size": batch_size or None, "image_shape": list(run.info.image_shape),
-          "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
+  meta = {"workdir": run.workdir, "phase": run.phase, "step": run.step, "finished": run.finished,
+          "schedule": schedule, "num_steps": run.num_steps, "batch_size": batch_size or None,
+          "image_shape": list(run.info.image_shape), "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
           "weights": [jax.tree_util.keystr(path) for path, _ in named], "jax_version": jax.__version__}
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, MODEL_FILE), "wb") as f:
     f.write(exported.serialize())
   np.savez(os.path.join(out, WEIGHTS_FILE), **{_key(i): x for i, x in enumerate(leaves)})
   for name, content in ((SPEC_FILE, run.data_spec), (META_FILE, meta)):
-    with open(os.path.join(out, name), "w") as f:
-      json.dump(content, f, indent=2)
+    workdir_lib.write_json(os.path.join(out, name), content)
   return meta
 
 
@@ -120,8 +119,9 @@ class Exported:
 
 
 def load(directory: str) -> Exported:
-  """An export written by `export_run`; needs only jax and numpy."""
+  """An export written by `export_run`; needs jax and numpy, and no model code."""
   import jax  # pylint: disable=g-import-not-at-top
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(os.path.join(directory, META_FILE)):
     raise FileNotFoundError(f"{directory} holds no dtvit export ({META_FILE} missing); write one with "
                             "python -m dtvit.export --workdir=W --out=DIR.")
@@ -129,26 +129,31 @@ def load(directory: str) -> Exported:
     exported = jax.export.deserialize(bytearray(f.read()))
   with np.load(os.path.join(directory, WEIGHTS_FILE)) as w:
     weights = [w[_key(i)] for i in range(len(w.files))]
-  with open(os.path.join(directory, SPEC_FILE)) as f:
-    spec = json.load(f)
-  with open(os.path.join(directory, META_FILE)) as f:
-    meta = json.load(f)
+  spec, meta = (workdir_lib.read_json(os.path.join(directory, name), expect=dict) for name in (SPEC_FILE, META_FILE))
   return Exported(call=exported.call, weights=weights, spec=spec, meta=meta)
 
 
+def _define_flags(values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
+  flags.DEFINE_string("out", None, "the export's folder (an earlier export's files there are overwritten)",
+                      flag_values=values)
+  flags.DEFINE_enum("phase", None, ["ann", "snn", "finetune"], "default: the run's latest phase", flag_values=values)
+  flags.DEFINE_integer("batch_size", 0, "0: any batch size (symbolic); else this one only", flag_values=values)
+  flags.DEFINE_string("platforms", "", "comma-separated, e.g. cpu,cuda,tpu; default: this machine's",
+                      flag_values=values)
+  flags.DEFINE_bool("allow_unfinished", False, "export a run that has not finished (its latest checkpoint); "
+                    "without it such a run is refused", flag_values=values)
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=values)
+
+
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m dtvit.export", description="A trained run as a jax.export "
-                              "function plus weights and data spec, loadable with jax and numpy only.")
-  p.add_argument("--workdir", required=True, help="a training run's --workdir")
-  p.add_argument("--out", required=True, help="the export's folder (an earlier export's files there are overwritten)")
-  p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
-  p.add_argument("--batch_size", type=int, default=0, help="0: any batch size (symbolic); else this one only")
-  p.add_argument("--platforms", default="", help="comma-separated, e.g. cpu,cuda,tpu; default: this machine's")
-  p.add_argument("--allow_unfinished", action="store_true", help="export a run that has not finished (its "
-                 "latest checkpoint); without it such a run is refused")
-  args = p.parse_args(argv)
-  platforms = tuple(x for x in args.platforms.split(",") if x) or None
+  """`python -m dtvit.export` with `argv` (without the program; None: sys.argv[1:])."""
+  from dtvit import cli  # pylint: disable=g-import-not-at-top
   from dtvit import loader  # pylint: disable=g-import-not-at-top
+  args, _ = cli.parse("dtvit.export", _define_flags, argv, doc="A trained run as a jax.export function plus "
+                      "weights and data spec, loadable with jax and numpy only.")
+  platforms = tuple(x for x in args.platforms.split(",") if x) or None
   with loader.user_errors("dtvit.export"):
     os.makedirs(args.out, exist_ok=True)
     if not os.access(args.out, os.W_OK):

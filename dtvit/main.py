@@ -17,7 +17,6 @@ run, a non-finite step) print one line saying what to change, with exit status 2
 traceback is logged at --verbosity=1.
 """
 
-import difflib
 import glob
 import json
 import os
@@ -29,6 +28,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from dtvit import config_lib
 
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.json.")
@@ -153,10 +154,10 @@ def _explain_flag_error(argv: list[str], error: Exception) -> str:
     return (f"config file {path!r} not found (relative to {os.getcwd()}); give the path of a recipe"
             + (f", e.g. {', '.join(recipes)}." if recipes else "."))
   config = _load_config(specs[-1]) if specs else None
-  keys = _config_keys(config.to_dict()) if config is not None else None
+  keys = config_lib.all_keys(config.to_dict()) if config is not None else None
   for name, _ in _flag_values(argv, "config"):
     if keys is not None and name != "config" and name[len("config."):] not in keys:
-      return _explain_key(keys, name[len("config."):])
+      return config_lib.explain_unknown_key(keys, name[len("config."):])
   lines = [l for l in str(error).replace("\\n", "\n").splitlines() if l.strip()]
   return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
@@ -172,34 +173,6 @@ def _load_config(spec: str):
     return fv.config
   except Exception:  # pylint: disable=broad-except
     return None
-
-
-def _config_keys(d: dict, prefix: str = "") -> set[str]:
-  """Every dotted key of a nested dict, inner nodes included."""
-  keys = set()
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    keys.add(key)
-    if isinstance(v, dict):
-      keys |= _config_keys(v, key + ".")
-  return keys
-
-
-def _explain_key(keys: set[str], key: str) -> str:
-  """Why `--config.<key>` names no field: where it lives instead, or the closest field at its level."""
-  elsewhere = sorted(k for k in keys if k.endswith("." + key))
-  if elsewhere:
-    return (f"--config.{key}: the config has no top-level {key!r}; it is a key of a section: did you mean "
-            f"{' or '.join('--config.' + k for k in elsewhere)}?")
-  parts = key.split(".")
-  depth = next(i for i in range(len(parts)) if ".".join(parts[:i + 1]) not in keys)
-  parent = ".".join(parts[:depth])
-  siblings = sorted(k.rsplit(".", 1)[-1] for k in keys if k.count(".") == depth and k.startswith(parent))
-  close = difflib.get_close_matches(parts[depth], siblings, n=1)
-  where = f"config.{parent}" if parent else "the config"
-  hint = (f'did you mean "{close[0]}" (--config.{".".join([*parts[:depth], close[0], *parts[depth + 1:]])})?'
-          if close else f"its keys are: {', '.join(siblings)}.")
-  return f"--config.{key}: {where} has no key {parts[depth]!r}; {hint}"
 
 
 def _headline(summary):

@@ -1,5 +1,6 @@
 """Metric writing: TensorBoard event files plus log lines, hparams, a progress bar that log lines do not break,
-a between-log-points averager and a throughput meter (steps/s, images/s, ETA).
+a between-log-points averager and a throughput meter (steps/s, images/s, ETA), a phase's metric log (which
+travels in its checkpoints) and a writer that does not rewrite the steps a resumed run's event files hold.
 
 `MetricWriter` has the method names of `clu.metric_writers` (write_scalars / write_histograms / write_texts /
 flush / close) so it can be swapped for clu's writer where TensorFlow is installed; clu's package
@@ -23,6 +24,8 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+
+from dtvit import config_lib
 
 
 def _is_main_process() -> bool:
@@ -117,19 +120,11 @@ def create_default_writer(logdir: str | None, *, just_logging: bool | None = Non
   return MetricWriter(logdir, just_logging=just_logging, prefix=prefix)
 
 
-def flatten_hparams(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten_hparams(tree: Mapping[str, Any]) -> dict[str, Any]:
   """A nested config (`config.to_dict()`) -> {'a.b.c': value} with values TensorBoard's hparams take: bools,
   numbers and strings as they are; None, tuples and anything else as their str()."""
-  out = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      out.update(flatten_hparams(value, prefix=f'{name}.'))
-    elif isinstance(value, (bool, int, float, str)):
-      out[name] = value
-    else:
-      out[name] = str(value)
-  return out
+  return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+          for name, value in config_lib.flatten(tree).items()}
 
 
 class _LineWriter:
@@ -278,6 +273,64 @@ class Averager:
   def __len__(self) -> int:
     """Number of updates of the most-updated key since the last reset."""
     return max((len(p) for p in self._entries.values()), default=0)
+
+
+class MetricLog:
+  """A phase's metrics since the last log point and its logged history. Both travel in the checkpoint
+  (`meta`), so a resumed run logs and summarises exactly what an uninterrupted one does. `meter` measures the
+  throughput between log points (steps/s, images/s, ETA), written with the other scalars."""
+
+  def __init__(self, writer, meta: dict, meter: Throughput | None = None):
+    self.writer = writer
+    self.meter = meter
+    self.averager = Averager()
+    self.since_log = list(meta.get('since_log', []))
+    for m in self.since_log:
+      self.averager.update(m)
+    self.history = list(meta.get('history', []))
+
+  def add(self, metrics: dict) -> None:
+    self.averager.update(metrics)
+    self.since_log.append(metrics)
+
+  def write(self, step: int, extra: dict) -> None:
+    scalars = self.averager.result()
+    self.averager.reset()
+    self.since_log = []
+    scalars.update(extra)
+    self.writer.write_scalars(step, scalars)
+    self.history.append({'step': step, **{k: scalars.get(k, float('nan')) for k in ('loss', 'accuracy')}})
+
+  def meta(self) -> dict:
+    return {'since_log': jax.device_get(self.since_log), 'history': self.history}
+
+
+class NoRewrites:
+  """A metric writer that leaves out the values of steps its event files already hold for a tag, so a run
+  resumed from a checkpoint older than its last log line adds no duplicate TensorBoard steps. (The resumed run
+  recomputes those steps bitwise; after an allowed config change the first launch's values stay.)"""
+
+  def __init__(self, writer, logdir: str):
+    self._writer = writer
+    self._last = {tag: max(s for s, _ in points) for tag, points in read_scalars(logdir).items()}
+
+  def _tag(self, key: str) -> str:
+    prefix = getattr(self._writer, 'prefix', '')
+    return f'{prefix}/{key}' if prefix else key
+
+  def write_scalars(self, step: int, scalars) -> None:
+    new = {k: v for k, v in scalars.items() if step > self._last.get(self._tag(k), -1)}
+    if new:
+      self._writer.write_scalars(step, new)
+
+  def __getattr__(self, name):
+    return getattr(self._writer, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._writer.close()
 
 
 def _records(path: str) -> Iterator[bytes]:

@@ -12,7 +12,6 @@ the model's logits: for the SNN, its time-averaged output with the learned (hard
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -54,22 +53,31 @@ def predict_files(run, paths: Sequence[str], *, top: int = 3, batch_size: int = 
   return rows
 
 
+def _define_flags(values) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
+  flags.DEFINE_enum("phase", None, ["ann", "snn", "finetune"], "default: the run's latest phase", flag_values=values)
+  flags.DEFINE_integer("top", 3, "how many classes to print per image", flag_values=values)
+  flags.DEFINE_bool("json", False, "print JSON lines instead of text", flag_values=values)
+  flags.DEFINE_bool("allow_unfinished", False, "use a run that has not finished (its latest checkpoint); without it "
+                    "such a run is refused", flag_values=values)
+  flags.mark_flag_as_required("workdir", flag_values=values)
+
+
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m dtvit.predict",
-                              description="Class names and probabilities of image files under a trained run.")
-  p.add_argument("--workdir", required=True, help="a training run's --workdir")
-  p.add_argument("--phase", choices=("ann", "snn", "finetune"), help="default: the run's latest phase")
-  p.add_argument("--top", type=int, default=3, help="how many classes to print per image")
-  p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
-  p.add_argument("--allow_unfinished", action="store_true", help="use a run that has not finished (its latest "
-                 "checkpoint); without it such a run is refused")
-  p.add_argument("images", nargs="+", metavar="IMG", help="image files (any size; grey or colour)")
-  args = p.parse_args(argv)
+  """`python -m dtvit.predict --workdir=W IMG...` with `argv` (without the program; None: sys.argv[1:])."""
+  from dtvit import cli  # pylint: disable=g-import-not-at-top
+  args, images = cli.parse("dtvit.predict", _define_flags, argv, positional="IMG...",
+                           doc="Class names and probabilities of image files (any size; grey or colour) under a "
+                           "trained run.")
+  if not images:
+    print("error: dtvit.predict: give one or more image files after the flags.", file=sys.stderr)
+    sys.exit(cli.USAGE_EXIT_STATUS)
   from dtvit import loader  # pylint: disable=g-import-not-at-top
   with loader.user_errors("dtvit.predict"):
     run = loader.load(args.workdir, args.phase, allow_unfinished=args.allow_unfinished)
     print(f"dtvit.predict: {run.source}", file=sys.stderr)
-    rows = predict_files(run, args.images, top=args.top)
+    rows = predict_files(run, images, top=args.top)
   for row in rows:
     if "error" in row:
       print(f"error: dtvit.predict: {row['path']}: {row['error']}", file=sys.stderr)

@@ -32,6 +32,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from dtvit import config_lib
 from dtvit import workdir_lock
 
 # The config sections that are training phases, in the order they can run.
@@ -137,21 +138,12 @@ def write_summary(workdir: str, summary: dict) -> None:
     write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
 
 
-def flatten_config(d: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(d, dict) and d:
-    out = {}
-    for k, v in d.items():
-      out.update(flatten_config(v, f'{prefix}.{k}' if prefix else str(k)))
-    return out
-  return {prefix: d}
-
-
 _ABSENT = '<absent>'
 
 
 def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (saved value, current value)} for every leaf that differs; a missing side is '<absent>'."""
-  saved_flat, current_flat = flatten_config(saved), flatten_config(current)
+  saved_flat, current_flat = config_lib.flatten(saved), config_lib.flatten(current)
   diffs = {}
   for key in sorted(set(saved_flat) | set(current_flat)):
     old, new = saved_flat.get(key, _ABSENT), current_flat.get(key, _ABSENT)
@@ -227,7 +219,7 @@ def _refuse_other_config(workdir: str, refused: dict[str, tuple[Any, Any, str]])
 
 
 def _check_allow_keys(allow_changes, saved: dict, current: dict) -> tuple[str, ...]:
-  keys = set(flatten_config(saved)) | set(flatten_config(current))
+  keys = set(config_lib.flatten(saved)) | set(config_lib.flatten(current))
   allow = tuple(a.strip() for a in allow_changes if a.strip())
   for a in allow:
     if not any(k == a or k.startswith(a + '.') for k in keys):

@@ -1,4 +1,4 @@
-"""The training loop (dtvit/train.py `train_loop`): it reads the steps' flags (finite, stop) in windows of
+"""The training loop (dtvit/loop.py `train_loop`): it reads the steps' flags (finite, stop) in windows of
 `sync_every` steps, never waiting for the device in between, and ends exactly where a loop that waits after
 every step ends: the same states, the same non-finite errors and skips, the same SIGTERM checkpoint. Also what
 it writes for a run you watch: periodic evaluation on the held-out split, steps/s, images/s, ETA and hparams in
@@ -18,6 +18,7 @@ import pytest
 
 from dtvit import evaluate as evaluate_lib
 from dtvit import loader
+from dtvit import loop
 from dtvit import metrics as metrics_lib
 from dtvit import sharding
 from dtvit import train
@@ -63,15 +64,15 @@ def reference(tiny_config, tmp_path_factory):
 def test_flags_read_in_windows_and_the_run_ends_as_the_waiting_loop_does(tiny_config, reference, tmp_path,
                                                                          monkeypatch, saved_state, same_tree):
   events = []
-  stepper_call, settle = train._Stepper.__call__, train._settle
+  stepper_call, settle = loop._Stepper.__call__, loop._settle
   def record_dispatch(self, state, batch, go, stop):
     events.append("dispatch")
     return stepper_call(self, state, batch, go, stop)
   def record_settle(ph, ckpt, stepper, state, pending, log):
     events.append(f"read {[p.step for p in pending]}")
     return settle(ph, ckpt, stepper, state, pending, log)
-  monkeypatch.setattr(train._Stepper, "__call__", record_dispatch)
-  monkeypatch.setattr(train, "_settle", record_settle)
+  monkeypatch.setattr(loop._Stepper, "__call__", record_dispatch)
+  monkeypatch.setattr(loop, "_settle", record_settle)
   monkeypatch.setattr(sharding, "any_process", lambda flag: pytest.fail("a host-side stop agreement"))
 
   workdir = str(tmp_path)

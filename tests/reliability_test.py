@@ -38,6 +38,7 @@ from dtvit import data
 from dtvit import metrics as metrics_lib
 from dtvit import models
 from dtvit import sharding
+from dtvit import state as state_lib
 from dtvit import steps
 from dtvit import train
 
@@ -400,7 +401,7 @@ def test_diagnosis_names_batch_statistics_and_optimizer_state_that_the_step_flag
   model = models.phase_model(config.model, info.num_classes, "ann")
   mesh = sharding.make_mesh(-1)
   tx = optax.adam(1e-3)
-  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
+  state = state_lib.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
   local = next(data.train_batches(config.data, global_batch_size=8, seed=0))
   batch = sharding.global_batch(mesh, {k: local[k] for k in ("image", "label", "target")})
   diagnose = steps.make_diagnosis(model, tx, config.ann, phase="ann", op_weights=None)
@@ -488,7 +489,7 @@ def test_diagnosis_names_the_leaf_module_the_loss_or_the_update(tiny_config):
   model = models.phase_model(config.model, info.num_classes, "ann")
   mesh = sharding.make_mesh(-1)
   tx = optax.sgd(0.1)
-  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
+  state = state_lib.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
   local = next(data.train_batches(config.data, global_batch_size=8, seed=0))
   batch = {k: local[k] for k in ("image", "label", "target")}
   diagnose = lambda s, b, t=tx: steps.diagnose_nonfinite(  # noqa: E731

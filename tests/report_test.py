@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from dtvit import plots
 from dtvit import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +92,7 @@ def test_training_curves_section_reads_the_event_files(tmp_path):
     w.write_scalars(4, {"val_accuracy": 0.4, "test_accuracy": 0.45})
   with metrics.MetricWriter(str(workdir / "snn")) as w:
     w.write_scalars(3, {"loss": 0.5, "accuracy": 0.75, "average_time_steps": 2.5})
-  curves = report.training_curves(str(workdir), ["ann", "snn", "finetune"])
+  curves = plots.training_curves(str(workdir), ["ann", "snn", "finetune"])
   assert list(curves) == ["ann", "snn"]  # finetune never ran: no event files
   assert curves["ann"]["loss"][0].tolist() == [2, 4] and curves["ann"]["loss"][1].tolist() == [2.0, 1.0]
   assert "learning_rate" not in curves["ann"]
@@ -101,7 +102,7 @@ def test_training_curves_section_reads_the_event_files(tmp_path):
   assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert result["curves"]["snn"]["average_time_steps"] == {"steps": [3], "values": [2.5]}
   assert result["curves"]["ann"]["val_accuracy"]["values"] == [pytest.approx(0.4)]
-  fig = report.plot_training_curves(curves)
+  fig = plots.plot_training_curves(curves)
   (loss_ax, acc_ax, steps_ax) = fig.axes
   snn_loss = [line for line in loss_ax.lines if line.get_label() == "snn loss"][0]
   assert snn_loss.get_xdata().tolist() == [4 + 3]  # after the ANN's 4 steps

@@ -9,6 +9,7 @@ import pytest
 
 from dtvit import analysis
 from dtvit import sweep
+from dtvit import sweep_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
@@ -46,12 +47,12 @@ def _quickstart():
 
 
 @pytest.mark.parametrize("grid,match", [
-    ("snn.time_cst=0.1", "unknown config key 'snn.time_cst'. Did you mean 'snn.time_cost'"),
-    ("time_cost=0.1", "unknown config key 'time_cost'"),
-    ("snn=0.1", "unknown config key 'snn'"),
-    ("snn.time_cost=abc", r"snn.time_cost='abc': not a float"),
-    ("model.mask.enabled=maybe", "not a bool; write True or False"),
-    ("model.num_steps=2.5", "not a int"),
+    ("snn.time_cst=0.1", r'snn.time_cst: config.snn has no key .time_cst.; did you mean "time_cost"'),
+    ("time_cost=0.1", "no top-level 'time_cost'; it is a key of a section: did you mean ann.time_cost"),
+    ("snn=0.1", "snn is a section of the config, not a value"),
+    ("snn.time_cost=abc", "--config.snn.time_cost=abc: could not convert string to float"),
+    ("model.mask.enabled=maybe", "--config.model.mask.enabled=maybe: .*Non-boolean argument"),
+    ("model.num_steps=2.5", r"--config.model.num_steps=2.5: invalid literal for int\(\)"),
 ])
 def test_bad_grid_values_fail_before_training(grid, match):
   module, arg = _quickstart()
@@ -125,7 +126,7 @@ class _Proc:
 
 
 def test_scheduler_runs_dependencies_first_and_at_most_n_at_once(tmp_path, monkeypatch):
-  monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+  monkeypatch.setattr(sweep_runner.time, "sleep", lambda s: None)
   root = str(tmp_path)
   points = [sweep.named("a", {"seed": 0}), sweep.named("b", {"snn.init_from": "{root}/a/ann/checkpoints"}),
             sweep.named("c", {"snn.init_from": "{root}/b/ann/checkpoints"}), sweep.named("d", {"seed": 3}),
@@ -140,7 +141,7 @@ def test_scheduler_runs_dependencies_first_and_at_most_n_at_once(tmp_path, monke
     return _Proc(log, name, 1 if name == "e" else 0, polls=2)
 
   states = {n: "pending" for n in "abcdef"}
-  sweep.run_points(list("abcdef"), deps, states, launch, root=root, parallel=2)
+  sweep_runner.run_points(list("abcdef"), deps, states, launch, root=root, parallel=2)
   assert states == {"a": "done", "b": "done", "c": "done", "d": "done", "e": "failed", "f": "blocked"}
   order = [n for what, n in log if what == "start"]
   assert log.index(("start", "b")) > log.index(("end", "a")) and "f" not in order
@@ -155,10 +156,10 @@ def test_scheduler_runs_dependencies_first_and_at_most_n_at_once(tmp_path, monke
                                                                          "e": [1]}
   # A point whose dependency is not done and not run, or a cycle, is blocked, not waited for forever.
   states = {"a": "pending", "b": "pending"}
-  sweep.run_points(["b"], {"a": set(), "b": {"a"}}, states, launch, root=root)
+  sweep_runner.run_points(["b"], {"a": set(), "b": {"a"}}, states, launch, root=root)
   assert states["b"] == "blocked"
   states = {"x": "pending", "y": "pending"}
-  sweep.run_points(["x", "y"], {"x": {"y"}, "y": {"x"}}, states, launch, root=root)
+  sweep_runner.run_points(["x", "y"], {"x": {"y"}, "y": {"x"}}, states, launch, root=root)
   assert states == {"x": "blocked", "y": "blocked"}
 
 
@@ -271,7 +272,7 @@ def test_tiny_sweep_trains_skips_resumes_and_tabulates(tmp_path, capsys):
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
   assert sweep.main([f"--config={QUICKSTART}:tiny", f"--root={tmp_path}", "--grid=snn.time_cst=1"]) == 2
-  assert capsys.readouterr().err.strip() == ("dtvit.sweep: unknown config key 'snn.time_cst'. Did you mean "
-                                             "'snn.time_cost'?")
+  assert capsys.readouterr().err.strip() == ("dtvit.sweep: snn.time_cst: config.snn has no key 'time_cst'; did you "
+                                             'mean "time_cost" (snn.time_cost)?')
   assert sweep.main([f"--config={QUICKSTART}:tiny", f"--root={tmp_path}", "--grid=seed=1", "--only=seed=2"]) == 2
   assert "no such point; the points are: seed=1" in capsys.readouterr().err

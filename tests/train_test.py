@@ -18,6 +18,8 @@ from dtvit import checkpointing
 from dtvit import data
 from dtvit import metrics
 from dtvit import models
+from dtvit import sharding
+from dtvit import state as state_lib
 from dtvit import steps
 from dtvit import train
 
@@ -89,8 +91,8 @@ def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config,
   config = tiny_config(**{"phases": "ann,snn", "snn.threshold_scale": 0.5})
   info = data.get_info(config.data)
   model = models.phase_model(config.model, info.num_classes, "snn")
-  variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
-                                      mesh=train.sharding.make_mesh(-1))
+  variables = state_lib.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
+                                          mesh=sharding.make_mesh(-1))
   _, ann_params = load_params(os.path.join(ann_dir, "ann"))
   flat_ann = {"/".join(p): v for p, v in _flatten(ann_params).items()}
   flat_snn = {"/".join(p): v for p, v in _flatten(variables["params"]).items()}
@@ -106,9 +108,9 @@ def test_ann_checkpoint_of_another_t_max_starts_the_scores_fresh(tiny_config, an
   config = tiny_config(**{"phases": "ann,snn", "model.num_steps": 4})  # the ANN twin was saved with T_max = 3
   info = data.get_info(config.data)
   model = models.phase_model(config.model, info.num_classes, "snn")
-  mesh = train.sharding.make_mesh(-1)
-  variables = train.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
-                                      mesh=mesh)
+  mesh = sharding.make_mesh(-1)
+  variables = state_lib.initial_variables(config, ann_dir, ["ann", "snn"], "snn", model, info, jax.random.key(0),
+                                          mesh=mesh)
   _, ann_params = load_params(os.path.join(ann_dir, "ann"))
   flat_ann = {"/".join(p): v for p, v in _flatten(ann_params).items()}
   flat_snn = {"/".join(p): v for p, v in _flatten(variables["params"]).items()}
@@ -118,7 +120,7 @@ def test_ann_checkpoint_of_another_t_max_starts_the_scores_fresh(tiny_config, an
       assert v.shape == (4,) and flat_ann[k].shape == (3,), k
     else:
       np.testing.assert_array_equal(v, flat_ann[k], err_msg=k)
-    assert v.sharding == train.sharding.replicated(mesh), k
+    assert v.sharding == sharding.replicated(mesh), k
 
 
 def _flatten(tree):
@@ -371,7 +373,7 @@ def test_train_step_applies_an_on_device_augmentation_given_the_step(tiny_config
   info = data.get_info(config.data)
   model = models.phase_model(config.model, info.num_classes, "ann")
   tx = optax.sgd(0.1)
-  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, train.sharding.make_mesh(1))
+  state = state_lib.create_state(model, tx, jax.random.key(0), info.image_shape, sharding.make_mesh(1))
   state["step"] = jnp.int32(5)
   local = next(data.train_batches(config.data, global_batch_size=8, seed=0, num_classes=info.num_classes))
   batch = {k: jnp.asarray(local[k]) for k in ("image", "label", "target")}

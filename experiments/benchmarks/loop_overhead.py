@@ -31,6 +31,7 @@ import jax
 
 from configs import quickstart
 from dtvit import compilation, data, energy, metrics, models, optim, sharding, steps, train
+from dtvit import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dtvit.main runs here
 
@@ -74,7 +75,7 @@ def step_steps_per_s(config, num_steps: int, *, with_data: bool = False) -> floa
   model = models.phase_model(config.model, info.num_classes, "snn")
   tx, _ = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=("weights", "neuron", "scores"))
   op_weights = energy.module_op_weights(model, counts=energy.op_counts(model, info.image_shape))
-  state = train.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
+  state = state_lib.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
   state_sharding = sharding.state_shardings(mesh, state)
   # The step dtvit.main runs: with data.placement='device' it gathers, crops and normalises the resident records.
   batches, table = train.train_feed(config, pc, info, mesh, 0)
