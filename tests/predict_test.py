@@ -177,7 +177,7 @@ def test_user_errors_after_training_are_one_line_with_status_1(tiny_run, tmp_pat
   (tmp_path / "a_file").write_text("")
   cases = [(str(tmp_path / "nowhere"), "FileNotFoundError: dtvit.load: workdir", "does not exist"),
            (str(tmp_path / "empty"), "FileNotFoundError: dtvit.load:", "has no config.json"),
-           (str(damaged), f"ValueError: {damaged}/summary.json is damaged (not valid JSON", "")]
+           (str(damaged), f"DamagedRecordError: workdir {damaged}: summary.json is damaged", "--overwrite")]
   for workdir, start, part in cases:
     for name, (main, argv) in _commands(workdir, tmp_path).items():
       status, out, err = _cli(capsys, main, argv)

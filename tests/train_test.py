@@ -312,10 +312,12 @@ def _meta(workdir, step):
 
 
 def _files(workdir):
-  """{path: bytes} of every file under `workdir`."""
+  """{path: bytes} of every file under `workdir` but the lock (`dtvit.workdir_lock`: it names its last holder)."""
   out = {}
   for d, _, names in os.walk(workdir):
     for n in names:
+      if d == workdir and n == ".lock":
+        continue
       with open(os.path.join(d, n), "rb") as f:
         out[os.path.relpath(os.path.join(d, n), workdir)] = f.read()
   return out
