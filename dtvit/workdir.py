@@ -13,6 +13,8 @@ A launch into a workdir that holds a run (`plan_launch`) compares the configs:
   schedules (learning-rate warmup/cosine, mask temperature) are recomputed for the new length and followed from
   the resume step on, so the steps already run keep the old schedule (the history says so);
 - `<phase>.nonfinite` may go from 'error' to 'skip': a run under 'error' had only finite steps;
+- every `<phase>.*` key of a phase that has no checkpoint in the workdir yet (it has computed nothing), e.g. the
+  SNN settings of a run whose ANN phase is still training;
 - any other key only when named in `allow_changes` (`--allow_changes=key,...`; a key names its subtree too);
   the change is kept in config_history.json.
 `record_launch` then writes config.json and the history entry. The records are written atomically and durably
@@ -177,6 +179,8 @@ def _judge(key: str, old: Any, new: Any, config: dict, started: dict[str, int],
   section, _, leaf = key.partition('.')
   if section not in PHASES:
     return False, ''
+  if section not in started:
+    return True, ''  # a phase with no checkpoint here has computed nothing yet: its settings are free
   if leaf == 'nonfinite' and (old, new) == ('error', 'skip'):
     return True, ''
   if leaf == 'num_steps' and isinstance(old, int) and isinstance(new, int) and new > old:

@@ -422,10 +422,22 @@ def test_extending_a_phase_a_later_phase_started_from_is_refused(tmp_path, with_
   assert _launch(workdir, with_keys(_base_config(), **{'snn.num_steps': 200})).notes  # the last phase may grow
 
 
+def test_a_phase_that_has_not_started_may_change_every_setting(tmp_path, with_keys):
+  workdir = str(tmp_path / 'run')
+  _launch(workdir, _base_config())
+  os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '40'))
+  snn = {'snn.optimizer.lr': 1e-4, 'snn.num_steps': 10, 'snn.nonfinite': 'skip', 'finetune.optimizer.lr': 1.0}
+  launch = _launch(workdir, with_keys(_base_config(), **snn))
+  assert launch.allowed == () and set(launch.changes) == set(snn)
+  with pytest.raises(ValueError, match=r'ann.optimizer.lr: saved 0.001, now 0.0001'):   # ann has started
+    workdir_lib.plan_launch(workdir, with_keys(_base_config(), **snn, **{'ann.optimizer.lr': 1e-4}))
+
+
 def test_other_changes_need_allow_changes_and_are_recorded(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   config = _base_config()
   _launch(workdir, config)
+  os.makedirs(os.path.join(workdir, 'snn', 'checkpoints', '10'))   # snn has started: its settings are fixed
   lower = with_keys(config, **{'snn.optimizer.lr': 1e-4, 'snn.optimizer.warmup_steps': 0})
   with pytest.raises(ValueError, match=r'--allow_changes=snn.optimizer.lr,snn.optimizer.warmup_steps '):
     workdir_lib.plan_launch(workdir, lower)
