@@ -196,6 +196,7 @@ def test_a_run_older_than_the_loss_options_resumes_at_their_defaults(tiny_config
       del older[p][k]
   workdir = str(tmp_path / "run")
   workdir_lib.record_launch(workdir_lib.plan_launch(workdir, older))
+  os.makedirs(os.path.join(workdir, "snn", "checkpoints", "2"))   # the SNN has started: its keys are fixed
   launch = workdir_lib.plan_launch(workdir, tiny_config().to_dict(), defaults=train._base_defaults())
   assert launch.allowed == () and set(launch.changes) == {f"{p}.{k}" for p in ("ann", "snn", "finetune") for k in keys}
   with pytest.raises(ValueError, match="snn.loss"):
