@@ -209,8 +209,9 @@ def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "te
 #   python -m dtvit.evaluate --workdir=W --early_exit=confidence,entropy [--thresholds=...]
 
 # Default threshold grids, each ending at the threshold that never exits early (the full evaluation).
-EXIT_THRESHOLDS = {"confidence": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0),
-                   "entropy": (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.001, 0.0)}
+# They span the whole range: confidence 0 and normalised entropy 1 stop every image after its first step.
+EXIT_THRESHOLDS = {"confidence": (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0),
+                   "entropy": (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01, 0.0)}
 EXIT_DIR = "early_exit"  # <workdir>/early_exit/: early_exit.json, early_exit.md, early_exit.png
 
 
