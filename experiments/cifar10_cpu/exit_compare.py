@@ -123,6 +123,32 @@ def _cell(x, spec=".2f", scale=100.0) -> str:
   return "–" if x is None else format(x * scale, spec)
 
 
+def headline(comparison: dict, curves: Sequence[dict], thr: float) -> list[str]:
+  """The verdict: learned masks against per-sample exit at equal energy, per exit curve of a run without masks;
+  and, per run with masks under exit, the cheapest threshold whose accuracy stays within the noise of no exit."""
+  lines = []
+  for run in ("fixed_T4_every_step", "fixed_T4_distill"):
+    for criterion in CRITERIA:
+      g = [e["gain"] for e in comparison["learned_vs_exit"]
+           if e["run"] == run and e["criterion"] == criterion and e["gain"] is not None]
+      if g:
+        lines.append(f"**Learned masks vs {CRITERIA[criterion]} on {run}**, at equal energy: {min(g) * 100:+.2f} to "
+                     f"{max(g) * 100:+.2f} pts (mean {100 * sum(g) / len(g):+.2f}) over {len(g)} learned 'skip' runs; "
+                     f"{sum(x > thr for x in g)} beyond the noise, {sum(x < -thr for x in g)} below it.")
+  for c in curves:
+    if not c["run"].startswith(("exit_learned", "learned")):
+      continue
+    full = max(c["points"], key=lambda p: p["steps"])
+    ok = [p for p in c["points"] if p["accuracy"] >= full["accuracy"] - thr]
+    best = min(ok, key=lambda p: p["energy_ratio"])
+    lines.append(f"**Combination** {c['run']} + {c['criterion']} exit: threshold {best['threshold']:g} keeps "
+                 f"{100 * best['accuracy']:.2f}% (no exit: {100 * full['accuracy']:.2f}%) at energy "
+                 f"{best['energy_ratio']:.3f} instead of {full['energy_ratio']:.3f} "
+                 f"({100 * (1 - best['energy_ratio'] / full['energy_ratio']):.0f}% less), {best['steps']:.2f} steps "
+                 f"run per image.")
+  return lines
+
+
 def markdown(rows, curves, fixed, comparison, variants, nz) -> str:
   """The tables and the verdict, in Markdown."""
   thr = nz["threshold"]
@@ -142,6 +168,7 @@ def markdown(rows, curves, fixed, comparison, variants, nz) -> str:
       md.append(f"| {c['label']} | {c['run']} | {p['threshold']:g} | {_cell(p['accuracy'])} | {p['steps']:.2f} "
                 f"| {_cell(p['energy_ratio'], '.3f', 1)} |")
   lines = [f"Noise: gains count as real only beyond ±{100 * thr:.2f} pts ({nz['threshold_source']})."]
+  lines += headline(comparison, curves, thr)
   for e in comparison["exit_vs_fixed"]:
     g = [x for x in e["gains"] if x is not None]
     if g:

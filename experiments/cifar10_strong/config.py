@@ -34,7 +34,6 @@ SIZES = {
     "2-128": (2, 128, 4, 4.0, (False, True, True, False)),
     "4-128": (4, 128, 4, 4.0, (False, True, True, False)),
     "2-192": (2, 192, 6, 4.0, (False, True, True, False)),
-    "4-192": (4, 192, 6, 4.0, (False, True, True, False)),
     "2-256": (2, 256, 8, 4.0, (False, True, True, False)),
     "2-256e": (2, 256, 8, 4.0, (True, True, False, False)),
 }
