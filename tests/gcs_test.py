@@ -126,7 +126,7 @@ def test_evaluate_predict_export_and_report_read_the_bucket(bucket_run, gcs_emul
   out = f"{gcs_emulator}/export"
   export.main([f"--workdir={workdir}", f"--out={out}"])
   exported = export.load(out)
-  x = run.preprocess(np.full((2, 8, 8), 200, np.uint8))
+  x = run.preprocess(np.full((2, 8, 8, 1), 200, np.uint8))
   np.testing.assert_allclose(np.asarray(exported(x)), np.asarray(run(x)), rtol=1e-5, atol=1e-5)
   result = report.write_report([workdir], num_batches=1, early_exit_batches=1)
   assert result["report"] == f"{workdir}/report/report.md" and result["plots"]
