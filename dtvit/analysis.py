@@ -44,6 +44,7 @@ from dtvit import inference
 from dtvit import loader
 from dtvit import masks as masks_lib
 from dtvit import models
+from dtvit import storage
 from dtvit import workdir as workdir_lib
 from dtvit.models import paths
 
@@ -288,7 +289,7 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
   None."""
   rows = []
   for name, wd in zip(run_names(workdirs), workdirs):
-    row = {"name": name, "workdir": os.path.abspath(wd), **{k: None for k in _ROW_KEYS}, "note": ""}
+    row = {"name": name, "workdir": storage.abspath(wd), **{k: None for k in _ROW_KEYS}, "note": ""}
     rows.append(row)
     try:
       config = loader.read_config(wd)
@@ -360,9 +361,9 @@ def _snn_phase(summary: Mapping[str, Any]) -> str | None:
 def init_from_workdir(config) -> str | None:
   """The workdir whose ANN phase the SNN phase started from (`snn.init_from` = <workdir>/ann/checkpoints)."""
   init_from = config.get("snn", {}).get("init_from") or ""
-  path = os.path.abspath(init_from.rstrip(os.sep)) if init_from else ""
-  if path and os.path.basename(path) == "checkpoints" and os.path.basename(os.path.dirname(path)) == "ann":
-    return os.path.dirname(os.path.dirname(path))
+  path = storage.abspath(init_from.rstrip(os.sep)) if init_from else ""
+  if path and storage.basename(path) == "checkpoints" and storage.basename(storage.dirname(path)) == "ann":
+    return storage.dirname(storage.dirname(path))
   return None
 
 
@@ -371,8 +372,8 @@ def expand_sweeps(workdirs: Sequence[str]) -> list[str]:
   records) replaced by its points, in name order; other workdirs unchanged."""
   out = []
   for w in workdirs:
-    points = [] if os.path.isfile(os.path.join(w, "config.json")) or not os.path.isdir(w) else sorted(
-        os.path.join(w, d) for d in os.listdir(w) if os.path.isfile(os.path.join(w, d, SWEEP_RECORD)))
+    points = [] if storage.isfile(storage.join(w, "config.json")) or not storage.isdir(w) else sorted(
+        storage.join(w, d) for d in storage.listdir(w) if storage.isfile(storage.join(w, d, SWEEP_RECORD)))
     out.extend(points or [w])
   return out
 
@@ -381,23 +382,41 @@ def run_names(workdirs: Sequence[str]) -> list[str]:
   """Short names of runs. Points of one sweep (each with dtvit.sweep's record): their swept values that differ
   among these runs ('snn.time_cost=0.03, model.num_steps=4'), or the name a point was given; other runs: their
   paths relative to the common parent (the base name of a single run)."""
-  paths = [os.path.abspath(w).rstrip(os.sep) for w in workdirs]
+  paths = [storage.abspath(w).rstrip(os.sep) for w in workdirs]
   if len(paths) == 1:
-    return [os.path.basename(paths[0])]
+    return [storage.basename(paths[0])]
   labels = _sweep_labels(paths)
   if labels is not None:
     return labels
-  root = os.path.commonpath(paths)
-  names = [os.path.relpath(p, root) if p != root else os.path.basename(p) for p in paths]
+  root = common_path(paths)
+  names = [_relpath(p, root) if p != root else storage.basename(p) for p in paths]
   return names if len(set(names)) == len(names) else paths
+
+
+def _split_url(path: str) -> tuple[str, str]:
+  scheme, sep, rest = path.partition("://")
+  return (scheme + sep, "/" + rest) if sep else ("", path)
+
+
+def common_path(paths: Sequence[str]) -> str:
+  """`os.path.commonpath` of absolute paths, or of URLs on one storage ('gs://b/x/1', 'gs://b/x/2' -> 'gs://b/x');
+  paths on different storages: ''."""
+  parts = [_split_url(p) for p in paths]
+  if len({s for s, _ in parts}) > 1:
+    return ""
+  return parts[0][0] + os.path.commonpath([r for _, r in parts]).lstrip("/" if parts[0][0] else "")
+
+
+def _relpath(path: str, root: str) -> str:
+  return os.path.relpath(_split_url(path)[1], _split_url(root)[1]) if root else path
 
 
 def _sweep_labels(paths: Sequence[str]) -> list[str] | None:
   """Labels from dtvit.sweep's records, or None unless every run has one and the labels are distinct."""
   records = []
   for p in paths:
-    record = os.path.join(p, SWEEP_RECORD)
-    if not os.path.isfile(record):
+    record = storage.join(p, SWEEP_RECORD)
+    if not storage.isfile(record):
       return None
     records.append(workdir_lib.read_json(record, expect=dict))
   keys = list(dict.fromkeys(k for r in records for k in r["overrides"]))

@@ -21,6 +21,7 @@ from dtvit import data
 from dtvit import models
 from dtvit import sharding
 from dtvit import steps
+from dtvit import storage
 from dtvit.models import paths
 
 _RATE_KEYS = ("input_rates", "attention_rates", "spike_rates", "masks")
@@ -169,7 +170,11 @@ class FolderBatches:
 
 
 def check_writable(path: str) -> None:
-  """Raises PermissionError / FileNotFoundError now when the file `path` could not be written later."""
+  """Raises PermissionError / FileNotFoundError now when the file `path` could not be written later (object
+  storage: only that its package is installed; its permissions show at the write)."""
+  if storage.is_url(path):
+    storage.check(path, "--out")
+    return
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist.")
@@ -245,7 +250,7 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
       table.append({"criterion": c, **r})
   full = [r for r in table if r["avg_steps"] == T and r["threshold"] == (1.0 if r["criterion"] == "confidence"
                                                                           else 0.0)]
-  result = {"workdir": os.path.abspath(workdir), "phase": run.phase, "data": f"{split} split",
+  result = {"workdir": storage.abspath(workdir), "phase": run.phase, "data": f"{split} split",
             "count": int(examples) if examples else (run.info.num_train if split == "train" else run.info.num_test),
             "T_max": T, "mask_semantics": run.model.mask.semantics, "masks_enabled": bool(run.model.mask.enabled),
             "no_exit": {k: full[0][k] for k in ("accuracy", "avg_energy_j")} if full else None,
@@ -255,17 +260,17 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
                                   "rates of the dense evaluation averaged over full batches"),
             "rows": table}
   if write:
-    out = os.path.join(workdir, EXIT_DIR)
-    os.makedirs(out, exist_ok=True)
+    out = storage.join(workdir, EXIT_DIR)
+    storage.makedirs(out)
     from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-    workdir_lib.write_json(os.path.join(out, "early_exit.json"), result)
-    with open(os.path.join(out, "early_exit.md"), "w") as f:
-      f.write("\n".join(exit_table_md(result)) + "\n")
+    workdir_lib.write_json(storage.join(out, "early_exit.json"), result)
+    storage.write_text(storage.join(out, "early_exit.md"), "\n".join(exit_table_md(result)) + "\n")
     from dtvit import plots  # pylint: disable=g-import-not-at-top
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     fig = plots.plot_exit_tradeoff(result)
-    fig.savefig(os.path.join(out, "early_exit.png"), dpi=110)
+    with storage.local_copy(storage.join(out, "early_exit.png"), ".png") as png:
+      fig.savefig(png, dpi=110)
     plots.pyplot().close(fig)
   return result
 

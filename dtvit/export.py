@@ -69,8 +69,10 @@ def export_run(workdir: str, out: str, *, phase: str | None = None, batch_size: 
 
 def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, ...] | None = None) -> dict:
   """`export_run` of a `dtvit.load` result (its model and variables as they are)."""
+  import io  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
   from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   model, schedule = _inference_model(run)
   named, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(run.variables))
@@ -87,12 +89,13 @@ def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, .
           "schedule": schedule, "num_steps": run.num_steps, "batch_size": batch_size or None,
           "image_shape": list(run.info.image_shape), "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
           "weights": [jax.tree_util.keystr(path) for path, _ in named], "jax_version": jax.__version__}
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, MODEL_FILE), "wb") as f:
-    f.write(exported.serialize())
-  np.savez(os.path.join(out, WEIGHTS_FILE), **{_key(i): x for i, x in enumerate(leaves)})
-  for name, content in ((SPEC_FILE, run.data_spec), (META_FILE, meta)):
-    workdir_lib.write_json(os.path.join(out, name), content)
+  storage.makedirs(out)
+  storage.write_bytes(storage.join(out, MODEL_FILE), exported.serialize())
+  weights = io.BytesIO()
+  np.savez(weights, **{_key(i): x for i, x in enumerate(leaves)})
+  storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights.getvalue())
+  for name, content in ((SPEC_FILE, run.data_spec), (META_FILE, meta)):  # export.json last: the export is whole
+    workdir_lib.write_json(storage.join(out, name), content)
   return meta
 
 
@@ -120,16 +123,18 @@ class Exported:
 
 def load(directory: str) -> Exported:
   """An export written by `export_run`; needs jax and numpy, and no model code."""
+  import io  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
   from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(directory, META_FILE)):
+  storage.check(directory, "export")
+  if not storage.isfile(storage.join(directory, META_FILE)):
     raise FileNotFoundError(f"{directory} holds no dtvit export ({META_FILE} missing); write one with "
                             "python -m dtvit.export --workdir=W --out=DIR.")
-  with open(os.path.join(directory, MODEL_FILE), "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  with np.load(os.path.join(directory, WEIGHTS_FILE)) as w:
+  exported = jax.export.deserialize(bytearray(storage.read_bytes(storage.join(directory, MODEL_FILE))))
+  with np.load(io.BytesIO(storage.read_bytes(storage.join(directory, WEIGHTS_FILE)))) as w:
     weights = [w[_key(i)] for i in range(len(w.files))]
-  spec, meta = (workdir_lib.read_json(os.path.join(directory, name), expect=dict) for name in (SPEC_FILE, META_FILE))
+  spec, meta = (workdir_lib.read_json(storage.join(directory, name), expect=dict) for name in (SPEC_FILE, META_FILE))
   return Exported(call=exported.call, weights=weights, spec=spec, meta=meta)
 
 
@@ -154,14 +159,15 @@ def main(argv=None) -> None:
   args, _ = cli.parse("dtvit.export", _define_flags, argv, doc="A trained run as a jax.export function plus "
                       "weights and data spec, loadable with jax and numpy only.")
   platforms = tuple(x for x in args.platforms.split(",") if x) or None
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
   with loader.user_errors("dtvit.export"):
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
+    storage.makedirs(args.out)  # object storage: checks its package only; permissions show at the write
+    if not storage.is_url(args.out) and not os.access(args.out, os.W_OK):
       raise PermissionError(f"--out={args.out} is not writable; choose another folder.")
     meta = export_run(args.workdir, args.out, phase=args.phase, batch_size=args.batch_size, platforms=platforms,
                       allow_unfinished=args.allow_unfinished)
   print(json.dumps({k: meta[k] for k in ("phase", "step", "schedule", "batch_size", "platforms")}))
-  print(f"export: {os.path.abspath(args.out)}")
+  print(f"export: {storage.abspath(args.out)}")
 
 
 if __name__ == "__main__":

@@ -243,15 +243,17 @@ def _masks_of(model, params) -> tuple[dict, dict]:
 def read_config(workdir: str):
   """The run's config, `<workdir>/config.json` as an `ml_collections.ConfigDict`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  storage.check(workdir, "workdir")
+  workdir = storage.abspath(workdir)
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f"dtvit.load: workdir {workdir} does not exist. Pass the --workdir of a "
                             f"training run (python -m dtvit.main ... --workdir=DIR).")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
     raise FileNotFoundError(f"dtvit.load: {workdir} has no config.json, so it is not a dtvit workdir (the "
                             f"training run writes config.json there first). Its entries: "
-                            f"{sorted(os.listdir(workdir))[:10]}.")
+                            f"{sorted(storage.listdir(workdir))[:10]}.")
   from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # jax only when loading
   raw = workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
   mask = raw.get("model", {}).get("mask")
@@ -264,8 +266,9 @@ def read_config(workdir: str):
 
 def read_summary(workdir: str) -> dict | None:
   """`<workdir>/summary.json` (written when a run finishes), or None."""
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
   from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  return workdir_lib.read_json(os.path.join(workdir, "summary.json"), expect=dict)
+  return workdir_lib.read_json(storage.join(workdir, "summary.json"), expect=dict)
 
 
 def unfinished(workdir: str, config, summary: dict | None) -> str:
@@ -275,10 +278,11 @@ def unfinished(workdir: str, config, summary: dict | None) -> str:
   if (summary is not None and summary.get("phases") == phases
       and all(summary.get(p, {}).get("steps", -1) >= config[p].num_steps for p in phases)):
     return ""
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   where = []
   for p in phases:
-    d = os.path.join(workdir, p, "checkpoints")
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    steps = workdir_lib.committed_steps(storage.join(workdir, p, "checkpoints"))
     where.append(f"{p} at step {max(steps)} of {config[p].num_steps}" if steps else f"{p} not started")
   return ", ".join(where)
 
@@ -320,8 +324,9 @@ def load(workdir: str, phase: str | None = None, *, allow_unfinished: bool = Fal
   """
   if phase is not None and phase not in PHASES:
     raise ValueError(f"dtvit.load: unknown phase {phase!r}; choose one of {PHASES} or None (the latest).")
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
   config = read_config(workdir)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.abspath(workdir)
   progress = unfinished(workdir, config, read_summary(workdir))
   if progress and not allow_unfinished:
     raise UnfinishedRunError(
@@ -339,8 +344,9 @@ def load(workdir: str, phase: str | None = None, *, allow_unfinished: bool = Fal
 
 
 def _load(workdir: str, config, phase: str | None) -> Loaded:
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
   phases = run_phases(config)
-  present = [p for p in PHASES if os.path.isdir(os.path.join(workdir, p, "checkpoints"))]
+  present = [p for p in PHASES if storage.isdir(storage.join(workdir, p, "checkpoints"))]
   if phase is not None:
     if phase not in present:
       raise FileNotFoundError(
@@ -372,8 +378,10 @@ def _load_phase(workdir: str, config, phase: str) -> Loaded:
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32),
                                                train=False))
   abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
-  ckpt_dir = os.path.join(workdir, phase, "checkpoints")
-  step = max((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), default=None)
+  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  ckpt_dir = storage.join(workdir, phase, "checkpoints")
+  step = max(workdir_lib.committed_steps(ckpt_dir), default=None)
   variables = checkpointing.restore_variables(ckpt_dir, abstract, what=f"dtvit.load(phase={phase!r})", step=step)
   masks, counts = _masks_of(model, variables["params"])
   summary = read_summary(workdir)

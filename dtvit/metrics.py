@@ -8,14 +8,20 @@ imports TensorFlow, which dtvit does not depend on, so this module writes events
 
 `read_events` / `read_scalars` / `read_curves` read event files back (for report.py and tests) without
 TensorFlow.
+
+On object storage (a `gs://` logdir) tensorboardX writes its event file into a local temporary folder, and each
+flush uploads the whole file over `<logdir>/<its name>` (one upload: the object appears whole), at the latest
+`UPLOAD_SECS` after a write and at `flush` / `close`. An object cannot be appended to, which is why: TensorBoard
+reading the bucket sees the events up to the last upload.
 """
 from __future__ import annotations
 
-import glob
 import logging as py_logging
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -26,6 +32,9 @@ import tqdm
 from absl import logging
 
 from dtvit import config_lib
+from dtvit import storage
+
+UPLOAD_SECS = 30.0  # an event file on object storage is uploaded at most this long after a write
 
 
 def _is_main_process() -> bool:
@@ -53,10 +62,26 @@ class MetricWriter:
     self.logdir = logdir
     self.prefix = prefix
     self._tb = None
+    self._local = None  # the local folder of an object-storage logdir's event file (module docstring)
+    self._uploaded = 0.0
     if logdir is not None and not just_logging:
       # Imported here so processes that only log never touch tensorboardX.
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30)
+      if storage.is_url(logdir):
+        storage.check(logdir, 'logdir')
+        self._local = tempfile.mkdtemp(prefix='dtvit-events-')
+        self._uploaded = time.monotonic()
+      self._tb = tensorboardX.SummaryWriter(logdir=self._local or logdir, flush_secs=30)
+
+  def _upload(self, force: bool = False) -> None:
+    """Uploads the local event files to the object-storage logdir (every UPLOAD_SECS, or now with `force`)."""
+    if self._local is None or not (force or time.monotonic() - self._uploaded > UPLOAD_SECS):
+      return
+    if self._tb is not None:
+      self._tb.flush()
+    for name in sorted(os.listdir(self._local)):
+      storage.upload(os.path.join(self._local, name), storage.join(self.logdir, name))
+    self._uploaded = time.monotonic()
 
   def _tag(self, key: str) -> str:
     return f'{self.prefix}/{key}' if self.prefix else key
@@ -68,6 +93,7 @@ class MetricWriter:
     if self._tb is not None:
       for tag, value in values.items():
         self._tb.add_scalar(tag, value, global_step=step)
+      self._upload()
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: int | None = None) -> None:
     """arrays: tag -> array of any shape; logged as min/mean/max, written as a TensorBoard histogram."""
@@ -99,11 +125,16 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+      self._upload(force=True)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+      self._upload(force=True)
+    if self._local is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
+      self._local = None
 
   def __enter__(self) -> MetricWriter:
     return self
@@ -336,7 +367,7 @@ class NoRewrites:
 def _records(path: str) -> Iterator[bytes]:
   """Payloads of a TFRecord file (the event file container), checking both CRCs; stops at a torn tail."""
   from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
-  with open(path, 'rb') as f:
+  with storage.open_file(path, 'rb') as f:
     while True:
       header = f.read(12)
       if len(header) < 12:
@@ -355,7 +386,7 @@ def _records(path: str) -> Iterator[bytes]:
 def read_events(logdir: str) -> Iterator[Any]:
   """Every event (tensorboardX `event_pb2.Event` proto) in the event files directly under `logdir`."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+  for path in storage.glob(logdir, 'events.out.tfevents.*'):
     for record in _records(path):
       yield event_pb2.Event.FromString(record)
 

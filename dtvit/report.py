@@ -35,13 +35,13 @@ Library use (e.g. in a notebook): the `dtvit.plots` functions (each returns a ma
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 from typing import Any, Sequence
 
 from dtvit import analysis as analysis_lib
 from dtvit import loader
 from dtvit import plots
+from dtvit import storage
 from dtvit import workdir as workdir_lib
 
 PLOTS = ("training_curves", "accuracy_vs_steps", "time_steps", "spike_rates", "activation_histograms", "sensitivity",
@@ -75,7 +75,8 @@ def _runs_table(rows) -> list[str]:
 def _save(fig, out: str, name: str, result: dict) -> None:
   """Writes `fig` to <out>/<name>.png and records it in result['plots']."""
   plt = plots.pyplot()
-  fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+  with storage.local_copy(storage.join(out, f"{name}.png"), ".png") as png:
+    fig.savefig(png, dpi=110)
   plt.close(fig)
   result["plots"][name] = f"{name}.png"
 
@@ -210,8 +211,8 @@ EXIT_PLOT = "exit_tradeoff"  # drawn when the primary run has `python -m dtvit.e
 def _exit_eval_section(workdir: str, result: dict, out: str) -> list[str]:
   """The primary run's early-exit evaluation (`dtvit.evaluate.early_exit_workdir`), when it has one."""
   from dtvit import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, evaluate_lib.EXIT_DIR, "early_exit.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, evaluate_lib.EXIT_DIR, "early_exit.json")
+  if not storage.exists(path):
     return []
   ee = workdir_lib.read_json(path, expect=dict)
   result["early_exit_evaluation"] = ee
@@ -229,9 +230,10 @@ def _output_dir(workdirs: Sequence[str], out: str | None, ann_params: str) -> st
   for wd in workdirs:
     loader.read_config(wd)
   if out is None:
-    abs_paths = [os.path.abspath(w) for w in workdirs]
-    out = os.path.join(abs_paths[0] if len(abs_paths) == 1 else os.path.commonpath(abs_paths), "report")
-  os.makedirs(out, exist_ok=True)
+    abs_paths = [storage.abspath(w) for w in workdirs]
+    out = storage.join(abs_paths[0] if len(abs_paths) == 1 else analysis_lib.common_path(abs_paths), "report")
+  storage.check(out, "--out")
+  storage.makedirs(out)
   return out
 
 
@@ -253,8 +255,8 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
   """
   out = _output_dir(workdirs, out, ann_params)
   rows = analysis_lib.run_rows(workdirs)
-  result: dict[str, Any] = {"workdirs": [os.path.abspath(w) for w in workdirs],
-                            "report": os.path.join(os.path.abspath(out), "report.md"), "runs": rows, "plots": {}}
+  result: dict[str, Any] = {"workdirs": [storage.abspath(w) for w in workdirs],
+                            "report": storage.join(storage.abspath(out), "report.md"), "runs": rows, "plots": {}}
   md = _runs_section(rows, result, out, command)
   md += _curves_section(workdirs[0], result, out)
   snn, md_none = _primary_snn(workdirs[0], allow_unfinished)
@@ -270,9 +272,8 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
                                       batch_size=batch_size)
     md += _early_exit_section(snn, ee, criterion, early_exit_batches, result, out)
   md += _exit_eval_section(workdirs[0], result, out)
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write("\n".join(md))
-  workdir_lib.write_json(os.path.join(out, "report.json"), result)
+  storage.write_text(storage.join(out, "report.md"), "\n".join(md))
+  workdir_lib.write_json(storage.join(out, "report.json"), result)
   return result
 
 

@@ -8,8 +8,6 @@ The state is a dict {'params', 'batch_stats', 'opt_state', 'step'}, created unde
 
 from __future__ import annotations
 
-import os
-
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ from dtvit import inference
 from dtvit import models
 from dtvit import sharding
 from dtvit import steps
+from dtvit import storage
 from dtvit.models import paths
 
 
@@ -81,7 +80,7 @@ def _source_checkpoint(config, workdir, phases, phase) -> str | None:
     return pc.init_from
   i = phases.index(phase)
   if i > 0:
-    return os.path.join(workdir, phases[i - 1], "checkpoints")
+    return storage.join(workdir, phases[i - 1], "checkpoints")
   return None
 
 
@@ -116,7 +115,7 @@ def twin_source(config, workdir, phases, phase) -> str | None:
   if pc.init_from:
     return pc.init_from
   if "ann" in phases and phases.index("ann") < phases.index(phase):
-    return os.path.join(workdir, "ann", "checkpoints")
+    return storage.join(workdir, "ann", "checkpoints")
   return None
 
 

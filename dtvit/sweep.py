@@ -52,6 +52,7 @@ import ml_collections
 from dtvit import analysis
 from dtvit import cli
 from dtvit import config_lib
+from dtvit import storage
 from dtvit import sweep_runner
 from dtvit import workdir as workdir_lib
 
@@ -150,7 +151,7 @@ def overrides(point: Mapping[str, Any]) -> dict:
 
 def resolve(value: Any, root: str) -> Any:
   """`{root}` in a string value -> the sweep's root."""
-  return value.replace(ROOT, os.path.abspath(root)) if isinstance(value, str) else value
+  return value.replace(ROOT, storage.abspath(root)) if isinstance(value, str) else value
 
 
 def load_config_module(spec: str):
@@ -205,12 +206,12 @@ def expand(module, arg: str, grids: Sequence[str] = ()) -> list[dict]:
 
 def dependencies(points: Sequence[Mapping[str, Any]], root: str) -> dict[str, set[str]]:
   """For each point, the other points whose workdir one of its values points into (run those first)."""
-  dirs = {point_name(p): os.path.join(os.path.abspath(root), point_name(p)) for p in points}
+  dirs = {point_name(p): storage.join(storage.abspath(root), point_name(p)) for p in points}
   out = {}
   for p in points:
     values = [resolve(v, root) for v in overrides(p).values() if isinstance(v, str) and ROOT in v]
     out[point_name(p)] = {n for n, d in dirs.items() if n != point_name(p)
-                          and any(v == d or v.startswith(d + os.sep) for v in values)}
+                          and any(v == d or v.startswith(d + "/") for v in values)}
   return out
 
 
@@ -221,7 +222,7 @@ def swept_keys(points: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def check_finished(workdir: str, point: Mapping[str, Any], config) -> None:
   """A finished point's recorded config must have the point's values (else the root holds another sweep)."""
-  saved = flatten(workdir_lib.read_json(os.path.join(workdir, "config.json"), {}))
+  saved = flatten(workdir_lib.read_json(storage.join(workdir, "config.json"), {}))
   wanted = flatten(config.to_dict())
   normal = lambda x: json.loads(json.dumps(x, default=str))
   for key, value in overrides(point).items():
@@ -233,8 +234,8 @@ def check_finished(workdir: str, point: Mapping[str, Any], config) -> None:
 
 
 def write_record(workdir: str, point: Mapping[str, Any], spec: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(workdir, RECORD), {"name": point_name(point), "named": NAME_KEY in point,
+  storage.makedirs(workdir)
+  workdir_lib.write_json(storage.join(workdir, RECORD), {"name": point_name(point), "named": NAME_KEY in point,
                                                          "config": spec, "overrides": overrides(point)}, default=str)
 
 
@@ -282,16 +283,16 @@ def _prepare(a) -> tuple[list[dict], list, list[str]]:
 
 def _run(a, points, configs, names) -> dict:
   root = a.root
-  os.makedirs(root, exist_ok=True)
+  storage.makedirs(root)
   states = {}
   for point, config, name in zip(points, configs, names):
-    states[name] = sweep_runner.state(os.path.join(root, name))
+    states[name] = sweep_runner.state(storage.join(root, name))
     if states[name] == "done":
-      check_finished(os.path.join(root, name), point, config)
+      check_finished(storage.join(root, name), point, config)
   todo = [n for n in names if states[n] != "done" and (not a.only or n in a.only)]
   for point, name in zip(points, names):
     if not a.child and (states[name] == "done" or name in todo):
-      write_record(os.path.join(root, name), point, a.config)
+      write_record(storage.join(root, name), point, a.config)
   skipped = [n for n in names if states[n] == "done" and (not a.only or n in a.only)]
   if skipped:
     print(f"[sweep] finished, skipped: {', '.join(skipped)}", flush=True)
@@ -300,7 +301,7 @@ def _run(a, points, configs, names) -> dict:
   if a.parallel > 1:
     launch = lambda n: sweep_runner.run_child(argv, root, n)
   else:
-    launch = lambda n: sweep_runner.run_here(by_name[n], os.path.join(root, n))
+    launch = lambda n: sweep_runner.run_here(by_name[n], storage.join(root, n))
   return sweep_runner.run_points(todo, dependencies(points, root), states, launch, root=root,
                                  parallel=a.parallel, timings=not a.child)
 
@@ -309,10 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """`python -m dtvit.sweep` with `argv` (without the program; None: sys.argv[1:]); returns the exit status."""
   a, _ = cli.parse("dtvit.sweep", _define_flags, argv, doc=__doc__)
   try:
+    storage.check(a.root, "--root")  # gs:// without gcsfs: one line naming the install extra, nothing written
     points, configs, names = _prepare(a)
     if a.list:
       for name in names:
-        print(f"{sweep_runner.state(os.path.join(a.root, name)):8s} {name}")
+        print(f"{sweep_runner.state(storage.join(a.root, name)):8s} {name}")
       return 0
     states = {} if a.table_only else _run(a, points, configs, names)
   except ValueError as e:
@@ -332,9 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(e, file=sys.stderr)
       return 2
     paths = sweep_runner.write_table(a.root, rows, swept_keys(points))
-    sweep_runner.plot(rows, swept_keys(points), os.path.join(a.root, "sweep.png"))
-    print(open(paths["md"]).read() + f"[sweep] table: {paths['csv']}, {paths['md']}; plot: "
-          f"{os.path.join(a.root, 'sweep.png')}", flush=True)
+    sweep_runner.plot(rows, swept_keys(points), storage.join(a.root, "sweep.png"))
+    print(storage.read_bytes(paths["md"]).decode() + f"[sweep] table: {paths['csv']}, {paths['md']}; plot: "
+          f"{storage.join(a.root, 'sweep.png')}", flush=True)
   bad = sorted(n for n, s in states.items() if s in ("failed", "blocked"))
   if bad:
     print(f"[sweep] not finished: {', '.join(bad)}; rerun the same command to resume.", file=sys.stderr)

@@ -9,15 +9,18 @@ tabulates them. Files in the root: `timings.json` (every attempt's wall time), `
 from __future__ import annotations
 
 import csv
+import io
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Mapping, Sequence
 
 from dtvit import analysis
 from dtvit import config_lib
+from dtvit import storage
 from dtvit import workdir as workdir_lib
 
 TABLE_KEYS = ("accuracy", "accuracy_all_steps", "ann_accuracy", "T_max", "T_avg", "T_sim", "T_avg_op", "T_sim_op",
@@ -29,10 +32,10 @@ _ROOT_FIX = "delete it (python -m dtvit.sweep writes it anew)"
 def state(workdir: str) -> str:
   """'done' (summary.json with every phase it lists), 'started' (its config.json, no complete summary: running,
   or stopped and resumable) or 'pending'."""
-  summary = workdir_lib.read_json(os.path.join(workdir, "summary.json"))
+  summary = workdir_lib.read_json(storage.join(workdir, "summary.json"))
   if summary and "wall_time_s" in summary and all(p in summary for p in summary.get("phases", ())):
     return "done"
-  return "started" if os.path.isfile(os.path.join(workdir, "config.json")) else "pending"
+  return "started" if storage.isfile(storage.join(workdir, "config.json")) else "pending"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -61,16 +64,47 @@ def run_here(config, workdir: str) -> _Done:
   return _Done(0)
 
 
-def run_child(argv: Sequence[str], root: str, name: str) -> subprocess.Popen:
-  log = open(os.path.join(root, f"{name}.log"), "a")  # pylint: disable=consider-using-with  # the child owns it
+class _Child:
+  """A point's subprocess whose log goes to a local temporary file, appended to `<root>/<name>.log` on object
+  storage when the process ends (objects cannot be appended to: the log is uploaded whole)."""
+
+  def __init__(self, proc: subprocess.Popen, local: str, remote: str):
+    self.proc, self.local, self.remote = proc, local, remote
+
+  def poll(self) -> int | None:
+    code = self.proc.poll()
+    if code is not None and self.local is not None:
+      with open(self.local, "rb") as f:
+        new = f.read()
+      old = storage.read_bytes(self.remote) if storage.exists(self.remote) else b""
+      storage.write_bytes(self.remote, old + new)
+      os.unlink(self.local)
+      self.local = None
+    return code
+
+  @property
+  def returncode(self) -> int | None:
+    return self.proc.returncode
+
+
+def run_child(argv: Sequence[str], root: str, name: str):
+  """Starts `python -m dtvit.sweep ... --only=NAME --child`, its output appended to `<root>/<name>.log`."""
+  remote = storage.join(root, f"{name}.log")
+  local = None
+  if storage.is_url(root):
+    fd, local = tempfile.mkstemp(prefix="dtvit-sweep-", suffix=".log")
+    os.close(fd)
+  log = open(local or remote, "a")  # pylint: disable=consider-using-with  # the child owns it
   log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} dtvit.sweep point {name}\n")
   log.flush()
   cmd = [sys.executable, "-m", "dtvit.sweep", *argv, f"--only={name}", "--parallel=1", "--child"]
-  return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  log.close()  # the child has its own copy
+  return _Child(proc, local, remote) if local else proc
 
 
 def _add_timing(root: str, name: str, start: float, returncode: int) -> None:
-  path = os.path.join(root, "timings.json")
+  path = storage.join(root, "timings.json")
   timings = workdir_lib.read_json(path, {}, fix=_ROOT_FIX)
   timings.setdefault(name, []).append({"start": start, "seconds": round(time.time() - start, 1),
                                        "returncode": returncode})
@@ -126,10 +160,10 @@ def run_points(todo: Sequence[str], deps: Mapping[str, set], states: dict, launc
 
 
 def _row(root: str, name: str, swept: Mapping[str, Any], run_row: dict, timings: Mapping[str, list]) -> dict:
-  workdir = os.path.join(root, name)
+  workdir = storage.join(root, name)
   row = {"name": name, **swept, "state": state(workdir)}
   row.update({k: run_row.get(k) for k in TABLE_KEYS if k in run_row})
-  summary = workdir_lib.read_json(os.path.join(workdir, "summary.json"), {}) if row["state"] == "done" else {}
+  summary = workdir_lib.read_json(storage.join(workdir, "summary.json"), {}) if row["state"] == "done" else {}
   phase = run_row.get("phase") or ("ann" if "ann" in summary else None)
   if phase == "ann":   # an ANN-only run: its accuracy is the ANN's
     row["accuracy"] = (summary.get("ann") or {}).get("test_accuracy")
@@ -145,8 +179,8 @@ def _row(root: str, name: str, swept: Mapping[str, Any], run_row: dict, timings:
 def table_rows(root: str, names: Sequence[str], swept: Sequence[Mapping[str, Any]]) -> list[dict]:
   """One row per point (its workdir name, its swept values): name, the swept values, state, phase, TABLE_KEYS
   (from each run's summary.json via `analysis.run_rows`, and `<root>/timings.json`), workdir."""
-  run_rows = analysis.run_rows([os.path.join(root, n) for n in names])
-  timings = workdir_lib.read_json(os.path.join(root, "timings.json"), {}, fix=_ROOT_FIX)
+  run_rows = analysis.run_rows([storage.join(root, n) for n in names])
+  timings = workdir_lib.read_json(storage.join(root, "timings.json"), {}, fix=_ROOT_FIX)
   return [_row(root, n, s, r, timings) for n, s, r in zip(names, swept, run_rows)]
 
 
@@ -159,23 +193,23 @@ def _cell(value: Any) -> str:
 def write_table(root: str, rows: Sequence[dict], keys: Sequence[str]) -> dict[str, str]:
   """sweep.csv, sweep.md and sweep.json in root; returns their paths."""
   columns = ["name", *keys, "state", "phase", *TABLE_KEYS]
-  paths = {ext: os.path.join(root, f"sweep.{ext}") for ext in ("csv", "md", "json")}
-  with open(paths["csv"], "w", newline="") as f:
-    writer = csv.DictWriter(f, columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows([{k: "" if r.get(k) is None else r[k] for k in columns} for r in rows])
+  paths = {ext: storage.join(root, f"sweep.{ext}") for ext in ("csv", "md", "json")}
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, columns, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows([{k: "" if r.get(k) is None else r[k] for k in columns} for r in rows])
+  storage.write_text(paths["csv"], text.getvalue())
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(_cell(r.get(k)) for k in columns) + " |" for r in rows]
-  with open(paths["md"], "w") as f:
-    f.write("\n".join(lines) + "\n")
+  storage.write_text(paths["md"], "\n".join(lines) + "\n")
   workdir_lib.write_json(paths["json"], {"keys": list(keys), "columns": columns, "rows": list(rows)}, default=str)
   return paths
 
 
 def read_table(root: str) -> dict:
   """`<root>/sweep.json`: {'keys': swept keys, 'columns', 'rows': one dict per point}."""
-  path = os.path.join(root, "sweep.json")
-  if not os.path.isfile(path):
+  path = storage.join(root, "sweep.json")
+  if not storage.isfile(path):
     raise FileNotFoundError(f"dtvit.sweep: {path} not found; write it with python -m dtvit.sweep "
                             f"--config=FILE.py[:arg] --root={root} --table_only.")
   return workdir_lib.read_json(path, fix=_ROOT_FIX)
@@ -223,6 +257,7 @@ def plot(rows: Sequence[dict], keys: Sequence[str], path: str) -> None:
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with storage.local_copy(path, ".png") as png:
+    fig.savefig(png, dpi=110)
   plt.close(fig)
 

@@ -14,7 +14,6 @@ the folded time x batch axis, cross-entropy + time-step cost, gradients, optax u
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -37,6 +36,7 @@ from dtvit import preemption
 from dtvit import sharding
 from dtvit import state as state_lib
 from dtvit import steps
+from dtvit import storage
 from dtvit import workdir as workdir_lib
 from dtvit import workdir_lock
 from dtvit.data import resident
@@ -191,7 +191,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   `cpu_time_s` the CPU time of this process's threads (all cores) over the same span.
   """
   pc = config[phase]
-  phase_dir = os.path.join(workdir, phase)
+  phase_dir = storage.join(workdir, phase)
   model = models.phase_model(config.model, info.num_classes, phase)
   sharding.check_batch_size(pc.batch_size, mesh, f"{phase}.batch_size")
   tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
@@ -274,6 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   `NonFiniteError` on a non-finite step with `nonfinite='error'` (naming the step and the first module; the last
   good checkpoint is kept; its `phase` and `lr` attributes say what to change).
   """
+  storage.check(workdir, "workdir")  # gs:// without gcsfs: one line naming the install extra, nothing written
   validate_config(config)
   phases = parse_phases(config)
   mesh = sharding.make_mesh(config.mesh.num_devices)
@@ -299,7 +300,7 @@ def _run_locked(config, workdir, phases, mesh, *, overwrite, allow_changes, stop
   workdir_lib.record_launch(launch)
   data.write_spec(workdir, config.data)  # normalisation and class names, for use without the data
   t0 = time.time()
-  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "phases": phases,
+  summary: dict[str, Any] = {"workdir": storage.abspath(workdir), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}
   for phase in phases:
     logging.info("=== phase %s ===", phase)

@@ -18,8 +18,8 @@ A launch into a workdir that holds a run (`plan_launch`) compares the configs:
 - any other key only when named in `allow_changes` (`--allow_changes=key,...`; a key names its subtree too);
   the change is kept in config_history.json.
 `record_launch` then writes config.json and the history entry. The records are written atomically and durably
-(`write_json`: a temporary file flushed to disk, then a rename, then the folder flushed), so a reader never sees
-half a file, even after a crash. A record that cannot be parsed anyway (`read_json`) stops the launch with one
+(`write_json`: on disk a temporary file flushed to disk, then a rename, then the folder flushed; on object storage
+one upload, `dtvit.storage`), so a reader never sees half a file, even after a crash. A record that cannot be parsed anyway (`read_json`) stops the launch with one
 line naming the file; `--overwrite` moves such a run aside without reading it.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from dtvit import config_lib
+from dtvit import storage
 from dtvit import workdir_lock
 
 # The config sections that are training phases, in the order they can run.
@@ -56,7 +57,7 @@ SUMMARY_FILENAME = 'summary.json'
 
 
 def checkpoint_dir(workdir: str, phase: str) -> str:
-  return os.path.join(workdir, phase, 'checkpoints')
+  return storage.join(workdir, phase, 'checkpoints')
 
 
 def _json_default(x: Any) -> Any:
@@ -75,31 +76,14 @@ def to_json(record: dict) -> dict:
     raise TypeError(f'A record must be JSON-serialisable (numpy scalars/arrays are converted): {e}') from e
 
 
-def _fsync_dir(directory: str) -> None:
-  """Makes a rename in `directory` durable (where directories can be opened: not on Windows)."""
-  try:
-    fd = os.open(directory or '.', os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+_fsync_dir = storage._fsync_dir  # pylint: disable=protected-access
 
 
 def write_json(path: str, record: Any, *, sort_keys: bool = False, default=_json_default) -> None:
-  """Writes `record` to `path` atomically and durably: a temporary file, flushed to disk, renamed over `path`,
-  then the folder flushed, so a crash or power loss leaves the old file or the new one, never a damaged one."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2, sort_keys=sort_keys, default=default)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)  # readers never see a half-written file
-  _fsync_dir(os.path.dirname(path))
+  """Writes `record` to `path` atomically and durably (`storage.write_text`): on disk a temporary file, flushed
+  to disk, renamed over `path`, then the folder flushed, so a crash or power loss leaves the old file or the new
+  one, never a damaged one; on object storage one upload, which replaces the object whole."""
+  storage.write_text(path, json.dumps(record, indent=2, sort_keys=sort_keys, default=default) + '\n')
 
 
 class DamagedRecordError(ValueError):
@@ -111,12 +95,11 @@ def read_json(path: str, default: Any = None, *, expect: type | None = None, fix
   """The JSON record at `path`, or `default` when there is none. A record that cannot be read as JSON (empty,
   truncated, garbled, not text), or is not an `expect` (e.g. dict), raises DamagedRecordError naming the file and
   `fix` (default: move the workdir aside, or rerun training with --overwrite, which moves it aside unread)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return default
   text = None
   try:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
+    text = storage.read_bytes(path).decode('utf-8')
     record = json.loads(text)
     if expect is not None and not isinstance(record, expect):
       raise ValueError(f'a JSON {type(record).__name__} where a {expect.__name__} belongs')
@@ -127,7 +110,7 @@ def read_json(path: str, default: Any = None, *, expect: type | None = None, fix
       why = 'not UTF-8 text'
     else:
       why = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
-    folder, name = os.path.split(path)
+    folder, name = storage.dirname(path), storage.basename(path)
     fix = fix or ('move the workdir aside, or rerun training there with --overwrite (which moves the run aside '
                   'without reading it)')
     raise DamagedRecordError(f'workdir {folder or "."}: {name} is damaged ({why}); {fix}.') from e
@@ -137,7 +120,7 @@ def read_json(path: str, default: Any = None, *, expect: type | None = None, fix
 def write_summary(workdir: str, summary: dict) -> None:
   """Writes `<workdir>/summary.json` (process 0 only)."""
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, SUMMARY_FILENAME), summary)
+    write_json(storage.join(workdir, SUMMARY_FILENAME), summary)
 
 
 _ABSENT = '<absent>'
@@ -158,11 +141,24 @@ def checkpoint_steps(workdir: str, phases) -> dict[str, int]:
   """{phase: its newest committed checkpoint step} for the phases that have one."""
   out = {}
   for phase in phases:
-    d = checkpoint_dir(workdir, phase)
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    steps = committed_steps(checkpoint_dir(workdir, phase))
     if steps:
       out[phase] = max(steps)
   return out
+
+
+# Orbax's marker of a finished step on object storage, where a step is written in place (no rename commits it).
+_COMMIT_MARKER = 'commit_success.txt'
+
+
+def committed_steps(directory: str) -> list[int]:
+  """The finished checkpoint steps in a checkpoint directory, oldest first (without Orbax: readers stay light).
+  On disk a step folder is named only once committed (Orbax renames it from a tmp name); on object storage
+  Orbax writes the step in place and marks it committed with `commit_success.txt`."""
+  steps = sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
+  if storage.is_url(directory):
+    steps = [s for s in steps if storage.exists(storage.join(directory, str(s), _COMMIT_MARKER))]
+  return steps
 
 
 def _phases(config: dict) -> list[str]:
@@ -244,9 +240,9 @@ def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, all
     since) is free when it holds its default, the value that keeps what older code did.
   """
   config = to_json(config_dict)
-  path = os.path.join(workdir, CONFIG_FILENAME)
+  path = storage.join(workdir, CONFIG_FILENAME)
   if overwrite:  # moved aside unread: a damaged run must not stop its own replacement
-    return Launch(workdir, config, earlier=os.path.exists(path), overwrite=True)
+    return Launch(workdir, config, earlier=storage.exists(path), overwrite=True)
   saved = read_json(path, expect=dict)
   if saved is None:
     return Launch(workdir, config, earlier=False, overwrite=False)
@@ -272,7 +268,7 @@ def finished_summary(launch: Launch) -> dict | None:
   """The earlier run's summary when it already ran every phase of `launch.config` to its end, else None."""
   if not launch.earlier or launch.overwrite:
     return None
-  summary = read_json(os.path.join(launch.workdir, SUMMARY_FILENAME), expect=dict)
+  summary = read_json(storage.join(launch.workdir, SUMMARY_FILENAME), expect=dict)
   phases = _phases(launch.config)
   if summary is None or summary.get('phases') != phases:
     return None
@@ -283,16 +279,17 @@ def finished_summary(launch: Launch) -> dict | None:
 def _move_aside(workdir: str) -> str:
   """Moves everything in `workdir` but its lock (`dtvit.workdir_lock`, held by this launch) to a new folder beside
   it, `<workdir>.old-<time>`, without reading any of it; returns that folder."""
-  old = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
+  old = f'{workdir.rstrip(os.sep).rstrip("/")}.old-{time.strftime("%Y%m%d-%H%M%S")}'
   n = 1
-  while os.path.exists(old):
+  while storage.exists(old):
     old, n = f'{old.rsplit("~", 1)[0]}~{n}', n + 1
-  os.makedirs(old)
-  for name in os.listdir(workdir):
+  storage.makedirs(old)
+  for name in storage.listdir(workdir):
     if name != workdir_lock.LOCK_FILENAME:
-      os.rename(os.path.join(workdir, name), os.path.join(old, name))
-  _fsync_dir(old)
-  _fsync_dir(workdir)
+      storage.rename(storage.join(workdir, name), storage.join(old, name))
+  if not storage.is_url(workdir):
+    _fsync_dir(old)
+    _fsync_dir(workdir)
   logging.warning('overwrite: moved the earlier run in %s to %s; starting fresh.', workdir, old)
   return old
 
@@ -305,9 +302,9 @@ def record_launch(launch: Launch) -> None:
   entry: dict[str, Any] = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
   if launch.overwrite and launch.earlier:
     entry['moved_aside'] = _move_aside(launch.workdir)
-  os.makedirs(launch.workdir, exist_ok=True)
-  write_json(os.path.join(launch.workdir, CONFIG_FILENAME), launch.config, sort_keys=True)
-  path = os.path.join(launch.workdir, HISTORY_FILENAME)
+  storage.makedirs(launch.workdir)
+  write_json(storage.join(launch.workdir, CONFIG_FILENAME), launch.config, sort_keys=True)
+  path = storage.join(launch.workdir, HISTORY_FILENAME)
   history = read_json(path, default=[], expect=list)
   entry.update(launch=len(history) + 1, resumed_from=launch.resumed_from if launch.earlier else {},
                changes={k: {'from': old, 'to': new} for k, (old, new) in launch.changes.items()},

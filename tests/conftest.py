@@ -13,8 +13,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dtvit-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# gcsfs would spend ~60 s probing each bucket's type over gRPC (zonal / hierarchical buckets), which the local GCS
+# emulator (`gcs_emulator`) does not serve; read when gcsfs is imported, so set before any test imports it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fcntl
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -145,3 +152,63 @@ def tiny_run(tmp_path_factory) -> str:
     if not (workdir / "summary.json").exists():
       train.run(tiny_run_config(), str(workdir))
   return str(workdir)
+
+
+# The GCS emulator's media downloads lack the `x-goog-generation` header that GCS sends with every object read
+# (https://cloud.google.com/storage/docs/xml-api/reference-headers#xgooggeneration); TensorStore needs it to read
+# back the OCDBT manifest that Orbax writes ("Malformed StorageGeneration" without it). The server below is the
+# emulator with that header added, nothing else changed. (The emulator also ignores `ifGenerationMatch`
+# preconditions: see `dtvit.workdir_lock.ObjectLock`.)
+_EMULATOR = """
+import sys
+from gcp_storage_emulator.handlers import objects
+_download = objects.download
+def download(request, response, storage, *args, **kwargs):
+  _download(request, response, storage, *args, **kwargs)
+  try:
+    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+  except Exception:  # not found: the handler answered 404
+    return
+  response["x-goog-generation"] = str(obj["generation"])
+  response["x-goog-metageneration"] = str(obj["metageneration"])
+objects.download = download  # before the server module builds its handler table
+from gcp_storage_emulator.__main__ import main
+main(sys.argv[1:])
+"""
+GCS_BUCKET = "dtvit-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """A GCS-compatible server (`gcp-storage-emulator`, in memory) on a free localhost port for the test session,
+  with bucket GCS_BUCKET; sets STORAGE_EMULATOR_HOST (gcsfs) and TENSORSTORE_GCS_HTTP_URL (TensorStore, which
+  Orbax writes arrays through) in os.environ, so subprocesses use it too. Yields 'gs://<bucket>'."""
+  pytest.importorskip("gcsfs")
+  pytest.importorskip("gcp_storage_emulator")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, "-c", _EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
+                           "--in-memory", f"--default-bucket={GCS_BUCKET}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 60
+  while True:
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+      break
+    except OSError:
+      assert proc.poll() is None and time.time() < deadline, "the GCS emulator did not start"
+      time.sleep(0.1)
+  url = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+  try:
+    yield f"gs://{GCS_BUCKET}"
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

@@ -216,9 +216,15 @@ def resolve_path(path: str, what: str = 'data path') -> str:
   '' stays '' (no archive; the tfds default data_dir). '~' is expanded. A relative path is taken against
   $DTVIT_DATA_DIR when set, else against the dtvit checkout (where the recipes' relative paths, such as
   '../shared/data/cifar10-jpg.tar.gz' and 'data_dir', point from); an installed dtvit without a checkout needs
-  $DTVIT_DATA_DIR or an absolute path."""
+  $DTVIT_DATA_DIR or an absolute path. A URL (gs://...) is refused in one line: the ArrayRecord reader of
+  `tfds.data_source` (array_record's C++ reader) and the archive reader open local files only; stage the data on
+  local disk first (docs/cloud.md)."""
   if not path:
     return path
+  if '://' in str(path):
+    raise ValueError(f'{what}={path}: the data readers here read local files only (array_record and tarfile open '
+                     f'no URLs); copy the data to local disk first (gcloud storage cp -r {path} /local/data) and '
+                     f'pass {what}=/local/data (docs/cloud.md).')
   path = os.path.expanduser(path)
   if os.path.isabs(path):
     return os.path.normpath(path)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dtvit import storage
 from dtvit.data import augment
 from dtvit.data import sources
 
@@ -55,17 +56,17 @@ def write_spec(workdir: str, data_cfg) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   spec = data_spec(data_cfg)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-    workdir_lib.write_json(os.path.join(workdir, SPEC_FILE), spec)  # atomically and durably
+    workdir_lib.write_json(storage.join(workdir, SPEC_FILE), spec)  # atomically and durably
   return spec
 
 
 def read_spec(workdir: str, data_cfg=None) -> dict:
   """`<workdir>/data_spec.json`, or, for a run from before it existed, the spec recomputed from `data_cfg`
   (the run's `config.data`)."""
-  path = os.path.join(workdir, SPEC_FILE)
-  if os.path.isfile(path):
+  path = storage.join(workdir, SPEC_FILE)
+  if storage.isfile(path):
     from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     return workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
   if data_cfg is None:
