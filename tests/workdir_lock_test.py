@@ -164,7 +164,12 @@ def test_two_launches_on_one_workdir_together_and_staggered_then_a_rerun_after_s
   _refused(c, first)
   assert first.poll() is None and time.time() - started < 120  # it did not wait for the holder
   assert len(_history(workdir)) == 1  # neither refused launch recorded anything
-  # The holder is killed (no chance to clean up); a rerun resumes past its lock and finishes.
+  # The holder is killed (no chance to clean up) once a checkpoint is committed (saves are asynchronous: under
+  # load the step-2 save may still be in flight); a rerun resumes past its lock and finishes.
+  ckpt, deadline = os.path.join(workdir, "ann", "checkpoints"), time.time() + 120
+  while not any(n.isdigit() for n in (os.listdir(ckpt) if os.path.isdir(ckpt) else [])):
+    assert first.poll() is None and time.time() < deadline, "no checkpoint committed"
+    time.sleep(0.05)
   first.send_signal(signal.SIGKILL)
   first.wait(timeout=60)
   rerun = _launch(workdir, 0.0)
