@@ -97,7 +97,7 @@ def step_summary(model, params, op_weights: Mapping[str, float]) -> dict:
   listed = {k: dict(c, masked=True) for k, c in counts.items()}
   stem = paths.unmasked_stem(model)
   if stem is not None:
-    T = float(model.num_steps)
+    T = float(model.max_time_steps)
     listed[stem] = {"active_steps": T, "simulated_steps": T, "masked": False}
   return {
       "mask_semantics": model.mask.semantics,
@@ -127,7 +127,7 @@ def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Ma
   out = {"test_accuracy": ev["accuracy"]}
   op_weights = energy_lib.module_op_weights(model, counts=op_counts)
   out.update(step_summary(model, jax.device_get(variables["params"]), op_weights))
-  out["T_max"] = model.num_steps
+  out["T_max"] = model.max_time_steps
   if "aux" in ev:
     aux = ev["aux"]
     out["spike_rates"] = {k: np.round(v, 5).tolist() for k, v in sorted(aux["spike_rates"].items())}
@@ -237,7 +237,7 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
   batches = data.eval_batches(config.data, split=split, global_batch_size=config.eval_batch_size,
                               max_examples=examples)
   rows = inference.early_exit_criteria_over_batches(run.model, run.variables, batches, grids)
-  T = run.model.num_steps
+  T = run.model.max_time_steps
   table = []
   for c in criteria:
     for r in rows[c]:

@@ -84,7 +84,7 @@ def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, .
            jax.ShapeDtypeStruct((batch, *run.info.image_shape), np.float32))
   exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
   meta = {"workdir": run.workdir, "phase": run.phase, "step": run.step, "finished": run.finished,
-          "schedule": schedule, "num_steps": run.num_steps, "batch_size": batch_size or None,
+          "schedule": schedule, "num_steps": run.max_time_steps, "batch_size": batch_size or None,
           "image_shape": list(run.info.image_shape), "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
           "weights": [jax.tree_util.keystr(path) for path, _ in named], "jax_version": jax.__version__}
   os.makedirs(out, exist_ok=True)

@@ -94,11 +94,11 @@ def scheduled_model(model: SpikingViT, schedule: Mapping[str, Any]) -> SpikingVi
   steps = {}
   for name, run in schedule.items():
     if isinstance(run, (int, np.integer)):
-      if not 0 <= run <= model.num_steps:
-        raise ValueError(f"T_run of {name!r} must be an integer in [0, {model.num_steps}], got {run!r}.")
+      if not 0 <= run <= model.max_time_steps:
+        raise ValueError(f"T_run of {name!r} must be an integer in [0, {model.max_time_steps}], got {run!r}.")
       run = range(run)
     steps[name] = tuple(int(t) for t in run)
-  entries = tuple(sorted((name, run) for name, run in steps.items() if len(run) < model.num_steps))
+  entries = tuple(sorted((name, run) for name, run in steps.items() if len(run) < model.max_time_steps))
   m = models.with_mask(model, hard=True).clone(schedule=entries)
   m.validate()
   return m

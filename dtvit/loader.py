@@ -13,7 +13,7 @@
 What it reads (the layout `dtvit.train.run` writes): `<workdir>/config.json` (the run's config),
 `<workdir>/<phase>/checkpoints/` (Orbax, via `dtvit.checkpointing.restore_variables`: params and batch_stats of
 the latest finished step) and `<workdir>/summary.json` (the run's test results). A run without a complete
-summary.json (every phase of its config at its num_steps) is unfinished: `load` refuses it unless asked with
+summary.json (every phase of its config at its train_steps) is unfinished: `load` refuses it unless asked with
 `allow_unfinished=True` (the CLIs' `--allow_unfinished`), and then logs a warning naming the phase and step.
 `run.phase`, `run.step` and `run.finished` say what was loaded.
 
@@ -83,7 +83,7 @@ class Loaded:
   @property
   def source(self) -> str:
     """Which phase and step this is, in words: "phase 'snn' at step 24 of 24 (finished run /w)"."""
-    total = self.config[self.phase].num_steps
+    total = self.config[self.phase].train_steps
     return (f"phase {self.phase!r} at step {self.step} of {total} ({'finished' if self.finished else 'UNFINISHED'}"
             f" run {self.workdir})")
 
@@ -92,9 +92,9 @@ class Loaded:
     return self.model.phase == "snn"
 
   @property
-  def num_steps(self) -> int:
+  def max_time_steps(self) -> int:
     """T_max of the SNN (1 for the ANN twin)."""
-    return int(self.model.num_steps) if self.is_snn else 1
+    return int(self.model.max_time_steps) if self.is_snn else 1
 
   @property
   def steps_per_module(self) -> dict:
@@ -212,9 +212,9 @@ class Loaded:
   def __repr__(self) -> str:
     m = self.model
     what = "ANN twin" if not self.is_snn else ("SNN, masks off" if not m.mask.enabled else "SNN, hard masks")
-    steps = (f", T_max={self.num_steps}, T_avg={self.average_time_steps:.2f}, "
+    steps = (f", T_max={self.max_time_steps}, T_avg={self.average_time_steps:.2f}, "
              f"simulated={self.average_simulated_steps:.2f} ({m.mask.semantics})" if self.steps_per_module else
-             f", T_max={self.num_steps}" if self.is_snn else "")
+             f", T_max={self.max_time_steps}" if self.is_snn else "")
     return (f"Loaded({self.workdir!r}, phase={self.phase!r}, step={self.step}"
             f"{'' if self.finished else ' (unfinished run)'}: {what}, {m.stem} stem, depth {m.depth}, dim {m.dim}"
             f"{steps})")
@@ -253,7 +253,7 @@ def read_config(workdir: str):
                             f"training run writes config.json there first). Its entries: "
                             f"{sorted(os.listdir(workdir))[:10]}.")
   from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # jax only when loading
-  raw = workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
+  raw = workdir_lib.read_config(workdir)  # today's names, paths resolved; damaged: one line naming the fix
   mask = raw.get("model", {}).get("mask")
   if isinstance(mask, dict) and "semantics" not in mask:
     # Runs from before `mask.semantics` existed trained with spikes filtered by the mask (membranes integrating
@@ -269,17 +269,17 @@ def read_summary(workdir: str) -> dict | None:
 
 
 def unfinished(workdir: str, config, summary: dict | None) -> str:
-  """'' when `summary` (the run's summary.json) shows every phase of `config` at its num_steps, else how far
+  """'' when `summary` (the run's summary.json) shows every phase of `config` at its train_steps, else how far
   the run got, e.g. "ann at step 325 of 3000, snn not started"."""
   phases = run_phases(config)
   if (summary is not None and summary.get("phases") == phases
-      and all(summary.get(p, {}).get("steps", -1) >= config[p].num_steps for p in phases)):
+      and all(summary.get(p, {}).get("steps", -1) >= config[p].train_steps for p in phases)):
     return ""
   where = []
   for p in phases:
     d = os.path.join(workdir, p, "checkpoints")
     steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
-    where.append(f"{p} at step {max(steps)} of {config[p].num_steps}" if steps else f"{p} not started")
+    where.append(f"{p} at step {max(steps)} of {config[p].train_steps}" if steps else f"{p} not started")
   return ", ".join(where)
 
 

@@ -130,7 +130,7 @@ def _primary_snn(workdir: str, allow_unfinished: bool) -> tuple[loader.Loaded | 
 
 
 def _time_steps_section(snn: loader.Loaded, name: str, result: dict, out: str) -> list[str]:
-  T = snn.num_steps
+  T = snn.max_time_steps
   result["primary"] = analysis_lib.primary_summary(snn)
   _save(plots.plot_time_steps(snn.step_counts, T), out, "time_steps", result)
   return [f"## {name}: learned time steps ({snn.phase} phase)", "",
@@ -152,7 +152,7 @@ def _spike_rates_section(snn: loader.Loaded, analysis, result: dict, out: str) -
 
 
 def _activations_section(snn: loader.Loaded, analysis, sens: dict, result: dict, out: str) -> list[str]:
-  T = snn.num_steps
+  T = snn.max_time_steps
   result["sensitivity"] = sens
   result["masked_errors"] = analysis.masked_errors
   result["activation_examples"] = analysis.num_examples
@@ -185,7 +185,7 @@ def _activations_section(snn: loader.Loaded, analysis, sens: dict, result: dict,
 def _early_exit_section(snn: loader.Loaded, rows: list[dict], criterion: str, early_exit_batches: int,
                         result: dict, out: str) -> list[str]:
   result["early_exit"] = {"criterion": criterion, "rows": rows}
-  _save(plots.plot_early_exit(rows, snn.num_steps, criterion=criterion), out, "early_exit", result)
+  _save(plots.plot_early_exit(rows, snn.max_time_steps, criterion=criterion), out, "early_exit", result)
   md = ["## Early exit", "",
         f"Per-image early exit on top of the learned masks ({criterion} criterion, "
         f"{'whole test split' if not early_exit_batches else f'{early_exit_batches} test batches'}): steps "

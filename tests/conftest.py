@@ -22,7 +22,7 @@ import pytest
 
 def _tiny_config(**overrides):
   """The quickstart recipe at its tiny size on a ViT (compiles faster than the SPS stem on CPU; the code paths
-  are the same), with dotted overrides: tiny_config(**{"ann.num_steps": 4})."""
+  are the same), with dotted overrides: tiny_config(**{"ann.train_steps": 4})."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top  # after the XLA flags above
   c = quickstart.get_config("tiny")
   c.model.arch = "vit"
@@ -68,7 +68,7 @@ def inject_inf():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-  """A factory of tiny configs: tiny_config(**{"phases": "ann", "ann.num_steps": 4})."""
+  """A factory of tiny configs: tiny_config(**{"phases": "ann", "ann.train_steps": 4})."""
   return _tiny_config
 
 
@@ -124,7 +124,7 @@ def same_tree():
 def tiny_run_config():
   """ViT tiny (1 block, T_max = 3), ANN -> SNN with a time-step cost that switches some steps off; every step
   also evaluated with masks off."""
-  return _tiny_config(**{"ann.num_steps": 16, "ann.optimizer.lr": 5e-3, "snn.num_steps": 6, "snn.time_cost": 0.15,
+  return _tiny_config(**{"ann.train_steps": 16, "ann.optimizer.lr": 5e-3, "snn.train_steps": 6, "snn.time_cost": 0.15,
                          "snn.optimizer.score_lr": 0.3, "model.mask.score_init": 0.1, "eval_fixed_steps": True,
                          "mesh.num_devices": 1})
 

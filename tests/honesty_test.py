@@ -40,8 +40,8 @@ NEURON = models.NeuronConfig(init_threshold=0.3, attn_threshold=0.3, surrogate="
 def build(arch, semantics, granularity):
   mask = models.MaskConfig(semantics=semantics, granularity=granularity, hard=True)
   if arch == "spikformer":
-    return models.spikformer("tiny", K, num_steps=T, neuron=NEURON, mask=mask), (16, 16, 3)
-  return models.vit("tiny", K, patch_size=4, num_steps=T, neuron=NEURON, mask=mask), (8, 8, 3)
+    return models.spikformer("tiny", K, max_time_steps=T, neuron=NEURON, mask=mask), (16, 16, 3)
+  return models.vit("tiny", K, patch_size=4, max_time_steps=T, neuron=NEURON, mask=mask), (8, 8, 3)
 
 
 @functools.lru_cache(maxsize=None)

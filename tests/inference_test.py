@@ -19,7 +19,7 @@ NEURON = models.NeuronConfig(init_threshold=0.5)
 
 
 def tiny(arch="vit", **mask):
-  kw = dict(num_steps=T, neuron=NEURON, mask=models.MaskConfig(**mask))
+  kw = dict(max_time_steps=T, neuron=NEURON, mask=models.MaskConfig(**mask))
   if arch == "spikformer":
     return models.spikformer("tiny", 5, **kw)
   return models.vit("tiny", 5, patch_size=4, **kw)

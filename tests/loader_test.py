@@ -45,7 +45,7 @@ def test_latest_phase_reproduces_the_runs_snn_results(run_dir, snn):
   summary = _summary(run_dir)
   assert run.phase == "snn" and run.is_snn and run.model.mask.hard
   assert run.summary == summary["snn"]
-  assert run.config.model.num_steps == 3 and run.num_steps == 3
+  assert run.config.model.max_time_steps == 3 and run.max_time_steps == 3
   assert run.steps_per_module == summary["snn"]["per_module_time_steps"]
   assert {k: v.astype(int).tolist() for k, v in run.masks.items()} == summary["snn"]["masks"]
   assert run.average_time_steps == pytest.approx(summary["snn"]["average_time_steps"])

@@ -27,7 +27,7 @@ STEPS = 8
 
 
 def _config(tiny_config, **overrides):
-  return tiny_config(**{"phases": "ann", "ann.num_steps": STEPS, "ann.log_every": 100, "ann.checkpoint_every": 100,
+  return tiny_config(**{"phases": "ann", "ann.train_steps": STEPS, "ann.log_every": 100, "ann.checkpoint_every": 100,
                         "ann.max_to_keep": 20, **overrides})
 
 

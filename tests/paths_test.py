@@ -18,8 +18,8 @@ CASES = [("spikformer", "module", False), ("spikformer", "layer", True), ("vit",
 def _model(arch, granularity, mask_stem):
   mask = models.MaskConfig(granularity=granularity, mask_stem=mask_stem)
   if arch == "spikformer":
-    return models.spikformer("tiny", 10, depth=2, num_steps=2, mask=mask)
-  return models.vit("tiny", 10, patch_size=4, depth=2, num_steps=2, mask=mask)
+    return models.spikformer("tiny", 10, depth=2, max_time_steps=2, mask=mask)
+  return models.vit("tiny", 10, patch_size=4, depth=2, max_time_steps=2, mask=mask)
 
 
 def _trace(model):

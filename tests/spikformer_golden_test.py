@@ -54,7 +54,7 @@ def _model(surrogate_input="difference"):
   _, meta = _golden()
   s = meta["settings"]
   return models.spikformer("tiny", s["classes"], depth=s["depth"], dim=s["dim"], num_heads=s["heads"],
-                           mlp_ratio=s["mlp_ratio"], num_steps=s["T"], stem_pools=(False, False, True, True),
+                           mlp_ratio=s["mlp_ratio"], max_time_steps=s["T"], stem_pools=(False, False, True, True),
                            stem_pool_first=True, mask=MaskConfig(enabled=False),
                            neuron=NeuronConfig.preset("spikingjelly", surrogate_input=surrogate_input))
 

@@ -122,12 +122,12 @@ RANDAUGMENT_OPS: list[tuple[str, Callable]] = [
 ]
 
 
-# Named op sets: 'dtvit' all of RANDAUGMENT_OPS; 'spikformer' the SNN-specific set of the official Spikformer
+# Named op sets: 'dtvit' all of RANDAUGMENT_OPS; 'spikformer_official' the SNN-specific set of the official Spikformer
 # CIFAR recipe (ZK-Zhou/spikformer cifar10/aa_snn.py, `_RAND_INCREASING_TRANSFORMS`: Equalize, Rotate, ShearX,
 # TranslateXRel, TranslateYRel).
 RANDAUGMENT_OP_SETS = {
     'dtvit': tuple(name for name, _ in RANDAUGMENT_OPS),
-    'spikformer': ('equalize', 'rotate', 'shear_x', 'translate_x', 'translate_y'),
+    'spikformer_official': ('equalize', 'rotate', 'shear_x', 'translate_x', 'translate_y'),
 }
 _OPS = dict(RANDAUGMENT_OPS)
 

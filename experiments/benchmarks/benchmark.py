@@ -91,7 +91,7 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
     neuron_kw["remat"] = variant.split(":", 1)[1]
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32  # bf16 matmuls and convs, float32 membranes
   model = models.spikformer("2-128", args.classes, depth=args.depth, dim=args.dim, num_heads=args.heads,
-                            num_steps=T, phase=phase, neuron=NeuronConfig.preset(
+                            max_time_steps=T, phase=phase, neuron=NeuronConfig.preset(
                                 "spikformer_normalized" if variant == "normalized" else "spikingjelly",
                                 **neuron_kw), dtype=dtype,
                             stem_pool_first=variant != "pool-after",
@@ -281,7 +281,7 @@ def lif_check(worker, *, T=8, n=2000, seed=0) -> dict:
   out = {}
   for vth in (1.0, 0.5):
     ref = worker(cmd="lif", x=x.tolist(), g=g.tolist(), threshold=vth)
-    spec = neurons.NeuronSpec.resolve("spikformer", surrogate="sigmoid")
+    spec = neurons.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid")
     for fast in (True, False):
       f = lambda x_: neurons.multistep(x_, spec, threshold=vth, fused=fast)  # pylint: disable=cell-var-from-loop
       s, vjp = jax.vjp(f, jnp.asarray(x))

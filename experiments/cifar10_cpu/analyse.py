@@ -52,7 +52,7 @@ def _save_json(path: str, obj) -> None:
 
 SEMANTICS = ("skip", "filter")   # the mask semantics judged apart
 N_TEST = 10_000   # CIFAR-10 test images (a run's config.eval_examples when it evaluates a subset)
-_SETTING = ("phases", "model.num_steps", "model.mask.enabled", "snn.time_cost", "snn.cost_kind",
+_SETTING = ("phases", "model.max_time_steps", "model.mask.enabled", "snn.time_cost", "snn.cost_kind",
             "model.mask.semantics")
 
 

@@ -90,7 +90,7 @@ def main(argv=None):
                                                         if a.mask_stem else []))
   T = args.num_steps
   masks_in = benchmark.case_masks(args)
-  common = dict(depth=args.depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, num_steps=T,
+  common = dict(depth=args.depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, max_time_steps=T,
                 neuron=models.NeuronConfig(init_threshold=0.5),
                 mask=models.MaskConfig(monotone=False, mask_stem=args.mask_stem, semantics=args.semantics))
   model = (models.vit("Ti", 10, patch_size=args.patch_size, **common) if args.arch == "vit"

@@ -38,7 +38,7 @@ from tests import reliability_test as rt  # noqa: E402
 
 
 def phase_flags(phase, steps, every):
-  return [f"--config.phases={phase}", f"--config.{phase}.num_steps={steps}",
+  return [f"--config.phases={phase}", f"--config.{phase}.train_steps={steps}",
           f"--config.{phase}.checkpoint_every={every}", f"--config.{phase}.log_every=1",
           f"--config.{phase}.max_to_keep=100"]
 
