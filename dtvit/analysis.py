@@ -30,7 +30,6 @@ Step counts and their averages come from `dtvit.models.step_counts` (through `dt
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -184,7 +183,8 @@ def analyse_activations(snn: loader.Loaded, ann: loader.Loaded | None = None, *,
   masked_errors = {b: float(np.sqrt(sums[b]["masked_err"] / max(sums[b]["ref"], 1e-30))) for b in blocks}
   flat = {b: {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in values[b].items()}
           for b in blocks}
-  return ActivationAnalysis(blocks=blocks, max_time_steps=snn.max_time_steps, errors=errors, masked_errors=masked_errors,
+  return ActivationAnalysis(blocks=blocks, max_time_steps=snn.max_time_steps, errors=errors,
+                            masked_errors=masked_errors,
                             values=flat, spike_rates=_mean_spike_rates(batch_rates), num_examples=int(count),
                             masks_enabled=bool(snn.config.model.mask.enabled),
                             ann_source=ann_source, hist_examples=taken)

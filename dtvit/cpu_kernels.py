@@ -188,7 +188,7 @@ def build(directory: Path | None = None) -> Path:
   if os.path.lexists(library):
     check_library(library)
     return library
-  import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only: `dtvit.models` imports this module anywhere
+  import fcntl  # POSIX only: `dtvit.models` imports this module anywhere
   with open(key / ".lock", "w") as lock:  # one build when several processes start at once
     fcntl.flock(lock, fcntl.LOCK_EX)
     if os.path.lexists(library):

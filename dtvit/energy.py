@@ -68,7 +68,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtvit import masks as masks_lib
-from dtvit import models
 from dtvit.models import paths
 
 E_MAC = 4.6e-12  # J per 32-bit float multiply-accumulate, 45 nm (Horowitz, ISSCC 2014)

@@ -182,7 +182,7 @@ def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "te
   """`evaluate_phase` for a trained run (`dtvit.load(workdir, phase, allow_unfinished=...)`) on its data's
   `split` (`examples` > 0: an evenly strided subset) or on the images in `images`/<class name>/. Keys as in
   summary.json, with 'accuracy' for 'test_accuracy'; also 'phase', 'step', 'finished', 'data' and 'count'."""
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import loader
   run = loader.load(workdir, phase, allow_unfinished=allow_unfinished)
   print(f"dtvit.evaluate: {run.source}", file=sys.stderr)
   config = run.config.copy_and_resolve_references()
@@ -224,8 +224,8 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
   `thresholds` apply to every criterion (default: `EXIT_THRESHOLDS` per criterion). With `write`, the table goes
   to <workdir>/early_exit/early_exit.json and .md, the curves (accuracy vs energy and vs steps) to
   early_exit.png; `dtvit.report` shows them. Returns the json's dict."""
-  from dtvit import inference  # pylint: disable=g-import-not-at-top
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import inference
+  from dtvit import loader
   bad = [c for c in criteria if c not in inference.CRITERIA]
   if bad or not criteria:
     raise ValueError(f"--early_exit: unknown criteria {bad}; choose from {inference.CRITERIA}.")
@@ -256,12 +256,12 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
   if write:
     out = os.path.join(workdir, EXIT_DIR)
     os.makedirs(out, exist_ok=True)
-    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import workdir as workdir_lib
     workdir_lib.write_json(os.path.join(out, "early_exit.json"), result)
     with open(os.path.join(out, "early_exit.md"), "w") as f:
       f.write("\n".join(exit_table_md(result)) + "\n")
-    from dtvit import plots  # pylint: disable=g-import-not-at-top
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    from dtvit import plots
+    import matplotlib
     matplotlib.use("Agg")
     fig = plots.plot_exit_tradeoff(result)
     fig.savefig(os.path.join(out, "early_exit.png"), dpi=110)
@@ -285,7 +285,7 @@ def exit_table_md(result: Mapping) -> list[str]:
 
 
 def _define_flags(values) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
   flags.DEFINE_enum("phase", None, ["ann", "snn", "finetune"], "default: the run's latest phase", flag_values=values)
   flags.DEFINE_enum("split", "test", ["test", "train"], "the run's data split", flag_values=values)
@@ -306,10 +306,10 @@ def _define_flags(values) -> None:
 def main(argv=None) -> None:
   """`python -m dtvit.evaluate` with `argv` (without the program; None: sys.argv[1:]); a user's mistake prints one
   line and exits with status 1 (`loader.user_errors`), one in the command line with status 2 (`cli.parse`)."""
-  import json  # pylint: disable=g-import-not-at-top
-  from dtvit import cli  # pylint: disable=g-import-not-at-top
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import json
+  from dtvit import cli
+  from dtvit import loader
+  from dtvit import workdir as workdir_lib
   args, _ = cli.parse("dtvit.evaluate", _define_flags, argv, doc="Accuracy (SNN phases: also time steps and "
                       "energy) of a trained run on a split of its data or a folder of images.")
   with loader.user_errors("dtvit.evaluate"):

@@ -308,7 +308,7 @@ def early_exit_criteria_over_batches(model: SpikingViT, variables, batches: Iter
                                      e_ac: float | None = None) -> dict[str, list[dict]]:
   """`early_exit_over_batches` for several criteria in one pass over the data: {criterion: thresholds} ->
   {criterion: rows}."""
-  from dtvit import energy as energy_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import energy as energy_lib
   for criterion, thr in thresholds.items():
     _check_early_exit_args(criterion, thr)
   masks = models.hard_masks(model, variables["params"])

@@ -110,13 +110,13 @@ class Loaded:
   @property
   def average_time_steps(self) -> float | None:
     """The paper's T_avg: mean over masked modules of their active steps (None for the ANN twin)."""
-    from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import masks as masks_lib
     return masks_lib.average_steps(self.step_counts, "active_steps")
 
   @property
   def average_simulated_steps(self) -> float | None:
     """The mean over masked modules of their simulated steps (None for the ANN twin)."""
-    from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import masks as masks_lib
     return masks_lib.average_steps(self.step_counts, "simulated_steps")
 
   # -- what an image must be ------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Loaded:
     """{'image_shape', 'mean', 'std', 'resize_method', 'center_crop', 'class_names', ...}: what the model
     expects of an image (`<workdir>/data_spec.json`, written by training; recomputed from the config's data
     section for older runs). See `dtvit.data.spec`."""
-    from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+    from dtvit.data import spec
     return spec.read_spec(self.workdir, self.config.data)
 
   @property
@@ -138,13 +138,13 @@ class Loaded:
     """Raw images -> this model's input, float32 numpy [B, H, W, C] normalised as in training: one image
     [h, w(, c)], a batch [B, h, w, c] or a list of images of any sizes; uint8 in [0, 255] or float in [0, 1];
     each resized (or centre-cropped, for variable-size data) as the evaluation pipeline does."""
-    from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+    from dtvit.data import spec
     return spec.preprocess(self.data_spec, images)
 
   # -- running the model ---------------------------------------------------------------------------------------
 
   def _images(self, images):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp
     x = jnp.asarray(images, jnp.float32)
     want = tuple(self.info.image_shape)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -159,7 +159,7 @@ class Loaded:
 
   def predict(self, images):
     """Predicted classes, int32 numpy [B]."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
+    import numpy as np
     return np.asarray(self(images).argmax(-1), np.int32)
 
   def apply(self, images):
@@ -176,7 +176,7 @@ class Loaded:
                        "call .variant(phase='snn')).")
     if not self.model.mask.hard:
       raise ValueError("inference_fn runs the hard masks; this variant has masks off (use .variant(masks='hard')).")
-    from dtvit import inference  # pylint: disable=g-import-not-at-top
+    from dtvit import inference
     fn, schedule = inference.make_inference_fn(self.model, self.variables)
     images = self._images
     return (lambda x: fn(images(x))), schedule
@@ -184,7 +184,7 @@ class Loaded:
   def variant(self, *, phase: str | None = None, masks: str | None = None) -> Loaded:
     """The same variables run another way: `phase` 'ann' (the ANN twin: clipped ReLUs whose clip values are
     these thresholds) or 'snn'; `masks` 'hard' (the learned masks) or 'off' (every one of the T_max steps)."""
-    from dtvit import models  # pylint: disable=g-import-not-at-top
+    from dtvit import models
     if phase not in (None, "ann", "snn"):
       raise ValueError(f"variant: phase must be 'ann' or 'snn', got {phase!r}.")
     if masks not in (None,) + MASK_MODES:
@@ -205,7 +205,7 @@ class Loaded:
     """One pass over the run's data split, as its evaluation saw it: dicts of numpy 'image' [B, H, W, C]
     (normalised), 'label' [B], 'mask' [B] (0 on the padding of the last batch). Default batch size: the
     run's eval_batch_size."""
-    from dtvit import data  # pylint: disable=g-import-not-at-top
+    from dtvit import data
     return data.eval_batches(self.config.data, split=split, global_batch_size=batch_size or self.config.eval_batch_size,
                              process_index=0, process_count=1)
 
@@ -224,16 +224,17 @@ class Loaded:
 def _jitted(kind: str):
   """One jitted function per kind for all `Loaded` objects, the model a static argument: equal models (same
   config, phase and mask settings) share their compiled code, e.g. after loading the same run twice."""
-  from dtvit import compilation, models  # pylint: disable=g-import-not-at-top
+  from dtvit import compilation, models
   with_aux = kind == "apply"
-  return compilation.jit(lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
-                 static_argnums=0)
+  return compilation.jit(
+      lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
+      static_argnums=0)
 
 
 def _masks_of(model, params) -> tuple[dict, dict]:
   """({unit: hard mask float32 [T_max]}, `models.step_counts`); both {} for the ANN twin."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from dtvit import models
   if model.phase != "snn":
     return {}, {}
   counts = models.step_counts(model, params)
@@ -242,7 +243,7 @@ def _masks_of(model, params) -> tuple[dict, dict]:
 
 def read_config(workdir: str):
   """The run's config, `<workdir>/config.json` as an `ml_collections.ConfigDict`."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  import ml_collections
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"dtvit.load: workdir {workdir} does not exist. Pass the --workdir of a "
@@ -252,7 +253,7 @@ def read_config(workdir: str):
     raise FileNotFoundError(f"dtvit.load: {workdir} has no config.json, so it is not a dtvit workdir (the "
                             f"training run writes config.json there first). Its entries: "
                             f"{sorted(os.listdir(workdir))[:10]}.")
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # jax only when loading
+  from dtvit import workdir as workdir_lib  # jax only when loading
   raw = workdir_lib.read_config(workdir)  # today's names, paths resolved; damaged: one line naming the fix
   mask = raw.get("model", {}).get("mask")
   if isinstance(mask, dict) and "semantics" not in mask:
@@ -264,7 +265,7 @@ def read_config(workdir: str):
 
 def read_summary(workdir: str) -> dict | None:
   """`<workdir>/summary.json` (written when a run finishes), or None."""
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import workdir as workdir_lib
   return workdir_lib.read_json(os.path.join(workdir, "summary.json"), expect=dict)
 
 
@@ -359,11 +360,11 @@ def _load(workdir: str, config, phase: str | None) -> Loaded:
 
 
 def _load_phase(workdir: str, config, phase: str) -> Loaded:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import checkpointing  # pylint: disable=g-import-not-at-top
-  from dtvit import data  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from dtvit import checkpointing
+  from dtvit import data
+  from dtvit import models
 
   info = data.get_info(config.data)
   model = models.build_model(config.model, info.num_classes, phase="ann" if phase == "ann" else "snn")

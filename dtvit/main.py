@@ -171,7 +171,7 @@ def _load_config(spec: str):
   try:
     fv(argv)
     return fv.config
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
 
 

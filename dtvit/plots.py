@@ -21,7 +21,7 @@ _COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", paths.AT
 
 
 def pyplot():
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   return plt
 
 
@@ -105,7 +105,7 @@ def plot_training_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.
   fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.4), squeeze=False)
   offset = 0
   for phase, tags in curves.items():
-    for ax, (title, panel) in zip(axes[0], CURVE_PANELS):
+    for ax, (_, panel) in zip(axes[0], CURVE_PANELS):
       for tag in panel:
         if tag in tags:
           steps_N, values_N = tags[tag]

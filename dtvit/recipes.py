@@ -102,7 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.head_init = "lecun_normal"
   m.pre_bn_bias = ()                 # Dense layers ('q', 'k', 'v', 'proj', 'fc1', 'fc2') with a (no-op) bias before BN
   n = m.neuron = ml_collections.ConfigDict()
-  n.neuron = "lif"                   # 'lif' (authors') | 'if' | 'spikingjelly_lif' (SpikingJelly's LIFNode: Spikformer's)
+  n.neuron = "lif"                   # 'lif' (authors') | 'if' | 'spikingjelly_lif' (Spikformer's: SpikingJelly's LIF)
   n.surrogate = "pwl"                # 'pwl' | 'sigmoid' | 'atan'
   n.alpha = ml_collections.FieldReference(None, field_type=float)  # None: the surrogate's customary value
   n.tau = 2.0
@@ -261,9 +261,9 @@ def calibrate_masks(c: ml_collections.ConfigDict, phase: str = "snn",
   """Sets `<phase>.optimizer.score_lr` so that the phase's time-step cost alone moves a score from
   `model.mask.score_init` to 0 in `reach_fraction` of the phase's steps (`optim.calibrated_score_lr`), for the
   config's model (its number of masked modules), cost weight, temperature and step count."""
-  from dtvit import models  # pylint: disable=g-import-not-at-top
-  from dtvit import optim  # pylint: disable=g-import-not-at-top
-  from dtvit.models import paths  # pylint: disable=g-import-not-at-top
+  from dtvit import models
+  from dtvit import optim
+  from dtvit.models import paths
   pc = c[phase]
   if c.model.mask.granularity != "module":
     raise ValueError("calibrate_masks: the calibration counts one score vector per module; with "
@@ -301,7 +301,7 @@ def make_tiny(c: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int =
 def set_neuron_preset(c, name: str, **overrides):
   """Sets every field of `c.model.neuron` that a named preset fixes (dtvit.models.settings.NEURON_PRESETS, e.g.
   'spikingjelly': all settings equal SpikingJelly's Spikformer); `overrides` change some of them."""
-  from dtvit.models import settings  # pylint: disable=g-import-not-at-top
+  from dtvit.models import settings
   if name not in settings.NEURON_PRESETS:
     raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(settings.NEURON_PRESETS)}.")
   for k, v in {**settings.NEURON_PRESETS[name], **overrides}.items():

@@ -209,7 +209,7 @@ EXIT_PLOT = "exit_tradeoff"  # drawn when the primary run has `python -m dtvit.e
 
 def _exit_eval_section(workdir: str, result: dict, out: str) -> list[str]:
   """The primary run's early-exit evaluation (`dtvit.evaluate.early_exit_workdir`), when it has one."""
-  from dtvit import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import evaluate as evaluate_lib
   path = os.path.join(workdir, evaluate_lib.EXIT_DIR, "early_exit.json")
   if not os.path.exists(path):
     return []
@@ -281,9 +281,9 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from absl import app
+  import matplotlib
   matplotlib.use("Agg")  # files only
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -299,7 +299,7 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_multi_string("workdir", None, "Training run directory, or a dtvit.sweep root (its points); "
                             "repeat for several (the first run is the primary run).")
   flags.DEFINE_string("out", None, "Output directory (default <workdir>/report, or <common parent>/report).")
@@ -317,6 +317,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app
   _define_flags()
   app.run(main)

@@ -106,7 +106,8 @@ def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augme
 
   When the loss, a gradient, an updated parameter, an updated batch statistic or the updated optimizer state is
   not finite the step returns the state it was given (params, batch_stats, optimizer state untouched) and metric
-  'finite' False; under `nonfinite='skip'` the step counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
+  'finite' False; under `nonfinite='skip'` the step counter still advances past the batch.
+  `augment_fn(step, batch)`, if given, transforms the batch first.
   """
   loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights, twin_model=twin_model)
 

@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt:
     return 130
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if type(e).__name__ != "Preempted":
       raise
     print(f"[sweep] preempted: {e}; rerun the same command to resume.", file=sys.stderr)

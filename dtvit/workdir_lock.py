@@ -50,7 +50,7 @@ class LocalLock:
 
   def acquire(self) -> None:
     try:
-      import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
+      import fcntl  # POSIX only
     except ImportError:
       logging.warning('workdir %s: no file locks on this system; make sure no other run uses it.', self.workdir)
       return
@@ -61,9 +61,9 @@ class LocalLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         os.close(fd)
-        raise WorkdirBusyError(  # pylint: disable=raise-missing-from
+        raise WorkdirBusyError(
             f'workdir {self.workdir} is in use by another run ({_holder(self.path)}); wait for it to end, or '
-            f'stop it (SIGTERM checkpoints and exits) and rerun, or choose another --workdir.')
+            f'stop it (SIGTERM checkpoints and exits) and rerun, or choose another --workdir.') from None
       try:
         same = os.path.samestat(os.fstat(fd), os.stat(self.path))
       except FileNotFoundError:

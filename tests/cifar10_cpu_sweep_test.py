@@ -70,7 +70,7 @@ EXIT_RUNS = ("fixed_T4_every_step", "learned_skip_0.03_distill", "fixed_T4_disti
 
 
 def test_exit_comparison_points_are_their_base_runs_with_one_option():
-  from dtvit import train  # pylint: disable=g-import-not-at-top
+  from dtvit import train
   points = _points()
   config = lambda name, arg="": dtvit_sweep.point_config(recipe, arg, points[name], "/r")
   flat = lambda name: dtvit_sweep.flatten(config(name).to_dict())
@@ -363,7 +363,7 @@ def test_snn_run_before_the_twin_is_not_run(tmp_path, capsys):
 
 
 def test_exit_comparison_reads_energy_off_each_curves_pareto_frontier():
-  from experiments.cifar10_cpu import exit_compare  # pylint: disable=g-import-not-at-top
+  from experiments.cifar10_cpu import exit_compare
   pts = [{"energy_ratio": e, "accuracy": a} for e, a in ((0.1, 0.50), (0.2, 0.58), (0.15, 0.49), (0.3, 0.60),
                                                           (0.25, 0.55))]
   # (0.15, 0.49) and (0.25, 0.55) are beaten by cheaper points: off the frontier.

@@ -5,11 +5,8 @@ folder of the same image size and class count, so their model, optimizer and pha
 """
 
 import importlib
-import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from dtvit import train
 
@@ -65,7 +62,7 @@ def test_recipe_arguments_are_checked():
 
 def test_remat_blocks_reaches_the_model_from_the_config():
   """model.neuron.remat takes the string modes (the field is not typed bool) and the model gets them."""
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import models
   config = importlib.import_module("configs.quickstart").get_config("tiny")
   assert models.build_model(config.model, 10).neuron.remat is False
   config.model.neuron.remat = "blocks"
@@ -79,8 +76,8 @@ def test_remat_blocks_reaches_the_model_from_the_config():
 # Renamed config names (dtvit.config_lib.RENAMED): old records load under today's names.
 
 def test_every_renamed_name_names_a_field_of_todays_config():
-  from dtvit import config_lib  # pylint: disable=g-import-not-at-top
-  from dtvit import recipes  # pylint: disable=g-import-not-at-top
+  from dtvit import config_lib
+  from dtvit import recipes
   base = config_lib.flatten(recipes.get_base_config().to_dict())
   for old, new in config_lib.RENAMED.items():
     key, sep, _ = new.partition("=")
@@ -90,7 +87,7 @@ def test_every_renamed_name_names_a_field_of_todays_config():
 
 
 def test_upgrade_maps_old_names_and_values_and_leaves_todays_alone():
-  from dtvit import config_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import config_lib
   old = {"model": {"num_steps": 4, "arch": "spikformer", "neuron": {"neuron": "spikformer"}},
          "data": {"augment": {"randaugment_op_set": "spikformer"}},
          "ann": {"num_steps": 10, "optimizer": {"lr": 0.1}}, "snn": {"num_steps": 5}, "finetune": {"num_steps": 0},
@@ -106,9 +103,9 @@ def test_upgrade_maps_old_names_and_values_and_leaves_todays_alone():
 
 
 def test_old_neuron_and_op_set_values_are_refused_in_one_line_and_load_from_records(tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  import dtvit  # pylint: disable=g-import-not-at-top
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  import json
+  import dtvit
+  from configs import quickstart
   config = quickstart.get_config("tiny")
   config.model.neuron.neuron = "spikformer"
   with pytest.raises(ValueError, match=r"^model.neuron.neuron='spikformer' was renamed: it is now "

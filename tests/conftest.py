@@ -23,7 +23,7 @@ import pytest
 def _tiny_config(**overrides):
   """The quickstart recipe at its tiny size on a ViT (compiles faster than the SPS stem on CPU; the code paths
   are the same), with dotted overrides: tiny_config(**{"ann.train_steps": 4})."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top  # after the XLA flags above
+  from configs import quickstart  # after the XLA flags above
   c = quickstart.get_config("tiny")
   c.model.arch = "vit"
   c.model.variant = "tiny"
@@ -73,7 +73,7 @@ def tiny_config():
 
 
 def _image_folder(root, size, num_classes, per_class=1):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   rng = np.random.default_rng(0)
   for split in ("train", "test"):
     for c in range(num_classes):
@@ -94,8 +94,8 @@ def image_folder():
 def _saved_state(checkpoints: str, step: int) -> dict:
   """The whole train state saved at `step` in a phase's checkpoint folder, as numpy (params, batch_stats,
   opt_state, step), whatever devices and processes wrote it."""
-  import jax  # pylint: disable=g-import-not-at-top  # after the XLA flags above
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax  # after the XLA flags above
+  import orbax.checkpoint as ocp
   path = os.path.join(checkpoints, str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -111,7 +111,7 @@ def saved_state():
 
 def assert_same_tree(a, b) -> None:
   """Every leaf of two pytrees bitwise equal."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -136,7 +136,7 @@ def tiny_run(tmp_path_factory) -> str:
   Under pytest-xdist every worker has its own basetemp below one session directory: the run goes there, made by
   whichever worker comes first while the others wait on a file lock (the pattern pytest-xdist documents for
   session fixtures)."""
-  from dtvit import train  # pylint: disable=g-import-not-at-top
+  from dtvit import train
   base = tmp_path_factory.getbasetemp()
   root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   workdir = root / "dtvit_tiny_run"

@@ -299,7 +299,7 @@ def test_a_planted_library_in_a_shared_cache_folder_never_runs(kernel, tmp_path)
 def test_an_unknown_neuron_takes_the_jax_recurrence(kernel):
   """A setting the kernel does not implement (a new neuron kind, reset or surrogate input; a spec with a field
   the kernel does not know) must not run there with the wrong dynamics."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
+  import dataclasses
 
   @dataclasses.dataclass(frozen=True)
   class WithRefractory(neurons.NeuronSpec):

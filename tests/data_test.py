@@ -424,12 +424,12 @@ def test_eval_subset_is_strided_and_complete():
 
 def _rows(images):
   """Each image as bytes, counted (a multiset: equal digits may occur twice)."""
-  from collections import Counter  # pylint: disable=g-import-not-at-top
+  from collections import Counter
   return Counter(x.tobytes() for x in images)
 
 
 def test_val_split_is_held_out_from_train_and_never_trained_on():
-  from dtvit.data import sources  # pylint: disable=g-import-not-at-top
+  from dtvit.data import sources
   train_idx, val_idx = sources.val_indices(1437, 100)
   assert len(val_idx) == 100 and len(train_idx) == 1337
   assert not set(train_idx) & set(val_idx)
@@ -500,7 +500,7 @@ def test_spikformer_randaugment_set_probability_and_magnitude_std():
                                                   prob=0.5), rgb) for i in range(400)]
   assert 0.4 < np.mean(unchanged) < 0.6  # one op, applied half the time (every op of the set changes this image)
   calls = []
-  ops = augment._OPS  # pylint: disable=protected-access
+  ops = augment._OPS
   saved = dict(ops)
   try:
     for name in saved:

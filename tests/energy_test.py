@@ -412,7 +412,7 @@ def test_per_exit_energy_against_an_independent_counter(semantics, mask_stem):
   assert by_exit["snn_energy_j"][0] > 4.6e-12 * hand["embedding/patch"]
   # Padding does not count; the early-exit rows carry the same energy.
   assert energy.mean_exit_energy(by_exit["snn_energy_j"], exits + [1], weights_B=[1] * 7 + [0]) == pytest.approx(got)
-  from dtvit import inference  # pylint: disable=g-import-not-at-top
+  from dtvit import inference
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(steps, 40, K)) * 2
   thresholds = [0.3, 0.6, 0.9, 1.0]

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from dtvit import energy
-from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models import layers
 
@@ -167,7 +166,7 @@ def compiled(fn, *args):
   lowered = jax.jit(fn).lower(*args)
   try:
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-  except Exception:  # pylint: disable=broad-except  # a backend without that option
+  except Exception:  # a backend without that option
     return lowered.compile()
 
 

@@ -45,7 +45,7 @@ def test_an_image_folder_under_dtvit_data_dir_loads_from_another_directory(tmp_p
   assert (info.num_train, info.num_test, info.num_classes) == (3, 3, 3)
   assert os.path.isdir(tmp_path / "data" / "prepared" / tfds_folder.FOLDER_BUILDER_NAME)
   assert os.listdir(elsewhere) == []
-  from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+  from dtvit.data import spec
   assert spec.class_names(cfg) == ["class000", "class001", "class002"]
 
 

@@ -12,7 +12,6 @@ the first in one window (sync_every 10 > 8 steps), so a bad step or a stop is fo
 import os
 import signal
 
-import jax
 import numpy as np
 import pytest
 

@@ -185,7 +185,8 @@ def test_ann_to_snn_scales_thresholds():
   model = tiny("spikformer", phase="ann")
   params = models.init(model, jax.random.key(0), IMG)["params"]
   new = models.ann_to_snn(params, scale={"blocks_0/attn/q_lif": 0.5})
-  assert float(new["blocks_0"]["attn"]["q_lif"]["threshold"]) == 0.5 * float(params["blocks_0"]["attn"]["q_lif"]["threshold"])
+  q_threshold = float(params["blocks_0"]["attn"]["q_lif"]["threshold"])
+  assert float(new["blocks_0"]["attn"]["q_lif"]["threshold"]) == 0.5 * q_threshold
   assert float(new["blocks_0"]["attn"]["k_lif"]["threshold"]) == float(params["blocks_0"]["attn"]["k_lif"]["threshold"])
   assert float(models.ann_to_snn(params, scale=2.0)["head"]["kernel"][0, 0]) == float(params["head"]["kernel"][0, 0])
   with pytest.raises(ValueError, match="no neuron at \\['blocks_9/attn'\\]"):

@@ -223,10 +223,10 @@ def _official_params(depth: int, dim: int, classes: int, family: str) -> int:
 
 
 def _counts(config, classes, side):
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit.models import paths  # pylint: disable=g-import-not-at-top
+  import flax
+  import jax
+  import jax.numpy as jnp
+  from dtvit.models import paths
   model = models.build_model(config.model, classes, phase="ann")
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False))
   flat = flax.traverse_util.flatten_dict(shapes["params"])
@@ -254,8 +254,8 @@ def test_parameter_counts_equal_the_official_ones(name, official):
 
 
 def test_pre_bn_bias_changes_no_output_and_gets_no_gradient():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
   plain = models.spikformer("tiny", 4, max_time_steps=2, phase="snn")
   biased = models.spikformer("tiny", 4, max_time_steps=2, phase="snn",
                              layer_cfg=models.LayerConfig(pre_bn_bias=("q", "proj", "fc1")))
@@ -281,8 +281,8 @@ def test_pre_bn_bias_changes_no_output_and_gets_no_gradient():
 
 
 def test_initialisers_follow_their_definitions():
-  import jax  # pylint: disable=g-import-not-at-top
-  from dtvit.models import settings as model_settings  # pylint: disable=g-import-not-at-top
+  import jax
+  from dtvit.models import settings as model_settings
   cfg = model_settings.LayerConfig(dense_init="trunc_normal_0.02", conv_init="torch_default")
   w = np.asarray(cfg.init("dense_init")(jax.random.key(0), (384, 1536)))
   assert abs(w.std() - 0.02) < 0.001 and abs(w.mean()) < 0.001
@@ -303,9 +303,9 @@ def test_initialisers_follow_their_definitions():
 
 
 def test_hinge_hard_is_the_reported_average_above_the_target():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import masks  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from dtvit import masks
   scores = {"a": jnp.array([1.0, -0.5, 0.3, 2.0]), "b": jnp.array([-1.0, 0.2, 0.4, -0.1])}  # 3 and 2 steps on
   for semantics, t_avg in (("skip", 2.5), ("filter", 3.5)):  # 'filter' counts b's steps up to its last active
     counts = masks.step_counts({n: masks.hard_mask(s) for n, s in scores.items()}, {"a": (masks.OUTPUT,),
@@ -326,8 +326,8 @@ def test_hinge_hard_is_the_reported_average_above_the_target():
 
 
 def test_clip_except_scores_leaves_the_scores_alone():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import optim  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from dtvit import optim
   grads = {"blocks_0": {"attn": {"q": {"kernel": jnp.full((2, 2), 3.0)},
                                  "time_mask": {"time_scores": jnp.full((4,), 50.0)}}},
            "head": {"bias": jnp.array([4.0])}}
@@ -342,7 +342,7 @@ def test_clip_except_scores_leaves_the_scores_alone():
 
 def test_cooldown_holds_the_final_rate():
   from dtvit import recipes as c
-  from dtvit import optim  # pylint: disable=g-import-not-at-top
+  from dtvit import optim
   pc = c.phase_config(steps=100, lr=1.0, batch_size=8)
   pc.optimizer.update(warmup_steps=10, cooldown_steps=20, end_lr_factor=0.1)
   sched = optim.learning_rate_schedule(pc.optimizer, 100)

@@ -18,8 +18,10 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 def test_axis_product_zipped_chain():
   a, b = sweep.axis("snn.time_cost", [0.01, 0.03]), sweep.axis("model.mask.semantics", ["skip", "filter"])
   assert sweep.product(a, b) == [
-      {"snn.time_cost": 0.01, "model.mask.semantics": "skip"}, {"snn.time_cost": 0.01, "model.mask.semantics": "filter"},
-      {"snn.time_cost": 0.03, "model.mask.semantics": "skip"}, {"snn.time_cost": 0.03, "model.mask.semantics": "filter"}]
+      {"snn.time_cost": 0.01, "model.mask.semantics": "skip"},
+      {"snn.time_cost": 0.01, "model.mask.semantics": "filter"},
+      {"snn.time_cost": 0.03, "model.mask.semantics": "skip"},
+      {"snn.time_cost": 0.03, "model.mask.semantics": "filter"}]
   assert sweep.zipped(a, b) == [{"snn.time_cost": 0.01, "model.mask.semantics": "skip"},
                                 {"snn.time_cost": 0.03, "model.mask.semantics": "filter"}]
   base = sweep.named("base", {"phases": "ann"})
@@ -230,7 +232,7 @@ def get_sweep(arg):
 def test_tiny_sweep_trains_skips_resumes_and_tabulates(tmp_path, capsys):
   """Two points on digits: one interrupted beforehand (resumed in its workdir), one fresh; a rerun skips
   both; the table's values are the runs' summaries."""
-  from dtvit import train  # pylint: disable=g-import-not-at-top
+  from dtvit import train
   config_file = tmp_path / "tiny.py"
   config_file.write_text(TINY.format(quickstart=QUICKSTART))
   root = str(tmp_path / "sweep")

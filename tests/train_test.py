@@ -13,7 +13,6 @@ import optax
 import pytest
 
 from configs import cifar10_spikformer
-from configs import quickstart
 from dtvit import checkpointing
 from dtvit import data
 from dtvit import metrics
@@ -50,7 +49,8 @@ def ann_run(tiny_config, tmp_path_factory):
 def test_ann_then_snn_on_8_devices_with_summary(tiny_config, tmp_path):
   assert jax.device_count() == 8
   workdir = str(tmp_path)
-  config = tiny_config(**{"ann.train_steps": 20, "ann.optimizer.lr": 3e-3, "snn.train_steps": 6, "eval_fixed_steps": True})
+  config = tiny_config(**{"ann.train_steps": 20, "ann.optimizer.lr": 3e-3, "snn.train_steps": 6,
+                          "eval_fixed_steps": True})
   summary = train.run(config, workdir)
   with open(os.path.join(workdir, "summary.json")) as f:
     on_disk = json.load(f)

@@ -49,7 +49,8 @@ def resize(image: np.ndarray, size: int, method: str) -> np.ndarray:
   if image.dtype == np.uint8:
     return from_pil(to_pil(image).resize((size, size), resample), image.shape[-1])
   # Float images resize channel by channel in PIL's 32-bit float mode, keeping full precision.
-  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize((size, size), resample))
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize((size, size),
+                                                                                                 resample))
               for c in range(image.shape[-1])]
   return np.stack(channels, axis=-1)
 

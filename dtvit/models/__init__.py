@@ -16,7 +16,7 @@ backward pass).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax
 import jax
@@ -89,7 +89,7 @@ def init(model: SpikingViT, rng, image_shape) -> dict:
   try:
     # Init runs once: skip XLA's backend optimisations, which cost seconds of compile time on CPU.
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-  except Exception:  # pylint: disable=broad-except  # a backend without that option
+  except Exception:  # a backend without that option
     compiled = lowered.compile()
   variables = compiled(rng)
   return {k: v for k, v in variables.items() if k != "aux"}

@@ -48,7 +48,7 @@ class NeuronConfig:
         detach_reset=self.detach_reset, init_membrane=self.init_membrane, surrogate_input=self.surrogate_input)
 
   def validate(self):
-    self.spec  # pylint: disable=pointless-statement  # checks the dynamics' choices
+    _ = self.spec  # checks the dynamics' choices
     if self.init_threshold <= 0 or self.attn_threshold <= 0:
       raise ValueError("Neuron thresholds must be > 0.")
     if self.remat not in REMAT_MODES:

@@ -27,15 +27,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 import jax
-import jax.numpy as jnp
 
 from dtvit import compilation
 from experiments.benchmarks import benchmark

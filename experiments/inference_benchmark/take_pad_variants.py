@@ -27,7 +27,7 @@ from dtvit import inference  # noqa: E402
 from dtvit import models  # noqa: E402
 from dtvit.models import layers  # noqa: E402
 
-import benchmark  # noqa: E402  # pylint: disable=wrong-import-position
+import benchmark  # noqa: E402
 
 ORIGINAL = {"take": layers.SpikingModule.take_steps, "pad": layers.SpikingModule.pad_steps}
 

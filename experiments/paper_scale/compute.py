@@ -35,13 +35,13 @@ import sys
 import time
 
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from dtvit import energy  # pylint: disable=wrong-import-position
-from dtvit import models  # pylint: disable=wrong-import-position
-from experiments.paper_scale import settings as settings_lib  # pylint: disable=wrong-import-position
+from dtvit import energy
+from dtvit import models
+from experiments.paper_scale import settings as settings_lib
 
 FLOPS_PER_MAC = 2
 TRAIN_FACTOR = 3   # forward + backward (about twice the forward)

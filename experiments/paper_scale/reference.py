@@ -52,7 +52,7 @@ def _epochs(steps_key):
 
 def _score_reach(c, p):
   """The fraction of the phase in which the cost alone moves a score from its init to 0 (the calibration)."""
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import models
   modules = len(paths.masked_modules(models.build_model(c.model, 10, phase="snn")))
   travel = optim.score_travel_steps(score_lr=c[p].optimizer.score_lr, num_modules=modules,
                                     time_cost=c[p].time_cost, score_init=c.model.mask.score_init,
@@ -232,7 +232,7 @@ def _fmt(v) -> str:
 def table(family: str, setting: str) -> str:
   """The Markdown table of one family, with dtvit's values for `setting` (and any other setting's overrides
   noted in the last column)."""
-  lines = [f"| hyper-parameter | official | source | direct | hybrid: ANN | hybrid: SNN | difference, why |",
+  lines = ["| hyper-parameter | official | source | direct | hybrid: ANN | hybrid: SNN | difference, why |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in ROWS:
     ours = [expected(r, setting, col) for col in COLUMNS]

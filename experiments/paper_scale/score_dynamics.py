@@ -120,7 +120,7 @@ def _optimised(fn, *args):
   lowered = jax.jit(fn).lower(*args)
   try:
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 3})
-  except Exception:  # pylint: disable=broad-except  # a backend without that option
+  except Exception:  # a backend without that option
     return lowered.compile()
 
 
