@@ -27,12 +27,16 @@ report: $(STAMP)
 # roughly halves compile time on CPU (the same programs; every process of a test compiles alike).
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 
+LINT := $(PY) -m ruff check dtvit configs experiments tests
+
 test: $(STAMP)
+	$(LINT)
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -n 2 -q tests
 
 # The edit-test loop: every test not marked slow (pyproject.toml's `slow` marker: the tests that train, start
 # subprocesses or compile whole models several times), under 2 minutes on 2 cores.
 test-fast: $(STAMP)
+	$(LINT)
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -n 2 -q -m "not slow" tests
 
 clean:

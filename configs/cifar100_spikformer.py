@@ -11,9 +11,9 @@ one more: the normalisation uses CIFAR-100's own statistics, not cifar10.yml's m
 """
 
 from configs import cifar10_spikformer
-from configs import common
+from dtvit import recipes
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, ("direct", "hybrid", "tiny", "T", "sj"), "cifar100_spikformer")
+  args = recipes.parse_arg(arg, ("direct", "hybrid", "tiny", "T", "sj"), "cifar100_spikformer")
   return cifar10_spikformer.get_config(",".join(["cifar100"] + [f"{k}={v}" if v else k for k, v in args.items()]))

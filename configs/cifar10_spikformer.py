@@ -12,9 +12,9 @@ Arguments (comma-separated): direct | hybrid, tiny, local, cifar100, T=<T_max>, 
 and stem order).
 
 Every training value is the official one (ZK-Zhou/spikformer cifar10/cifar10.yml, train.py, aa_snn.py, model.py;
-`common.SPIKFORMER['cifar']`; the value-by-value table with sources: experiments/paper_scale/README.md) except:
+`recipes.SPIKFORMER['cifar']`; the value-by-value table with sources: experiments/paper_scale/README.md) except:
 - Method (../shared/PAPER.md): T_max = 8 with learned time-step masks trained to T_avg = 4.97 (a hinge on the
-  reported average, `common.calibrate_masks`), instead of a fixed T = 4. `hybrid` adds the ANN twin (clipped
+  reported average, `recipes.calibrate_masks`), instead of a fixed T = 4. `hybrid` adds the ANN twin (clipped
   ReLU, trainable clip) and a 100-epoch SNN phase at lr 1e-4 (ours: the paper gives no values).
 - Neuron: the authors' 'lif' (soft reset, trainable threshold and leak, piecewise-linear surrogate on U/Vth - 1,
   U[0] = 0.5 Vth), the paper's convention and the one that converts from the twin; `sj` selects Spikformer's
@@ -32,14 +32,14 @@ Every training value is the official one (ZK-Zhou/spikformer cifar10/cifar10.yml
   is the official 9,324,730: BN cancels them.
 """
 
-from configs import common
+from dtvit import recipes
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, ("direct", "hybrid", "tiny", "local", "cifar100", "T", "sj"), "cifar10_spikformer")
+  args = recipes.parse_arg(arg, ("direct", "hybrid", "tiny", "local", "cifar100", "T", "sj"), "cifar10_spikformer")
   if "direct" in args and "hybrid" in args:
     raise ValueError("cifar10_spikformer: give one of 'direct' and 'hybrid'.")
-  c = common.get_base_config()
+  c = recipes.get_base_config()
   name = "cifar100" if "cifar100" in args else "cifar10"
   c.data.name = name
   if "local" in args:
@@ -54,12 +54,12 @@ def get_config(arg: str = ""):
     c.data.std = (0.2470, 0.2435, 0.2616)
   c.model.arch = "spikformer"
   c.model.variant = "4-384"
-  c.model.num_steps = int(args.get("T") or 8)
-  common.paper_recipe(c, family="cifar", mode="direct" if "direct" in args else "hybrid", num_train=50_000)
+  c.model.max_time_steps = int(args.get("T") or 8)
+  recipes.paper_recipe(c, family="cifar", mode="direct" if "direct" in args else "hybrid", num_train=50_000)
   if "sj" in args:  # SpikingJelly 2.0's Spikformer: its neuron settings, its stem order (pool before the neuron)
-    common.set_neuron_preset(c, "spikingjelly")
+    recipes.set_neuron_preset(c, "spikingjelly")
     c.model.stem_pool_first = True
   if "tiny" in args:
-    common.make_tiny(c)
-  common.calibrate_masks(c)
+    recipes.make_tiny(c)
+  recipes.calibrate_masks(c)
   return c

@@ -6,17 +6,17 @@ Arguments: tiny, local, variant=<Ti|S|B>, T=<T_max>.
 """
 
 from configs import cifar10_spikformer
-from configs import common
+from dtvit import recipes
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, ("tiny", "local", "variant", "T"), "cifar10_vit")
+  args = recipes.parse_arg(arg, ("tiny", "local", "variant", "T"), "cifar10_vit")
   base = [k for k in ("local",) if k in args] + ([f"T={args['T']}"] if args.get("T") else [])
   c = cifar10_spikformer.get_config(",".join(base))
   c.model.arch = "vit"
   c.model.variant = args.get("variant") or "Ti"
   c.model.patch_size = 4
   if "tiny" in args:
-    common.make_tiny(c)
-  common.calibrate_masks(c)  # the ViT's own number of masked modules
+    recipes.make_tiny(c)
+  recipes.calibrate_masks(c)  # the ViT's own number of masked modules
   return c

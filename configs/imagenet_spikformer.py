@@ -14,7 +14,7 @@ Arguments: direct | hybrid, tiny, variant=<8-384|8-512|8-768>, T=<T_max>, sj (Sp
 stem order).
 
 Every training value is the official one (ZK-Zhou/spikformer imagenet/imagenet.yml, train.py, model.py;
-`common.SPIKFORMER['imagenet']`; the value-by-value table with sources: experiments/paper_scale/README.md),
+`recipes.SPIKFORMER['imagenet']`; the value-by-value table with sources: experiments/paper_scale/README.md),
 including the global batch of 192 (24 per GPU x 8 GPUs) at lr 5e-4, weight decay 0.05, and the training crop of
 scale (1, 1): timm's RandomResizedCrop then falls back to the whole image squeezed to 224x224. Except:
 - Method, neuron, the masks, steps, float32, mixup pairs: as configs/cifar10_spikformer.py says (the hybrid SNN
@@ -26,29 +26,29 @@ scale (1, 1): timm's RandomResizedCrop then falls back to the whole image squeez
   _init_weights leaves alone) as dtvit's Dense layers ('torch_default'); the head is trunc-normal 0.02.
 """
 
-from configs import common
+from dtvit import recipes
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, ("direct", "hybrid", "tiny", "variant", "T", "sj"), "imagenet_spikformer")
+  args = recipes.parse_arg(arg, ("direct", "hybrid", "tiny", "variant", "T", "sj"), "imagenet_spikformer")
   if "direct" in args and "hybrid" in args:
     raise ValueError("imagenet_spikformer: give one of 'direct' and 'hybrid'.")
-  c = common.get_base_config()
+  c = recipes.get_base_config()
   c.data.name = "imagenet2012"
   c.data.image_size = 224
   c.data.mean = (0.485, 0.456, 0.406)   # imagenet/imagenet.yml
   c.data.std = (0.229, 0.224, 0.225)
   c.model.arch = "spikformer"
   c.model.variant = args.get("variant") or "8-384"
-  c.model.num_steps = int(args.get("T") or 8)
-  common.paper_recipe(c, family="imagenet", mode="direct" if "direct" in args else "hybrid", num_train=1_281_167)
+  c.model.max_time_steps = int(args.get("T") or 8)
+  recipes.paper_recipe(c, family="imagenet", mode="direct" if "direct" in args else "hybrid", num_train=1_281_167)
   c.eval_batch_size = 1000
   if "sj" in args:  # SpikingJelly 2.0's Spikformer: its neuron settings, its stem order (pool before the neuron)
-    common.set_neuron_preset(c, "spikingjelly")
+    recipes.set_neuron_preset(c, "spikingjelly")
     c.model.stem_pool_first = True
   if "tiny" in args:
-    common.make_tiny(c)
+    recipes.make_tiny(c)
     c.model.variant = "tiny-imagenet"
     c.data.image_size = 64
-  common.calibrate_masks(c)
+  recipes.calibrate_masks(c)
   return c

@@ -4,11 +4,11 @@
   python -m dtvit.main --config=configs/quickstart.py:tiny --workdir=/tmp/qs_tiny    # seconds, for tests
 """
 
-from configs import common
+from dtvit import recipes
 
 
 def get_config(arg: str = ""):
-  c = common.get_base_config()
+  c = recipes.get_base_config()
   c.data.name = "digits"
   c.data.augment.crop_padding = 1
   c.eval_batch_size = 360
@@ -20,13 +20,13 @@ def get_config(arg: str = ""):
   c.model.depth = 2
   c.model.mlp_ratio = 2.0
   c.model.stem_pools = (False, False, False, True)   # 8x8 digits -> 4x4 = 16 tokens
-  c.model.num_steps = 4
+  c.model.max_time_steps = 4
 
-  c.ann.num_steps = 600
+  c.ann.train_steps = 600
   c.ann.batch_size = 64
   c.ann.optimizer.lr = 2e-3
   c.ann.log_every = 100
-  c.snn.num_steps = 300
+  c.snn.train_steps = 300
   c.snn.batch_size = 64
   c.snn.optimizer.lr = 1e-3
   c.snn.optimizer.score_lr = 0.3
@@ -37,9 +37,9 @@ def get_config(arg: str = ""):
     c.model.dim = 16
     c.model.num_heads = 2
     c.model.depth = 1
-    c.model.num_steps = 3
-    c.ann.num_steps = 6
-    c.snn.num_steps = 6
+    c.model.max_time_steps = 3
+    c.ann.train_steps = 6
+    c.snn.train_steps = 6
     c.ann.batch_size = c.snn.batch_size = 16
     c.ann.log_every = c.snn.log_every = 2
     c.eval_batch_size = 120

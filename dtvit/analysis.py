@@ -30,7 +30,6 @@ Step counts and their averages come from `dtvit.models.step_counts` (through `dt
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -94,7 +93,7 @@ class ActivationAnalysis:
   ann_source: which ANN the SNN was compared with, in words; hist_examples: images in `values`.
   """
   blocks: list
-  num_steps: int
+  max_time_steps: int
   errors: dict
   masked_errors: dict
   values: dict
@@ -109,7 +108,7 @@ def _comparison_fn(ann: loader.Loaded, snn: loader.Loaded, ann_source: str, hist
   """A jitted fn(ann_vars, snn_vars, images [B, H, W, C], w_B) -> ({block: sums and samples}, spike rates)."""
   off = snn.variant(masks="off")
   hard = snn.variant(masks="hard")
-  T = snn.num_steps
+  T = snn.max_time_steps
 
   def fn(ann_vars, snn_vars, images, w_B):
     _, a_aux = models.apply_model(ann.model, ann_vars, images)
@@ -185,7 +184,8 @@ def analyse_activations(snn: loader.Loaded, ann: loader.Loaded | None = None, *,
   masked_errors = {b: float(np.sqrt(sums[b]["masked_err"] / max(sums[b]["ref"], 1e-30))) for b in blocks}
   flat = {b: {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in values[b].items()}
           for b in blocks}
-  return ActivationAnalysis(blocks=blocks, num_steps=snn.num_steps, errors=errors, masked_errors=masked_errors,
+  return ActivationAnalysis(blocks=blocks, max_time_steps=snn.max_time_steps, errors=errors,
+                            masked_errors=masked_errors,
                             values=flat, spike_rates=_mean_spike_rates(batch_rates), num_examples=int(count),
                             masks_enabled=bool(snn.config.model.mask.enabled),
                             ann_source=ann_source, hist_examples=taken)
@@ -240,7 +240,7 @@ def steps_in_block(steps_per_module: Mapping[str, float], block: str) -> dict[st
 def primary_summary(snn: loader.Loaded) -> dict:
   """The primary run's step counts for report.json: phase, T_max, active and simulated steps per module,
   semantics, hard masks and their averages (all from `snn.step_counts`)."""
-  return {"phase": snn.phase, "T_max": snn.num_steps, "steps_per_module": snn.steps_per_module,
+  return {"phase": snn.phase, "T_max": snn.max_time_steps, "steps_per_module": snn.steps_per_module,
           "simulated_steps_per_module": snn.simulated_steps_per_module,
           "mask_semantics": snn.model.mask.semantics,
           "masks": {k: v.astype(int).tolist() for k, v in snn.masks.items()},
@@ -299,7 +299,7 @@ def run_rows(workdirs: Sequence[str]) -> list[dict]:
     row["masks"] = "learned" if config.model.mask.enabled else "fixed T"
     if config.model.mask.enabled:
       row["semantics"] = config.model.mask.get("semantics", "filter")  # configs before the option: 'filter'
-    row["T_max"] = int(config.model.num_steps)
+    row["T_max"] = int(config.model.max_time_steps)
     summary = loader.read_summary(wd)
     if summary is None:
       row["note"] = "no summary.json (run unfinished?)"
@@ -380,7 +380,7 @@ def expand_sweeps(workdirs: Sequence[str]) -> list[str]:
 
 def run_names(workdirs: Sequence[str]) -> list[str]:
   """Short names of runs. Points of one sweep (each with dtvit.sweep's record): their swept values that differ
-  among these runs ('snn.time_cost=0.03, model.num_steps=4'), or the name a point was given; other runs: their
+  among these runs ('snn.time_cost=0.03, model.max_time_steps=4'), or the name a point was given; other runs: their
   paths relative to the common parent (the base name of a single run)."""
   paths = [storage.abspath(w).rstrip(os.sep) for w in workdirs]
   if len(paths) == 1:
@@ -418,7 +418,8 @@ def _sweep_labels(paths: Sequence[str]) -> list[str] | None:
     record = storage.join(p, SWEEP_RECORD)
     if not storage.isfile(record):
       return None
-    records.append(workdir_lib.read_json(record, expect=dict))
+    r = workdir_lib.read_json(record, expect=dict)
+    records.append({**r, "overrides": dict(config_lib.renamed(k, v) for k, v in r["overrides"].items())})
   keys = list(dict.fromkeys(k for r in records for k in r["overrides"]))
   varying = [k for k in keys if len({config_lib.format_value(r["overrides"].get(k)) for r in records}) > 1]
   labels = [r["name"] if r.get("named") else

@@ -279,7 +279,7 @@ class Checkpointer:
           restored, error = self.restore(abstract_state, step), None
       except CheckpointMismatch:
         raise
-      except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore / JSON read errors
+      except Exception as e:  # Orbax / TensorStore / JSON read errors
         restored, error = None, e
       if not sharding.any_process(error is not None):  # every process must agree on the step
         return restored

@@ -27,11 +27,11 @@ CPU_OPTIONS = {
 
 @functools.lru_cache(maxsize=None)
 def _accepted() -> bool:
-  """Whether this jaxlib's CPU backend (the default backend when asked) compiles with `CPU_OPTIONS` (an option it does not know is an
-  INVALID_ARGUMENT)."""
+  """Whether this jaxlib's CPU backend (the default backend when asked) compiles with `CPU_OPTIONS` (an option
+  it does not know is an INVALID_ARGUMENT)."""
   try:
     jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(np.float32(0)).compile()
-  except Exception as e:  # pylint: disable=broad-except  # jaxlib raises its own runtime error type
+  except Exception as e:  # jaxlib raises its own runtime error type
     logging.warning("dtvit: this jaxlib does not accept the CPU compiler options %s (%s); compiling without "
                     "them (convolutions may run on one core).", CPU_OPTIONS, str(e).splitlines()[0])
     return False

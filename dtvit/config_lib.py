@@ -4,6 +4,10 @@ overrides parsed by `ml_collections.config_flags`.
 `dtvit.main` reads `--config.key=value` with `config_flags.DEFINE_config_file`; `override` runs a sweep point's
 values through the same parser (`DEFINE_config_dict`), so a value means the same whether it comes from the command
 line, from `--grid` or from a config file's `get_sweep`.
+
+`RENAMED` is the one list of config names that changed since runs were recorded; `upgrade` applies it to every
+saved config dtvit reads (`dtvit.load`, a resume's `workdir.plan_launch`, a sweep's finished points), so old
+workdirs and records keep loading, and an old key written on the command line gets one line naming the new one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,47 @@ from typing import Any, Mapping
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
+
+
+# {old dotted key: new dotted key}, and {'key=old value': 'key=new value'} for a renamed value of a string key.
+# Each rename keeps the key's section (only its last part or its value changes).
+RENAMED = {
+    "model.num_steps": "model.max_time_steps",    # T_max, the simulated time steps
+    "ann.num_steps": "ann.train_steps",           # a phase's optimizer steps
+    "snn.num_steps": "snn.train_steps",
+    "finetune.num_steps": "finetune.train_steps",
+    "model.neuron.neuron=spikformer": "model.neuron.neuron=spikingjelly_lif",   # the neuron kind, not the model
+    "data.augment.randaugment_op_set=spikformer": "data.augment.randaugment_op_set=spikformer_official",
+}
+
+
+def renamed(key: str, value: Any = None) -> tuple[str, Any]:
+  """(key, value) under today's names (`RENAMED`)."""
+  key = RENAMED.get(key, key)
+  if isinstance(value, str):
+    value = RENAMED.get(f"{key}={value}", f"{key}={value}").partition("=")[2]
+  return key, value
+
+
+def upgrade(tree: Any, prefix: str = "") -> Any:
+  """A saved config (a nested dict, as config.json holds it) under today's names: a copy with `RENAMED` applied.
+  A config already under today's names comes back equal."""
+  if not isinstance(tree, Mapping):
+    return renamed(prefix, tree)[1] if prefix else tree
+  out = {}
+  for k, v in tree.items():
+    key = renamed(f"{prefix}.{k}" if prefix else str(k))[0]
+    out[key.rpartition(".")[2]] = upgrade(v, key)
+  return out
+
+
+def check_renamed_values(config: Mapping[str, Any]) -> None:
+  """ValueError in one line when `config` (a nested dict) sets a value `RENAMED` has renamed."""
+  flat = flatten(config)
+  for old, new in RENAMED.items():
+    key, sep, value = old.partition("=")
+    if sep and flat.get(key) == value:
+      raise ValueError(f"{key}={value!r} was renamed: it is now {new.partition('=')[2]!r}.")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -39,6 +84,8 @@ def format_value(value: Any) -> str:
 def explain_unknown_key(keys: set[str], key: str, *, flag: str = "--config.") -> str:
   """Why `key` names no field of a config with `keys` (`all_keys`): where it lives instead, or the closest field
   at its level. `flag` is how the message writes a key ('--config.' on the command line)."""
+  if key in RENAMED:
+    return f"{flag}{key} was renamed: it is now {flag}{RENAMED[key]}."
   elsewhere = sorted(k for k in keys if k.endswith("." + key))
   if elsewhere:
     return (f"{flag}{key}: the config has no top-level {key!r}; it is a key of a section: did you mean "

@@ -49,7 +49,7 @@ FORWARD, BACKWARD = "dtvit_lif_forward", "dtvit_lif_backward"
 SURROGATES = ("pwl", "sigmoid", "atan")  # the kernel's surrogate codes, in order
 # What the kernel implements (the settings list at the top of csrc/lif_cpu.cc), by `neurons.NeuronSpec` field;
 # a neuron with any other value or field takes the pure-JAX recurrence.
-NEURONS = ("lif", "if", "spikformer")
+NEURONS = ("lif", "if", "spikingjelly_lif")
 RESETS = ("soft", "hard")
 SURROGATE_INPUTS = ("normalized", "difference")
 SPEC_FIELDS = frozenset({"neuron", "surrogate", "alpha", "tau", "reset", "detach_reset", "init_membrane",
@@ -188,7 +188,7 @@ def build(directory: Path | None = None) -> Path:
   if os.path.lexists(library):
     check_library(library)
     return library
-  import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only: `dtvit.models` imports this module anywhere
+  import fcntl  # POSIX only: `dtvit.models` imports this module anywhere
   with open(key / ".lock", "w") as lock:  # one build when several processes start at once
     fcntl.flock(lock, fcntl.LOCK_EX)
     if os.path.lexists(library):
@@ -238,7 +238,7 @@ def supports(spec, current_dtype, membrane_dtype) -> bool:
 
 def _attributes(spec, *, masked: bool, static: bool) -> dict:
   return dict(tau=np.float32(spec.tau), alpha=np.float32(spec.alpha), init=np.float32(spec.init_membrane),
-              spikformer=np.int32(spec.neuron == "spikformer"), soft=np.int32(spec.reset == "soft"),
+              spikformer=np.int32(spec.neuron == "spikingjelly_lif"), soft=np.int32(spec.reset == "soft"),
               normalized=np.int32(spec.surrogate_input == "normalized"),
               surrogate=np.int32(SURROGATES.index(spec.surrogate)), detach=np.int32(spec.detach_reset),
               masked=np.int32(masked), is_static=np.int32(static), with_lam=np.int32(spec.neuron == "lif"))

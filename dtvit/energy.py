@@ -68,7 +68,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtvit import masks as masks_lib
-from dtvit import models
 from dtvit.models import paths
 
 E_MAC = 4.6e-12  # J per 32-bit float multiply-accumulate, 45 nm (Horowitz, ISSCC 2014)
@@ -164,7 +163,7 @@ def _traced(model, image_shape, aux, e_mac, e_ac, counts):
   """What both energy accountings start from: (T_max, op counts, the masked modules (sorted), `_layer_rates`,
   `_unit_steps`), after checking the inputs."""
   _check_inputs(aux, e_mac, e_ac)
-  T = int(model.num_steps)
+  T = int(model.max_time_steps)
   counts = op_counts(model, image_shape) if counts is None else counts
   masked = sorted(paths.mask_units(model))
   return T, counts, masked, _layer_rates(counts, aux, T), _unit_steps(model, masked, aux)
@@ -266,7 +265,7 @@ def _layer_rates(counts, aux, T: int) -> tuple[dict, dict]:
 
 def _unit_steps(model, masked, aux) -> tuple[dict, dict]:
   """({unit: mask [T]}, `masks.step_counts` of the units), checking aux's work masks against the accounting."""
-  T = int(model.num_steps)
+  T = int(model.max_time_steps)
   given_masks = aux.get("masks") or {}
   if model.mask.enabled:
     _check_keys("masks (masked modules)", given_masks, masked, _HINT)

@@ -98,7 +98,7 @@ def step_summary(model, params, op_weights: Mapping[str, float]) -> dict:
   listed = {k: dict(c, masked=True) for k, c in counts.items()}
   stem = paths.unmasked_stem(model)
   if stem is not None:
-    T = float(model.num_steps)
+    T = float(model.max_time_steps)
     listed[stem] = {"active_steps": T, "simulated_steps": T, "masked": False}
   return {
       "mask_semantics": model.mask.semantics,
@@ -128,7 +128,7 @@ def evaluate_phase(model, variables, config, mesh, info, phase, *, op_counts: Ma
   out = {"test_accuracy": ev["accuracy"]}
   op_weights = energy_lib.module_op_weights(model, counts=op_counts)
   out.update(step_summary(model, jax.device_get(variables["params"]), op_weights))
-  out["T_max"] = model.num_steps
+  out["T_max"] = model.max_time_steps
   if "aux" in ev:
     aux = ev["aux"]
     out["spike_rates"] = {k: np.round(v, 5).tolist() for k, v in sorted(aux["spike_rates"].items())}
@@ -187,7 +187,7 @@ def evaluate_workdir(workdir: str, *, phase: str | None = None, split: str = "te
   """`evaluate_phase` for a trained run (`dtvit.load(workdir, phase, allow_unfinished=...)`) on its data's
   `split` (`examples` > 0: an evenly strided subset) or on the images in `images`/<class name>/. Keys as in
   summary.json, with 'accuracy' for 'test_accuracy'; also 'phase', 'step', 'finished', 'data' and 'count'."""
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import loader
   run = loader.load(workdir, phase, allow_unfinished=allow_unfinished)
   print(f"dtvit.evaluate: {run.source}", file=sys.stderr)
   config = run.config.copy_and_resolve_references()
@@ -230,8 +230,8 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
   `thresholds` apply to every criterion (default: `EXIT_THRESHOLDS` per criterion). With `write`, the table goes
   to <workdir>/early_exit/early_exit.json and .md, the curves (accuracy vs energy and vs steps) to
   early_exit.png; `dtvit.report` shows them. Returns the json's dict."""
-  from dtvit import inference  # pylint: disable=g-import-not-at-top
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import inference
+  from dtvit import loader
   bad = [c for c in criteria if c not in inference.CRITERIA]
   if bad or not criteria:
     raise ValueError(f"--early_exit: unknown criteria {bad}; choose from {inference.CRITERIA}.")
@@ -243,7 +243,7 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
   batches = data.eval_batches(config.data, split=split, global_batch_size=config.eval_batch_size,
                               max_examples=examples)
   rows = inference.early_exit_criteria_over_batches(run.model, run.variables, batches, grids)
-  T = run.model.num_steps
+  T = run.model.max_time_steps
   table = []
   for c in criteria:
     for r in rows[c]:
@@ -262,11 +262,11 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
   if write:
     out = storage.join(workdir, EXIT_DIR)
     storage.makedirs(out)
-    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import workdir as workdir_lib
     workdir_lib.write_json(storage.join(out, "early_exit.json"), result)
     storage.write_text(storage.join(out, "early_exit.md"), "\n".join(exit_table_md(result)) + "\n")
-    from dtvit import plots  # pylint: disable=g-import-not-at-top
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    from dtvit import plots
+    import matplotlib
     matplotlib.use("Agg")
     fig = plots.plot_exit_tradeoff(result)
     with storage.local_copy(storage.join(out, "early_exit.png"), ".png") as png:
@@ -291,7 +291,7 @@ def exit_table_md(result: Mapping) -> list[str]:
 
 
 def _define_flags(values) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
   flags.DEFINE_enum("phase", None, ["ann", "snn", "finetune"], "default: the run's latest phase", flag_values=values)
   flags.DEFINE_enum("split", "test", ["test", "train"], "the run's data split", flag_values=values)
@@ -312,10 +312,10 @@ def _define_flags(values) -> None:
 def main(argv=None) -> None:
   """`python -m dtvit.evaluate` with `argv` (without the program; None: sys.argv[1:]); a user's mistake prints one
   line and exits with status 1 (`loader.user_errors`), one in the command line with status 2 (`cli.parse`)."""
-  import json  # pylint: disable=g-import-not-at-top
-  from dtvit import cli  # pylint: disable=g-import-not-at-top
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import json
+  from dtvit import cli
+  from dtvit import loader
+  from dtvit import workdir as workdir_lib
   args, _ = cli.parse("dtvit.evaluate", _define_flags, argv, doc="Accuracy (SNN phases: also time steps and "
                       "energy) of a trained run on a split of its data or a folder of images.")
   with loader.user_errors("dtvit.evaluate"):

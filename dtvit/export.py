@@ -48,7 +48,7 @@ def _inference_model(run):
   """The model the export runs and its schedule {module: steps run} ({} for the ANN twin). Its neurons
   run the pure-JAX recurrence (`kernels='xla'`, the same spikes bitwise): the CPU kernel is a custom call
   that only a process with dtvit's kernel registered could run, and jax.export keeps none."""
-  from dtvit import inference  # pylint: disable=g-import-not-at-top
+  from dtvit import inference
   model = run.model.clone(kernels="xla") if run.model.kernels == "fused" else run.model
   if not run.is_snn:
     return model, {}
@@ -61,7 +61,7 @@ def export_run(workdir: str, out: str, *, phase: str | None = None, batch_size: 
   """Exports the run's `phase` (default: its latest) into `out` (its four files overwritten); returns the
   metadata written to export.json. batch_size 0: a symbolic batch dimension. An unfinished run is refused
   unless `allow_unfinished` (`dtvit.load`)."""
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import loader
   run = loader.load(workdir, phase, allow_unfinished=allow_unfinished)
   print(f"dtvit.export: {run.source}", file=sys.stderr)
   return export_loaded(run, out, batch_size=batch_size, platforms=platforms)
@@ -69,11 +69,11 @@ def export_run(workdir: str, out: str, *, phase: str | None = None, batch_size: 
 
 def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, ...] | None = None) -> dict:
   """`export_run` of a `dtvit.load` result (its model and variables as they are)."""
-  import io  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import io
+  import jax
+  from dtvit import models
+  from dtvit import storage
+  from dtvit import workdir as workdir_lib
   model, schedule = _inference_model(run)
   named, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(run.variables))
   leaves = [np.asarray(x) for _, x in named]
@@ -86,8 +86,9 @@ def export_loaded(run, out: str, *, batch_size: int = 0, platforms: tuple[str, .
            jax.ShapeDtypeStruct((batch, *run.info.image_shape), np.float32))
   exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
   meta = {"workdir": run.workdir, "phase": run.phase, "step": run.step, "finished": run.finished,
-          "schedule": schedule, "num_steps": run.num_steps, "batch_size": batch_size or None,
-          "image_shape": list(run.info.image_shape), "num_classes": run.info.num_classes, "platforms": list(exported.platforms),
+          "schedule": schedule, "num_steps": run.max_time_steps, "batch_size": batch_size or None,
+          "image_shape": list(run.info.image_shape), "num_classes": run.info.num_classes,
+          "platforms": list(exported.platforms),
           "weights": [jax.tree_util.keystr(path) for path, _ in named], "jax_version": jax.__version__}
   storage.makedirs(out)
   storage.write_bytes(storage.join(out, MODEL_FILE), exported.serialize())
@@ -123,10 +124,10 @@ class Exported:
 
 def load(directory: str) -> Exported:
   """An export written by `export_run`; needs jax and numpy, and no model code."""
-  import io  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  import io
+  import jax
+  from dtvit import storage
+  from dtvit import workdir as workdir_lib
   storage.check(directory, "export")
   if not storage.isfile(storage.join(directory, META_FILE)):
     raise FileNotFoundError(f"{directory} holds no dtvit export ({META_FILE} missing); write one with "
@@ -139,7 +140,7 @@ def load(directory: str) -> Exported:
 
 
 def _define_flags(values) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
   flags.DEFINE_string("out", None, "the export's folder (an earlier export's files there are overwritten)",
                       flag_values=values)
@@ -154,12 +155,12 @@ def _define_flags(values) -> None:
 
 def main(argv=None) -> None:
   """`python -m dtvit.export` with `argv` (without the program; None: sys.argv[1:])."""
-  from dtvit import cli  # pylint: disable=g-import-not-at-top
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import cli
+  from dtvit import loader
   args, _ = cli.parse("dtvit.export", _define_flags, argv, doc="A trained run as a jax.export function plus "
                       "weights and data spec, loadable with jax and numpy only.")
   platforms = tuple(x for x in args.platforms.split(",") if x) or None
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  from dtvit import storage
   with loader.user_errors("dtvit.export"):
     storage.makedirs(args.out)  # object storage: checks its package only; permissions show at the write
     if not storage.is_url(args.out) and not os.access(args.out, os.W_OK):

@@ -94,11 +94,11 @@ def scheduled_model(model: SpikingViT, schedule: Mapping[str, Any]) -> SpikingVi
   steps = {}
   for name, run in schedule.items():
     if isinstance(run, (int, np.integer)):
-      if not 0 <= run <= model.num_steps:
-        raise ValueError(f"T_run of {name!r} must be an integer in [0, {model.num_steps}], got {run!r}.")
+      if not 0 <= run <= model.max_time_steps:
+        raise ValueError(f"T_run of {name!r} must be an integer in [0, {model.max_time_steps}], got {run!r}.")
       run = range(run)
     steps[name] = tuple(int(t) for t in run)
-  entries = tuple(sorted((name, run) for name, run in steps.items() if len(run) < model.num_steps))
+  entries = tuple(sorted((name, run) for name, run in steps.items() if len(run) < model.max_time_steps))
   m = models.with_mask(model, hard=True).clone(schedule=entries)
   m.validate()
   return m
@@ -308,7 +308,7 @@ def early_exit_criteria_over_batches(model: SpikingViT, variables, batches: Iter
                                      e_ac: float | None = None) -> dict[str, list[dict]]:
   """`early_exit_over_batches` for several criteria in one pass over the data: {criterion: thresholds} ->
   {criterion: rows}."""
-  from dtvit import energy as energy_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import energy as energy_lib
   for criterion, thr in thresholds.items():
     _check_early_exit_args(criterion, thr)
   masks = models.hard_masks(model, variables["params"])

@@ -13,7 +13,7 @@
 What it reads (the layout `dtvit.train.run` writes): `<workdir>/config.json` (the run's config),
 `<workdir>/<phase>/checkpoints/` (Orbax, via `dtvit.checkpointing.restore_variables`: params and batch_stats of
 the latest finished step) and `<workdir>/summary.json` (the run's test results). A run without a complete
-summary.json (every phase of its config at its num_steps) is unfinished: `load` refuses it unless asked with
+summary.json (every phase of its config at its train_steps) is unfinished: `load` refuses it unless asked with
 `allow_unfinished=True` (the CLIs' `--allow_unfinished`), and then logs a warning naming the phase and step.
 `run.phase`, `run.step` and `run.finished` say what was loaded.
 
@@ -83,7 +83,7 @@ class Loaded:
   @property
   def source(self) -> str:
     """Which phase and step this is, in words: "phase 'snn' at step 24 of 24 (finished run /w)"."""
-    total = self.config[self.phase].num_steps
+    total = self.config[self.phase].train_steps
     return (f"phase {self.phase!r} at step {self.step} of {total} ({'finished' if self.finished else 'UNFINISHED'}"
             f" run {self.workdir})")
 
@@ -92,9 +92,9 @@ class Loaded:
     return self.model.phase == "snn"
 
   @property
-  def num_steps(self) -> int:
+  def max_time_steps(self) -> int:
     """T_max of the SNN (1 for the ANN twin)."""
-    return int(self.model.num_steps) if self.is_snn else 1
+    return int(self.model.max_time_steps) if self.is_snn else 1
 
   @property
   def steps_per_module(self) -> dict:
@@ -110,13 +110,13 @@ class Loaded:
   @property
   def average_time_steps(self) -> float | None:
     """The paper's T_avg: mean over masked modules of their active steps (None for the ANN twin)."""
-    from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import masks as masks_lib
     return masks_lib.average_steps(self.step_counts, "active_steps")
 
   @property
   def average_simulated_steps(self) -> float | None:
     """The mean over masked modules of their simulated steps (None for the ANN twin)."""
-    from dtvit import masks as masks_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import masks as masks_lib
     return masks_lib.average_steps(self.step_counts, "simulated_steps")
 
   # -- what an image must be ------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Loaded:
     """{'image_shape', 'mean', 'std', 'resize_method', 'center_crop', 'class_names', ...}: what the model
     expects of an image (`<workdir>/data_spec.json`, written by training; recomputed from the config's data
     section for older runs). See `dtvit.data.spec`."""
-    from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+    from dtvit.data import spec
     return spec.read_spec(self.workdir, self.config.data)
 
   @property
@@ -138,13 +138,13 @@ class Loaded:
     """Raw images -> this model's input, float32 numpy [B, H, W, C] normalised as in training: one image
     [h, w(, c)], a batch [B, h, w, c] or a list of images of any sizes; uint8 in [0, 255] or float in [0, 1];
     each resized (or centre-cropped, for variable-size data) as the evaluation pipeline does."""
-    from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+    from dtvit.data import spec
     return spec.preprocess(self.data_spec, images)
 
   # -- running the model ---------------------------------------------------------------------------------------
 
   def _images(self, images):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp
     x = jnp.asarray(images, jnp.float32)
     want = tuple(self.info.image_shape)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -159,7 +159,7 @@ class Loaded:
 
   def predict(self, images):
     """Predicted classes, int32 numpy [B]."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
+    import numpy as np
     return np.asarray(self(images).argmax(-1), np.int32)
 
   def apply(self, images):
@@ -176,7 +176,7 @@ class Loaded:
                        "call .variant(phase='snn')).")
     if not self.model.mask.hard:
       raise ValueError("inference_fn runs the hard masks; this variant has masks off (use .variant(masks='hard')).")
-    from dtvit import inference  # pylint: disable=g-import-not-at-top
+    from dtvit import inference
     fn, schedule = inference.make_inference_fn(self.model, self.variables)
     images = self._images
     return (lambda x: fn(images(x))), schedule
@@ -184,7 +184,7 @@ class Loaded:
   def variant(self, *, phase: str | None = None, masks: str | None = None) -> Loaded:
     """The same variables run another way: `phase` 'ann' (the ANN twin: clipped ReLUs whose clip values are
     these thresholds) or 'snn'; `masks` 'hard' (the learned masks) or 'off' (every one of the T_max steps)."""
-    from dtvit import models  # pylint: disable=g-import-not-at-top
+    from dtvit import models
     if phase not in (None, "ann", "snn"):
       raise ValueError(f"variant: phase must be 'ann' or 'snn', got {phase!r}.")
     if masks not in (None,) + MASK_MODES:
@@ -205,16 +205,16 @@ class Loaded:
     """One pass over the run's data split, as its evaluation saw it: dicts of numpy 'image' [B, H, W, C]
     (normalised), 'label' [B], 'mask' [B] (0 on the padding of the last batch). Default batch size: the
     run's eval_batch_size."""
-    from dtvit import data  # pylint: disable=g-import-not-at-top
+    from dtvit import data
     return data.eval_batches(self.config.data, split=split, global_batch_size=batch_size or self.config.eval_batch_size,
                              process_index=0, process_count=1)
 
   def __repr__(self) -> str:
     m = self.model
     what = "ANN twin" if not self.is_snn else ("SNN, masks off" if not m.mask.enabled else "SNN, hard masks")
-    steps = (f", T_max={self.num_steps}, T_avg={self.average_time_steps:.2f}, "
+    steps = (f", T_max={self.max_time_steps}, T_avg={self.average_time_steps:.2f}, "
              f"simulated={self.average_simulated_steps:.2f} ({m.mask.semantics})" if self.steps_per_module else
-             f", T_max={self.num_steps}" if self.is_snn else "")
+             f", T_max={self.max_time_steps}" if self.is_snn else "")
     return (f"Loaded({self.workdir!r}, phase={self.phase!r}, step={self.step}"
             f"{'' if self.finished else ' (unfinished run)'}: {what}, {m.stem} stem, depth {m.depth}, dim {m.dim}"
             f"{steps})")
@@ -224,16 +224,17 @@ class Loaded:
 def _jitted(kind: str):
   """One jitted function per kind for all `Loaded` objects, the model a static argument: equal models (same
   config, phase and mask settings) share their compiled code, e.g. after loading the same run twice."""
-  from dtvit import compilation, models  # pylint: disable=g-import-not-at-top
+  from dtvit import compilation, models
   with_aux = kind == "apply"
-  return compilation.jit(lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
-                 static_argnums=0)
+  return compilation.jit(
+      lambda model, variables, images: models.apply_model(model, variables, images, with_aux=with_aux),
+      static_argnums=0)
 
 
 def _masks_of(model, params) -> tuple[dict, dict]:
   """({unit: hard mask float32 [T_max]}, `models.step_counts`); both {} for the ANN twin."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from dtvit import models
   if model.phase != "snn":
     return {}, {}
   counts = models.step_counts(model, params)
@@ -242,8 +243,8 @@ def _masks_of(model, params) -> tuple[dict, dict]:
 
 def read_config(workdir: str):
   """The run's config, `<workdir>/config.json` as an `ml_collections.ConfigDict`."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  from dtvit import storage
   storage.check(workdir, "workdir")
   workdir = storage.abspath(workdir)
   if not storage.isdir(workdir):
@@ -254,8 +255,8 @@ def read_config(workdir: str):
     raise FileNotFoundError(f"dtvit.load: {workdir} has no config.json, so it is not a dtvit workdir (the "
                             f"training run writes config.json there first). Its entries: "
                             f"{sorted(storage.listdir(workdir))[:10]}.")
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top  # jax only when loading
-  raw = workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
+  from dtvit import workdir as workdir_lib  # jax only when loading
+  raw = workdir_lib.read_config(workdir)  # today's names, paths resolved; damaged: one line naming the fix
   mask = raw.get("model", {}).get("mask")
   if isinstance(mask, dict) and "semantics" not in mask:
     # Runs from before `mask.semantics` existed trained with spikes filtered by the mask (membranes integrating
@@ -266,24 +267,24 @@ def read_config(workdir: str):
 
 def read_summary(workdir: str) -> dict | None:
   """`<workdir>/summary.json` (written when a run finishes), or None."""
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import storage
+  from dtvit import workdir as workdir_lib
   return workdir_lib.read_json(storage.join(workdir, "summary.json"), expect=dict)
 
 
 def unfinished(workdir: str, config, summary: dict | None) -> str:
-  """'' when `summary` (the run's summary.json) shows every phase of `config` at its num_steps, else how far
+  """'' when `summary` (the run's summary.json) shows every phase of `config` at its train_steps, else how far
   the run got, e.g. "ann at step 325 of 3000, snn not started"."""
   phases = run_phases(config)
   if (summary is not None and summary.get("phases") == phases
-      and all(summary.get(p, {}).get("steps", -1) >= config[p].num_steps for p in phases)):
+      and all(summary.get(p, {}).get("steps", -1) >= config[p].train_steps for p in phases)):
     return ""
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import storage
+  from dtvit import workdir as workdir_lib
   where = []
   for p in phases:
     steps = workdir_lib.committed_steps(storage.join(workdir, p, "checkpoints"))
-    where.append(f"{p} at step {max(steps)} of {config[p].num_steps}" if steps else f"{p} not started")
+    where.append(f"{p} at step {max(steps)} of {config[p].train_steps}" if steps else f"{p} not started")
   return ", ".join(where)
 
 
@@ -324,7 +325,7 @@ def load(workdir: str, phase: str | None = None, *, allow_unfinished: bool = Fal
   """
   if phase is not None and phase not in PHASES:
     raise ValueError(f"dtvit.load: unknown phase {phase!r}; choose one of {PHASES} or None (the latest).")
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  from dtvit import storage
   config = read_config(workdir)
   workdir = storage.abspath(workdir)
   progress = unfinished(workdir, config, read_summary(workdir))
@@ -344,7 +345,7 @@ def load(workdir: str, phase: str | None = None, *, allow_unfinished: bool = Fal
 
 
 def _load(workdir: str, config, phase: str | None) -> Loaded:
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
+  from dtvit import storage
   phases = run_phases(config)
   present = [p for p in PHASES if storage.isdir(storage.join(workdir, p, "checkpoints"))]
   if phase is not None:
@@ -365,11 +366,11 @@ def _load(workdir: str, config, phase: str | None) -> Loaded:
 
 
 def _load_phase(workdir: str, config, phase: str) -> Loaded:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import checkpointing  # pylint: disable=g-import-not-at-top
-  from dtvit import data  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from dtvit import checkpointing
+  from dtvit import data
+  from dtvit import models
 
   info = data.get_info(config.data)
   model = models.build_model(config.model, info.num_classes, phase="ann" if phase == "ann" else "snn")
@@ -378,8 +379,8 @@ def _load_phase(workdir: str, config, phase: str) -> Loaded:
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32),
                                                train=False))
   abstract = {k: v for k, v in abstract.items() if k in ("params", "batch_stats")}
-  from dtvit import storage  # pylint: disable=g-import-not-at-top
-  from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import storage
+  from dtvit import workdir as workdir_lib
   ckpt_dir = storage.join(workdir, phase, "checkpoints")
   step = max(workdir_lib.committed_steps(ckpt_dir), default=None)
   variables = checkpointing.restore_variables(ckpt_dir, abstract, what=f"dtvit.load(phase={phase!r})", step=step)

@@ -242,8 +242,8 @@ def train_loop(ph: Phase, state, meta: dict, batches, *, ckpt, writer, start: in
   points (`_at_sync_point`), where logging, evaluation and checkpoints need the state anyway.
   """
   stepper = _Stepper(ph, state)
-  log = metrics_lib.MetricLog(writer, meta, metrics_lib.Throughput(ph.pc.num_steps, ph.pc.batch_size))
-  bar = metrics_lib.progress_bar(ph.pc.num_steps, initial=start, desc=ph.name)
+  log = metrics_lib.MetricLog(writer, meta, metrics_lib.Throughput(ph.pc.train_steps, ph.pc.batch_size))
+  bar = metrics_lib.progress_bar(ph.pc.train_steps, initial=start, desc=ph.name)
   pending, go, local, batch = [], stepper.go, None, None
   with preemption.SignalFlag() as sigterm:
     try:

@@ -3,7 +3,7 @@
 Overrides: `--config=configs/cifar10_spikformer.py:tiny` (the config's argument) and `--config.snn.time_cost=0.05`
 (any field; the config is locked, so a mistyped key is an error, shown with a "did you mean"). A rerun with the
 same --workdir resumes the run there: the logging, evaluation and checkpoint cadences may change and a phase's
-num_steps may grow; any other change needs `--allow_changes=key,...` and is kept in
+train_steps may grow; any other change needs `--allow_changes=key,...` and is kept in
 <workdir>/config_history.json (`dtvit.workdir`). `--overwrite` moves the earlier run aside instead. A rerun of a
 finished run prints its summary and changes nothing.
 
@@ -171,7 +171,7 @@ def _load_config(spec: str):
   try:
     fv(argv)
     return fv.config
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
 
 

@@ -66,7 +66,7 @@ class MetricWriter:
     self._uploaded = 0.0
     if logdir is not None and not just_logging:
       # Imported here so processes that only log never touch tensorboardX.
-      import tensorboardX  # pylint: disable=g-import-not-at-top
+      import tensorboardX
       if storage.is_url(logdir):
         storage.check(logdir, 'logdir')
         self._local = tempfile.mkdtemp(prefix='dtvit-events-')
@@ -118,7 +118,7 @@ class MetricWriter:
     TensorBoard's HParams plugin data, with `metrics` (tags) as the metrics its dashboard shows."""
     logging.info('hparams: %d values', len(hparams))
     if self._tb is not None:
-      from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+      from tensorboardX import summary
       for proto in summary.hparams(dict(hparams), {self._tag(m): None for m in metrics}):
         self._tb.file_writer.add_summary(proto)
 
@@ -366,7 +366,7 @@ class NoRewrites:
 
 def _records(path: str) -> Iterator[bytes]:
   """Payloads of a TFRecord file (the event file container), checking both CRCs; stops at a torn tail."""
-  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+  from tensorboardX.record_writer import masked_crc32c
   with storage.open_file(path, 'rb') as f:
     while True:
       header = f.read(12)
@@ -385,7 +385,7 @@ def _records(path: str) -> Iterator[bytes]:
 
 def read_events(logdir: str) -> Iterator[Any]:
   """Every event (tensorboardX `event_pb2.Event` proto) in the event files directly under `logdir`."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2
   for path in storage.glob(logdir, 'events.out.tfevents.*'):
     for record in _records(path):
       yield event_pb2.Event.FromString(record)

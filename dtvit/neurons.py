@@ -8,7 +8,7 @@ Conventions (see ../shared/PAPER.md, "Neurons"):
 - 'lif' (default, the authors' convention): U[t] = lam * U[t-1] + I[t]; S[t] = H(U[t]/Vth - 1);
   soft reset U[t] -= Vth * S[t]; lam = clip(leak, 0, 1) and Vth are trainable scalars.
 - 'if': the same with lam = 1 (integrate-and-fire), the neuron used for ANN-to-SNN conversion.
-- 'spikformer': H[t] = V[t-1] + (I[t] - V[t-1]) / tau; S[t] = H(H[t]/Vth - 1);
+- 'spikingjelly_lif': H[t] = V[t-1] + (I[t] - V[t-1]) / tau; S[t] = H(H[t]/Vth - 1);
   hard reset V[t] = H[t] * (1 - S[t]) with the reset detached from the graph.
 
 The spike function sees the distance to threshold x and fires when x >= 0; its gradient dS/dx is the
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from dtvit import cpu_kernels
 
-NEURONS = ("lif", "if", "spikformer")
+NEURONS = ("lif", "if", "spikingjelly_lif")
 SURROGATES = ("pwl", "sigmoid", "atan")
 RESETS = ("soft", "hard")
 SURROGATE_INPUTS = ("normalized", "difference")
@@ -66,8 +66,8 @@ def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
 class NeuronSpec:
   """A neuron's dynamics with every setting resolved (build it with `NeuronSpec.resolve`).
 
-  neuron: 'lif' | 'if' | 'spikformer'; surrogate: 'pwl' | 'sigmoid' | 'atan' with sharpness `alpha`; tau: the
-  'spikformer' time constant; reset: 'soft' | 'hard'; detach_reset: no gradient through the reset;
+  neuron: 'lif' | 'if' | 'spikingjelly_lif'; surrogate: 'pwl' | 'sigmoid' | 'atan' with sharpness `alpha`; tau: the
+  'spikingjelly_lif' time constant; reset: 'soft' | 'hard'; detach_reset: no gradient through the reset;
   init_membrane: U[0] as a fraction of the threshold (0.5 makes an IF neuron's rate round, not floor, its
   time-averaged input); surrogate_input: 'normalized' | 'difference' (the module docstring).
   """
@@ -84,30 +84,30 @@ class NeuronSpec:
   def resolve(cls, neuron: str = "lif", *, surrogate: str = "pwl", alpha: float | None = None, tau: float = 2.0,
               reset: str | None = None, detach_reset: bool | None = None, init_membrane: float = 0.0,
               surrogate_input: str = "normalized") -> "NeuronSpec":
-    """Checks the settings and fills the defaults: `reset` 'hard' for 'spikformer' and 'soft' otherwise,
-    `detach_reset` True for 'spikformer' (its published form), `alpha` the surrogate's customary value."""
+    """Checks the settings and fills the defaults: `reset` 'hard' for 'spikingjelly_lif' and 'soft' otherwise,
+    `detach_reset` True for 'spikingjelly_lif' (its published form), `alpha` the surrogate's customary value."""
     _check_choice("neuron", neuron, NEURONS)
     _check_choice("surrogate", surrogate, SURROGATES)
     _check_choice("surrogate input", surrogate_input, SURROGATE_INPUTS)
-    reset = reset or ("hard" if neuron == "spikformer" else "soft")
+    reset = reset or ("hard" if neuron == "spikingjelly_lif" else "soft")
     _check_choice("reset", reset, RESETS)
     if tau <= 0:
       raise ValueError(f"tau must be > 0, got {tau}.")
     return cls(neuron=neuron, surrogate=surrogate, alpha=float(DEFAULT_ALPHA[surrogate] if alpha is None else alpha),
                tau=float(tau), reset=reset,
-               detach_reset=bool(neuron == "spikformer" if detach_reset is None else detach_reset),
+               detach_reset=bool(neuron == "spikingjelly_lif" if detach_reset is None else detach_reset),
                init_membrane=float(init_membrane), surrogate_input=surrogate_input)
 
   def leak_factor(self, leak) -> jax.Array:
     """lam of U[t] = lam U[t-1] + I[t]: the trainable leak clipped to [0, 1] for 'lif' (a gain above 1 would
-    make the neuron unstable), 1 for 'if'; unused by 'spikformer'."""
+    make the neuron unstable), 1 for 'if'; unused by 'spikingjelly_lif'."""
     if self.neuron == "lif":
       return jnp.clip(jnp.asarray(leak, jnp.float32), 0.0, 1.0)
     return jnp.ones((), jnp.float32)
 
   def charge(self, u, i, lam):
     """The membrane before reset, H[t], from U[t-1] and I[t]."""
-    return u + (i - u) / self.tau if self.neuron == "spikformer" else lam * u + i
+    return u + (i - u) / self.tau if self.neuron == "spikingjelly_lif" else lam * u + i
 
   def distance(self, h, vth):
     """The spike function's argument x: U/Vth - 1 or U - Vth."""
@@ -393,7 +393,7 @@ def _step_grads(h, g_o, g_u, u_prev, m, lam, vth, f: _Fused):
   g_x = g_s * surrogate_grad(x, spec.surrogate, spec.alpha).astype(mdtype)
   g_h = (g_x * inv if normalized else g_x) + (g_r if soft else g_r * (1.0 - s))
   g_vth = (-g_x * h * (inv * inv) if normalized else -g_x) - (s * g_r if soft else 0.0)
-  if spec.neuron == "spikformer":
+  if spec.neuron == "spikingjelly_lif":
     g_in, g_u_prev, g_lam = g_h / spec.tau, g_h - g_h / spec.tau, None
   else:
     g_in, g_u_prev = g_h, lam * g_h

@@ -38,13 +38,13 @@ _decay_mask = _per_leaf(paths.decays)
 _is_score = _per_leaf(lambda path, _: paths.param_group(path) == "scores")
 
 
-def learning_rate_schedule(opt_cfg, num_steps: int):
-  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_factor` at step num_steps -
+def learning_rate_schedule(opt_cfg, train_steps: int):
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * end_lr_factor` at step train_steps -
   `cooldown_steps`, then constant there (timm's `cooldown_epochs` at `min_lr`)."""
   cooldown = int(opt_cfg.get("cooldown_steps", 0))
-  if not 0 <= cooldown < max(num_steps, 1):
-    raise ValueError(f"optimizer.cooldown_steps={cooldown} must be in [0, num_steps={num_steps}).")
-  decay_steps = num_steps - cooldown
+  if not 0 <= cooldown < max(train_steps, 1):
+    raise ValueError(f"optimizer.cooldown_steps={cooldown} must be in [0, train_steps={train_steps}).")
+  decay_steps = train_steps - cooldown
   warmup = min(int(opt_cfg.get("warmup_steps", 0)), max(decay_steps - 1, 0))
   end = opt_cfg.lr * opt_cfg.get("end_lr_factor", 0.0)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -77,19 +77,19 @@ def score_travel_steps(*, score_lr: float, num_modules: int, time_cost: float, s
   return (1 - momentum) * num_modules * temperature ** 2 * (2 * math.sinh(u) + 2 * u) / (score_lr * time_cost)
 
 
-def calibrated_score_lr(*, num_steps: int, reach_fraction: float, num_modules: int, time_cost: float,
+def calibrated_score_lr(*, train_steps: int, reach_fraction: float, num_modules: int, time_cost: float,
                         score_init: float = 1.0, temperature: float = 1.0, score_optimizer: str = "sgd",
                         momentum: float = SCORE_MOMENTUM) -> float:
-  """The score learning rate for which `score_travel_steps` is `reach_fraction` x num_steps."""
+  """The score learning rate for which `score_travel_steps` is `reach_fraction` x train_steps."""
   if score_optimizer != "sgd":
     raise ValueError(f"calibrated_score_lr: the calibration is for the 'sgd' score optimizer (the cost's gradient "
                      f"sets the speed), not {score_optimizer!r}.")
-  if num_steps <= 0 or not 0 < reach_fraction <= 1:
-    raise ValueError(f"calibrated_score_lr: num_steps ({num_steps}) must be > 0 and reach_fraction "
+  if train_steps <= 0 or not 0 < reach_fraction <= 1:
+    raise ValueError(f"calibrated_score_lr: train_steps ({train_steps}) must be > 0 and reach_fraction "
                      f"({reach_fraction}) in (0, 1].")
   at_unit_lr = score_travel_steps(score_lr=1.0, num_modules=num_modules, time_cost=time_cost, score_init=score_init,
                                   temperature=temperature, momentum=momentum)
-  return at_unit_lr / (reach_fraction * num_steps)
+  return at_unit_lr / (reach_fraction * train_steps)
 
 
 def _score_optimizer(name: str, lr: float, momentum: float = SCORE_MOMENTUM):
@@ -98,7 +98,7 @@ def _score_optimizer(name: str, lr: float, momentum: float = SCORE_MOMENTUM):
   return optax.sgd(lr, momentum=momentum or None) if name == "sgd" else optax.adam(lr)
 
 
-def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
+def make_optimizer(opt_cfg, *, train_steps: int, trainable: tuple[str, ...]):
   """The phase's optimizer.
 
   Args:
@@ -108,7 +108,7 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
       (default True): otherwise it clips the weights and neuron parameters jointly and leaves the scores'
       gradients as they are, so that a large weight gradient cannot slow the time-step cost's pull on the scores
       by the clip factor.
-    num_steps: the phase's steps (for the schedule).
+    train_steps: the phase's steps (for the schedule).
     trainable: the groups that train; the others are frozen.
 
   Returns:
@@ -122,7 +122,7 @@ def make_optimizer(opt_cfg, *, num_steps: int, trainable: tuple[str, ...]):
     raise ValueError(f"Unknown parameter groups {sorted(unknown)}; the groups are {GROUPS}.")
   if opt_cfg.lr <= 0:
     raise ValueError(f"The learning rate must be > 0, got {opt_cfg.lr}.")
-  schedule = learning_rate_schedule(opt_cfg, num_steps)
+  schedule = learning_rate_schedule(opt_cfg, train_steps)
 
   def base(lr, weight_decay):
     if name == "adamw":

@@ -21,7 +21,7 @@ _COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", paths.AT
 
 
 def pyplot():
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   return plt
 
 
@@ -105,7 +105,7 @@ def plot_training_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.
   fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.4), squeeze=False)
   offset = 0
   for phase, tags in curves.items():
-    for ax, (title, panel) in zip(axes[0], CURVE_PANELS):
+    for ax, (_, panel) in zip(axes[0], CURVE_PANELS):
       for tag in panel:
         if tag in tags:
           steps_N, values_N = tags[tag]
@@ -123,14 +123,14 @@ def plot_training_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.
   return fig
 
 
-def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], num_steps: int):
+def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], max_time_steps: int):
   """Bar chart of each masked module's learned active steps (and, as a light bar behind it, its simulated
   steps), its mask pattern written above the bar.
 
   Args:
     step_counts: {module: {'active_steps', 'simulated_steps', 'mask'}}, as `dtvit.load(...).step_counts`
       (`models.step_counts`).
-    num_steps: T_max.
+    max_time_steps: T_max.
   """
   plt = pyplot()
   names = list(step_counts)
@@ -148,7 +148,7 @@ def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], num_steps: int
     top = max(steps_per_module[n], simulated[n])
     ax.text(i, top + 0.08, pattern, ha="center", va="bottom", fontsize=8, family="monospace")
   t_avg = masks_lib.average_steps(step_counts, "active_steps") or 0.0
-  ax.axhline(num_steps, color="0.3", ls="--", lw=1, label=f"T_max = {num_steps}")
+  ax.axhline(max_time_steps, color="0.3", ls="--", lw=1, label=f"T_max = {max_time_steps}")
   ax.axhline(t_avg, color="0.3", ls=":", lw=1, label=f"T_avg = {t_avg:.2f} (mean active steps over modules)")
   if names:
     t_sim = masks_lib.average_steps(step_counts, "simulated_steps")
@@ -159,9 +159,9 @@ def plot_time_steps(step_counts: Mapping[str, Mapping[str, Any]], num_steps: int
                                                    "other": "other"}[kind])
   ax.set_xticks(x)
   ax.set_xticklabels(names, rotation=30, ha="right")
-  ax.set_ylim(0, num_steps + 0.6)
-  ax.set_ylabel(f"active time steps (of T_max = {num_steps})")
-  ax.set_title(f"Learned time steps per module\n(digits above a bar: its mask over steps 1..{num_steps}, "
+  ax.set_ylim(0, max_time_steps + 0.6)
+  ax.set_ylabel(f"active time steps (of T_max = {max_time_steps})")
+  ax.set_title(f"Learned time steps per module\n(digits above a bar: its mask over steps 1..{max_time_steps}, "
                "1 = active)", fontsize=10)
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, ncol=2, frameon=False)
   fig.tight_layout()
@@ -207,11 +207,11 @@ def plot_spike_rates(spike_rates: Mapping[str, Sequence[float]], masks: Mapping[
   return fig
 
 
-def _bins(values: Iterable[np.ndarray], num_steps: int, max_bins: int = 120) -> np.ndarray:
+def _bins(values: Iterable[np.ndarray], max_time_steps: int, max_bins: int = 120) -> np.ndarray:
   """Edges centred on multiples of 1/T_max (the values a rate over T_max steps of one spike source takes)."""
   lo = min((float(v.min()) for v in values if v.size), default=0.0)
   hi = max((float(v.max()) for v in values if v.size), default=1.0)
-  width = 1.0 / num_steps
+  width = 1.0 / max_time_steps
   while (hi - lo) / width > max_bins:
     width *= 2
   start = math.floor(lo / width) * width - width / 2
@@ -228,7 +228,7 @@ def plot_activation_histograms(analysis: analysis_lib.ActivationAnalysis,
   rows = -(-len(blocks) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(max(4.4 * cols, 9.0), 3.4 * rows + 1.3), squeeze=False,
                            layout="constrained")
-  T = analysis.num_steps
+  T = analysis.max_time_steps
   labels = {"ann": "ANN (clipped ReLU)", "snn": f"SNN, every step on: mean over T={T} steps",
             "snn_masked": "SNN, learned masks: mean over T_max steps"}
   for ax, b in zip(axes.flat, blocks):
@@ -293,7 +293,7 @@ def plot_sensitivity(sensitivity: Mapping[str, Mapping[str, Any]], steps_per_mod
   return fig
 
 
-def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criterion: str = "confidence"):
+def plot_early_exit(rows: Sequence[Mapping[str, Any]], max_time_steps: int, *, criterion: str = "confidence"):
   """Accuracy vs steps run per image (left), vs T_avg counted to each image's exit (middle) and, when the rows
   have it, vs the mean energy per image (right)."""
   plt = pyplot()
@@ -326,7 +326,7 @@ def plot_early_exit(rows: Sequence[Mapping[str, Any]], num_steps: int, *, criter
       ax.axhline(100 * full[0]["accuracy"], color="0.3", ls="--", lw=1, label="no early exit (all T_max steps)")
       ax.legend(loc="lower right", fontsize=8)
     if key != "avg_energy_uj":
-      ax.set_xlim(-0.15, num_steps + 0.3)
+      ax.set_xlim(-0.15, max_time_steps + 0.3)
     ax.margins(y=0.1)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)

@@ -4,10 +4,10 @@
 
 prints one line per image, `path: name (probability), ...`, best first; a file that cannot be read as an image
 gets one `error:` line on stderr and the others their predictions (exit status 1 if any failed). Which phase and
-step of the run answer goes to stderr; an unfinished run is refused unless --allow_unfinished. Each file is read as grey or RGB to
-match the run's data, then preprocessed as in training (`Loaded.preprocess`: resized to the model's size,
-normalised with the run's mean and std from `<workdir>/data_spec.json`). The probabilities are the softmax of
-the model's logits: for the SNN, its time-averaged output with the learned (hard) masks.
+step of the run answer goes to stderr; an unfinished run is refused unless --allow_unfinished. Each file is read
+as grey or RGB to match the run's data, then preprocessed as in training (`Loaded.preprocess`: resized to the
+model's size, normalised with the run's mean and std from `<workdir>/data_spec.json`). The probabilities are the
+softmax of the model's logits: for the SNN, its time-averaged output with the learned (hard) masks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def predict_files(run, paths: Sequence[str], *, top: int = 3, batch_size: int = 
   """[{'path', 'classes': [(name, probability), ...] best first, `top` of them}] for image files, in their
   order, with `run` a `dtvit.load` result; batches of `batch_size` (default the run's eval_batch_size). A file
   that cannot be read or preprocessed as an image gets {'path', 'error': why} instead, and the others go on."""
-  from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+  from dtvit.data import spec
   if not paths:
     raise ValueError("predict: no image files given.")
   names, channels = run.class_names, run.info.image_shape[-1]
@@ -54,7 +54,7 @@ def predict_files(run, paths: Sequence[str], *, top: int = 3, batch_size: int = 
 
 
 def _define_flags(values) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_string("workdir", None, "a training run's --workdir", flag_values=values)
   flags.DEFINE_enum("phase", None, ["ann", "snn", "finetune"], "default: the run's latest phase", flag_values=values)
   flags.DEFINE_integer("top", 3, "how many classes to print per image", flag_values=values)
@@ -66,14 +66,14 @@ def _define_flags(values) -> None:
 
 def main(argv=None) -> None:
   """`python -m dtvit.predict --workdir=W IMG...` with `argv` (without the program; None: sys.argv[1:])."""
-  from dtvit import cli  # pylint: disable=g-import-not-at-top
+  from dtvit import cli
   args, images = cli.parse("dtvit.predict", _define_flags, argv, positional="IMG...",
                            doc="Class names and probabilities of image files (any size; grey or colour) under a "
                            "trained run.")
   if not images:
     print("error: dtvit.predict: give one or more image files after the flags.", file=sys.stderr)
     sys.exit(cli.USAGE_EXIT_STATUS)
-  from dtvit import loader  # pylint: disable=g-import-not-at-top
+  from dtvit import loader
   with loader.user_errors("dtvit.predict"):
     run = loader.load(args.workdir, args.phase, allow_unfinished=args.allow_unfinished)
     print(f"dtvit.predict: {run.source}", file=sys.stderr)

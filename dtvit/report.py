@@ -131,7 +131,7 @@ def _primary_snn(workdir: str, allow_unfinished: bool) -> tuple[loader.Loaded | 
 
 
 def _time_steps_section(snn: loader.Loaded, name: str, result: dict, out: str) -> list[str]:
-  T = snn.num_steps
+  T = snn.max_time_steps
   result["primary"] = analysis_lib.primary_summary(snn)
   _save(plots.plot_time_steps(snn.step_counts, T), out, "time_steps", result)
   return [f"## {name}: learned time steps ({snn.phase} phase)", "",
@@ -153,7 +153,7 @@ def _spike_rates_section(snn: loader.Loaded, analysis, result: dict, out: str) -
 
 
 def _activations_section(snn: loader.Loaded, analysis, sens: dict, result: dict, out: str) -> list[str]:
-  T = snn.num_steps
+  T = snn.max_time_steps
   result["sensitivity"] = sens
   result["masked_errors"] = analysis.masked_errors
   result["activation_examples"] = analysis.num_examples
@@ -186,7 +186,7 @@ def _activations_section(snn: loader.Loaded, analysis, sens: dict, result: dict,
 def _early_exit_section(snn: loader.Loaded, rows: list[dict], criterion: str, early_exit_batches: int,
                         result: dict, out: str) -> list[str]:
   result["early_exit"] = {"criterion": criterion, "rows": rows}
-  _save(plots.plot_early_exit(rows, snn.num_steps, criterion=criterion), out, "early_exit", result)
+  _save(plots.plot_early_exit(rows, snn.max_time_steps, criterion=criterion), out, "early_exit", result)
   md = ["## Early exit", "",
         f"Per-image early exit on top of the learned masks ({criterion} criterion, "
         f"{'whole test split' if not early_exit_batches else f'{early_exit_batches} test batches'}): steps "
@@ -210,7 +210,7 @@ EXIT_PLOT = "exit_tradeoff"  # drawn when the primary run has `python -m dtvit.e
 
 def _exit_eval_section(workdir: str, result: dict, out: str) -> list[str]:
   """The primary run's early-exit evaluation (`dtvit.evaluate.early_exit_workdir`), when it has one."""
-  from dtvit import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from dtvit import evaluate as evaluate_lib
   path = storage.join(workdir, evaluate_lib.EXIT_DIR, "early_exit.json")
   if not storage.exists(path):
     return []
@@ -282,9 +282,9 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from absl import app
+  import matplotlib
   matplotlib.use("Agg")  # files only
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -300,7 +300,7 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
   flags.DEFINE_multi_string("workdir", None, "Training run directory, or a dtvit.sweep root (its points); "
                             "repeat for several (the first run is the primary run).")
   flags.DEFINE_string("out", None, "Output directory (default <workdir>/report, or <common parent>/report).")
@@ -318,6 +318,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app
   _define_flags()
   app.run(main)

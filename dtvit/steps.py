@@ -27,9 +27,9 @@ from dtvit.models import paths
 AugmentFn = Callable[[jax.Array, dict], dict]
 
 
-def temperature_at(pc, step, num_steps):
+def temperature_at(pc, step, train_steps):
   """The mask temperature at `step`: geometric from `temperature_start` to `temperature_end` over the phase."""
-  frac = jnp.clip(step / max(num_steps, 1), 0.0, 1.0)
+  frac = jnp.clip(step / max(train_steps, 1), 0.0, 1.0)
   return pc.temperature_start * (pc.temperature_end / pc.temperature_start) ** frac
 
 
@@ -106,14 +106,15 @@ def make_train_step(model, tx, pc, *, phase: str, op_weights: dict | None, augme
 
   When the loss, a gradient, an updated parameter, an updated batch statistic or the updated optimizer state is
   not finite the step returns the state it was given (params, batch_stats, optimizer state untouched) and metric
-  'finite' False; under `nonfinite='skip'` the step counter still advances past the batch. `augment_fn(step, batch)`, if given, transforms the batch first.
+  'finite' False; under `nonfinite='skip'` the step counter still advances past the batch.
+  `augment_fn(step, batch)`, if given, transforms the batch first.
   """
   loss_fn = make_loss_fn(model, pc, phase=phase, op_weights=op_weights, twin_model=twin_model)
 
   def step_fn(state, batch, twin_variables=None):
     if augment_fn is not None:
       batch = augment_fn(state["step"], batch)
-    temperature = temperature_at(pc, state["step"], pc.num_steps)
+    temperature = temperature_at(pc, state["step"], pc.train_steps)
     (loss, (ce, cost, distill, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["batch_stats"], batch, temperature, twin_variables)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -244,7 +245,7 @@ def make_diagnosis(model, tx, pc, *, phase: str, op_weights: dict | None, augmen
   def diagnose_step(state, batch, step, twin_variables):
     if augment_fn is not None:
       batch = augment_fn(step, batch)
-    temperature = temperature_at(pc, step, pc.num_steps)
+    temperature = temperature_at(pc, step, pc.train_steps)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     names["forward"], flags = _forward_flags(model, variables, batch["image"], temperature)
     (loss, aux), grads = jax.value_and_grad(

@@ -51,15 +51,15 @@ def check(path: str, what: str = 'path') -> None:
   try:
     __import__(package)
   except ImportError:
-    raise MissingExtraError(  # pylint: disable=raise-missing-from
+    raise MissingExtraError(
         f"{what}={path}: {name}:// storage needs {package}, which is not installed: pip install 'dtvit[{extra}]' "
-        f"(or pip install {package}).")
+        f"(or pip install {package}).") from None
 
 
 def epath_of(path: str):
   """`etils.epath.Path(path)` (after `check`)."""
   check(path)
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  from etils import epath
   return epath.Path(path)
 
 
@@ -67,7 +67,7 @@ def _fs(path: str):
   """The fsspec filesystem of a URL, its listing cache dropped for `path` (Orbax and other processes write there
   behind its back, through tensorstore)."""
   check(path)
-  import fsspec  # pylint: disable=g-import-not-at-top
+  import fsspec
   fs = fsspec.filesystem('gcs', finalize_on_close=True)  # the instance etils.epath uses (fsspec caches it)
   fs.invalidate_cache(_strip(path))
   return fs
@@ -163,7 +163,7 @@ def rename(src: str, dst: str) -> None:
 def open_file(path: str, mode: str = 'r', **kwargs) -> IO:
   """`open(path, mode)` locally; an epath file object on object storage (a write is uploaded at close)."""
   if not is_url(path):
-    return open(path, mode, **kwargs)  # pylint: disable=unspecified-encoding
+    return open(path, mode, **kwargs)
   return epath_of(path).open(mode, **kwargs)
 
 

@@ -4,7 +4,7 @@
       --grid snn.time_cost=0.05,0.15 --grid model.mask.semantics=skip,filter
   python -m dtvit.sweep --config=experiments/cifar10_cpu/config.py --root=experiments/cifar10_cpu/runs
 
-A point of a sweep is a dict of dotted config overrides (`{"snn.time_cost": 0.05, "model.num_steps": 4}`). A
+A point of a sweep is a dict of dotted config overrides (`{"snn.time_cost": 0.05, "model.max_time_steps": 4}`). A
 config file may define its points next to `get_config`, as data (the spirit of big_vision's `get_hyper`):
 
   from dtvit import sweep
@@ -222,7 +222,7 @@ def swept_keys(points: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def check_finished(workdir: str, point: Mapping[str, Any], config) -> None:
   """A finished point's recorded config must have the point's values (else the root holds another sweep)."""
-  saved = flatten(workdir_lib.read_json(storage.join(workdir, "config.json"), {}))
+  saved = flatten(workdir_lib.read_config(workdir) or {})
   wanted = flatten(config.to_dict())
   normal = lambda x: json.loads(json.dumps(x, default=str))
   for key, value in overrides(point).items():
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt:
     return 130
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if type(e).__name__ != "Preempted":
       raise
     print(f"[sweep] preempted: {e}; rerun the same command to resume.", file=sys.stderr)

@@ -53,12 +53,12 @@ class _Done:
 
 
 def run_here(config, workdir: str) -> _Done:
-  from dtvit import train  # pylint: disable=g-import-not-at-top  # jax only when training
+  from dtvit import train  # jax only when training
   try:
     train.run(config, workdir)
   except train.Preempted:
     raise
-  except Exception:  # pylint: disable=broad-except  # one failed point must not stop the others
+  except Exception:  # one failed point must not stop the others
     traceback.print_exc()
     return _Done(1)
   return _Done(0)
@@ -94,7 +94,7 @@ def run_child(argv: Sequence[str], root: str, name: str):
   if storage.is_url(root):
     fd, local = tempfile.mkstemp(prefix="dtvit-sweep-", suffix=".log")
     os.close(fd)
-  log = open(local or remote, "a")  # pylint: disable=consider-using-with  # the child owns it
+  log = open(local or remote, "a")  # the child owns it
   log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} dtvit.sweep point {name}\n")
   log.flush()
   cmd = [sys.executable, "-m", "dtvit.sweep", *argv, f"--only={name}", "--parallel=1", "--child"]
@@ -235,9 +235,9 @@ def _series(rows: Sequence[dict], keys: Sequence[str]) -> tuple[str | None, dict
 def plot(rows: Sequence[dict], keys: Sequence[str], path: str) -> None:
   """Accuracy vs simulated steps: one line per value of the other swept keys, each point annotated with the
   first swept key's value (see `_series`); ANN-only runs as dashed lines."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
   key, groups = _series(rows, keys)
   for label, group in groups.items():

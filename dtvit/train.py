@@ -33,6 +33,7 @@ from dtvit import metrics as metrics_lib
 from dtvit import models
 from dtvit import optim
 from dtvit import preemption
+from dtvit import recipes
 from dtvit import sharding
 from dtvit import state as state_lib
 from dtvit import steps
@@ -60,14 +61,15 @@ def parse_phases(config) -> list[str]:
 
 
 def validate_config(config) -> None:
+  config_lib.check_renamed_values(config.to_dict())
   """Errors for invalid values, before anything is built or written."""
   phases = parse_phases(config)
-  if config.model.num_steps < 1:
-    raise ValueError(f"model.num_steps (T_max) must be >= 1, got {config.model.num_steps}.")
+  if config.model.max_time_steps < 1:
+    raise ValueError(f"model.max_time_steps (T_max) must be >= 1, got {config.model.max_time_steps}.")
   for p in phases:
     pc = config[p]
-    if pc.num_steps < 0:
-      raise ValueError(f"{p}.num_steps must be >= 0, got {pc.num_steps}.")
+    if pc.train_steps < 0:
+      raise ValueError(f"{p}.train_steps must be >= 0, got {pc.train_steps}.")
     if pc.time_cost < 0:
       raise ValueError(f"{p}.time_cost must be >= 0 (a negative cost would reward more steps), got {pc.time_cost}.")
     if pc.cost_kind not in masks_lib.COSTS:
@@ -194,7 +196,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
   phase_dir = storage.join(workdir, phase)
   model = models.phase_model(config.model, info.num_classes, phase)
   sharding.check_batch_size(pc.batch_size, mesh, f"{phase}.batch_size")
-  tx, schedule = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=TRAINABLE[phase])
+  tx, schedule = optim.make_optimizer(pc.optimizer, train_steps=pc.train_steps, trainable=TRAINABLE[phase])
   op_counts = None if phase == "ann" else energy_lib.op_counts(model, info.image_shape)  # traced once per phase
   op_weights = None if phase == "ann" else energy_lib.module_op_weights(model, counts=op_counts)
   ph = loop.Phase(phase, pc, model, tx, schedule, op_weights, mesh, make_augment_fn(config, info, pc))
@@ -209,7 +211,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
                "twin_macs_per_image": energy_lib.ann_macs(twin[0], info.image_shape),
                **state_lib.twin_cost(ph, twin[0], twin[1], state, info.image_shape, info.num_classes)}
   start, history = int(meta.get("step", 0)), meta.get("history", [])
-  end = pc.num_steps if stop_at_step is None else min(stop_at_step, pc.num_steps)
+  end = pc.train_steps if stop_at_step is None else min(stop_at_step, pc.train_steps)
   t0, c0 = time.time(), time.process_time()
   clock = {"train_time_s": float(meta.get("train_time_s", 0.0)), "cpu_time_s": float(meta.get("cpu_time_s", 0.0))}
   before = dict(clock)
@@ -229,7 +231,7 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
     summary = _phase_summary(state, history, clock)
     if distill is not None:
       summary["distill"] = distill
-    if stop_at_step is not None and end < pc.num_steps:
+    if stop_at_step is not None and end < pc.train_steps:
       summary["stopped_at"] = end
     else:
       variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
@@ -242,9 +244,8 @@ def train_phase(config, workdir: str, phase: str, *, mesh, info, phases, stop_at
 
 
 def _base_defaults() -> dict:
-  """{dotted key: default} of the base config (`configs.common`), for resuming runs older than a key."""
-  from configs import common  # pylint: disable=g-import-not-at-top  # the recipes' package, installed with dtvit
-  return config_lib.flatten(common.get_base_config().to_dict())
+  """{dotted key: default} of the base config (`dtvit.recipes`), for resuming runs older than a key."""
+  return config_lib.flatten(recipes.get_base_config().to_dict())
 
 
 def _check_sources(config, phases) -> None:
@@ -300,7 +301,8 @@ def _run_locked(config, workdir, phases, mesh, *, overwrite, allow_changes, stop
   workdir_lib.record_launch(launch)
   data.write_spec(workdir, config.data)  # normalisation and class names, for use without the data
   t0 = time.time()
-  summary: dict[str, Any] = {"workdir": storage.abspath(workdir), "phases": phases,
+  # The workdir's name (its path relative to its parent, a sweep's root): no path of this machine in the record.
+  summary: dict[str, Any] = {"workdir": storage.basename(storage.abspath(workdir)), "phases": phases,
                              "devices": mesh.devices.size, "processes": jax.process_count()}
   for phase in phases:
     logging.info("=== phase %s ===", phase)

@@ -9,7 +9,7 @@
 A launch into a workdir that holds a run (`plan_launch`) compares the configs:
 - keys that change how a run is watched or stored, never what it computes, may differ freely
   (`RESUME_NEUTRAL_KEYS`: the logging, evaluation and checkpoint cadences, how batches are prepared);
-- `<phase>.num_steps` may grow, to extend a phase that no later phase has started from: the phase's
+- `<phase>.train_steps` may grow, to extend a phase that no later phase has started from: the phase's
   schedules (learning-rate warmup/cosine, mask temperature) are recomputed for the new length and followed from
   the resume step on, so the steps already run keep the old schedule (the history says so);
 - `<phase>.nonfinite` may go from 'error' to 'skip': a run under 'error' had only finite steps;
@@ -19,14 +19,16 @@ A launch into a workdir that holds a run (`plan_launch`) compares the configs:
   the change is kept in config_history.json.
 `record_launch` then writes config.json and the history entry. The records are written atomically and durably
 (`write_json`: on disk a temporary file flushed to disk, then a rename, then the folder flushed; on object storage
-one upload, `dtvit.storage`), so a reader never sees half a file, even after a crash. A record that cannot be parsed anyway (`read_json`) stops the launch with one
-line naming the file; `--overwrite` moves such a run aside without reading it.
+one upload, `dtvit.storage`), so a reader never sees half a file, even after a crash. A record that cannot be
+parsed anyway (`read_json`) stops the launch with one line naming the file; `--overwrite` moves such a run aside
+without reading it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import posixpath
 import time
 from typing import Any
 
@@ -50,6 +52,12 @@ RESUME_NEUTRAL_KEYS = frozenset(
     {f'{p}.{k}' for p in PHASES for k in ('log_every', 'eval_every', 'checkpoint_every', 'max_to_keep',
                                            'sync_every', 'max_consecutive_skips')}
     | {'data.num_threads', 'data.prefetch', 'data.periodic_eval_split'})
+
+# Config keys that hold a checkpoint path. config.json stores one that lies beside the workdir (under its parent
+# folder: a sweep's root) from the workdir, as '{workdir}/../ann/ann/checkpoints', so a committed record holds no
+# path of the machine it ran on; `read_config` resolves it against the workdir again.
+PATH_KEYS = tuple(f'{p}.{k}' for p in PHASES for k in ('init_from', 'distill_from'))
+WORKDIR = '{workdir}'
 
 CONFIG_FILENAME = 'config.json'
 HISTORY_FILENAME = 'config_history.json'
@@ -76,7 +84,7 @@ def to_json(record: dict) -> dict:
     raise TypeError(f'A record must be JSON-serialisable (numpy scalars/arrays are converted): {e}') from e
 
 
-_fsync_dir = storage._fsync_dir  # pylint: disable=protected-access
+_fsync_dir = storage._fsync_dir
 
 
 def write_json(path: str, record: Any, *, sort_keys: bool = False, default=_json_default) -> None:
@@ -115,6 +123,46 @@ def read_json(path: str, default: Any = None, *, expect: type | None = None, fix
                   'without reading it)')
     raise DamagedRecordError(f'workdir {folder or "."}: {name} is damaged ({why}); {fix}.') from e
   return record
+
+
+def _map_paths(config: dict, fn) -> dict:
+  """A copy of `config` (nested dict) with fn(value) for each local path (not '', not a URL) of `PATH_KEYS`."""
+  out = dict(config)
+  for key in PATH_KEYS:
+    section, leaf = key.split('.')
+    value = out.get(section, {}).get(leaf) if isinstance(out.get(section), dict) else None
+    if isinstance(value, str) and value and '://' not in value:
+      out[section] = {**out[section], leaf: fn(value)}
+  return out
+
+
+def absolute_paths(config: dict, workdir: str) -> dict:
+  """`config` with its `PATH_KEYS` absolute: '{workdir}/...' (as config.json stores a path beside the workdir)
+  resolved against `workdir`, another relative path against the current directory (where it was given)."""
+  if storage.is_url(workdir):  # '{workdir}/..' of a bucket: normalised as a URL path
+    scheme, _, rest = workdir.rstrip('/').partition('://')
+    at = lambda v: f'{scheme}://{posixpath.normpath(rest + v[len(WORKDIR):])}'  # noqa: E731
+  else:
+    here = os.path.abspath(workdir)
+    at = lambda v: os.path.normpath(here + v[len(WORKDIR):])  # noqa: E731
+  return _map_paths(config, lambda v: at(v) if v.startswith(WORKDIR) else os.path.abspath(v))
+
+
+def relative_paths(config: dict, workdir: str) -> dict:
+  """`config` as config.json stores it: a path of `PATH_KEYS` under the workdir's parent folder written from the
+  workdir ('{workdir}/../ann/ann/checkpoints'), any other as it is (a bucket's paths are URLs, kept)."""
+  if storage.is_url(workdir):
+    return config
+  here = os.path.abspath(workdir)
+  parent = os.path.dirname(here)
+  beside = lambda v: os.path.isabs(v) and (v + os.sep).startswith(parent + os.sep)  # noqa: E731
+  return _map_paths(config, lambda v: f'{WORKDIR}/{os.path.relpath(v, here)}' if beside(v) else v)
+
+
+def read_config(workdir: str) -> dict | None:
+  """`<workdir>/config.json` under today's names (`config_lib.upgrade`), its paths absolute; None when absent."""
+  saved = read_json(storage.join(workdir, CONFIG_FILENAME), expect=dict)
+  return None if saved is None else absolute_paths(config_lib.upgrade(saved), workdir)
 
 
 def write_summary(workdir: str, summary: dict) -> None:
@@ -179,7 +227,7 @@ def _judge(key: str, old: Any, new: Any, config: dict, started: dict[str, int],
     return True, ''  # a phase with no checkpoint here has computed nothing yet: its settings are free
   if leaf == 'nonfinite' and (old, new) == ('error', 'skip'):
     return True, ''
-  if leaf == 'num_steps' and isinstance(old, int) and isinstance(new, int) and new > old:
+  if leaf == 'train_steps' and isinstance(old, int) and isinstance(new, int) and new > old:
     phases = _phases(config)
     later = [p for p in phases[phases.index(section) + 1:] if p in started] if section in phases else []
     if later:
@@ -220,7 +268,7 @@ def _refuse_other_config(workdir: str, refused: dict[str, tuple[Any, Any, str]])
 
 def _check_allow_keys(allow_changes, saved: dict, current: dict) -> tuple[str, ...]:
   keys = set(config_lib.flatten(saved)) | set(config_lib.flatten(current))
-  allow = tuple(a.strip() for a in allow_changes if a.strip())
+  allow = tuple(config_lib.renamed(a.strip())[0] for a in allow_changes if a.strip())
   for a in allow:
     if not any(k == a or k.startswith(a + '.') for k in keys):
       raise ValueError(f'allow_changes names {a!r}, which is not a config key; give dotted keys such as '
@@ -239,11 +287,11 @@ def plan_launch(workdir: str, config_dict: dict, *, overwrite: bool = False, all
   - `defaults` ({dotted key: value}, e.g. the base config's): a key the saved run lacks (added to dtvit
     since) is free when it holds its default, the value that keeps what older code did.
   """
-  config = to_json(config_dict)
+  config = absolute_paths(to_json(config_dict), workdir)
   path = storage.join(workdir, CONFIG_FILENAME)
   if overwrite:  # moved aside unread: a damaged run must not stop its own replacement
     return Launch(workdir, config, earlier=storage.exists(path), overwrite=True)
-  saved = read_json(path, expect=dict)
+  saved = read_config(workdir)  # a run recorded under older names resumes under today's
   if saved is None:
     return Launch(workdir, config, earlier=False, overwrite=False)
   allow = _check_allow_keys(allow_changes, saved, config)
@@ -272,7 +320,7 @@ def finished_summary(launch: Launch) -> dict | None:
   phases = _phases(launch.config)
   if summary is None or summary.get('phases') != phases:
     return None
-  done = all(summary.get(p, {}).get('steps', -1) >= launch.config[p]['num_steps'] for p in phases)
+  done = all(summary.get(p, {}).get('steps', -1) >= launch.config[p]['train_steps'] for p in phases)
   return summary if done else None
 
 
@@ -303,7 +351,8 @@ def record_launch(launch: Launch) -> None:
   if launch.overwrite and launch.earlier:
     entry['moved_aside'] = _move_aside(launch.workdir)
   storage.makedirs(launch.workdir)
-  write_json(storage.join(launch.workdir, CONFIG_FILENAME), launch.config, sort_keys=True)
+  write_json(storage.join(launch.workdir, CONFIG_FILENAME), relative_paths(launch.config, launch.workdir),
+             sort_keys=True)
   path = storage.join(launch.workdir, HISTORY_FILENAME)
   history = read_json(path, default=[], expect=list)
   entry.update(launch=len(history) + 1, resumed_from=launch.resumed_from if launch.earlier else {},

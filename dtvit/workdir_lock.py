@@ -73,7 +73,7 @@ class LocalLock:
 
   def acquire(self) -> None:
     try:
-      import fcntl  # pylint: disable=g-import-not-at-top  # POSIX only
+      import fcntl  # POSIX only
     except ImportError:
       logging.warning('workdir %s: no file locks on this system; make sure no other run uses it.', self.workdir)
       return
@@ -84,7 +84,7 @@ class LocalLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
         os.close(fd)
-        raise _busy(self.workdir, _holder(self.path))  # pylint: disable=raise-missing-from
+        raise _busy(self.workdir, _holder(self.path)) from None
       try:
         same = os.path.samestat(os.fstat(fd), os.stat(self.path))
       except FileNotFoundError:
@@ -124,7 +124,7 @@ class ObjectLock:
     self._record = None
     self._stop = threading.Event()
     self._thread = None
-    import fsspec  # pylint: disable=g-import-not-at-top
+    import fsspec
     # version_aware: 'bucket/key#generation' names one generation, so a delete is conditional on it.
     self._fs = fsspec.filesystem(storage.scheme(workdir), version_aware=True)
     self._key = self.path.split('://', 1)[1]
@@ -192,7 +192,7 @@ class ObjectLock:
           return
         self._record = dict(self._record, heartbeat=time.time())
         self._write(self._record, create=False)
-      except Exception as e:  # pylint: disable=broad-except  # a network hiccup: the next beat tries again
+      except Exception as e:  # a network hiccup: the next beat tries again
         logging.warning('workdir %s: could not renew the lock (%s: %s); retrying.', self.workdir,
                         type(e).__name__, e)
 

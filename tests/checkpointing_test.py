@@ -352,9 +352,9 @@ def test_extra_meta_is_merged_into_every_save(tmp_path):
 
 
 def _base_config():
-  phase = lambda steps: {'num_steps': steps, 'log_every': 50, 'eval_every': 0, 'checkpoint_every': 500,  # noqa: E731
+  phase = lambda steps: {'train_steps': steps, 'log_every': 50, 'eval_every': 0, 'checkpoint_every': 500,  # noqa: E731
                          'max_to_keep': 2, 'nonfinite': 'error', 'optimizer': {'lr': 1e-3, 'warmup_steps': 5}}
-  return {'phases': 'ann,snn', 'seed': 0, 'model': {'num_steps': 4, 'depth': 4},
+  return {'phases': 'ann,snn', 'seed': 0, 'model': {'max_time_steps': 4, 'depth': 4},
           'data': {'name': 'digits', 'num_threads': 2, 'prefetch': 4},
           'ann': phase(100), 'snn': phase(100), 'finetune': phase(0)}
 
@@ -385,7 +385,7 @@ def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path, wit
   os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '40'))
   neutral = {f'{p}.{k}': v for p in ('ann', 'snn', 'finetune')
              for k, v in [('log_every', 7), ('eval_every', 9), ('checkpoint_every', 11), ('max_to_keep', 5)]}
-  changed = with_keys(config, **neutral, **{'data.num_threads': 0, 'data.prefetch': 1, 'ann.num_steps': 300,
+  changed = with_keys(config, **neutral, **{'data.num_threads': 0, 'data.prefetch': 1, 'ann.train_steps': 300,
                                          'ann.nonfinite': 'skip'})
   launch = _launch(workdir, changed)
   assert launch.allowed == () and launch.resumed_from == {'ann': 40}
@@ -394,13 +394,13 @@ def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path, wit
   first, second = _history(workdir)
   assert first['launch'] == 1 and first['changes'] == {} and first['resumed_from'] == {}
   assert second['launch'] == 2 and second['resumed_from'] == {'ann': 40}
-  assert second['changes']['ann.num_steps'] == {'from': 100, 'to': 300}
+  assert second['changes']['ann.train_steps'] == {'from': 100, 'to': 300}
   assert second['changes']['snn.eval_every'] == {'from': 0, 'to': 9}
   assert len(second['changes']) == len(neutral) + 4
   assert second['notes'] == ['ann extended from 100 to 300 steps: its learning-rate and mask-temperature '
                              'schedules are recomputed for 300 steps and followed from step 40 on']
-  refused = {'ann.num_steps': 50,            # shorter: the checkpoints may lie beyond the new end
-             'model.num_steps': 8,           # T_max, not a phase length
+  refused = {'ann.train_steps': 50,            # shorter: the checkpoints may lie beyond the new end
+             'model.max_time_steps': 8,           # T_max, not a phase length
              'ann.optimizer.lr': 1e-4, 'seed': 1, 'data.name': 'cifar10'}
   for key, value in refused.items():
     with pytest.raises(ValueError, match=rf'(?s)different config.*{re.escape(key)}: saved .*, now '
@@ -411,22 +411,68 @@ def test_resume_accepts_cadences_and_longer_phases_under_real_keys(tmp_path, wit
   assert len(_history(workdir)) == 2  # a refused launch leaves no trace
 
 
+def _under_old_names(config):
+  """`config` as dtvit recorded it before the renames of `config_lib.RENAMED`."""
+  old = json.loads(json.dumps(config))
+  old['model']['num_steps'] = old['model'].pop('max_time_steps')
+  old['model']['neuron'] = {'neuron': 'spikformer'}
+  for p in workdir_lib.PHASES:
+    old[p]['num_steps'] = old[p].pop('train_steps')
+  return old
+
+
+def test_a_run_recorded_under_old_names_resumes_without_allow_changes(tmp_path):
+  """A long training started before the renames resumes under today's code, as if nothing had changed."""
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir / 'ann' / 'checkpoints' / '40')
+  (workdir / 'config.json').write_text(json.dumps(_under_old_names(_base_config()), indent=2))
+  config = {**_base_config(), 'model': {**_base_config()['model'], 'neuron': {'neuron': 'spikingjelly_lif'}}}
+  launch = _launch(str(workdir), config)
+  assert launch.earlier and launch.changes == {} and launch.allowed == () and launch.resumed_from == {'ann': 40}
+  with open(workdir / 'config.json') as f:
+    assert json.load(f) == config  # rewritten under today's names
+  # The old names still mean what they meant: a changed T_max is refused, a longer ANN phase accepted.
+  (workdir / 'config.json').write_text(json.dumps(_under_old_names(_base_config())))
+  with pytest.raises(ValueError, match='model.max_time_steps: saved 4, now 8'):
+    workdir_lib.plan_launch(str(workdir), {**config, 'model': {**config['model'], 'max_time_steps': 8}})
+  longer = {**config, 'ann': {**config['ann'], 'train_steps': 300}}
+  assert workdir_lib.plan_launch(str(workdir), longer).notes[0].startswith('ann extended from 100 to 300 steps')
+
+
+def test_checkpoint_paths_beside_the_workdir_are_recorded_from_it(tmp_path):
+  """A sweep point's init_from ({root}/ann/ann/checkpoints) is stored as '{workdir}/../ann/ann/checkpoints': no
+  path of this machine in the record; read back, it is the absolute path again, and the run resumes."""
+  root = tmp_path / 'root'
+  source = str(root / 'ann' / 'ann' / 'checkpoints')
+  elsewhere = str(tmp_path / 'other' / 'ann' / 'checkpoints')
+  config = _base_config()
+  config['snn']['init_from'], config['ann']['init_from'] = source, elsewhere
+  workdir = str(root / 'point')
+  _launch(workdir, config)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['snn']['init_from'] == '{workdir}/../ann/ann/checkpoints'
+  assert saved['ann']['init_from'] == elsewhere   # not beside the workdir: as given
+  assert workdir_lib.read_config(workdir) == config
+  assert _launch(workdir, config).changes == {}
+
+
 def test_extending_a_phase_a_later_phase_started_from_is_refused(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   _launch(workdir, _base_config())
   os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '100'))
   os.makedirs(os.path.join(workdir, 'snn', 'checkpoints', '20'))
-  with pytest.raises(ValueError, match=r'ann.num_steps: saved 100, now 200 \(snn already started from the '
+  with pytest.raises(ValueError, match=r'ann.train_steps: saved 100, now 200 \(snn already started from the '
                                        r'100-step ann\)'):
-    workdir_lib.plan_launch(workdir, with_keys(_base_config(), **{'ann.num_steps': 200}))
-  assert _launch(workdir, with_keys(_base_config(), **{'snn.num_steps': 200})).notes  # the last phase may grow
+    workdir_lib.plan_launch(workdir, with_keys(_base_config(), **{'ann.train_steps': 200}))
+  assert _launch(workdir, with_keys(_base_config(), **{'snn.train_steps': 200})).notes  # the last phase may grow
 
 
 def test_a_phase_that_has_not_started_may_change_every_setting(tmp_path, with_keys):
   workdir = str(tmp_path / 'run')
   _launch(workdir, _base_config())
   os.makedirs(os.path.join(workdir, 'ann', 'checkpoints', '40'))
-  snn = {'snn.optimizer.lr': 1e-4, 'snn.num_steps': 10, 'snn.nonfinite': 'skip', 'finetune.optimizer.lr': 1.0}
+  snn = {'snn.optimizer.lr': 1e-4, 'snn.train_steps': 10, 'snn.nonfinite': 'skip', 'finetune.optimizer.lr': 1.0}
   launch = _launch(workdir, with_keys(_base_config(), **snn))
   assert launch.allowed == () and set(launch.changes) == set(snn)
   with pytest.raises(ValueError, match=r'ann.optimizer.lr: saved 0.001, now 0.0001'):   # ann has started

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from dtvit import sweep as dtvit_sweep
+from dtvit import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,21 +48,21 @@ def test_the_sweep_as_data():
   config = lambda name, arg="": dtvit_sweep.point_config(recipe, arg, points[name], "/r")
   ann, fixed, learned = config("ann"), config("fixed_T3"), config("learned_filter_op_0.03")
   assert ann.phases == "ann" and ann.data.name == "cifar10_local"
-  assert ann.ann.num_steps == recipe.ANN_EPOCHS * 50_000 // recipe.BATCH_SIZE
-  assert fixed.phases == "snn" and fixed.model.num_steps == 3 and not fixed.model.mask.enabled
+  assert ann.ann.train_steps == recipe.ANN_EPOCHS * 50_000 // recipe.BATCH_SIZE
+  assert fixed.phases == "snn" and fixed.model.max_time_steps == 3 and not fixed.model.mask.enabled
   assert fixed.snn.time_cost == 0.0 and fixed.snn.init_from == "/r/ann/ann/checkpoints"
-  assert learned.model.num_steps == 4 and learned.model.mask.enabled
+  assert learned.model.max_time_steps == 4 and learned.model.mask.enabled
   assert (learned.snn.time_cost, learned.snn.cost_kind, learned.model.mask.semantics) == (0.03, "op_weighted",
                                                                                          "filter")
   assert config("fixed_T2_seed1").seed == 1 and config("fixed_T2").seed == 0
   # Every SNN run trains the same number of steps from the same twin: only T / the masks differ.
-  assert fixed.snn.num_steps == learned.snn.num_steps == recipe.SNN_EPOCHS * 50_000 // recipe.BATCH_SIZE
+  assert fixed.snn.train_steps == learned.snn.train_steps == recipe.SNN_EPOCHS * 50_000 // recipe.BATCH_SIZE
   # T_max is an argument: fixed T = 1..T_max, learned at T_max.
   small = _points("T_max=2")
   assert [n for n in small if n.startswith("fixed_T") and n[len("fixed_T"):].isdigit()] == ["fixed_T1", "fixed_T2"]
   assert list(small)[-4:] == ["fixed_T2_every_step", "learned_skip_0.03_distill", "fixed_T2_distill",
                               "exit_learned_skip_0.03"]
-  assert dtvit_sweep.point_config(recipe, "T_max=2", small["learned_skip_0.1"], "/r").model.num_steps == 2
+  assert dtvit_sweep.point_config(recipe, "T_max=2", small["learned_skip_0.1"], "/r").model.max_time_steps == 2
 
 
 # The per-sample exit comparison's runs (exit_compare.py), checked against their records once committed.
@@ -69,7 +70,7 @@ EXIT_RUNS = ("fixed_T4_every_step", "learned_skip_0.03_distill", "fixed_T4_disti
 
 
 def test_exit_comparison_points_are_their_base_runs_with_one_option():
-  from dtvit import train  # pylint: disable=g-import-not-at-top
+  from dtvit import train
   points = _points()
   config = lambda name, arg="": dtvit_sweep.point_config(recipe, arg, points[name], "/r")
   flat = lambda name: dtvit_sweep.flatten(config(name).to_dict())
@@ -84,18 +85,42 @@ def test_exit_comparison_points_are_their_base_runs_with_one_option():
     train.validate_config(dtvit_sweep.point_config(recipe, "smoke,digits", points[name], "/r"))
 
 
+# Config keys added to dtvit since the committed runs were recorded, each at the value that keeps what the code
+# did then (what the runs did): a recorded run lacks them, today's config has them at exactly this value.
+ADDED_SINCE_RECORDED = {
+    **{f"{p}.{k}": v for p in ("ann", "snn", "finetune") for k, v in (
+        ("loss", "final"), ("distill_weight", 0.0), ("distill_temperature", 1.0), ("distill_from", ""),
+        ("eval_every", 0), ("sync_every", 10), ("max_consecutive_skips", 100), ("mixup_off_step", 0),
+        ("optimizer.clip_scores", True), ("optimizer.cooldown_steps", 0), ("optimizer.score_momentum", 0.9))},
+    "data.val_examples": 0, "data.periodic_eval_split": "val", "data.placement": "host", "data.eval_crop_pct": 0.875,
+    "data.augment.rrc_max_scale": 1.0, "data.augment.rrc_min_ratio": 0.75, "data.augment.rrc_max_ratio": 4 / 3,
+    "data.augment.randaugment_magnitude_std": 0.0, "data.augment.randaugment_op_set": "dtvit",
+    "data.augment.randaugment_prob": 1.0, "data.augment.random_erasing": 0.0,
+    "model.pre_bn_bias": [], "model.dense_init": "lecun_normal", "model.conv_init": "lecun_normal",
+    "model.head_init": "lecun_normal", "model.kernels": "fused", "model.neuron.surrogate_input": "normalized",
+    "model.mask.score_init_spread": 0.0, "model.mask.semantics": "skip",
+}
+# Keys the runs recorded that dtvit has since dropped, with the value they had: the neuron scan's unroll factor (a
+# compile-time choice: the same numbers).
+REMOVED_SINCE_RECORDED = {"model.neuron.unroll": 1}
+
+
 def test_the_sweep_reproduces_the_recorded_runs():
-  """The port: each point's config is the config its committed run recorded (but the twin's path); issue 23's
-  runs once committed."""
+  """The port: each point's config is, key for key, the config its committed run recorded (read as dtvit reads
+  a record: today's names, paths resolved against the workdir), but for the keys added since, each at the value
+  the run had; issue 23's runs once committed."""
   for name, point in _points().items():
     if name in EXIT_RUNS and not os.path.exists(os.path.join(RUNS, name, "config.json")):
       continue
-    with open(os.path.join(RUNS, name, "config.json")) as f:
-      saved = dtvit_sweep.flatten(json.load(f))
+    saved = dtvit_sweep.flatten(workdir_lib.read_config(os.path.join(RUNS, name)))
     now = dtvit_sweep.flatten(dtvit_sweep.point_config(recipe, "", point, RUNS).to_dict())
-    norm = lambda x: json.loads(json.dumps(x))
-    diffs = {k: (saved[k], now[k]) for k in saved.keys() & now.keys()
-             if k != "snn.init_from" and norm(saved[k]) != norm(now[k])}
+    norm = lambda x: json.loads(json.dumps(x))  # noqa: E731
+    removed = {k: saved[k] for k in saved.keys() - now.keys()}
+    assert removed == {k: REMOVED_SINCE_RECORDED[k] for k in removed}, (name, removed)
+    added = {k: now[k] for k in now.keys() - saved.keys()}
+    assert not added.keys() - ADDED_SINCE_RECORDED.keys(), (name, added.keys() - ADDED_SINCE_RECORDED.keys())
+    assert {k: norm(v) for k, v in added.items()} == {k: ADDED_SINCE_RECORDED[k] for k in added}, name
+    diffs = {k: (saved[k], now[k]) for k in saved.keys() & now.keys() if norm(saved[k]) != norm(now[k])}
     assert not diffs, (name, diffs)
 
 
@@ -133,7 +158,7 @@ def _write_run(root, name, *, acc, T=4, semantics=None, T_avg=None, T_sim=None, 
   os.makedirs(wd, exist_ok=True)
   learned = semantics is not None
   config = {"phases": "ann" if name == "ann" else "snn", "seed": int(name.endswith("_seed1")), "eval_examples": 0,
-            "model": {"num_steps": T, "mask": {"enabled": learned, "semantics": semantics or "skip"}},
+            "model": {"max_time_steps": T, "mask": {"enabled": learned, "semantics": semantics or "skip"}},
             "snn": {"init_from": "" if name == "ann" else os.path.join(root, "ann", "ann", "checkpoints"),
                     "time_cost": cost if learned else 0.0, "cost_kind": kind}}
   with open(os.path.join(wd, "config.json"), "w") as f:
@@ -305,8 +330,8 @@ def test_sweep_runs_resumes_and_tabulates(tmp_path):
   assert dtvit_sweep.state(os.path.join(root, "learned_skip_0.03")) == "pending"
   assert dtvit_sweep.main(argv + ["--only=ann", "--only=learned_skip_0.03", "--parallel=2"]) == 0
   learned = json.load(open(os.path.join(root, "learned_skip_0.03", "config.json")))
-  assert learned["snn"]["init_from"] == os.path.join(os.path.abspath(root), "ann", "ann", "checkpoints")
-  assert learned["snn"]["time_cost"] == 0.03 and learned["model"]["num_steps"] == 2
+  assert learned["snn"]["init_from"] == "{workdir}/../ann/ann/checkpoints"   # no path of this machine
+  assert learned["snn"]["time_cost"] == 0.03 and learned["model"]["max_time_steps"] == 2
   assert learned["model"]["mask"]["semantics"] == "skip"
   assert "dtvit.sweep point learned_skip_0.03" in open(os.path.join(root, "learned_skip_0.03.log")).read()
   timings = json.load(open(os.path.join(root, "timings.json")))
@@ -338,7 +363,7 @@ def test_snn_run_before_the_twin_is_not_run(tmp_path, capsys):
 
 
 def test_exit_comparison_reads_energy_off_each_curves_pareto_frontier():
-  from experiments.cifar10_cpu import exit_compare  # pylint: disable=g-import-not-at-top
+  from experiments.cifar10_cpu import exit_compare
   pts = [{"energy_ratio": e, "accuracy": a} for e, a in ((0.1, 0.50), (0.2, 0.58), (0.15, 0.49), (0.3, 0.60),
                                                           (0.25, 0.55))]
   # (0.15, 0.49) and (0.25, 0.55) are beaten by cheaper points: off the frontier.

@@ -36,7 +36,7 @@ def test_the_scan_and_the_sweep_as_data():
     depth, dim, heads, mlp_ratio, pools = recipe.SIZES[name[len("scan_"):]]
     assert (c.model.depth, c.model.dim, c.model.num_heads, c.model.mlp_ratio) == (depth, dim, heads, mlp_ratio)
     assert tuple(c.model.stem_pools) == pools and c.phases == "ann"
-    assert c.ann.num_steps == recipe.SCAN_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
+    assert c.ann.train_steps == recipe.SCAN_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
   points = _points()
   names = list(points)
   assert names[:2] == ["ann", f"learned_skip_{recipe.COSTS[0]:g}"]   # the twin, then the headline run
@@ -48,7 +48,7 @@ def test_the_scan_and_the_sweep_as_data():
     assert c.snn.init_from == "/r/ann/ann/checkpoints" and c.model.mask.semantics == "skip"
     assert c.snn.distill_weight > 0 and c.phases == "snn" and c.data.placement == "device"
   every = dtvit_sweep.point_config(recipe, "", points["fixed_T4_every_step"], "/r")
-  assert every.snn.loss == "every_step" and not every.model.mask.enabled and every.model.num_steps == 4
+  assert every.snn.loss == "every_step" and not every.model.mask.enabled and every.model.max_time_steps == 4
 
 
 def test_recipe_rejects_bad_arguments():

@@ -51,10 +51,10 @@ def test_cpu_options_change_values_only_by_rounding():
 def test_no_options_off_cpu_or_when_the_jaxlib_refuses_them(monkeypatch, caplog):
   assert compilation.options("gpu") is None and compilation.options("tpu") is None
   monkeypatch.setattr(compilation, "CPU_OPTIONS", {"xla_cpu_no_such_option_in_any_jaxlib": "1"})
-  compilation._accepted.cache_clear()  # pylint: disable=protected-access
+  compilation._accepted.cache_clear()
   try:
     assert compilation.options("cpu") is None
     assert "does not accept the CPU compiler options" in caplog.text
     assert float(compilation.jit(lambda x: x * 2)(np.float32(3))) == 6.0  # compiles without them
   finally:
-    compilation._accepted.cache_clear()  # pylint: disable=protected-access
+    compilation._accepted.cache_clear()

@@ -5,11 +5,8 @@ folder of the same image size and class count, so their model, optimizer and pha
 """
 
 import importlib
-import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from dtvit import train
 
@@ -36,7 +33,7 @@ def test_recipe_tiny_variant_trains(name, arg, synthetic, phases, tmp_path, imag
     config.data.data_dir = str(tmp_path / "data_dir")
     config.data.image_size = size if name != "imagenet_spikformer" else 32
     config.data.augment.randaugment_ops = 0
-  config.ann.num_steps = config.snn.num_steps = 1
+  config.ann.train_steps = config.snn.train_steps = 1
   config.ann.batch_size = config.snn.batch_size = 8
   config.eval_batch_size = 64
   config.eval_fixed_steps = False
@@ -45,7 +42,7 @@ def test_recipe_tiny_variant_trains(name, arg, synthetic, phases, tmp_path, imag
   assert summary["ann"]["steps"] == 1
   if "snn" in phases:
     assert summary["snn"]["steps"] == 1
-    assert 0 <= summary["snn"]["average_time_steps"] <= config.model.num_steps
+    assert 0 <= summary["snn"]["average_time_steps"] <= config.model.max_time_steps
 
 
 @pytest.mark.parametrize("name", ["quickstart", "cifar100_spikformer"] + [r[0] for r in RECIPES])
@@ -54,7 +51,7 @@ def test_full_recipe_builds_its_model(name):
   config = importlib.import_module(f"configs.{name}").get_config("")
   model = models.build_model(config.model, 10)
   model.validate()
-  assert model.num_steps == config.model.num_steps
+  assert model.max_time_steps == config.model.max_time_steps
 
 
 def test_recipe_arguments_are_checked():
@@ -65,7 +62,7 @@ def test_recipe_arguments_are_checked():
 
 def test_remat_blocks_reaches_the_model_from_the_config():
   """model.neuron.remat takes the string modes (the field is not typed bool) and the model gets them."""
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import models
   config = importlib.import_module("configs.quickstart").get_config("tiny")
   assert models.build_model(config.model, 10).neuron.remat is False
   config.model.neuron.remat = "blocks"
@@ -73,3 +70,56 @@ def test_remat_blocks_reaches_the_model_from_the_config():
   config.model.neuron.remat = "everything"
   with pytest.raises(ValueError, match="remat"):
     models.build_model(config.model, 10)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Renamed config names (dtvit.config_lib.RENAMED): old records load under today's names.
+
+def test_every_renamed_name_names_a_field_of_todays_config():
+  from dtvit import config_lib
+  from dtvit import recipes
+  base = config_lib.flatten(recipes.get_base_config().to_dict())
+  for old, new in config_lib.RENAMED.items():
+    key, sep, _ = new.partition("=")
+    assert key in base and old.partition("=")[0].rsplit(".", 1)[0] == key.rsplit(".", 1)[0], (old, new)
+    assert sep or old not in base, old
+  assert {base["model.neuron.neuron"], "spikingjelly_lif"} <= {"lif", "if", "spikingjelly_lif"}
+
+
+def test_upgrade_maps_old_names_and_values_and_leaves_todays_alone():
+  from dtvit import config_lib
+  old = {"model": {"num_steps": 4, "arch": "spikformer", "neuron": {"neuron": "spikformer"}},
+         "data": {"augment": {"randaugment_op_set": "spikformer"}},
+         "ann": {"num_steps": 10, "optimizer": {"lr": 0.1}}, "snn": {"num_steps": 5}, "finetune": {"num_steps": 0},
+         "seed": 0}
+  new = {"model": {"max_time_steps": 4, "arch": "spikformer", "neuron": {"neuron": "spikingjelly_lif"}},
+         "data": {"augment": {"randaugment_op_set": "spikformer_official"}},
+         "ann": {"train_steps": 10, "optimizer": {"lr": 0.1}}, "snn": {"train_steps": 5},
+         "finetune": {"train_steps": 0}, "seed": 0}
+  assert config_lib.upgrade(old) == new
+  assert config_lib.upgrade(new) == new
+  assert old["model"]["num_steps"] == 4  # the record itself is not edited
+  assert config_lib.renamed("snn.num_steps", 3) == ("snn.train_steps", 3)
+
+
+def test_old_neuron_and_op_set_values_are_refused_in_one_line_and_load_from_records(tmp_path):
+  import json
+  import dtvit
+  from configs import quickstart
+  config = quickstart.get_config("tiny")
+  config.model.neuron.neuron = "spikformer"
+  with pytest.raises(ValueError, match=r"^model.neuron.neuron='spikformer' was renamed: it is now "
+                                       r"'spikingjelly_lif'.$"):
+    train.validate_config(config)
+  config.model.neuron.neuron = "lif"
+  config.data.augment.randaugment_op_set = "spikformer"
+  with pytest.raises(ValueError, match="randaugment_op_set='spikformer' was renamed: it is now "
+                                       "'spikformer_official'"):
+    train.validate_config(config)
+  record = config.to_dict()
+  record["model"]["neuron"]["neuron"] = "spikformer"
+  record["model"]["num_steps"] = record["model"].pop("max_time_steps")
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  loaded = dtvit.loader.read_config(str(tmp_path))
+  assert loaded.model.max_time_steps == 3 and loaded.model.neuron.neuron == "spikingjelly_lif"
+  assert loaded.data.augment.randaugment_op_set == "spikformer_official"

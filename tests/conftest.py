@@ -29,8 +29,8 @@ import pytest
 
 def _tiny_config(**overrides):
   """The quickstart recipe at its tiny size on a ViT (compiles faster than the SPS stem on CPU; the code paths
-  are the same), with dotted overrides: tiny_config(**{"ann.num_steps": 4})."""
-  from configs import quickstart  # pylint: disable=g-import-not-at-top  # after the XLA flags above
+  are the same), with dotted overrides: tiny_config(**{"ann.train_steps": 4})."""
+  from configs import quickstart  # after the XLA flags above
   c = quickstart.get_config("tiny")
   c.model.arch = "vit"
   c.model.variant = "tiny"
@@ -75,12 +75,12 @@ def inject_inf():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-  """A factory of tiny configs: tiny_config(**{"phases": "ann", "ann.num_steps": 4})."""
+  """A factory of tiny configs: tiny_config(**{"phases": "ann", "ann.train_steps": 4})."""
   return _tiny_config
 
 
 def _image_folder(root, size, num_classes, per_class=1):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   rng = np.random.default_rng(0)
   for split in ("train", "test"):
     for c in range(num_classes):
@@ -101,8 +101,8 @@ def image_folder():
 def _saved_state(checkpoints: str, step: int) -> dict:
   """The whole train state saved at `step` in a phase's checkpoint folder, as numpy (params, batch_stats,
   opt_state, step), whatever devices and processes wrote it."""
-  import jax  # pylint: disable=g-import-not-at-top  # after the XLA flags above
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax  # after the XLA flags above
+  import orbax.checkpoint as ocp
   path = os.path.join(checkpoints, str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -118,7 +118,7 @@ def saved_state():
 
 def assert_same_tree(a, b) -> None:
   """Every leaf of two pytrees bitwise equal."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -131,7 +131,7 @@ def same_tree():
 def tiny_run_config():
   """ViT tiny (1 block, T_max = 3), ANN -> SNN with a time-step cost that switches some steps off; every step
   also evaluated with masks off."""
-  return _tiny_config(**{"ann.num_steps": 16, "ann.optimizer.lr": 5e-3, "snn.num_steps": 6, "snn.time_cost": 0.15,
+  return _tiny_config(**{"ann.train_steps": 16, "ann.optimizer.lr": 5e-3, "snn.train_steps": 6, "snn.time_cost": 0.15,
                          "snn.optimizer.score_lr": 0.3, "model.mask.score_init": 0.1, "eval_fixed_steps": True,
                          "mesh.num_devices": 1})
 
@@ -143,7 +143,7 @@ def tiny_run(tmp_path_factory) -> str:
   Under pytest-xdist every worker has its own basetemp below one session directory: the run goes there, made by
   whichever worker comes first while the others wait on a file lock (the pattern pytest-xdist documents for
   session fixtures)."""
-  from dtvit import train  # pylint: disable=g-import-not-at-top
+  from dtvit import train
   base = tmp_path_factory.getbasetemp()
   root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   workdir = root / "dtvit_tiny_run"

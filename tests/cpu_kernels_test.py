@@ -38,9 +38,9 @@ CASES = [
     ("if", "pwl", "hard", False, "difference", 0.5),
     ("if", "atan", "soft", False, "normalized", 0.0),
     ("if", "sigmoid", "soft", True, "normalized", 0.0),
-    ("spikformer", "sigmoid", "hard", True, "difference", 0.0),
-    ("spikformer", "pwl", "soft", False, "normalized", 0.5),
-    ("spikformer", "atan", "hard", False, "difference", 0.0),
+    ("spikingjelly_lif", "sigmoid", "hard", True, "difference", 0.0),
+    ("spikingjelly_lif", "pwl", "soft", False, "normalized", 0.5),
+    ("spikingjelly_lif", "atan", "hard", False, "difference", 0.0),
 ]
 MASKS = {"none": None, "binary": [1.0, 0.0, 1.0, 1.0, 0.0], "soft": [1.0, 0.3, 0.0, 0.8, 1.0]}
 
@@ -92,7 +92,7 @@ def test_kernel_matches_the_fused_recurrence_and_the_scan(kernel, neuron, surrog
 def test_kernel_over_many_neurons_and_steps(kernel, T):
   """Large layers (several threads' chunks, a partial last block) and T beyond the unrolling limit: the
   kernel equals the pure-JAX recurrence (unrolled up to 8 steps, a chunk loop beyond)."""
-  spec = neurons.NeuronSpec.resolve("spikformer", surrogate="sigmoid", alpha=4.0, surrogate_input="difference")
+  spec = neurons.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid", alpha=4.0, surrogate_input="difference")
   x = 1.5 * jax.random.normal(jax.random.key(3), (T, 4, 50001)) + 0.5
   w = jax.random.normal(jax.random.key(4), x.shape)
   m = jnp.asarray(([1.0, 0.0] * T)[:T], jnp.float32)
@@ -299,7 +299,7 @@ def test_a_planted_library_in_a_shared_cache_folder_never_runs(kernel, tmp_path)
 def test_an_unknown_neuron_takes_the_jax_recurrence(kernel):
   """A setting the kernel does not implement (a new neuron kind, reset or surrogate input; a spec with a field
   the kernel does not know) must not run there with the wrong dynamics."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
+  import dataclasses
 
   @dataclasses.dataclass(frozen=True)
   class WithRefractory(neurons.NeuronSpec):

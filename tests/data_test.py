@@ -424,12 +424,12 @@ def test_eval_subset_is_strided_and_complete():
 
 def _rows(images):
   """Each image as bytes, counted (a multiset: equal digits may occur twice)."""
-  from collections import Counter  # pylint: disable=g-import-not-at-top
+  from collections import Counter
   return Counter(x.tobytes() for x in images)
 
 
 def test_val_split_is_held_out_from_train_and_never_trained_on():
-  from dtvit.data import sources  # pylint: disable=g-import-not-at-top
+  from dtvit.data import sources
   train_idx, val_idx = sources.val_indices(1437, 100)
   assert len(val_idx) == 100 and len(train_idx) == 1337
   assert not set(train_idx) & set(val_idx)
@@ -489,30 +489,30 @@ def test_random_resized_crop_scale_and_ratio():
 
 
 def test_spikformer_randaugment_set_probability_and_magnitude_std():
-  assert augment.RANDAUGMENT_OP_SETS['spikformer'] == ('equalize', 'rotate', 'shear_x', 'translate_x',
+  assert augment.RANDAUGMENT_OP_SETS['spikformer_official'] == ('equalize', 'rotate', 'shear_x', 'translate_x',
                                                        'translate_y')
   rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
   # The defaults draw what they drew before the options existed.
   np.testing.assert_array_equal(augment.randaugment(rgb, np.random.default_rng(5), 2, 9),
                                 augment.randaugment(rgb, np.random.default_rng(5), 2, 9, op_set='dtvit', prob=1.0,
                                                     magnitude_std=0.0))
-  unchanged = [np.array_equal(augment.randaugment(rgb, np.random.default_rng(i), 1, 9, op_set='spikformer',
+  unchanged = [np.array_equal(augment.randaugment(rgb, np.random.default_rng(i), 1, 9, op_set='spikformer_official',
                                                   prob=0.5), rgb) for i in range(400)]
   assert 0.4 < np.mean(unchanged) < 0.6  # one op, applied half the time (every op of the set changes this image)
   calls = []
-  ops = augment._OPS  # pylint: disable=protected-access
+  ops = augment._OPS
   saved = dict(ops)
   try:
     for name in saved:
       ops[name] = lambda img, lv, sg, fill, name=name: calls.append((name, lv)) or img
     for i in range(2000):
-      augment.randaugment(rgb, np.random.default_rng(i), 1, 9, op_set='spikformer', magnitude_std=0.4)
+      augment.randaugment(rgb, np.random.default_rng(i), 1, 9, op_set='spikformer_official', magnitude_std=0.4)
   finally:
     ops.update(saved)
-  assert {n for n, _ in calls} == set(augment.RANDAUGMENT_OP_SETS['spikformer'])
+  assert {n for n, _ in calls} == set(augment.RANDAUGMENT_OP_SETS['spikformer_official'])
   levels = np.array([lv for _, lv in calls]) * 10
   assert abs(levels.mean() - 9) < 0.05 and abs(levels.std() - 0.4) < 0.05  # N(9, 0.4), rarely clipped at 10
-  with pytest.raises(ValueError, match="randaugment_op_set='timm'; choose one of dtvit, spikformer"):
+  with pytest.raises(ValueError, match="randaugment_op_set='timm'; choose one of dtvit, spikformer_official"):
     augment.randaugment(rgb, np.random.default_rng(0), 1, 9, op_set='timm')
 
 

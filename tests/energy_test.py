@@ -19,11 +19,11 @@ K = 5  # classes
 
 
 def tiny_vit(**kw):
-  return models.vit("tiny", K, patch_size=4, num_steps=T, **kw)
+  return models.vit("tiny", K, patch_size=4, max_time_steps=T, **kw)
 
 
 def tiny_spikformer(**kw):
-  return models.spikformer("tiny", K, num_steps=T, **kw)
+  return models.spikformer("tiny", K, max_time_steps=T, **kw)
 
 
 def vit_hand_macs(heads=2, H=16, W=16, C=3, p=4, D=32, M=64):
@@ -379,7 +379,7 @@ def _counted_exit_energy(hand, aux, masks, exits, semantics, mask_stem, e_mac=4.
 @pytest.mark.parametrize("semantics,mask_stem", [("skip", False), ("filter", True)])
 def test_per_exit_energy_against_an_independent_counter(semantics, mask_stem):
   steps = 4
-  model = models.vit("tiny", K, patch_size=4, num_steps=steps, neuron=models.NeuronConfig(init_threshold=0.5),
+  model = models.vit("tiny", K, patch_size=4, max_time_steps=steps, neuron=models.NeuronConfig(init_threshold=0.5),
                      mask=models.MaskConfig(semantics=semantics, mask_stem=mask_stem, hard=True))
   masks = {"blocks_0/attn": [1, 0, 1, 0], "blocks_0/mlp": [0, 1, 0, 1], "embedding": [1, 1, 0, 1]}
 
@@ -412,7 +412,7 @@ def test_per_exit_energy_against_an_independent_counter(semantics, mask_stem):
   assert by_exit["snn_energy_j"][0] > 4.6e-12 * hand["embedding/patch"]
   # Padding does not count; the early-exit rows carry the same energy.
   assert energy.mean_exit_energy(by_exit["snn_energy_j"], exits + [1], weights_B=[1] * 7 + [0]) == pytest.approx(got)
-  from dtvit import inference  # pylint: disable=g-import-not-at-top
+  from dtvit import inference
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(steps, 40, K)) * 2
   thresholds = [0.3, 0.6, 0.9, 1.0]

@@ -51,11 +51,11 @@ def test_early_exit_command_writes_table_and_curves(exit_run, capsys):
   rep = {"plots": {}}
   report_dir = os.path.join(exit_run, "report_out")
   os.makedirs(report_dir)
-  section = report._exit_eval_section(exit_run, rep, report_dir)  # pylint: disable=protected-access
+  section = report._exit_eval_section(exit_run, rep, report_dir)
   assert f"![accuracy vs energy and steps]({report.EXIT_PLOT}.png)" in section
   assert rep["early_exit_evaluation"] == result and os.path.exists(os.path.join(report_dir, f"{report.EXIT_PLOT}.png"))
   no_exit_eval = os.path.dirname(exit_run)
-  assert report._exit_eval_section(no_exit_eval, {"plots": {}}, report_dir) == []  # pylint: disable=protected-access
+  assert report._exit_eval_section(no_exit_eval, {"plots": {}}, report_dir) == []
   # Given thresholds apply to every criterion.
   small = evaluate.early_exit_workdir(exit_run, criteria=("entropy",), thresholds=(0.0, 1.0), write=False)
   assert [r["threshold"] for r in small["rows"]] == [0.0, 1.0] and small["rows"][1]["avg_steps"] == 1.0

@@ -108,9 +108,9 @@ def test_a_run_killed_in_the_bucket_resumes_bitwise(bucket_run, saved_state, sam
 
 
 def test_evaluate_predict_export_and_report_read_the_bucket(bucket_run, gcs_emulator, tmp_path, capsys):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import dtvit  # pylint: disable=g-import-not-at-top
-  from dtvit import evaluate, export, predict, report  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  import dtvit
+  from dtvit import evaluate, export, predict, report
   workdir, reference = bucket_run
   run = dtvit.load(workdir)
   assert run.workdir == workdir and run.phase == "snn" and run.step == 8
@@ -136,7 +136,7 @@ def test_evaluate_predict_export_and_report_read_the_bucket(bucket_run, gcs_emul
 
 
 def test_a_sweep_rooted_in_the_bucket(gcs_emulator, capsys):
-  from dtvit import sweep  # pylint: disable=g-import-not-at-top
+  from dtvit import sweep
   root = f"{gcs_emulator}/sweep"
   argv = ["--config=configs/quickstart.py:tiny", f"--root={root}", "--grid=phases=ann", "--grid=ann.num_steps=2",
           "--grid=model.arch=vit", "--grid=model.variant=tiny", "--grid=model.patch_size=2",

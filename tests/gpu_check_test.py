@@ -18,7 +18,7 @@ def test_gpu_check_runs_at_smoke_size_on_cpu_and_times_every_variant(tmp_path):
                          "--smoke", "--no-sj"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "PYTHONPATH": ROOT})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  from experiments.gpu import gpu_check  # pylint: disable=g-import-not-at-top
+  from experiments.gpu import gpu_check
   for name, variants in (("gpu", gpu_check.VARIANTS.split(",")), ("gpu-b128", ["bf16"])):
     res = json.loads((out / f"{name}.json").read_text())
     assert (out / f"{name}.md").read_text().strip()

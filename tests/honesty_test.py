@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from dtvit import energy
-from dtvit import masks as masks_lib
 from dtvit import models
 from dtvit.models import layers
 
@@ -40,8 +39,8 @@ NEURON = models.NeuronConfig(init_threshold=0.3, attn_threshold=0.3, surrogate="
 def build(arch, semantics, granularity):
   mask = models.MaskConfig(semantics=semantics, granularity=granularity, hard=True)
   if arch == "spikformer":
-    return models.spikformer("tiny", K, num_steps=T, neuron=NEURON, mask=mask), (16, 16, 3)
-  return models.vit("tiny", K, patch_size=4, num_steps=T, neuron=NEURON, mask=mask), (8, 8, 3)
+    return models.spikformer("tiny", K, max_time_steps=T, neuron=NEURON, mask=mask), (16, 16, 3)
+  return models.vit("tiny", K, patch_size=4, max_time_steps=T, neuron=NEURON, mask=mask), (8, 8, 3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +166,7 @@ def compiled(fn, *args):
   lowered = jax.jit(fn).lower(*args)
   try:
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-  except Exception:  # pylint: disable=broad-except  # a backend without that option
+  except Exception:  # a backend without that option
     return lowered.compile()
 
 

@@ -19,7 +19,7 @@ NEURON = models.NeuronConfig(init_threshold=0.5)
 
 
 def tiny(arch="vit", **mask):
-  kw = dict(num_steps=T, neuron=NEURON, mask=models.MaskConfig(**mask))
+  kw = dict(max_time_steps=T, neuron=NEURON, mask=models.MaskConfig(**mask))
   if arch == "spikformer":
     return models.spikformer("tiny", 5, **kw)
   return models.vit("tiny", 5, patch_size=4, **kw)
@@ -149,7 +149,7 @@ def _dot_shapes(fn, *args):
       if eqn.primitive.name == "dot_general":
         out.append(eqn.invars[0].aval.shape)
       t = times * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
-      for sub in inference._sub_jaxprs(eqn.params):  # pylint: disable=protected-access
+      for sub in inference._sub_jaxprs(eqn.params):
         walk(sub, t)
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)

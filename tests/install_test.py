@@ -33,40 +33,65 @@ def test_relative_data_paths_resolve_against_the_checkout_not_the_current_direct
 
 
 def test_an_image_folder_under_dtvit_data_dir_loads_from_another_directory(tmp_path, monkeypatch, image_folder):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from dtvit import recipes
   image_folder(str(tmp_path / "data" / "shapes"), 8, 3)
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)
   monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path / "data"))
-  cfg = common.get_base_config().data
+  cfg = recipes.get_base_config().data
   cfg.name, cfg.archive, cfg.data_dir = "image_folder", "shapes", "prepared"
   info = sources.get_info(cfg)
   assert (info.num_train, info.num_test, info.num_classes) == (3, 3, 3)
   assert os.path.isdir(tmp_path / "data" / "prepared" / tfds_folder.FOLDER_BUILDER_NAME)
   assert os.listdir(elsewhere) == []
-  from dtvit.data import spec  # pylint: disable=g-import-not-at-top
+  from dtvit.data import spec
   assert spec.class_names(cfg) == ["class000", "class001", "class002"]
 
 
+# Run from a folder holding a user's own `configs` package, first on the path: dtvit neither installs nor imports
+# one (what recipes share is dtvit.recipes), and the repository's recipes load by path.
 _INSTALLED = r"""
 import os, sys
 import dtvit, configs
-from configs import quickstart, cifar10_spikformer
+from dtvit import sweep
 from dtvit.data import sources
-target = sys.argv[1]
-assert dtvit.__file__.startswith(target) and configs.__file__.startswith(target), (dtvit.__file__, configs.__file__)
+target, recipes_dir = sys.argv[1], sys.argv[2]
+assert dtvit.__file__.startswith(target), dtvit.__file__
+assert configs.MINE and not os.path.exists(os.path.join(target, "configs")), configs.__file__
 assert sources.project_root() is None
-assert quickstart.get_config("tiny").model.num_steps == 3
-assert cifar10_spikformer.get_config("tiny,local").data.archive == "../shared/data/cifar10-jpg.tar.gz"
+quickstart, arg = sweep.load_config_module(os.path.join(recipes_dir, "quickstart.py") + ":tiny")
+assert quickstart.get_config(arg).model.max_time_steps == 3
+cifar10, _ = sweep.load_config_module(os.path.join(recipes_dir, "cifar10_spikformer.py"))
+assert cifar10.get_config("tiny,local").data.archive == "../shared/data/cifar10-jpg.tar.gz"
 from dtvit import cpu_kernels
 assert str(cpu_kernels.SOURCE).startswith(target) and cpu_kernels.SOURCE.exists()  # the kernel's source ships
-print("ok", os.path.dirname(configs.__file__))
+print("ok")
 """
 
 
+def _with_own_configs(folder, path: list[str]) -> dict:
+  """An environment whose PYTHONPATH starts with `folder`, holding a user's own `configs` package."""
+  os.makedirs(folder / "configs", exist_ok=True)
+  (folder / "configs" / "__init__.py").write_text("MINE = True\n")
+  rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != ROOT]
+  return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), *path, *rest])}
+
+
+def test_a_users_own_configs_package_is_unaffected(tmp_path):
+  """dtvit imports no `configs`: a user's own package of that name (first on the path) neither breaks dtvit's
+  command line nor is replaced."""
+  env = _with_own_configs(tmp_path / "user", [ROOT])
+  code = "import configs, dtvit.main, dtvit.train, dtvit.sweep; assert configs.MINE; print('ok')"
+  run = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+  assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stderr[-3000:]
+  run = subprocess.run([sys.executable, "-m", "dtvit.main", "--help"], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert "--workdir" in run.stdout and "Traceback" not in run.stderr, run.stderr[-3000:]  # absl: --help exits 1
+
+
 @pytest.mark.slow
-def test_pip_install_puts_dtvit_and_its_recipes_on_the_path(tmp_path):
+def test_pip_install_puts_dtvit_on_the_path_and_no_configs(tmp_path):
   """`pip install --target` of a copy of the tracked sources (the build writes build/ and *.egg-info beside
   them), offline: no dependencies, the venv's setuptools; then imports from another folder."""
   src, target = tmp_path / "src", tmp_path / "site"
@@ -78,12 +103,11 @@ def test_pip_install_puts_dtvit_and_its_recipes_on_the_path(tmp_path):
   pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                         "--target", str(target), str(src)], capture_output=True, text=True)
   assert pip.returncode == 0, pip.stderr[-3000:]
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target)] + [
-      p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != ROOT])}
-  run = subprocess.run([sys.executable, "-c", _INSTALLED, str(target)], cwd=str(tmp_path), env=env,
-                       capture_output=True, text=True)
+  env = _with_own_configs(tmp_path / "user", [str(target)])
+  run = subprocess.run([sys.executable, "-c", _INSTALLED, str(target), os.path.join(ROOT, "configs")],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert run.stdout.split() == ["ok", str(target / "configs")]
+  assert run.stdout.split() == ["ok"]
   with open(target / "dtvit-0.1.0.dist-info" / "METADATA") as f:
     requires = {line.split(":", 1)[1].strip().split("<")[0].split(">")[0] for line in f if line.startswith(
         "Requires-Dist:")}

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import dtvit
-from dtvit import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
@@ -45,7 +44,7 @@ def test_latest_phase_reproduces_the_runs_snn_results(run_dir, snn):
   summary = _summary(run_dir)
   assert run.phase == "snn" and run.is_snn and run.model.mask.hard
   assert run.summary == summary["snn"]
-  assert run.config.model.num_steps == 3 and run.num_steps == 3
+  assert run.config.model.max_time_steps == 3 and run.max_time_steps == 3
   assert run.steps_per_module == summary["snn"]["per_module_time_steps"]
   assert {k: v.astype(int).tolist() for k, v in run.masks.items()} == summary["snn"]["masks"]
   assert run.average_time_steps == pytest.approx(summary["snn"]["average_time_steps"])
@@ -133,8 +132,8 @@ def test_import_dtvit_stays_light():
 
 @pytest.mark.slow
 def test_notebook_executes_against_a_run(run_dir):
-  import nbclient  # pylint: disable=g-import-not-at-top  # requirements-dev.txt
-  import nbformat  # pylint: disable=g-import-not-at-top
+  import nbclient  # requirements-dev.txt
+  import nbformat
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(params) == 1, "the notebook needs one cell tagged 'parameters'"
@@ -154,7 +153,7 @@ def test_notebook_executes_against_a_run(run_dir):
 
 
 def test_preprocess_is_the_pipelines_normalisation_and_the_spec_is_stored(run_dir, snn, tmp_path):
-  from dtvit.data import sources, spec  # pylint: disable=g-import-not-at-top
+  from dtvit.data import sources, spec
   run = snn
   raw = sources.digits_arrays()[2]                                   # the test split's raw [0, 1] images
   batch = next(run.batches())

@@ -12,7 +12,6 @@ the first in one window (sync_every 10 > 8 steps), so a bad step or a stop is fo
 import os
 import signal
 
-import jax
 import numpy as np
 import pytest
 
@@ -27,7 +26,7 @@ STEPS = 8
 
 
 def _config(tiny_config, **overrides):
-  return tiny_config(**{"phases": "ann", "ann.num_steps": STEPS, "ann.log_every": 100, "ann.checkpoint_every": 100,
+  return tiny_config(**{"phases": "ann", "ann.train_steps": STEPS, "ann.log_every": 100, "ann.checkpoint_every": 100,
                         "ann.max_to_keep": 20, **overrides})
 
 

@@ -190,7 +190,7 @@ def test_throughput_rates_pauses_and_eta():
 
 
 def test_hparams_are_the_flattened_config_in_the_event_file(tmp_path):
-  from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import plugin_hparams_pb2
   config = {'seed': 0, 'data': {'name': 'digits', 'mean': (), 'augment': {'flip': False}},
             'snn': {'optimizer': {'lr': 1e-4}}, 'model': {'neuron': {'alpha': None}}}
   flat = metrics.flatten_hparams(config)

@@ -32,11 +32,11 @@ def shapes(tree):
 @pytest.mark.parametrize("granularity", ["module", "layer"])
 def test_ann_and_snn_share_one_parameter_tree(arch, granularity):
   mask = models.MaskConfig(granularity=granularity)
-  ann = models.init(tiny(arch, phase="ann", num_steps=3, mask=mask), jax.random.key(0), IMG)
-  snn = models.init(tiny(arch, phase="snn", num_steps=3, mask=mask), jax.random.key(0), IMG)
+  ann = models.init(tiny(arch, phase="ann", max_time_steps=3, mask=mask), jax.random.key(0), IMG)
+  snn = models.init(tiny(arch, phase="snn", max_time_steps=3, mask=mask), jax.random.key(0), IMG)
   assert shapes(ann) == shapes(snn)
   # The ANN checkpoint's params run the SNN directly.
-  snn_model = tiny(arch, phase="snn", num_steps=3, mask=mask)
+  snn_model = tiny(arch, phase="snn", max_time_steps=3, mask=mask)
   logits = jax.jit(lambda v, x: models.apply_model(snn_model, v, x, with_aux=False))(ann, images())
   assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
   scores = models.time_step_scores(snn["params"])
@@ -50,7 +50,7 @@ def test_ann_and_snn_share_one_parameter_tree(arch, granularity):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
 def test_aux_reports_masks_rates_and_step_logits(arch):
-  model = tiny(arch, num_steps=4)
+  model = tiny(arch, max_time_steps=4)
   variables = models.init(model, jax.random.key(0), IMG)
   logits, aux = jax.jit(lambda v, x: models.apply_model(model, v, x))(variables, images())
   assert sorted(aux["masks"]) == ["blocks_0/attn", "blocks_0/mlp"]
@@ -68,7 +68,7 @@ def test_stem_pool_first_moves_the_neuron_after_the_pool():
   out = {}
   for pool_first in (False, True):
     for phase in ("ann", "snn"):
-      model = models.spikformer("tiny", 5, phase=phase, num_steps=2, stem_pool_first=pool_first)
+      model = models.spikformer("tiny", 5, phase=phase, max_time_steps=2, stem_pool_first=pool_first)
       variables = models.init(model, jax.random.key(0), IMG)
       logits, state = model.apply(variables, images(), train=False, capture_intermediates=True,
                                   mutable=["intermediates"])
@@ -84,7 +84,7 @@ def test_stem_pool_first_moves_the_neuron_after_the_pool():
 
 @pytest.mark.parametrize("arch", ["spikformer", "vit"])
 def test_masked_step_emits_no_spikes(arch):
-  model = tiny(arch, num_steps=4)
+  model = tiny(arch, max_time_steps=4)
   variables = models.init(model, jax.random.key(0), IMG)
   params = jax.tree.map(lambda a: a, variables["params"])
   params["blocks_0"]["attn"]["time_mask"]["time_scores"] = jnp.array([1.0, -1.0, 1.0, -1.0])
@@ -105,12 +105,12 @@ def test_masked_step_emits_no_spikes(arch):
 
 @pytest.mark.slow
 def test_fully_masked_block_is_identity():
-  model = tiny("vit", num_steps=3)
+  model = tiny("vit", max_time_steps=3)
   variables = models.init(model, jax.random.key(0), IMG)
   params = jax.tree.map(lambda a: a, variables["params"])
   for m in ("attn", "mlp"):
     params["blocks_0"][m]["time_mask"]["time_scores"] = -jnp.ones(3)
-  no_block = tiny("vit", num_steps=3, depth=0)
+  no_block = tiny("vit", max_time_steps=3, depth=0)
   p0 = {k: v for k, v in params.items() if k != "blocks_0"}
   bs0 = {k: v for k, v in variables["batch_stats"].items() if k != "blocks_0"}
   a = models.apply_model(model, {"params": params, "batch_stats": variables["batch_stats"]}, images(),
@@ -121,7 +121,7 @@ def test_fully_masked_block_is_identity():
 
 @pytest.mark.slow
 def test_gradients_reach_scores_weights_and_neuron_params():
-  model = tiny("vit", num_steps=3)
+  model = tiny("vit", max_time_steps=3)
   variables = models.init(model, jax.random.key(0), IMG)
   labels = jnp.array([1, 3])
 
@@ -139,7 +139,7 @@ def test_gradients_reach_scores_weights_and_neuron_params():
 
 
 def test_changing_scores_does_not_recompile():
-  model = tiny("vit", num_steps=4)
+  model = tiny("vit", max_time_steps=4)
   variables = models.init(model, jax.random.key(0), IMG)
 
   @jax.jit
@@ -185,7 +185,8 @@ def test_ann_to_snn_scales_thresholds():
   model = tiny("spikformer", phase="ann")
   params = models.init(model, jax.random.key(0), IMG)["params"]
   new = models.ann_to_snn(params, scale={"blocks_0/attn/q_lif": 0.5})
-  assert float(new["blocks_0"]["attn"]["q_lif"]["threshold"]) == 0.5 * float(params["blocks_0"]["attn"]["q_lif"]["threshold"])
+  q_threshold = float(params["blocks_0"]["attn"]["q_lif"]["threshold"])
+  assert float(new["blocks_0"]["attn"]["q_lif"]["threshold"]) == 0.5 * q_threshold
   assert float(new["blocks_0"]["attn"]["k_lif"]["threshold"]) == float(params["blocks_0"]["attn"]["k_lif"]["threshold"])
   assert float(models.ann_to_snn(params, scale=2.0)["head"]["kernel"][0, 0]) == float(params["head"]["kernel"][0, 0])
   with pytest.raises(ValueError, match="no neuron at \\['blocks_9/attn'\\]"):
@@ -193,7 +194,7 @@ def test_ann_to_snn_scales_thresholds():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_steps=0), "T_max \\(num_steps\\) must be an integer >= 1"),
+    (dict(max_time_steps=0), "T_max \\(max_time_steps\\) must be an integer >= 1"),
     (dict(phase="hybrid"), "Unknown phase 'hybrid'"),
     (dict(neuron=models.NeuronConfig(neuron="adex")), "Unknown neuron 'adex'"),
     (dict(neuron=models.NeuronConfig(surrogate="erf")), "Unknown surrogate 'erf'"),

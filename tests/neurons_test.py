@@ -31,19 +31,19 @@ NEURON_CASES = [
     dict(neuron="lif", leak=0.8, threshold=1.0),
     dict(neuron="lif", leak=1.3, threshold=0.7),  # leak clamps to 1
     dict(neuron="if", threshold=0.5),
-    dict(neuron="spikformer", threshold=1.0, tau=2.0),
-    dict(neuron="spikformer", threshold=0.5, tau=2.0, reset="soft"),
+    dict(neuron="spikingjelly_lif", threshold=1.0, tau=2.0),
+    dict(neuron="spikingjelly_lif", threshold=0.5, tau=2.0, reset="soft"),
 ]
 
 
 def loop_reference(current_TX, neuron, leak=1.0, threshold=1.0, tau=2.0, reset=None):
   """Plain NumPy loop over steps, written independently of dtvit.neurons."""
-  reset = reset or ("hard" if neuron == "spikformer" else "soft")
+  reset = reset or ("hard" if neuron == "spikingjelly_lif" else "soft")
   lam = min(max(leak, 0.0), 1.0) if neuron == "lif" else 1.0
   u = np.zeros(current_TX.shape[1:], np.float64)
   spikes, membranes = [], []
   for i in np.asarray(current_TX, np.float64):
-    h = u + (i - u) / tau if neuron == "spikformer" else lam * u + i
+    h = u + (i - u) / tau if neuron == "spikingjelly_lif" else lam * u + i
     s = (h >= threshold).astype(np.float64)
     u = h - threshold * s if reset == "soft" else h * (1 - s)
     spikes.append(s)
@@ -111,7 +111,7 @@ def test_gradients_reach_leak_and_threshold():
 def test_detached_hard_reset_blocks_reset_gradient():
   current = jnp.array([[1.2], [0.7], [0.9]])
   grad = lambda detach: jax.grad(lambda c: jnp.sum(_multistep(
-      c, neuron="spikformer", surrogate="sigmoid", detach_reset=detach)))(current)
+      c, neuron="spikingjelly_lif", surrogate="sigmoid", detach_reset=detach)))(current)
   assert not np.allclose(grad(True), grad(False))
 
 
@@ -136,7 +136,7 @@ def test_bad_arguments(kwargs, match):
     _multistep(jnp.ones((3, 2)), **kwargs)
 
 
-@pytest.mark.parametrize("neuron", ["lif", "if", "spikformer"])
+@pytest.mark.parametrize("neuron", ["lif", "if", "spikingjelly_lif"])
 def test_a_skip_masked_step_does_not_exist_for_the_neuron(neuron):
   """With mask [1, 0, 0, 1, 1] the neuron's spikes at the active steps equal those of a run over the active
   steps' inputs alone (membrane held: no leak, no charge at masked steps), and it emits nothing at masked steps;
@@ -159,9 +159,9 @@ def test_a_skip_masked_step_does_not_exist_for_the_neuron(neuron):
 _NEURON_CASES = [
     ("lif", "pwl", "soft", False, False, 0.0), ("lif", "sigmoid", "hard", True, True, 0.5),
     ("lif", "atan", "soft", True, False, 0.5), ("if", "pwl", "hard", False, True, 0.0),
-    ("if", "atan", "soft", False, False, 0.5), ("spikformer", "sigmoid", "hard", True, False, 0.0),
-    ("spikformer", "sigmoid", "hard", True, True, 0.5), ("spikformer", "pwl", "soft", False, False, 0.5),
-    ("spikformer", "atan", "hard", False, False, 0.0),
+    ("if", "atan", "soft", False, False, 0.5), ("spikingjelly_lif", "sigmoid", "hard", True, False, 0.0),
+    ("spikingjelly_lif", "sigmoid", "hard", True, True, 0.5), ("spikingjelly_lif", "pwl", "soft", False, False, 0.5),
+    ("spikingjelly_lif", "atan", "hard", False, False, 0.0),
 ]
 
 

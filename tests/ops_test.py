@@ -68,8 +68,8 @@ def test_max_pool_routes_ties_to_first_maximum():
 def test_model_fused_equals_reference(pool_first):
   """A whole tiny Spikformer (convs, pools, every neuron): kernels='fused' gives the same logits and the same
   parameter gradients as kernels='reference', and the two trace different programs."""
-  model = models.spikformer("tiny", 10, num_steps=3, stem_pool_first=pool_first,
-                            neuron=NeuronConfig(neuron="spikformer", surrogate="sigmoid"))
+  model = models.spikformer("tiny", 10, max_time_steps=3, stem_pool_first=pool_first,
+                            neuron=NeuronConfig(neuron="spikingjelly_lif", surrogate="sigmoid"))
   variables = models.init(model, jax.random.key(0), (8, 8, 3))
   images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   labels = jnp.arange(4) % 10
@@ -106,7 +106,7 @@ def test_remat_blocks_is_exact_and_bounds_memory(arch):
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   out, temp = {}, {}
   for remat in (False, "blocks"):
-    kw = dict(num_steps=2, neuron=NeuronConfig(remat=remat), mask=models.MaskConfig(mode="sigmoid"))
+    kw = dict(max_time_steps=2, neuron=NeuronConfig(remat=remat), mask=models.MaskConfig(mode="sigmoid"))
     model = (models.spikformer("tiny", 10, dim=32, depth=4, **kw) if arch == "spikformer"
              else models.vit("tiny", 10, patch_size=4, depth=2, **kw))
     variables = models.init(model, jax.random.key(0), (16, 16, 3))

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from configs import common
+from dtvit import recipes
 from dtvit import energy
 from dtvit import models
 from dtvit import optim
@@ -52,7 +52,7 @@ def test_setting_config_is_the_papers(name):
     # A thin wrapper: the setting's config is the recipe's, nothing added.
     assert config.to_dict() == importlib.import_module(recipe).get_config(s.arg + mode).to_dict()
     assert config.model.arch == "spikformer" and config.model.variant == variant
-    assert config.model.num_steps == T_MAX
+    assert config.model.max_time_steps == T_MAX
     assert config.model.mask.enabled and config.snn.time_cost > 0 and config.snn.target_steps == 4.97
     assert config.data.name == data_name and config.phases == phases
     data = settings.dataset(config)
@@ -60,10 +60,10 @@ def test_setting_config_is_the_papers(name):
     snn_epochs = ep_ann if mode == ",direct" else ep_snn
     for phase, epochs in (("ann", ep_ann), ("snn", snn_epochs)):
       assert config[phase].batch_size == batch
-      assert config[phase].num_steps == epochs * data.num_train // batch
+      assert config[phase].train_steps == epochs * data.num_train // batch
   model = models.build_model(config.model, data.num_classes, phase="ann")
   assert (model.depth, model.dim, model.num_heads) == (depth, dim, heads)
-  assert model.num_steps == T_MAX
+  assert model.max_time_steps == T_MAX
   assert (side // 2 ** sum(model.stem_pools)) ** 2 == tokens
 
 
@@ -119,7 +119,7 @@ def test_setting_tiny_variant_trains(group, tmp_path, image_folder):
   config.data.data_dir = str(tmp_path / "data_dir")
   config.data.image_size = 32
   config.data.mean = config.data.std = ()
-  config.ann.num_steps = config.snn.num_steps = 2
+  config.ann.train_steps = config.snn.train_steps = 2
   config.ann.batch_size = config.snn.batch_size = 8
   config.snn.mixup_off_step = 1  # mixes at step 0 only: both branches of the schedule run
   config.eval_batch_size = 64
@@ -129,7 +129,7 @@ def test_setting_tiny_variant_trains(group, tmp_path, image_folder):
   assert summary["phases"] == phases
   assert all(summary[p]["steps"] == 2 and 0 <= summary[p]["test_accuracy"] <= 1 for p in phases)
   snn = summary["snn"]
-  assert snn["T_max"] == config.model.num_steps
+  assert snn["T_max"] == config.model.max_time_steps
   assert 0 <= snn["average_time_steps"] <= snn["T_max"]
   assert all(0 <= v <= snn["T_max"] for v in snn["per_module_time_steps"].values())
 
@@ -196,7 +196,7 @@ def test_every_resolved_recipe_equals_the_reference_table(name):
 def test_reference_table_is_the_official_recipe_where_it_says_so():
   """The table's official values are the recipes' SPIKFORMER dicts (two independent copies of the facts)."""
   rows = {r.name: r for r in reference.ROWS}
-  for family, o in common.SPIKFORMER.items():
+  for family, o in recipes.SPIKFORMER.items():
     assert rows["global batch"].official[family] == o["batch_size"]
     assert rows["peak lr"].official[family] == o["lr"]
     assert rows["weight decay"].official[family] == o["weight_decay"]
@@ -223,10 +223,10 @@ def _official_params(depth: int, dim: int, classes: int, family: str) -> int:
 
 
 def _counts(config, classes, side):
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit.models import paths  # pylint: disable=g-import-not-at-top
+  import flax
+  import jax
+  import jax.numpy as jnp
+  from dtvit.models import paths
   model = models.build_model(config.model, classes, phase="ann")
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False))
   flat = flax.traverse_util.flatten_dict(shapes["params"])
@@ -254,10 +254,10 @@ def test_parameter_counts_equal_the_official_ones(name, official):
 
 
 def test_pre_bn_bias_changes_no_output_and_gets_no_gradient():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  plain = models.spikformer("tiny", 4, num_steps=2, phase="snn")
-  biased = models.spikformer("tiny", 4, num_steps=2, phase="snn",
+  import jax
+  import jax.numpy as jnp
+  plain = models.spikformer("tiny", 4, max_time_steps=2, phase="snn")
+  biased = models.spikformer("tiny", 4, max_time_steps=2, phase="snn",
                              layer_cfg=models.LayerConfig(pre_bn_bias=("q", "proj", "fc1")))
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   v = models.init(biased, jax.random.key(0), (32, 32, 3))
@@ -281,8 +281,8 @@ def test_pre_bn_bias_changes_no_output_and_gets_no_gradient():
 
 
 def test_initialisers_follow_their_definitions():
-  import jax  # pylint: disable=g-import-not-at-top
-  from dtvit.models import settings as model_settings  # pylint: disable=g-import-not-at-top
+  import jax
+  from dtvit.models import settings as model_settings
   cfg = model_settings.LayerConfig(dense_init="trunc_normal_0.02", conv_init="torch_default")
   w = np.asarray(cfg.init("dense_init")(jax.random.key(0), (384, 1536)))
   assert abs(w.std() - 0.02) < 0.001 and abs(w.mean()) < 0.001
@@ -303,9 +303,9 @@ def test_initialisers_follow_their_definitions():
 
 
 def test_hinge_hard_is_the_reported_average_above_the_target():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import masks  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from dtvit import masks
   scores = {"a": jnp.array([1.0, -0.5, 0.3, 2.0]), "b": jnp.array([-1.0, 0.2, 0.4, -0.1])}  # 3 and 2 steps on
   for semantics, t_avg in (("skip", 2.5), ("filter", 3.5)):  # 'filter' counts b's steps up to its last active
     counts = masks.step_counts({n: masks.hard_mask(s) for n, s in scores.items()}, {"a": (masks.OUTPUT,),
@@ -326,8 +326,8 @@ def test_hinge_hard_is_the_reported_average_above_the_target():
 
 
 def test_clip_except_scores_leaves_the_scores_alone():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import optim  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from dtvit import optim
   grads = {"blocks_0": {"attn": {"q": {"kernel": jnp.full((2, 2), 3.0)},
                                  "time_mask": {"time_scores": jnp.full((4,), 50.0)}}},
            "head": {"bias": jnp.array([4.0])}}
@@ -341,8 +341,8 @@ def test_clip_except_scores_leaves_the_scores_alone():
 
 
 def test_cooldown_holds_the_final_rate():
-  from configs import common as c  # pylint: disable=g-import-not-at-top
-  from dtvit import optim  # pylint: disable=g-import-not-at-top
+  from dtvit import recipes as c
+  from dtvit import optim
   pc = c.phase_config(steps=100, lr=1.0, batch_size=8)
   pc.optimizer.update(warmup_steps=10, cooldown_steps=20, end_lr_factor=0.1)
   sched = optim.learning_rate_schedule(pc.optimizer, 100)
@@ -361,15 +361,15 @@ def test_calibration_rejects_what_it_does_not_model():
   config = settings.get_config("cifar10_4_384")
   config.snn.temperature_end = 0.1
   with pytest.raises(ValueError, match="constant mask temperature"):
-    common.calibrate_masks(config)
+    recipes.calibrate_masks(config)
   config = settings.get_config("cifar10_4_384")
   config.model.mask.granularity = "layer"
   with pytest.raises(ValueError, match="granularity='layer'"):
-    common.calibrate_masks(config)
+    recipes.calibrate_masks(config)
   config = settings.get_config("cifar10_4_384")
   config.snn.optimizer.score_optimizer = "adam"
   with pytest.raises(ValueError, match="for the 'sgd' score optimizer"):
-    common.calibrate_masks(config)
+    recipes.calibrate_masks(config)
 
 
 PHASES = list(score_dynamics.unique_phases().values())
@@ -397,7 +397,7 @@ def test_score_dynamics_reach_the_target_before_60_percent(phase, members):
                                                temperature=phase.pc.temperature_start,
                                                momentum=phase.pc.optimizer.score_momentum)
   assert alone["reached_step"] == pytest.approx(travel(alone["initial_scores"][k - 1]), rel=0.01)
-  assert travel(phase.mask.score_init) == pytest.approx(common.SCORE_REACH_FRACTION * phase.steps, rel=1e-6)
+  assert travel(phase.mask.score_init) == pytest.approx(recipes.SCORE_REACH_FRACTION * phase.steps, rel=1e-6)
   assert 0.1 < alone["reached_fraction"] < 0.4
   modelled = score_dynamics.simulate(phase, pull=0.9, noise=2.0)
   assert modelled["reached_fraction"] is not None and modelled["reached_fraction"] < score_dynamics.DEADLINE

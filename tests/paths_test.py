@@ -18,8 +18,8 @@ CASES = [("spikformer", "module", False), ("spikformer", "layer", True), ("vit",
 def _model(arch, granularity, mask_stem):
   mask = models.MaskConfig(granularity=granularity, mask_stem=mask_stem)
   if arch == "spikformer":
-    return models.spikformer("tiny", 10, depth=2, num_steps=2, mask=mask)
-  return models.vit("tiny", 10, patch_size=4, depth=2, num_steps=2, mask=mask)
+    return models.spikformer("tiny", 10, depth=2, max_time_steps=2, mask=mask)
+  return models.vit("tiny", 10, patch_size=4, depth=2, max_time_steps=2, mask=mask)
 
 
 def _trace(model):
@@ -59,13 +59,26 @@ def test_units_scores_and_neurons_are_the_models(arch, granularity, mask_stem):
   assert set(collected["attention_rates"]) == {m for m in paths.masked_modules(model) if m.endswith(paths.ATTN)}
 
 
+# The counted layers of the two depth-2 models: spikformer's stem (4 convs, rpe), 2 x (q, k, v, qk, qkv, proj,
+# fc1, fc2), head; ViT's patch embedding, 2 x the same 8, head.
+NUM_LAYERS = {"spikformer": 22, "vit": 18}
+# The units that gate no counted layer: a masked stem's unit fed only by the analog input layer (its MACs are
+# analog, never gated): spikformer's first stem neuron, ViT's whole stem.
+UNGATED = {("spikformer", "layer", True): {"embedding/conv0_lif"}, ("vit", "module", True): {"embedding"}}
+
+
 @pytest.mark.parametrize("arch,granularity,mask_stem", CASES)
 def test_every_counted_layer_has_its_gating_unit(arch, granularity, mask_stem):
   """Each synaptic layer of a masked module (and each attention product) is gated by a unit of that module;
-  the analog layer and the layers outside masked modules by none."""
+  the analog layer and the layers outside masked modules by none; every unit but `UNGATED` gates a layer."""
   model = _model(arch, granularity, mask_stem)
   units = paths.mask_units(model)
-  for layer, c in energy.op_counts(model, (16, 16, 3)).items():
+  counts = energy.op_counts(model, (16, 16, 3))
+  assert len(counts) == NUM_LAYERS[arch] and len(units) >= 4
+  gated = {c["module"] for c in counts.values() if c["module"] is not None}
+  assert gated == set(units) - UNGATED.get((arch, granularity, mask_stem), set())
+  assert sum(c["kind"] == "analog" for c in counts.values()) == 1
+  for layer, c in counts.items():
     owner = paths.owner(layer, paths.masked_modules(model))
     if c["kind"] == "analog" or owner is None:
       assert c["module"] is None, layer

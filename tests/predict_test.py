@@ -50,7 +50,8 @@ def test_evaluate_reproduces_the_runs_results(tiny_run):
     assert out[key] == snn[key]
   assert out["energy"]["totals"] == pytest.approx(snn["energy"]["totals"], rel=1e-6)
   ann = evaluate.evaluate_workdir(tiny_run, phase="ann", split="train", examples=100)
-  assert ann["phase"] == "ann" and ann["count"] == 100 and set(ann) == {"phase", "step", "finished", "data", "count", "accuracy"}
+  assert ann["phase"] == "ann" and ann["count"] == 100
+  assert set(ann) == {"phase", "step", "finished", "data", "count", "accuracy"}
 
 
 @pytest.mark.slow
@@ -110,7 +111,7 @@ def test_predict_command_line(run, tiny_run, digit_folder):
 @pytest.fixture(scope="module")
 def unfinished_run(tiny_run, tmp_path_factory):
   """The tiny run as it was before its SNN phase started: the ANN finished, no summary.json."""
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
   workdir = tmp_path_factory.mktemp("unfinished") / "run"
   shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("snn", "summary.json"))
   return str(workdir)
@@ -130,7 +131,7 @@ def _cli(capsys, main, argv):
 def _commands(workdir, tmp_path):
   image = str(tmp_path / "seven.png")
   Image.fromarray(np.full((8, 8), 128, np.uint8)).save(image)
-  from dtvit import export  # pylint: disable=g-import-not-at-top
+  from dtvit import export
   return {"evaluate": (evaluate.main, ["--workdir", workdir, "--examples=8"]),
           "predict": (predict.main, ["--workdir", workdir, image]),
           "export": (export.main, ["--workdir", workdir, "--out", str(tmp_path / "export")])}
@@ -169,7 +170,7 @@ def test_the_commands_say_which_phase_and_step_they_use(tiny_run, tmp_path, caps
 
 
 def test_user_errors_after_training_are_one_line_with_status_1(tiny_run, tmp_path, capsys):
-  import shutil  # pylint: disable=g-import-not-at-top
+  import shutil
   (tmp_path / "empty").mkdir()
   damaged = tmp_path / "damaged"
   shutil.copytree(tiny_run, damaged)
@@ -184,7 +185,7 @@ def test_user_errors_after_training_are_one_line_with_status_1(tiny_run, tmp_pat
       assert status == 1 and out == "" and len(err) == 1, (name, workdir, err)
       assert err[0].startswith(f"error: dtvit.{name}: {start}") and part in err[0], err
   # An output folder that cannot be written: said before any work.
-  from dtvit import export  # pylint: disable=g-import-not-at-top
+  from dtvit import export
   for main, argv in [(export.main, ["--workdir", tiny_run, "--out", str(tmp_path / "a_file" / "export")]),
                      (evaluate.main, ["--workdir", tiny_run, "--out", str(tmp_path / "a_file" / "x.json")])]:
     status, out, err = _cli(capsys, main, argv)

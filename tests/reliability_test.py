@@ -47,7 +47,7 @@ STEPS, EVERY = 12, 3
 # The CLI spelling of `_config()`: both write the same config.json (checked below).
 CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", "--config.model.variant=tiny",
               "--config.model.patch_size=2", "--config.eval_fixed_steps=False", "--config.phases=ann",
-              f"--config.ann.num_steps={STEPS}", f"--config.ann.checkpoint_every={EVERY}",
+              f"--config.ann.train_steps={STEPS}", f"--config.ann.checkpoint_every={EVERY}",
               "--config.ann.log_every=1", "--config.ann.max_to_keep=10"]
 TIME_KEYS = ("train_time_s", "cpu_time_s", "wall_time_s", "workdir")
 
@@ -73,7 +73,7 @@ _LAUNCHER = textwrap.dedent("""
 
 
 def _config(tiny_config, **overrides):
-  return tiny_config(**{"phases": "ann", "ann.num_steps": STEPS, "ann.checkpoint_every": EVERY,
+  return tiny_config(**{"phases": "ann", "ann.train_steps": STEPS, "ann.checkpoint_every": EVERY,
                         "ann.log_every": 1, "ann.max_to_keep": 10, **overrides})
 
 
@@ -220,8 +220,8 @@ def test_sigkill_anywhere_then_rerun_is_bitwise_exact(reference, cache, tmp_path
 
 
 # Both phases, 8 steps each, a checkpoint every 2; the kills: each at a step the child has logged, in its phase.
-BOTH_PHASES = ["--config.phases=ann,snn", "--config.ann.num_steps=8", "--config.ann.checkpoint_every=2",
-               "--config.snn.num_steps=8", "--config.snn.checkpoint_every=2", "--config.snn.log_every=1",
+BOTH_PHASES = ["--config.phases=ann,snn", "--config.ann.train_steps=8", "--config.ann.checkpoint_every=2",
+               "--config.snn.train_steps=8", "--config.snn.checkpoint_every=2", "--config.snn.log_every=1",
                "--config.snn.max_to_keep=10"]
 KILL_SCHEDULE = [("ann", 5), ("snn", 3), ("snn", 6)]
 
@@ -349,7 +349,7 @@ def test_nonfinite_error_names_step_and_module_and_keeps_the_last_good_checkpoin
 @pytest.mark.slow
 def test_nonfinite_skip_policy_leaves_the_state_unchanged_for_that_batch(tiny_config, tmp_path, caplog, saved_state,
                                                                          same_tree, inject_inf):
-  config = _config(tiny_config, **{"ann.num_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
+  config = _config(tiny_config, **{"ann.train_steps": 4, "ann.checkpoint_every": 1, "ann.nonfinite": "skip"})
   summary = train.run(config, str(tmp_path), batch_hook=inject_inf(at_step=1))
   assert "step 2 skipped (params unchanged), first non-finite module: 'embedding/patch'" in caplog.text
   s1, s2, s3 = (saved_state(_ckpt_dir(str(tmp_path)), k) for k in (1, 2, 3))
@@ -601,8 +601,8 @@ def test_mistyped_config_keys_and_values_are_errors(tiny_config):
                        ("--config.model.neuron.surogate=atan", 'Did you mean "surrogate" instead of "surogate"')]:
     with pytest.raises((AttributeError, KeyError), match=message):
       _parse_cli("--config=configs/quickstart.py:tiny", bad)
-  with pytest.raises(flags.IllegalFlagValueError, match="--config.snn.num_steps=1.5: invalid literal for int"):
-    _parse_cli("--config=configs/quickstart.py:tiny", "--config.snn.num_steps=1.5")
+  with pytest.raises(flags.IllegalFlagValueError, match="--config.snn.train_steps=1.5: invalid literal for int"):
+    _parse_cli("--config=configs/quickstart.py:tiny", "--config.snn.train_steps=1.5")
   with pytest.raises(flags.IllegalFlagValueError, match="Unknown quickstart argument 'tiyn'"):
     _parse_cli("--config=configs/quickstart.py:tiyn")
   config = _config(tiny_config)

@@ -82,7 +82,7 @@ def test_report_errors_for_a_missing_workdir(tmp_path):
 
 
 def test_training_curves_section_reads_the_event_files(tmp_path):
-  from dtvit import metrics  # pylint: disable=g-import-not-at-top
+  from dtvit import metrics
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps({"phases": "ann,snn,finetune"}))

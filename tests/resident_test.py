@@ -116,7 +116,7 @@ def test_configs_it_cannot_serve_are_refused_before_anything_is_written(tiny_con
 
 @pytest.mark.slow
 def test_a_run_on_resident_data_trains_and_resumes_bitwise(tiny_config, tmp_path, saved_state, same_tree):
-  config = tiny_config(**{"phases": "ann", "ann.num_steps": 6, "ann.checkpoint_every": 3, "ann.log_every": 3,
+  config = tiny_config(**{"phases": "ann", "ann.train_steps": 6, "ann.checkpoint_every": 3, "ann.log_every": 3,
                           "data.placement": "device", "data.augment.flip": True,
                           "data.augment.mixup_alpha": 0.5, "mesh.num_devices": 2})
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
@@ -133,7 +133,7 @@ def test_a_run_on_resident_data_trains_and_resumes_bitwise(tiny_config, tmp_path
 
 
 def test_a_run_from_before_data_placement_resumes_under_the_default(tiny_config, tmp_path):
-  config = tiny_config(**{"phases": "ann", "ann.num_steps": 2, "mesh.num_devices": 1})
+  config = tiny_config(**{"phases": "ann", "ann.train_steps": 2, "mesh.num_devices": 1})
   workdir = str(tmp_path)
   summary = train.run(config, workdir)
   path = os.path.join(workdir, "config.json")

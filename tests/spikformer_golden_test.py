@@ -8,8 +8,8 @@ experiments/benchmarks/make_golden.py, which states how to rerun it; no torch is
 dtvit's model: `models.spikformer(...)` with `NeuronConfig.preset('spikingjelly')`, `stem_pool_first=True` (the
 stem pools before its neurons, as SpikingJelly's does) and masks off. The weights are mapped from torch's
 layouts; SpikingJelly's fused Q/K/V 1x1 conv (and its batch norm) is split into dtvit's three Dense layers.
-Checked on both kernel paths (the model's `kernels='fused' / 'reference'`), in eval mode (running statistics) and train mode
-(batch statistics):
+Checked on both kernel paths (the model's `kernels='fused' / 'reference'`), in eval mode (running statistics)
+and train mode (batch statistics):
 - logits within LOGITS_ATOL (measured: max |diff| 1.5e-8 eval, 3.0e-8 train, on logits up to 0.16);
 - per-step spike counts of every LIF layer (SpikingJelly's qkv_lif split into its Q, K, V thirds) equal
   (measured: identical, 19 neuron layers x 4 steps, both modes and paths);
@@ -54,7 +54,7 @@ def _model(surrogate_input="difference"):
   _, meta = _golden()
   s = meta["settings"]
   return models.spikformer("tiny", s["classes"], depth=s["depth"], dim=s["dim"], num_heads=s["heads"],
-                           mlp_ratio=s["mlp_ratio"], num_steps=s["T"], stem_pools=(False, False, True, True),
+                           mlp_ratio=s["mlp_ratio"], max_time_steps=s["T"], stem_pools=(False, False, True, True),
                            stem_pool_first=True, mask=MaskConfig(enabled=False),
                            neuron=NeuronConfig.preset("spikingjelly", surrogate_input=surrogate_input))
 

@@ -18,8 +18,10 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 def test_axis_product_zipped_chain():
   a, b = sweep.axis("snn.time_cost", [0.01, 0.03]), sweep.axis("model.mask.semantics", ["skip", "filter"])
   assert sweep.product(a, b) == [
-      {"snn.time_cost": 0.01, "model.mask.semantics": "skip"}, {"snn.time_cost": 0.01, "model.mask.semantics": "filter"},
-      {"snn.time_cost": 0.03, "model.mask.semantics": "skip"}, {"snn.time_cost": 0.03, "model.mask.semantics": "filter"}]
+      {"snn.time_cost": 0.01, "model.mask.semantics": "skip"},
+      {"snn.time_cost": 0.01, "model.mask.semantics": "filter"},
+      {"snn.time_cost": 0.03, "model.mask.semantics": "skip"},
+      {"snn.time_cost": 0.03, "model.mask.semantics": "filter"}]
   assert sweep.zipped(a, b) == [{"snn.time_cost": 0.01, "model.mask.semantics": "skip"},
                                 {"snn.time_cost": 0.03, "model.mask.semantics": "filter"}]
   base = sweep.named("base", {"phases": "ann"})
@@ -50,9 +52,10 @@ def _quickstart():
     ("snn.time_cst=0.1", r'snn.time_cst: config.snn has no key .time_cst.; did you mean "time_cost"'),
     ("time_cost=0.1", "no top-level 'time_cost'; it is a key of a section: did you mean ann.time_cost"),
     ("snn=0.1", "snn is a section of the config, not a value"),
+    ("ann.num_steps=5", "ann.num_steps was renamed: it is now ann.train_steps"),
     ("snn.time_cost=abc", "--config.snn.time_cost=abc: could not convert string to float"),
     ("model.mask.enabled=maybe", "--config.model.mask.enabled=maybe: .*Non-boolean argument"),
-    ("model.num_steps=2.5", r"--config.model.num_steps=2.5: invalid literal for int\(\)"),
+    ("model.max_time_steps=2.5", r"--config.model.max_time_steps=2.5: invalid literal for int\(\)"),
 ])
 def test_bad_grid_values_fail_before_training(grid, match):
   module, arg = _quickstart()
@@ -80,12 +83,12 @@ def test_expand_grid_and_file(tmp_path):
       qs = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(qs)
       get_config = qs.get_config
       def get_sweep(arg):
-        return sweep.zipped(sweep.axis("model.num_steps", [2, 3]), sweep.axis("snn.time_cost", [0.1, 0.2]))
+        return sweep.zipped(sweep.axis("model.max_time_steps", [2, 3]), sweep.axis("snn.time_cost", [0.1, 0.2]))
       """))
   module2, arg2 = sweep.load_config_module(f"{path}:tiny")
   names = [sweep.point_name(p) for p in sweep.expand(module2, arg2, ["seed=0,1"])]
-  assert names == ["model.num_steps=2,snn.time_cost=0.1,seed=0", "model.num_steps=2,snn.time_cost=0.1,seed=1",
-                   "model.num_steps=3,snn.time_cost=0.2,seed=0", "model.num_steps=3,snn.time_cost=0.2,seed=1"]
+  assert names == ["model.max_time_steps=2,snn.time_cost=0.1,seed=0", "model.max_time_steps=2,snn.time_cost=0.1,seed=1",
+                   "model.max_time_steps=3,snn.time_cost=0.2,seed=0", "model.max_time_steps=3,snn.time_cost=0.2,seed=1"]
   with pytest.raises(ValueError, match="share the workdir name"):
     sweep.expand(module2, arg2, ["seed=0,0"])
   with pytest.raises(ValueError, match="config file .*missing.py not found"):
@@ -95,17 +98,17 @@ def test_expand_grid_and_file(tmp_path):
 def test_names_round_trip(tmp_path):
   """name -> values -> config gives the config of the point itself, also for values that need escaping."""
   module, arg = _quickstart()
-  point = {"snn.time_cost": 0.03, "model.num_steps": 4, "model.mask.enabled": False,
+  point = {"snn.time_cost": 0.03, "model.max_time_steps": 4, "model.mask.enabled": False,
            "model.stem_pools": (True, False, False, True), "data.name": "a/b,c=d e"}
   name = sweep.point_name(point)
-  assert "/" not in name and name.startswith("snn.time_cost=0.03,model.num_steps=4,model.mask.enabled=False,")
+  assert "/" not in name and name.startswith("snn.time_cost=0.03,model.max_time_steps=4,model.mask.enabled=False,")
   values = sweep.parse_name(name)
-  assert values == {"snn.time_cost": "0.03", "model.num_steps": "4", "model.mask.enabled": "False",
+  assert values == {"snn.time_cost": "0.03", "model.max_time_steps": "4", "model.mask.enabled": "False",
                     "model.stem_pools": "(True, False, False, True)", "data.name": "a/b,c=d e"}
   direct = sweep.point_config(module, arg, point, str(tmp_path))
   from_name = sweep.point_config(module, arg, values, str(tmp_path))
   assert from_name.to_dict() == direct.to_dict()
-  assert direct.model.stem_pools == (True, False, False, True) and direct.model.num_steps == 4
+  assert direct.model.stem_pools == (True, False, False, True) and direct.model.max_time_steps == 4
   assert sweep.point_name(sweep.named("ann", {"phases": "ann"})) == "ann"
   with pytest.raises(ValueError, match="not a name made of key=value"):
     sweep.parse_name("ann")
@@ -213,9 +216,9 @@ qs = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(qs)
 def get_config(arg=""):
   c = qs.get_config("tiny")
   c.model.arch, c.model.variant, c.model.patch_size = "vit", "tiny", 2
-  c.model.num_steps = 2
+  c.model.max_time_steps = 2
   c.eval_fixed_steps = False
-  c.ann.num_steps, c.snn.num_steps = 4, 3
+  c.ann.train_steps, c.snn.train_steps = 4, 3
   c.ann.checkpoint_every = c.snn.checkpoint_every = 2
   c.mesh.num_devices = 1
   return c
@@ -229,7 +232,7 @@ def get_sweep(arg):
 def test_tiny_sweep_trains_skips_resumes_and_tabulates(tmp_path, capsys):
   """Two points on digits: one interrupted beforehand (resumed in its workdir), one fresh; a rerun skips
   both; the table's values are the runs' summaries."""
-  from dtvit import train  # pylint: disable=g-import-not-at-top
+  from dtvit import train
   config_file = tmp_path / "tiny.py"
   config_file.write_text(TINY.format(quickstart=QUICKSTART))
   root = str(tmp_path / "sweep")

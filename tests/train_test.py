@@ -13,7 +13,6 @@ import optax
 import pytest
 
 from configs import cifar10_spikformer
-from configs import quickstart
 from dtvit import checkpointing
 from dtvit import data
 from dtvit import metrics
@@ -41,7 +40,7 @@ def load_params(phase_dir):
 def ann_run(tiny_config, tmp_path_factory):
   """One tiny ANN phase shared by the SNN tests."""
   workdir = str(tmp_path_factory.mktemp("ann"))
-  config = tiny_config(**{"phases": "ann", "ann.num_steps": 30, "ann.optimizer.lr": 3e-3})
+  config = tiny_config(**{"phases": "ann", "ann.train_steps": 30, "ann.optimizer.lr": 3e-3})
   summary = train.run(config, workdir)
   return workdir, summary
 
@@ -50,7 +49,8 @@ def ann_run(tiny_config, tmp_path_factory):
 def test_ann_then_snn_on_8_devices_with_summary(tiny_config, tmp_path):
   assert jax.device_count() == 8
   workdir = str(tmp_path)
-  config = tiny_config(**{"ann.num_steps": 20, "ann.optimizer.lr": 3e-3, "snn.num_steps": 6, "eval_fixed_steps": True})
+  config = tiny_config(**{"ann.train_steps": 20, "ann.optimizer.lr": 3e-3, "snn.train_steps": 6,
+                          "eval_fixed_steps": True})
   summary = train.run(config, workdir)
   with open(os.path.join(workdir, "summary.json")) as f:
     on_disk = json.load(f)
@@ -62,7 +62,7 @@ def test_ann_then_snn_on_8_devices_with_summary(tiny_config, tmp_path):
               "per_module_time_steps", "spike_rates", "energy"):
     assert key in snn, key
   assert sorted(snn["per_module_time_steps"]) == ["blocks_0/attn", "blocks_0/mlp"]
-  assert 0 <= snn["average_time_steps"] <= config.model.num_steps
+  assert 0 <= snn["average_time_steps"] <= config.model.max_time_steps
   energy = snn["energy"]["totals"]
   assert 0 < energy["snn_energy_j"] and 0 < energy["ann_energy_j"]
   assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
@@ -76,12 +76,12 @@ def test_time_step_cost_lowers_learned_steps(tiny_config, ann_run, tmp_path):
   ann_dir, _ = ann_run
   steps = {}
   for cost in (0.0, 1.0):
-    config = tiny_config(**{"phases": "snn", "snn.num_steps": 12, "snn.time_cost": cost,
+    config = tiny_config(**{"phases": "snn", "snn.train_steps": 12, "snn.time_cost": cost,
                             "snn.optimizer.score_lr": 0.3,
                             "snn.init_from": os.path.join(ann_dir, "ann", "checkpoints")})
     s = train.run(config, str(tmp_path / f"cost{cost}"))
     steps[cost] = s["snn"]["average_time_steps"]
-  assert steps[0.0] == config.model.num_steps  # nothing pushes the open masks down
+  assert steps[0.0] == config.model.max_time_steps  # nothing pushes the open masks down
   assert steps[1.0] < steps[0.0]
 
 
@@ -105,7 +105,7 @@ def test_ann_checkpoint_restores_into_snn_with_converted_thresholds(tiny_config,
 
 def test_ann_checkpoint_of_another_t_max_starts_the_scores_fresh(tiny_config, ann_run):
   ann_dir, _ = ann_run
-  config = tiny_config(**{"phases": "ann,snn", "model.num_steps": 4})  # the ANN twin was saved with T_max = 3
+  config = tiny_config(**{"phases": "ann,snn", "model.max_time_steps": 4})  # the ANN twin was saved with T_max = 3
   info = data.get_info(config.data)
   model = models.phase_model(config.model, info.num_classes, "snn")
   mesh = sharding.make_mesh(-1)
@@ -133,7 +133,7 @@ def test_sharded_training_matches_single_device(tiny_config, tmp_path):
   results = {}
   for n in (1, 8):
     # SGD: Adam turns float noise in near-zero gradients into full-size steps, hiding real differences.
-    config = tiny_config(**{"phases": "ann", "ann.num_steps": 4, "mesh.num_devices": n,
+    config = tiny_config(**{"phases": "ann", "ann.train_steps": 4, "mesh.num_devices": n,
                             "ann.optimizer.name": "sgd", "ann.optimizer.lr": 0.05})
     train.run(config, str(tmp_path / f"dev{n}"))
     results[n] = load_params(str(tmp_path / f"dev{n}" / "ann"))[1]
@@ -148,7 +148,7 @@ def test_sharded_training_matches_single_device(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_params(tiny_config, tmp_path):
-  config = tiny_config(**{"phases": "snn", "snn.num_steps": 6, "snn.time_cost": 0.1})
+  config = tiny_config(**{"phases": "snn", "snn.train_steps": 6, "snn.time_cost": 0.1})
   train.run(config, str(tmp_path / "straight"))
   stopped = train.run(config, str(tmp_path / "resumed"), stop_at_step=3)
   assert stopped["snn"]["stopped_at"] == 3
@@ -165,7 +165,7 @@ def test_every_step_loss_and_distillation_resume_bitwise(tiny_config, ann_run, t
   """snn.loss='every_step' with distillation from the ANN twin (the init_from checkpoint): a run stopped and
   resumed ends bitwise equal to an uninterrupted one; the summary records the twin and its cost."""
   twin_dir = os.path.join(ann_run[0], "ann", "checkpoints")
-  config = tiny_config(**{"phases": "snn", "snn.num_steps": 6, "snn.time_cost": 0.1, "snn.init_from": twin_dir,
+  config = tiny_config(**{"phases": "snn", "snn.train_steps": 6, "snn.time_cost": 0.1, "snn.init_from": twin_dir,
                           "snn.loss": "every_step", "snn.distill_weight": 1.0, "snn.distill_temperature": 2.0})
   straight = train.run(config, str(tmp_path / "straight"))
   assert train.run(config, str(tmp_path / "resumed"), stop_at_step=3)["snn"]["stopped_at"] == 3
@@ -226,15 +226,15 @@ def test_cifar10_archive_tiny_training(tmp_path):
   config.eval_batch_size = 200
   config.eval_examples = 1000
   summary = train.run(config, str(tmp_path / "run"))
-  assert summary["ann"]["steps"] == config.ann.num_steps
+  assert summary["ann"]["steps"] == config.ann.train_steps
   info = data.get_info(config.data)
   assert (info.num_train, info.num_test, info.num_classes) == (50000, 10000, 10)
   assert 0.0 <= summary["ann"]["test_accuracy"] <= 1.0
 
 
 def test_bad_input_errors(tiny_config, ann_run, tmp_path):
-  with pytest.raises(ValueError, match="model.num_steps \\(T_max\\) must be >= 1"):
-    train.run(tiny_config(**{"model.num_steps": 0}), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="model.max_time_steps \\(T_max\\) must be >= 1"):
+    train.run(tiny_config(**{"model.max_time_steps": 0}), str(tmp_path / "a"))
   with pytest.raises(ValueError, match="time_cost must be >= 0"):
     train.run(tiny_config(**{"snn.time_cost": -1.0}), str(tmp_path / "b"))
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
@@ -255,7 +255,7 @@ def test_bad_input_errors(tiny_config, ann_run, tmp_path):
   # A workdir holding another config's run is refused, and nothing in it is touched.
   before = sorted(os.listdir(ann_dir))
   with pytest.raises(ValueError, match="model.depth"):
-    train.run(tiny_config(**{"phases": "ann", "ann.num_steps": 30, "model.depth": 2}), ann_dir)
+    train.run(tiny_config(**{"phases": "ann", "ann.train_steps": 30, "model.depth": 2}), ann_dir)
   assert sorted(os.listdir(ann_dir)) == before
 
 
@@ -270,13 +270,25 @@ def test_bad_input_errors(tiny_config, ann_run, tmp_path):
      f"error: config file 'configs/quickstrat.py' not found (relative to {ROOT}); give the path of a recipe, e.g. "
      "configs/cifar100_spikformer.py, configs/cifar10_spikformer.py, configs/cifar10_vit.py, "
      "configs/imagenet_spikformer.py, configs/quickstart.py."),
-], ids=["mistyped", "misplaced", "missing_file"])
+    (["--config=configs/quickstart.py:tiny", "--config.model.num_steps=2"],
+     "error: --config.model.num_steps was renamed: it is now --config.model.max_time_steps."),
+], ids=["mistyped", "misplaced", "missing_file", "renamed_key"])
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path, args, message):
   proc = subprocess.run([sys.executable, "-m", "dtvit.main", *args, f"--workdir={tmp_path / 'run'}"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if not l.startswith(("W0", "I0", "WARNING:"))]  # absl/XLA logs
   assert lines == [message]
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_renamed_value_on_the_command_line_names_the_new_one(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "dtvit.main", "--config=configs/quickstart.py:tiny",
+                         "--config.model.neuron.neuron=spikformer", f"--workdir={tmp_path / 'run'}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert ("error: ValueError: model.neuron.neuron='spikformer' was renamed: it is now 'spikingjelly_lif'."
+          in proc.stderr.splitlines())
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -327,7 +339,7 @@ def _files(workdir):
 @pytest.mark.slow
 def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
-  config = tiny_config(**{"phases": "ann", "ann.num_steps": 4, "ann.checkpoint_every": 2, "ann.log_every": 1})
+  config = tiny_config(**{"phases": "ann", "ann.train_steps": 4, "ann.checkpoint_every": 2, "ann.log_every": 1})
   # Launch 1 logs steps 1-3, checkpoints step 2 and dies before step 4; launch 2 resumes from step 2.
   with pytest.raises(RuntimeError, match="killed"):
     train.run(config, workdir, batch_hook=_slow_then_crash(crash_at=3))
@@ -349,13 +361,13 @@ def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path)
 
   # A rerun of the finished run, even with another log cadence, prints its summary and changes no file.
   files = _files(workdir)
-  rerun = train.run(tiny_config(**{"phases": "ann", "ann.num_steps": 4, "ann.checkpoint_every": 2,
+  rerun = train.run(tiny_config(**{"phases": "ann", "ann.train_steps": 4, "ann.checkpoint_every": 2,
                                    "ann.log_every": 3}), workdir)
   assert rerun == json.loads(files["summary.json"])
   assert _files(workdir) == files
 
   # More steps and other cadences extend the run: steps 5 and 6 follow, recorded in the history.
-  extended = tiny_config(**{"phases": "ann", "ann.num_steps": 6, "ann.checkpoint_every": 3, "ann.log_every": 2})
+  extended = tiny_config(**{"phases": "ann", "ann.train_steps": 6, "ann.checkpoint_every": 3, "ann.log_every": 2})
   summary = train.run(extended, workdir)
   assert summary["ann"]["steps"] == 6 and summary["ann"]["train_time_s"] >= before + 1.0
   scalars = metrics.read_scalars(os.path.join(workdir, "ann"))
@@ -365,7 +377,7 @@ def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path)
   with open(os.path.join(workdir, "config_history.json")) as f:
     history = json.load(f)
   assert [h["resumed_from"] for h in history] == [{}, {"ann": 2}, {"ann": 4}]
-  assert sorted(history[-1]["changes"]) == ["ann.checkpoint_every", "ann.log_every", "ann.num_steps"]
+  assert sorted(history[-1]["changes"]) == ["ann.checkpoint_every", "ann.log_every", "ann.train_steps"]
   assert "recomputed for 6 steps and followed from step 4 on" in history[-1]["notes"][0]
 
 

@@ -72,7 +72,7 @@ def test_training_into_a_held_workdir_stops_before_reading_or_writing(tiny_confi
   held.acquire()
   try:
     with pytest.raises(workdir_lock.WorkdirBusyError, match=f"pid {os.getpid()}"):
-      train.run(tiny_config(**{"phases": "ann", "ann.num_steps": 2}), workdir)
+      train.run(tiny_config(**{"phases": "ann", "ann.train_steps": 2}), workdir)
     assert sorted(os.listdir(workdir)) == [".lock", "config.json"]
   finally:
     held.release()
@@ -98,7 +98,7 @@ def test_overwrite_moves_the_run_aside_but_keeps_the_held_lock(tmp_path):
 
 CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", "--config.model.variant=tiny",
               "--config.model.patch_size=2", "--config.eval_fixed_steps=False", "--config.phases=ann",
-              "--config.ann.num_steps=10", "--config.ann.checkpoint_every=2", "--config.ann.log_every=1"]
+              "--config.ann.train_steps=10", "--config.ann.checkpoint_every=2", "--config.ann.log_every=1"]
 
 # `python -m dtvit.main`, each train step slowed by TEST_STEP_DELAY seconds (so a run is still training when
 # the next launch starts); no value changes.

@@ -37,7 +37,7 @@ def test_a_damaged_record_names_the_file_and_the_fix(tmp_path, damage):
 def _damaged_run(tmp_path, name="config.json", content=DAMAGED["truncated"]):
   workdir = tmp_path / "run"
   workdir.mkdir(exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps({"phases": "ann", "ann": {"num_steps": 4}}))
+  (workdir / "config.json").write_text(json.dumps({"phases": "ann", "ann": {"train_steps": 4}}))
   (workdir / name).write_bytes(content)
   return str(workdir)
 
@@ -45,7 +45,7 @@ def _damaged_run(tmp_path, name="config.json", content=DAMAGED["truncated"]):
 @pytest.mark.parametrize("name", ["config.json", "summary.json", "config_history.json"])
 def test_a_launch_into_a_damaged_run_stops_naming_the_file(tmp_path, name):
   workdir = _damaged_run(tmp_path, name)
-  config = {"phases": "ann", "ann": {"num_steps": 4}}
+  config = {"phases": "ann", "ann": {"train_steps": 4}}
   with pytest.raises(workdir_lib.DamagedRecordError, match=rf"{name} is damaged .*--overwrite"):
     launch = workdir_lib.plan_launch(workdir, config)
     workdir_lib.finished_summary(launch)
@@ -88,7 +88,7 @@ def test_the_command_line_on_a_damaged_config_gives_one_line_and_overwrite_gets_
   workdir = _damaged_run(tmp_path, content=DAMAGED["empty"])
   cmd = [sys.executable, "-m", "dtvit.main", "--config=configs/quickstart.py:tiny", "--config.phases=ann",
          "--config.model.arch=vit", "--config.model.variant=tiny", "--config.model.patch_size=2",
-         "--config.eval_fixed_steps=False", "--config.ann.num_steps=2", f"--workdir={workdir}"]
+         "--config.eval_fixed_steps=False", "--config.ann.train_steps=2", f"--workdir={workdir}"]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]

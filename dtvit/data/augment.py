@@ -49,7 +49,8 @@ def resize(image: np.ndarray, size: int, method: str) -> np.ndarray:
   if image.dtype == np.uint8:
     return from_pil(to_pil(image).resize((size, size), resample), image.shape[-1])
   # Float images resize channel by channel in PIL's 32-bit float mode, keeping full precision.
-  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize((size, size), resample))
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize((size, size),
+                                                                                                 resample))
               for c in range(image.shape[-1])]
   return np.stack(channels, axis=-1)
 
@@ -122,12 +123,12 @@ RANDAUGMENT_OPS: list[tuple[str, Callable]] = [
 ]
 
 
-# Named op sets: 'dtvit' all of RANDAUGMENT_OPS; 'spikformer' the SNN-specific set of the official Spikformer
+# Named op sets: 'dtvit' all of RANDAUGMENT_OPS; 'spikformer_official' the SNN-specific set of the official Spikformer
 # CIFAR recipe (ZK-Zhou/spikformer cifar10/aa_snn.py, `_RAND_INCREASING_TRANSFORMS`: Equalize, Rotate, ShearX,
 # TranslateXRel, TranslateYRel).
 RANDAUGMENT_OP_SETS = {
     'dtvit': tuple(name for name, _ in RANDAUGMENT_OPS),
-    'spikformer': ('equalize', 'rotate', 'shear_x', 'translate_x', 'translate_y'),
+    'spikformer_official': ('equalize', 'rotate', 'shear_x', 'translate_x', 'translate_y'),
 }
 _OPS = dict(RANDAUGMENT_OPS)
 

@@ -55,7 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.augment.rrc_max_ratio = 4 / 3
   c.augment.randaugment_ops = 0        # RandAugment ops per image; 0 = off
   c.augment.randaugment_magnitude = 9  # RandAugment magnitude, 0..10
-  c.augment.randaugment_op_set = 'dtvit'  # 'dtvit' (14 ops) | 'spikformer' (the official SNN set of 5)
+  c.augment.randaugment_op_set = 'dtvit'  # 'dtvit' (14 ops) | 'spikformer_official' (the official SNN set of 5)
   c.augment.randaugment_prob = 1.0     # probability that each drawn op is applied
   c.augment.randaugment_magnitude_std = 0.0  # magnitude ~ N(magnitude, std), clipped to [0, 10]
   c.augment.random_erasing = 0.0       # probability of blanking one random box to the mean (timm 'const'); 0 = off

@@ -36,7 +36,7 @@ def class_names(data_cfg) -> list[str]:
   resolved = data_cfg.copy_and_resolve_references()
   resolved.archive = sources.resolve_path(data_cfg.archive, 'data.archive')
   resolved.data_dir = sources.resolve_path(data_cfg.data_dir, 'data.data_dir')
-  builder = sources._tfds_builder(resolved)  # pylint: disable=protected-access  # already prepared by `load`
+  builder = sources._tfds_builder(resolved)  # already prepared by `load`
   return [str(n) for n in builder.info.features['label'].names]
 
 
@@ -53,11 +53,11 @@ def data_spec(data_cfg) -> dict:
 
 def write_spec(workdir: str, data_cfg) -> dict:
   """Writes `<workdir>/data_spec.json` (process 0 only; atomically) and returns the spec."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   spec = data_spec(data_cfg)
   if jax.process_index() == 0:
     storage.makedirs(workdir)
-    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import workdir as workdir_lib
     workdir_lib.write_json(storage.join(workdir, SPEC_FILE), spec)  # atomically and durably
   return spec
 
@@ -67,7 +67,7 @@ def read_spec(workdir: str, data_cfg=None) -> dict:
   (the run's `config.data`)."""
   path = storage.join(workdir, SPEC_FILE)
   if storage.isfile(path):
-    from dtvit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from dtvit import workdir as workdir_lib
     return workdir_lib.read_json(path, expect=dict)  # damaged: one line naming the file and the fix
   if data_cfg is None:
     raise FileNotFoundError(f'{workdir} has no {SPEC_FILE}; pass the run\'s config.data to recompute it.')
@@ -108,7 +108,7 @@ def preprocess(spec: dict, images) -> np.ndarray:
 
 def read_image(path: str, channels: int) -> np.ndarray:
   """uint8 [H, W, channels] of an image file (converted to grey for 1 channel, RGB for 3)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   try:
     with Image.open(path) as img:
       img = img.convert('L' if channels == 1 else 'RGB')

@@ -6,8 +6,8 @@ Two kinds of tfds data reach `dtvit.data.sources`, both read with random access 
 * `folder_builder`: a folder or tar archive laid out `<split>/<class>/<image>` (split in train/test, classes
   sorted alphabetically give the label ids; any leading folders before `<split>` are ignored) is prepared
   once by `ImageFolderArrays`, a `GeneratorBasedBuilder` whose image feature is a fixed-shape
-  `tfds.features.Tensor(uint8)` stored as raw bytes. Encoding a `Tensor` feature and writing ArrayRecord need no TensorFlow,
-  whereas `tfds.features.Image` encoding would. Later calls find `dataset_info.json` and reopen the prepared
+  `tfds.features.Tensor(uint8)` stored as raw bytes. Encoding a `Tensor` feature and writing ArrayRecord need no
+  TensorFlow, whereas `tfds.features.Image` encoding would. Later calls find `dataset_info.json` and reopen the prepared
   files without touching the archive.
 * `stock_builder`: `cifar10`, `cifar100`, `imagenet2012` that the user prepared elsewhere with
   `tfds build <name> --file_format=array_record` and copied into the data_dir. Their `Image` features are

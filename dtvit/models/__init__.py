@@ -3,7 +3,7 @@
 Quick use:
 
   from dtvit import models
-  model = models.spikformer('tiny', num_classes=10, num_steps=4)
+  model = models.spikformer('tiny', num_classes=10, max_time_steps=4)
   variables = models.init(model, jax.random.key(0), (32, 32, 3))
   logits, aux = models.apply_model(model, variables, images)
   print(models.step_counts(model, variables['params']))   # {'blocks_0/attn': {'active_steps': 4.0, ...}, ...}
@@ -16,7 +16,7 @@ backward pass).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax
 import jax
@@ -34,7 +34,7 @@ _RETIRED_NEURON_KEYS = {"unroll": 1}
 
 
 def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> SpikingViT:
-  """A `SpikingViT` from a config's `model` section (see configs/common.py for its fields)."""
+  """A `SpikingViT` from a config's `model` section (see dtvit/recipes.py for its fields)."""
   get = model_cfg.get
   arch = get("arch", "spikformer")
   if arch not in ARCHS:
@@ -46,7 +46,7 @@ def build_model(model_cfg, num_classes: int, *, phase: str | None = None) -> Spi
   mask_cfg = MaskConfig(**dict(get("mask", {})))
   layer_cfg = LayerConfig(**{k: get(k) for k in ("dense_init", "conv_init", "head_init") if get(k)},
                           pre_bn_bias=tuple(get("pre_bn_bias", ()) or ()))
-  kwargs = dict(phase=phase or get("phase", "snn"), num_steps=get("num_steps", 4), neuron=neuron_cfg,
+  kwargs = dict(phase=phase or get("phase", "snn"), max_time_steps=get("max_time_steps", 4), neuron=neuron_cfg,
                 mask=mask_cfg, dtype=_DTYPES[dtype], attn_scale=get("attn_scale", 0.125),
                 kernels=get("kernels", "fused"), layer_cfg=layer_cfg)
   for k in ("depth", "dim", "num_heads", "mlp_ratio"):
@@ -89,7 +89,7 @@ def init(model: SpikingViT, rng, image_shape) -> dict:
   try:
     # Init runs once: skip XLA's backend optimisations, which cost seconds of compile time on CPU.
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-  except Exception:  # pylint: disable=broad-except  # a backend without that option
+  except Exception:  # a backend without that option
     compiled = lowered.compile()
   variables = compiled(rng)
   return {k: v for k, v in variables.items() if k != "aux"}
@@ -141,7 +141,7 @@ def active_scores(model: SpikingViT, params) -> dict[str, jax.Array]:
 def hard_masks(model: SpikingViT, params) -> dict[str, jax.Array]:
   """The binary masks the model uses at evaluation: {module: [T] in {0, 1}}. All ones when masks are off."""
   if not model.mask.enabled:
-    return {k: jnp.ones((model.num_steps,), jnp.float32)
+    return {k: jnp.ones((model.max_time_steps,), jnp.float32)
             for k in paths.used_units(model, time_step_scores(params))}
   return {k: masks_lib.hard_mask(v, monotone=model.mask.monotone) for k, v in active_scores(model, params).items()}
 

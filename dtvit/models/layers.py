@@ -28,7 +28,6 @@ from typing import Any, ClassVar, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from dtvit import masks as masks_lib
 from dtvit import neurons as neurons_lib
@@ -162,7 +161,7 @@ class BatchNorm(nn.BatchNorm):
   steps. A unit that works at no step normalises with the statistics of every step (its output is unused then;
   this avoids 0/0) and leaves its running averages unchanged. Without `work_T` it is nn.BatchNorm exactly."""
 
-  def __call__(self, x, work_T=None):  # pylint: disable=arguments-differ
+  def __call__(self, x, work_T=None):
     if work_T is None or self.use_running_average:
       return super().__call__(x)
     T = work_T.shape[0]

@@ -27,11 +27,11 @@ KERNELS = ("fused", "xla", "reference")
 class NeuronConfig:
   """Neuron settings: the dynamics (`spec`, see `dtvit.neurons`) and the initial values of the trainable
   threshold and leak."""
-  neuron: str = "lif"               # 'lif' (authors') | 'if' | 'spikformer'
+  neuron: str = "lif"               # 'lif' (authors') | 'if' | 'spikingjelly_lif'
   surrogate: str = "pwl"            # 'pwl' | 'sigmoid' | 'atan'
   alpha: Optional[float] = None     # surrogate sharpness; None -> the surrogate's customary value
-  tau: float = 2.0                  # 'spikformer' time constant
-  reset: Optional[str] = None       # None -> 'soft' for lif/if, 'hard' for spikformer
+  tau: float = 2.0                  # 'spikingjelly_lif' time constant
+  reset: Optional[str] = None       # None -> 'soft' for lif/if, 'hard' for spikingjelly_lif
   detach_reset: Optional[bool] = None
   init_threshold: float = 1.0       # threshold (SNN) = clip value (ANN) at init
   attn_threshold: float = 0.5       # the attention neuron's threshold at init
@@ -48,7 +48,7 @@ class NeuronConfig:
         detach_reset=self.detach_reset, init_membrane=self.init_membrane, surrogate_input=self.surrogate_input)
 
   def validate(self):
-    self.spec  # pylint: disable=pointless-statement  # checks the dynamics' choices
+    _ = self.spec  # checks the dynamics' choices
     if self.init_threshold <= 0 or self.attn_threshold <= 0:
       raise ValueError("Neuron thresholds must be > 0.")
     if self.remat not in REMAT_MODES:
@@ -68,7 +68,7 @@ class NeuronConfig:
 # SpikingJelly's (tests/spikformer_golden_test.py). 'spikformer_normalized' is the same with the surrogate on
 # U/Vth - 1 (dtvit's convention: at Vth = 0.5 it doubles the slope).
 NEURON_PRESETS = {
-    "spikingjelly": dict(neuron="spikformer", surrogate="sigmoid", alpha=4.0, tau=2.0, reset="hard",
+    "spikingjelly": dict(neuron="spikingjelly_lif", surrogate="sigmoid", alpha=4.0, tau=2.0, reset="hard",
                          detach_reset=True, init_threshold=1.0, attn_threshold=0.5, init_leak=1.0,
                          init_membrane=0.0, surrogate_input="difference"),
 }

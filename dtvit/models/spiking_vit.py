@@ -30,7 +30,7 @@ class SpikingViT(nn.Module):
       neurons) instead of pooling its spikes (conv -> BN -> neuron -> pool, the original Spikformer). In the
       ANN phase both orders give the same values (max pooling commutes with the clipped ReLU).
     phase: 'ann' | 'snn' (static); the parameter tree is the same in both.
-    num_steps: T_max, the number of simulated steps (static; the SNN's time axis).
+    max_time_steps: T_max, the number of simulated steps (static; the SNN's time axis).
     neuron, mask: `NeuronConfig`, `MaskConfig`.
     attn_scale: the scale of Q K^T V.
     dtype: matmul dtype (bf16 on accelerators); membranes stay float32.
@@ -52,7 +52,7 @@ class SpikingViT(nn.Module):
   stem_pools: Sequence[bool] = (False, False, True, True)
   stem_pool_first: bool = False
   phase: str = "snn"
-  num_steps: int = 4
+  max_time_steps: int = 4
   neuron: NeuronConfig = NeuronConfig()
   mask: MaskConfig = MaskConfig()
   attn_scale: float = 0.125
@@ -64,8 +64,8 @@ class SpikingViT(nn.Module):
   def validate(self):
     if self.phase not in PHASES:
       raise ValueError(f"Unknown phase {self.phase!r}; choose 'ann' or 'snn'.")
-    if int(self.num_steps) != self.num_steps or self.num_steps < 1:
-      raise ValueError(f"T_max (num_steps) must be an integer >= 1, got {self.num_steps}.")
+    if int(self.max_time_steps) != self.max_time_steps or self.max_time_steps < 1:
+      raise ValueError(f"T_max (max_time_steps) must be an integer >= 1, got {self.max_time_steps}.")
     if self.stem not in ("sps", "patch"):
       raise ValueError(f"Unknown stem {self.stem!r}; choose 'sps' or 'patch'.")
     if self.stem == "sps" and len(self.stem_pools) != 4:
@@ -94,11 +94,11 @@ class SpikingViT(nn.Module):
       name, run = entry
       if name not in known:
         raise ValueError(f"Schedule names unknown or unmasked module {name!r}; masked modules: {sorted(known)}.")
-      if (not isinstance(run, tuple) or any(int(t) != t or not 0 <= t < self.num_steps for t in run)
+      if (not isinstance(run, tuple) or any(int(t) != t or not 0 <= t < self.max_time_steps for t in run)
           or list(run) != sorted(set(run))):
         raise ValueError(f"The steps of {name!r} must be a sorted tuple of distinct step indices in "
-                         f"[0, {self.num_steps}), got {run!r}.")
-      if not self.mask.enabled and len(run) != self.num_steps:
+                         f"[0, {self.max_time_steps}), got {run!r}.")
+      if not self.mask.enabled and len(run) != self.max_time_steps:
         raise ValueError(f"Masks are disabled, so every step of {name!r} is active; it cannot skip steps.")
 
   def downsampling(self) -> int:
@@ -118,8 +118,8 @@ class SpikingViT(nn.Module):
     [T, B, num_classes] instead (T = 1 for the ANN), whose mean over axis 0 is that output."""
     self.validate()
     self.check_input(images_BHWC)
-    T = self.num_steps if self.phase == "snn" else 1
-    common = dict(phase=self.phase, num_steps=self.num_steps, neuron=self.neuron, mask=self.mask,
+    T = self.max_time_steps if self.phase == "snn" else 1
+    common = dict(phase=self.phase, num_steps=self.max_time_steps, neuron=self.neuron, mask=self.mask,
                   dtype=self.dtype, fused=self.kernels != "reference", cpu_kernel=self.kernels == "fused",
                   schedule=self.schedule, layer_cfg=self.layer_cfg)
     remat = train and self.phase == "snn" and self.neuron.remat == "blocks"
@@ -168,7 +168,7 @@ VIT_VARIANTS = {
 
 
 def spikformer(variant: str, num_classes: int, **kwargs) -> SpikingViT:
-  """A Spikformer of the given variant, e.g. `spikformer('4-384', 10, phase='snn', num_steps=4)`.
+  """A Spikformer of the given variant, e.g. `spikformer('4-384', 10, phase='snn', max_time_steps=4)`.
 
   Keyword arguments override the variant's sizes or set the other `SpikingViT` attributes.
   """

@@ -91,7 +91,7 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
     neuron_kw["remat"] = variant.split(":", 1)[1]
   dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32  # bf16 matmuls and convs, float32 membranes
   model = models.spikformer("2-128", args.classes, depth=args.depth, dim=args.dim, num_heads=args.heads,
-                            num_steps=T, phase=phase, neuron=NeuronConfig.preset(
+                            max_time_steps=T, phase=phase, neuron=NeuronConfig.preset(
                                 "spikformer_normalized" if variant == "normalized" else "spikingjelly",
                                 **neuron_kw), dtype=dtype,
                             stem_pool_first=variant != "pool-after",
@@ -135,7 +135,8 @@ def make_dtvit(args, T: int, *, phase: str = "snn", variant: str = "fast", with_
   def run_infer():
     return infer(variables, x)
 
-  return {"train": run_train, "infer": run_infer, "compile_s": compile_s, "train_compiled": train, "infer_compiled": infer,
+  return {"train": run_train, "infer": run_infer, "compile_s": compile_s, "train_compiled": train,
+          "infer_compiled": infer,
           "memory": {"train": _xla_memory(train), "infer": _xla_memory(infer) if infer else {}}}
 
 
@@ -281,9 +282,9 @@ def lif_check(worker, *, T=8, n=2000, seed=0) -> dict:
   out = {}
   for vth in (1.0, 0.5):
     ref = worker(cmd="lif", x=x.tolist(), g=g.tolist(), threshold=vth)
-    spec = neurons.NeuronSpec.resolve("spikformer", surrogate="sigmoid")
+    spec = neurons.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid")
     for fast in (True, False):
-      f = lambda x_: neurons.multistep(x_, spec, threshold=vth, fused=fast)  # pylint: disable=cell-var-from-loop
+      f = lambda x_: neurons.multistep(x_, spec, threshold=vth, fused=fast)
       s, vjp = jax.vjp(f, jnp.asarray(x))
       (dx,) = vjp(jnp.asarray(g))
       s_sj, dx_sj = np.asarray(ref["spikes"], np.float32), np.asarray(ref["grad"], np.float32)
@@ -309,7 +310,7 @@ def machine_info() -> dict:
   mem = ""
   with contextlib.suppress(OSError, StopIteration):
     mem = f"{int(next(l.split()[1] for l in open('/proc/meminfo') if l.startswith('MemTotal'))) / 2**20:.0f} GiB"
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  from importlib import metadata
   return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
           "jaxlib": metadata.version("jaxlib"), "flax": metadata.version("flax"),
@@ -365,7 +366,7 @@ def main(argv=None):
   if args.compile_cache:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
   if args.curves:
-    import curves  # pylint: disable=g-import-not-at-top
+    import curves
     return curves.run(args, argv if argv is not None else sys.argv[1:])
   if args.render:
     res = json.loads(Path(args.render).read_text())
@@ -581,9 +582,11 @@ def render(res, name) -> str:
                  f"{r['train_cpu_ratio']:.2f}, **{r['train_min_ratio']:.2f}** | {r['dtvit_infer_s']:.3f} / "
                  f"{r['sj_infer_s']:.3f} | {r['infer_ratio']:.2f}, {r['infer_cpu_ratio']:.2f}, "
                  f"**{r['infer_min_ratio']:.2f}** | {r['snn_over_T_ann']:.2f}, {r['snn_over_T_ann_cpu']:.2f}, "
-                 f"**{r['snn_over_T_ann_min']:.2f}** | {r['dtvit_train_peak_MB']:.0f} ({r['dtvit_train_temp_MB']:.0f}) | "
+                 f"**{r['snn_over_T_ann_min']:.2f}** | {r['dtvit_train_peak_MB']:.0f} "
+                 f"({r['dtvit_train_temp_MB']:.0f}) | "
                  f"{r['sj_train_peak_MB']:.0f} | **{r['train_mem_ratio']:.2f}** |")
-  lines += ["", f"dtvit ANN twin (phase='ann'): train step {s['ann_train_s']:.3f} s (CPU {s['ann_train_cpu_s']:.3f} s), "
+  lines += ["", f"dtvit ANN twin (phase='ann'): train step {s['ann_train_s']:.3f} s "
+                f"(CPU {s['ann_train_cpu_s']:.3f} s), "
             f"inference {s['ann_infer_s']:.3f} s."]
   if s["variants"]:
     lines += ["", "| dtvit variant | T | train s | time vs default (wall, CPU) | train vs SJ: median, CPU, best | "

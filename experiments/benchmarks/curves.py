@@ -78,9 +78,9 @@ def run(args, argv=None) -> dict:
 
 
 def plot(res: dict, path: Path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   sweeps = list(res["points"])
   fig, axes = plt.subplots(2, len(sweeps), figsize=(4.2 * len(sweeps), 7), squeeze=False)
   for j, sweep in enumerate(sweeps):

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _overrides(num_steps: int, batch_size: int, placement: str) -> list[str]:
-  return [f"--config.data.placement={placement}", "--config.phases=snn", f"--config.snn.num_steps={num_steps}",
+  return [f"--config.data.placement={placement}", "--config.phases=snn", f"--config.snn.train_steps={num_steps}",
           f"--config.snn.batch_size={batch_size}",
           f"--config.snn.log_every={num_steps // 4}", f"--config.snn.checkpoint_every={num_steps}",
           "--config.eval_fixed_steps=False", "--config.eval_batch_size=360", "--config.mesh.num_devices=1"]
@@ -73,7 +73,7 @@ def step_steps_per_s(config, num_steps: int, *, with_data: bool = False) -> floa
   info = data.get_info(config.data)
   mesh = sharding.make_mesh(config.mesh.num_devices)
   model = models.phase_model(config.model, info.num_classes, "snn")
-  tx, _ = optim.make_optimizer(pc.optimizer, num_steps=pc.num_steps, trainable=("weights", "neuron", "scores"))
+  tx, _ = optim.make_optimizer(pc.optimizer, train_steps=pc.train_steps, trainable=("weights", "neuron", "scores"))
   op_weights = energy.module_op_weights(model, counts=energy.op_counts(model, info.image_shape))
   state = state_lib.create_state(model, tx, jax.random.key(0), info.image_shape, mesh)
   state_sharding = sharding.state_shardings(mesh, state)

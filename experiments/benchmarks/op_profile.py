@@ -1,9 +1,9 @@
 r"""Where each framework's train step spends its time: per-op profiles of dtvit and SpikingJelly, grouped alike.
 
 Run (after `bash experiments/benchmarks/setup_torch_venv.sh`), on a quiet machine, ~2 min:
-  .venv/bin/python experiments/benchmarks/op_profile.py            # benchmark model, T = 4
-  .venv/bin/python experiments/benchmarks/op_profile.py --T 8 --mask off
-  .venv/bin/python experiments/benchmarks/op_profile.py --what infer --size paper   # Spikformer-4-384, batch 64
+  .venv/bin/python -m experiments.benchmarks.op_profile            # benchmark model, T = 4
+  .venv/bin/python -m experiments.benchmarks.op_profile --T 8 --mask off
+  .venv/bin/python -m experiments.benchmarks.op_profile --what infer --size paper   # Spikformer-4-384, batch 64
 
 dtvit: a `jax.profiler` trace of 2 train steps (compiled with `dtvit.compilation`'s options, as dtvit runs
 them); each op's duration is joined with its `op_name` in the optimised HLO and grouped by the layer the name
@@ -27,21 +27,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import jax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import benchmark  # noqa: E402  # pylint: disable=g-import-not-at-top
-from dtvit import compilation  # noqa: E402
+from dtvit import compilation
+from experiments.benchmarks import benchmark
 
 _GROUPS = [("neuron (LIF)", r"_lif|neuron"), ("batch norm", r"_bn\b|_bn/|batch_norm|norm"),
            ("max pool", r"pool"), ("attention products", r"products"), ("dense / 1x1", r"dot_general|Dense"),

@@ -149,7 +149,7 @@ def memory(T, what, device):
 
 
 def profile(T, what, n, device):
-  from torch.profiler import ProfilerActivity, profile as torch_profile  # pylint: disable=g-import-not-at-top
+  from torch.profiler import ProfilerActivity, profile as torch_profile
   fn = _MODELS[T][what]
   fn()
   _sync(device)
@@ -175,7 +175,7 @@ def lif(cmd, device):
 
 
 def info(device):
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  from importlib import metadata
   return {"torch": torch.__version__, "spikingjelly": metadata.version("spikingjelly"),
           "threads": torch.get_num_threads(), "device": str(device),
           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -212,7 +212,7 @@ def main():
       else:
         raise ValueError(f"unknown command {c!r}")
       _reply({"ok": True, **out})
-    except Exception as e:  # pylint: disable=broad-except  # reported to the parent, which raises
+    except Exception as e:  # reported to the parent, which raises
       _reply({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
 

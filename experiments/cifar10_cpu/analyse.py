@@ -52,7 +52,7 @@ def _save_json(path: str, obj) -> None:
 
 SEMANTICS = ("skip", "filter")   # the mask semantics judged apart
 N_TEST = 10_000   # CIFAR-10 test images (a run's config.eval_examples when it evaluates a subset)
-_SETTING = ("phases", "model.num_steps", "model.mask.enabled", "snn.time_cost", "snn.cost_kind",
+_SETTING = ("phases", "model.max_time_steps", "model.mask.enabled", "snn.time_cost", "snn.cost_kind",
             "model.mask.semantics")
 
 
@@ -109,8 +109,9 @@ def collect(root: str, table: dict) -> list[dict]:
     workdir = os.path.join(root, t["name"])
     s = (loader.read_summary(workdir) or {}).get("ann" if kind == "ann" else "snn", {})
     eval_examples = loader.read_config(workdir).get("eval_examples") or 0
-    row = {k: t.get(k) for k in ("workdir", "phase", "ann_accuracy", "accuracy", "accuracy_all_steps", "T_max", "T_avg", "T_avg_op", "T_sim",
-                                 "T_sim_op", "energy_ratio", "steps", "train_time_s", "wall_time_s")}
+    row = {k: t.get(k) for k in ("workdir", "phase", "ann_accuracy", "accuracy", "accuracy_all_steps", "T_max",
+                                 "T_avg", "T_avg_op", "T_sim", "T_sim_op", "energy_ratio", "steps",
+                                 "train_time_s", "wall_time_s")}
     row.update(name=t["name"], base=first[_setting(t)], seed=int(t.get("seed") or 0), kind=kind,
                masks={"ann": None, "fixed": "fixed T", "learned": "learned"}[kind],
                semantics=t.get("model.mask.semantics") if kind == "learned" else None,
@@ -408,9 +409,9 @@ def plot(rows: Sequence[dict], path: str, *, noise_level: dict | None = None) ->
   """Two panels: accuracy vs simulated steps (fixed T: mean over seeds, each seed a dot, a band of ± the
   largest seed spread; learned 'skip' and 'filter' filled at their simulated steps, a hollow marker at their
   active steps joined by a dotted line) and accuracy vs energy / ANN."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, (ax, ax_e) = plt.subplots(1, 2, figsize=(14, 5.5))
   curve = fixed_curve(rows)
   spread = (noise_level or {}).get("largest_seed_spread")
@@ -447,8 +448,8 @@ def plot(rows: Sequence[dict], path: str, *, noise_level: dict | None = None) ->
     if x is None:
       continue
     ax.plot([x], [y], marker, ms=7, color=color, mec="black" if r.get("seed") else color,
-            label=label(f"learned '{sem}' (T_max {r['T_max']}) at simulated steps" + (", ^ op-weighted cost" if marker == "^"
-                                                                        else "")))
+            label=label(f"learned '{sem}' (T_max {r['T_max']}) at simulated steps"
+                        + (", ^ op-weighted cost" if marker == "^" else "")))
     if r.get("T_avg") is not None and r.get("T_sim") is not None and abs(r["T_avg"] - r["T_sim"]) > 1e-9:
       ax.plot([r["T_avg"], x], [y, y], ":", color=color, lw=1)
       ax.plot([r["T_avg"]], [y], marker, ms=7, mfc="none", color=color,

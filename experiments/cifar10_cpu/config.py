@@ -27,7 +27,7 @@ Arguments (comma-separated, for both):
   digits      scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
 """
 
-from configs import common
+from dtvit import recipes
 from dtvit import sweep
 
 ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"
@@ -58,9 +58,9 @@ def _t_max(args: dict) -> int:
 
 def get_sweep(arg: str = ""):
   """The sweep's runs: dicts of dotted overrides of get_config(arg), each named (see the module docstring)."""
-  t_max = _t_max(common.parse_arg(arg, _ARGS, "cifar10_cpu"))
+  t_max = _t_max(recipes.parse_arg(arg, _ARGS, "cifar10_cpu"))
   ann = sweep.named("ann", {"phases": "ann"})
-  fixed = [sweep.named(f"fixed_T{t}", {"model.num_steps": t, "model.mask.enabled": False, "snn.time_cost": 0.0,
+  fixed = [sweep.named(f"fixed_T{t}", {"model.max_time_steps": t, "model.mask.enabled": False, "snn.time_cost": 0.0,
                                        "snn.init_from": TWIN}) for t in range(1, t_max + 1)]
   learned = [sweep.named(f"learned_{sem}_{op}{w:g}", {"snn.time_cost": w, "snn.cost_kind": kind,
                                                       "model.mask.semantics": sem, "snn.init_from": TWIN})
@@ -75,7 +75,7 @@ def _exit_and_distill_points(t_max: int) -> list[dict]:
   """The exit comparison's runs, after the others: fixed T = T_max trained with SEENN's every-step loss (for
   per-image exit), distillation from the twin for the learned 'skip' run at cost 0.03 and for fixed T = T_max,
   and the learned 'skip' run at cost 0.03 once more (its checkpoint is kept: the learned masks under exit)."""
-  fixed = {"model.num_steps": t_max, "model.mask.enabled": False, "snn.time_cost": 0.0, "snn.init_from": TWIN}
+  fixed = {"model.max_time_steps": t_max, "model.mask.enabled": False, "snn.time_cost": 0.0, "snn.init_from": TWIN}
   learned = {"snn.time_cost": 0.03, "snn.cost_kind": "expected", "model.mask.semantics": "skip",
              "snn.init_from": TWIN}
   distill = {"snn.distill_weight": DISTILL_WEIGHT, "snn.distill_temperature": DISTILL_TEMPERATURE}
@@ -86,8 +86,8 @@ def _exit_and_distill_points(t_max: int) -> list[dict]:
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(arg, _ARGS, "cifar10_cpu")
-  c = common.get_base_config()
+  args = recipes.parse_arg(arg, _ARGS, "cifar10_cpu")
+  c = recipes.get_base_config()
   if "digits" in args:
     c.data.name = "digits"
     c.data.augment.crop_padding = 1
@@ -106,16 +106,16 @@ def get_config(arg: str = ""):
   m.variant = "2-128"
   m.depth, m.dim, m.num_heads, m.mlp_ratio = 2, 64, 4, 2.0
   m.stem_pools = (True, True, False, False) if image_side == 32 else (False, False, False, True)
-  m.num_steps = _t_max(args)
+  m.max_time_steps = _t_max(args)
   m.mask.semantics = "skip"
 
   steps = lambda epochs: epochs * num_train // BATCH_SIZE
-  c.ann = common.phase_config(steps=steps(ANN_EPOCHS), lr=2e-3, batch_size=BATCH_SIZE)
+  c.ann = recipes.phase_config(steps=steps(ANN_EPOCHS), lr=2e-3, batch_size=BATCH_SIZE)
   c.ann.optimizer.weight_decay = 0.05
   c.ann.label_smoothing = 0.1
   c.ann.log_every = 100
   c.ann.checkpoint_every = 500
-  c.snn = common.phase_config(steps=steps(SNN_EPOCHS), lr=5e-4, batch_size=BATCH_SIZE)
+  c.snn = recipes.phase_config(steps=steps(SNN_EPOCHS), lr=5e-4, batch_size=BATCH_SIZE)
   c.snn.optimizer.weight_decay = 0.05
   c.snn.optimizer.score_lr = 0.3
   c.snn.label_smoothing = 0.1
@@ -126,7 +126,7 @@ def get_config(arg: str = ""):
     m.depth, m.dim, m.num_heads = 1, 16, 2
     c.eval_fixed_steps = False
     for p in ("ann", "snn"):
-      c[p].num_steps = 6
+      c[p].train_steps = 6
       c[p].log_every = 2
       c[p].checkpoint_every = 3
     c.eval_examples = 480 if image_side == 32 else 240

@@ -92,7 +92,7 @@ def frontier(points: Sequence[dict]) -> list[dict]:
 def accuracy_at(points: Sequence[dict], energy: float) -> float | None:
   """The curve's accuracy at `energy` (its frontier, linearly interpolated); None outside its energy range."""
   f = frontier(points)
-  return analyse._interp(energy, [p["energy_ratio"] for p in f], [p["accuracy"] for p in f])  # pylint: disable=protected-access
+  return analyse._interp(energy, [p["energy_ratio"] for p in f], [p["accuracy"] for p in f])
 
 
 def compare(rows: Sequence[dict], curves: Sequence[dict], fixed: Sequence[dict]) -> dict:
@@ -191,9 +191,9 @@ def markdown(rows, curves, fixed, comparison, variants, nz) -> str:
 
 
 def plot(rows, curves, fixed, variants, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   for ax, x, xlabel in ((axes[0], "energy_ratio", "energy / ANN twin"), (axes[1], "steps", "time steps run")):
     ax.plot([c["energy_ratio" if x == "energy_ratio" else "T"] for c in fixed], [100 * c["accuracy"] for c in fixed],
@@ -244,7 +244,7 @@ def exit_compare(root: str) -> dict:
   with open(os.path.join(root, "exit_results.md"), "w") as f:
     f.write(text)
   out = {"fixed_curve": fixed, "curves": curves, "variants": variants, "comparison": comparison, "noise": nz}
-  analyse._save_json(os.path.join(root, "exit_results.json"), out)  # pylint: disable=protected-access
+  analyse._save_json(os.path.join(root, "exit_results.json"), out)
   plot(rows, curves, fixed, variants, os.path.join(root, "exit_vs_energy.png"))
   print(text, flush=True)
   return out

@@ -21,7 +21,7 @@ Arguments (comma-separated, for both):
   digits      scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
 """
 
-from configs import common
+from dtvit import recipes
 from dtvit import sweep
 
 ARCHIVE = "../shared/data/cifar10-jpg.tar.gz"
@@ -50,7 +50,7 @@ _ARGS = ("scan", "size", "smoke", "digits")
 
 
 def _args(arg: str) -> dict:
-  args = common.parse_arg(arg, _ARGS, "cifar10_strong")
+  args = recipes.parse_arg(arg, _ARGS, "cifar10_strong")
   if args.get("size") and args["size"] not in SIZES:
     raise ValueError(f"cifar10_strong: size={args['size']!r}; choose one of {', '.join(SIZES)}.")
   return args
@@ -65,7 +65,7 @@ def get_sweep(arg: str = ""):
               for d in (1, 2)]
     return [sweep.named(f"scan_{s}", _size_overrides(s)) for s in SIZES]
   snn = {"snn.init_from": TWIN}
-  fixed = {f"fixed_T{t}": {**snn, "model.num_steps": t, "model.mask.enabled": False, "snn.time_cost": 0.0}
+  fixed = {f"fixed_T{t}": {**snn, "model.max_time_steps": t, "model.mask.enabled": False, "snn.time_cost": 0.0}
            for t in range(1, T_MAX + 1)}
   learned = {f"learned_skip_{c:g}": {**snn, "snn.time_cost": c} for c in COSTS}
   first = list(learned)[0]
@@ -84,7 +84,7 @@ def _size_overrides(size: str) -> dict:
 
 def get_config(arg: str = ""):
   args = _args(arg)
-  c = common.get_base_config()
+  c = recipes.get_base_config()
   if "digits" in args:
     c.data.name = "digits"
     c.data.augment.crop_padding = 1
@@ -105,17 +105,17 @@ def get_config(arg: str = ""):
   depth, dim, heads, mlp_ratio, pools = SIZES[args.get("size") or SIZE]
   m.depth, m.dim, m.num_heads, m.mlp_ratio = depth, dim, heads, mlp_ratio
   m.stem_pools = pools if image_side == 32 else (False, False, False, True)
-  m.num_steps = T_MAX
+  m.max_time_steps = T_MAX
   m.mask.semantics = "skip"
 
   steps = lambda epochs: int(epochs * num_train // BATCH_SIZE)
   ann_epochs = SCAN_EPOCHS if "scan" in args else ANN_EPOCHS
-  c.ann = common.phase_config(steps=steps(ann_epochs), lr=2e-3, batch_size=BATCH_SIZE)
+  c.ann = recipes.phase_config(steps=steps(ann_epochs), lr=2e-3, batch_size=BATCH_SIZE)
   c.ann.optimizer.weight_decay = 0.05
   c.ann.label_smoothing = 0.1
   c.ann.log_every = 100
   c.ann.checkpoint_every = 250
-  c.snn = common.phase_config(steps=steps(SNN_EPOCHS), lr=5e-4, batch_size=BATCH_SIZE)
+  c.snn = recipes.phase_config(steps=steps(SNN_EPOCHS), lr=5e-4, batch_size=BATCH_SIZE)
   c.snn.optimizer.weight_decay = 0.05
   c.snn.optimizer.score_lr = 0.3
   c.snn.label_smoothing = 0.1
@@ -129,7 +129,7 @@ def get_config(arg: str = ""):
     m.depth, m.dim, m.num_heads = 1, 16, 2
     c.eval_fixed_steps = False
     for p in ("ann", "snn"):
-      c[p].num_steps = 6
+      c[p].train_steps = 6
       c[p].batch_size = 16
       c[p].log_every = 2
       c[p].checkpoint_every = 3

@@ -30,7 +30,7 @@ MEASURE_STEPS, LOG_EVERY = 60, 20
 
 
 def _recipe():
-  from dtvit import sweep  # pylint: disable=g-import-not-at-top
+  from dtvit import sweep
   return sweep.load_config_module(CONFIG)[0]
 
 
@@ -59,9 +59,9 @@ def measure(sizes) -> dict:
 
 
 def param_count(size: str) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from dtvit import models
   config = _recipe().get_config(f"scan,size={size}")
   model = models.phase_model(config.model, 10, "ann")
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
@@ -70,7 +70,7 @@ def param_count(size: str) -> int:
 
 def table() -> dict:
   recipe = _recipe()
-  from dtvit import sweep  # pylint: disable=g-import-not-at-top
+  from dtvit import sweep
   rows = {r["name"]: r for r in sweep.read_table(SCAN)["rows"]}
   speed_path = os.path.join(SCAN, "throughput.json")
   speed = json.load(open(speed_path)) if os.path.exists(speed_path) else {"sizes": {}}

@@ -132,7 +132,7 @@ def run_case(args) -> dict:
   T = args.num_steps
   masks_in = case_masks(args)
   depth = max(paths.block_number(n) for n in masks_in if paths.block_number(n) is not None) + 1
-  common = dict(depth=depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, num_steps=T,
+  common = dict(depth=depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, max_time_steps=T,
                 neuron=models.NeuronConfig(init_threshold=0.5),
                 mask=models.MaskConfig(monotone=False, mask_stem=args.mask_stem, semantics=args.semantics))
   if args.arch == "vit":

@@ -27,7 +27,7 @@ from dtvit import inference  # noqa: E402
 from dtvit import models  # noqa: E402
 from dtvit.models import layers  # noqa: E402
 
-import benchmark  # noqa: E402  # pylint: disable=wrong-import-position
+import benchmark  # noqa: E402
 
 ORIGINAL = {"take": layers.SpikingModule.take_steps, "pad": layers.SpikingModule.pad_steps}
 
@@ -90,7 +90,7 @@ def main(argv=None):
                                                         if a.mask_stem else []))
   T = args.num_steps
   masks_in = benchmark.case_masks(args)
-  common = dict(depth=args.depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, num_steps=T,
+  common = dict(depth=args.depth, dim=args.dim, num_heads=args.heads, mlp_ratio=args.mlp_ratio, max_time_steps=T,
                 neuron=models.NeuronConfig(init_threshold=0.5),
                 mask=models.MaskConfig(monotone=False, mask_stem=args.mask_stem, semantics=args.semantics))
   model = (models.vit("Ti", 10, patch_size=args.patch_size, **common) if args.arch == "vit"

@@ -35,13 +35,13 @@ import sys
 import time
 
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from dtvit import energy  # pylint: disable=wrong-import-position
-from dtvit import models  # pylint: disable=wrong-import-position
-from experiments.paper_scale import settings as settings_lib  # pylint: disable=wrong-import-position
+from dtvit import energy
+from dtvit import models
+from experiments.paper_scale import settings as settings_lib
 
 FLOPS_PER_MAC = 2
 TRAIN_FACTOR = 3   # forward + backward (about twice the forward)
@@ -91,16 +91,16 @@ def setting_compute(name: str) -> dict:
       "model": {"variant": config.model.variant, "depth": model.depth, "dim": model.dim,
                 "num_heads": model.num_heads, "mlp_ratio": model.mlp_ratio, "tokens": side * side,
                 "params": params, "dtype": config.model.dtype},
-      "T_max": model.num_steps, "ann_macs": macs, "phases": config.phases,
+      "T_max": model.max_time_steps, "ann_macs": macs, "phases": config.phases,
   }
   for phase in ("ann", "snn"):
     pc = config[phase]
-    images = pc.num_steps * pc.batch_size
-    t = model.num_steps if phase == "snn" else 1
-    row[phase] = {"num_steps": pc.num_steps, "batch_size": pc.batch_size, "images": images,
+    images = pc.train_steps * pc.batch_size
+    t = model.max_time_steps if phase == "snn" else 1
+    row[phase] = {"num_steps": pc.train_steps, "batch_size": pc.batch_size, "images": images,
                   "epochs": images / data.num_train, "lr": pc.optimizer.lr,
                   "flops_per_image": TRAIN_FACTOR * FLOPS_PER_MAC * macs * t,
-                  "train_flops": phase_train_flops(macs, pc.num_steps, pc.batch_size, t)}
+                  "train_flops": phase_train_flops(macs, pc.train_steps, pc.batch_size, t)}
   return row
 
 

@@ -52,18 +52,18 @@ def _epochs(steps_key):
 
 def _score_reach(c, p):
   """The fraction of the phase in which the cost alone moves a score from its init to 0 (the calibration)."""
-  from dtvit import models  # pylint: disable=g-import-not-at-top
+  from dtvit import models
   modules = len(paths.masked_modules(models.build_model(c.model, 10, phase="snn")))
   travel = optim.score_travel_steps(score_lr=c[p].optimizer.score_lr, num_modules=modules,
                                     time_cost=c[p].time_cost, score_init=c.model.mask.score_init,
                                     temperature=c[p].temperature_start, momentum=c[p].optimizer.score_momentum)
-  return round(travel / c[p].num_steps, 3)
+  return round(travel / c[p].train_steps, 3)
 
 
 _MASKS = "[paper] the method: T_max 8, masks learned to the paper's T_avg 4.97; [ours] how"
 _SNN_PHASE = "[ours] the SNN phase after the ANN twin; the paper gives no values"
 ROWS = (
-    Row("epochs (incl. cooldown)", _epochs(lambda pc: pc.num_steps), {"cifar": 310.0, "imagenet": 310.0},
+    Row("epochs (incl. cooldown)", _epochs(lambda pc: pc.train_steps), {"cifar": 310.0, "imagenet": 310.0},
         {"cifar": f"{C10}:1 (300) + :45 (cooldown 10; timm trains epochs + cooldown)",
          "imagenet": f"{IN}:34 + :35"},
         {"cifar/hybrid_snn": 100.0, "imagenet/hybrid_snn": 30.0}, _SNN_PHASE),
@@ -116,7 +116,7 @@ ROWS = (
     Row("RandAugment magnitude std", lambda c, p: c.data.augment.randaugment_magnitude_std,
         {"cifar": 0.4, "imagenet": 0.5}, {"cifar": f"{C10}:29", "imagenet": f"{IN}:18"}),
     Row("RandAugment op set", lambda c, p: c.data.augment.randaugment_op_set,
-        {"cifar": "spikformer", "imagenet": "timm increasing (15 ops)"},
+        {"cifar": "spikformer_official", "imagenet": "timm increasing (15 ops)"},
         {"cifar": "cifar10/aa_snn.py: _RAND_INCREASING_TRANSFORMS (Equalize, Rotate, ShearX, TranslateX/YRel)",
          "imagenet": f"{IN}:18 inc1 (timm 0.5.4's _RAND_INCREASING_TRANSFORMS)"},
         {"imagenet/*": "dtvit"},
@@ -163,10 +163,10 @@ ROWS = (
         {"cifar": "cifar10/model.py: nn.Linear (bias by default)",
          "imagenet": "imagenet/model.py: q/k/v Conv1d bias=False; proj, fc1, fc2 with bias"}, {},
         "BN cancels them: they only make the parameter counts the official ones"),
-    Row("time steps", lambda c, p: c.model.num_steps, {"cifar": 4, "imagenet": 4},
+    Row("time steps", lambda c, p: c.model.max_time_steps, {"cifar": 4, "imagenet": 4},
         {"cifar": f"{C10}:2", "imagenet": "imagenet/model.py: Spikformer.forward (T = 4)"},
         {"cifar/*": 8, "imagenet/*": 8}, _MASKS),
-    Row("neuron", lambda c, p: c.model.neuron.neuron, {"cifar": "spikformer", "imagenet": "spikformer"},
+    Row("neuron", lambda c, p: c.model.neuron.neuron, {"cifar": "spikingjelly_lif", "imagenet": "spikingjelly_lif"},
         {"cifar": "cifar10/model.py: MultiStepLIFNode(tau=2.0, detach_reset=True)", "imagenet": "imagenet/model.py"},
         {"cifar/*": "lif", "imagenet/*": "lif"},
         "[paper] the authors' soft-reset LIF, which converts from the ANN twin; recipe argument `sj`: Spikformer's"),
@@ -195,7 +195,7 @@ ROWS = (
     Row("score lr: cost alone moves a score to 0 in", lambda c, p: _score_reach(c, p) if p == "snn" else "-",
         {"cifar": "-", "imagenet": "-"}, {"cifar": "-", "imagenet": "-"},
         {"cifar/direct": 0.25, "cifar/hybrid_snn": 0.25, "imagenet/direct": 0.25, "imagenet/hybrid_snn": 0.25},
-        f"{_MASKS} (fraction of the phase; configs/common.py calibrate_masks)"),
+        f"{_MASKS} (fraction of the phase; dtvit/recipes.py calibrate_masks)"),
 )
 
 
@@ -232,7 +232,7 @@ def _fmt(v) -> str:
 def table(family: str, setting: str) -> str:
   """The Markdown table of one family, with dtvit's values for `setting` (and any other setting's overrides
   noted in the last column)."""
-  lines = [f"| hyper-parameter | official | source | direct | hybrid: ANN | hybrid: SNN | difference, why |",
+  lines = ["| hyper-parameter | official | source | direct | hybrid: ANN | hybrid: SNN | difference, why |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in ROWS:
     ours = [expected(r, setting, col) for col in COLUMNS]

@@ -53,7 +53,7 @@ class Phase:
 def phase_of(setting: str, mode: str) -> Phase:
   config = settings_lib.get_config(f"{setting},{mode}")
   model = models.build_model(config.model, 10, phase="snn")
-  return Phase(config.snn.num_steps, len(paths.masked_modules(model)), config.model.num_steps, config.snn,
+  return Phase(config.snn.train_steps, len(paths.masked_modules(model)), config.model.max_time_steps, config.snn,
                config.model.mask)
 
 
@@ -68,7 +68,7 @@ def simulate(ph: Phase, *, pull: float, noise: float, seed: int = 0, full: bool 
   params = {n: {paths.MODULE_MASK: {paths.SCORES: init(jax.random.fold_in(key_init, i), (ph.t_max,))}}
             for i, n in enumerate(names)}
   initial = np.sort(np.concatenate([np.asarray(params[n][paths.MODULE_MASK][paths.SCORES]) for n in names]))
-  tx, _ = optim.make_optimizer(pc.optimizer, num_steps=ph.steps, trainable=("weights", "neuron", "scores"))
+  tx, _ = optim.make_optimizer(pc.optimizer, train_steps=ph.steps, trainable=("weights", "neuron", "scores"))
   push = pc.time_cost / ph.modules
   key_pull, key_noise = jax.random.split(jax.random.key(seed))
   pull_MT = pull * push * jax.random.uniform(key_pull, (ph.modules, ph.t_max))
@@ -120,7 +120,7 @@ def _optimised(fn, *args):
   lowered = jax.jit(fn).lower(*args)
   try:
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 3})
-  except Exception:  # pylint: disable=broad-except  # a backend without that option
+  except Exception:  # a backend without that option
     return lowered.compile()
 
 

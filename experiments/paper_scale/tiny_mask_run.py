@@ -5,7 +5,7 @@
 
 The setting's tiny variant (`<setting>,<mode>,tiny,local`: the real CIFAR-10 JPEG copy beside the repo, a
 depth-1, dim-16 Spikformer) with T_max put back to 8 and the target to the paper's 4.97, the SNN phase shortened
-to --steps and the score lr recalibrated for them (`common.calibrate_masks`, as the recipe does). Everything
+to --steps and the score lr recalibrated for them (`recipes.calibrate_masks`, as the recipe does). Everything
 else is the recipe's: the official augmentation and schedule, the 'hinge_hard' cost. The cost the train step
 logs is max(0, T_avg - target) exactly (its forward value is the hard count), so the logged curve shows T_avg
 while it is above the target and 0 once it is not; the summary gives the final T_avg of the evaluation.
@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from configs import common
+from dtvit import recipes
 from dtvit import metrics as metrics_lib
 from dtvit import train
 from experiments.paper_scale import settings as settings_lib
@@ -31,17 +31,17 @@ def tiny_config(setting: str, mode: str, steps: int, data_dir: str, ann_steps: i
   c = settings_lib.get_config(f"{setting},{mode},tiny,local")
   c.data.archive = os.path.abspath(ARCHIVE)
   c.data.data_dir = data_dir
-  c.model.num_steps = 8
+  c.model.max_time_steps = 8
   for p in ("ann", "snn"):
-    c[p].num_steps = ann_steps or steps if p == "ann" else steps
+    c[p].train_steps = ann_steps or steps if p == "ann" else steps
     c[p].batch_size = 32
     c[p].log_every = 5
-    c[p].checkpoint_every = c[p].num_steps
-    c[p].optimizer.warmup_steps = c[p].num_steps // 20  # the recipe's 20 epochs would span the whole short run
-  c.snn.target_steps = round(common.TARGET_FRACTION * 8, 4)
+    c[p].checkpoint_every = c[p].train_steps
+    c[p].optimizer.warmup_steps = c[p].train_steps // 20  # the recipe's 20 epochs would span the whole short run
+  c.snn.target_steps = round(recipes.TARGET_FRACTION * 8, 4)
   c.eval_examples = 2000
   c.eval_fixed_steps = False
-  common.calibrate_masks(c)
+  recipes.calibrate_masks(c)
   return c
 
 

@@ -9,10 +9,10 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 TMP=$(mktemp -d)
-BASE=(--config=configs/quickstart.py:tiny --config.phases=ann --config.ann.num_steps=4)
+BASE=(--config=configs/quickstart.py:tiny --config.phases=ann --config.ann.train_steps=4)
 
 show() {  # prints the command, then its stderr less log lines, then its exit status
-  echo "\$ $*" | sed "s|$TMP|\$TMP|g; s|--config=configs/quickstart.py:tiny --config.phases=ann --config.ann.num_steps=4|...|"
+  echo "\$ $*" | sed "s|$TMP|\$TMP|g; s|--config=configs/quickstart.py:tiny --config.phases=ann --config.ann.train_steps=4|...|"
   "$@" > "$TMP/out" 2> "$TMP/err"
   local rc=$?
   grep -v '^[IW][0-9]\|^WARNING:absl:\|^INFO:' "$TMP/err" | cut -c1-700 | sed "s|$TMP|\$TMP|g"
@@ -27,7 +27,7 @@ run() { show "$PY" -m dtvit.main "${BASE[@]}" "$@"; }
 run --workdir=$TMP/a --config.snn.time_csot=0.1
 run --workdir=$TMP/a --config.optimizer.lr=0.1
 show "$PY" -m dtvit.main --config=configs/quickstrat.py:tiny --workdir=$TMP/a
-run --workdir=$TMP/b --config.model.num_steps=0
+run --workdir=$TMP/b --config.model.max_time_steps=0
 run --workdir=$TMP/c --config.model.neuron.surrogate=tanh
 run --workdir=$TMP/d --config.ann.batch_size=12
 run --workdir=$TMP/e --config.data.name=cifar10 --config.data.data_dir=$TMP/empty
@@ -40,10 +40,10 @@ run --workdir=$TMP/g --config.ann.checkpoint_every=1 --config.ann.max_to_keep=4 
 # Its latest checkpoint damaged (half of each array file), then extended by 2 steps.
 rm $TMP/g/summary.json
 for f in $(find $TMP/g/ann/checkpoints/4/state -path '*/d/*' -type f); do truncate -s $(($(stat -c %s "$f") / 2)) "$f"; done
-run --workdir=$TMP/g --config.ann.checkpoint_every=1 --config.ann.max_to_keep=4 --config.ann.num_steps=6
+run --workdir=$TMP/g --config.ann.checkpoint_every=1 --config.ann.max_to_keep=4 --config.ann.train_steps=6
 ls $TMP/g/ann/checkpoints $TMP/g/ann/checkpoints/corrupt | sed "s|$TMP|\$TMP|g"; echo
 # Non-finite: the advice, then each printed command run as printed.
-H=(--workdir=$TMP/h --config.ann.num_steps=30 --config.ann.checkpoint_every=1 --config.ann.optimizer.lr=1e32
+H=(--workdir=$TMP/h --config.ann.train_steps=30 --config.ann.checkpoint_every=1 --config.ann.optimizer.lr=1e32
    --config.ann.optimizer.warmup_steps=0)
 run "${H[@]}"
 cp -r $TMP/h $TMP/h_failed

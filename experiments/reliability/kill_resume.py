@@ -38,7 +38,7 @@ from tests import reliability_test as rt  # noqa: E402
 
 
 def phase_flags(phase, steps, every):
-  return [f"--config.phases={phase}", f"--config.{phase}.num_steps={steps}",
+  return [f"--config.phases={phase}", f"--config.{phase}.train_steps={steps}",
           f"--config.{phase}.checkpoint_every={every}", f"--config.{phase}.log_every=1",
           f"--config.{phase}.max_to_keep=100"]
 
@@ -51,7 +51,7 @@ def checkpoints(workdir, phase):
 
 def state(workdir, phase, step):
   path = os.path.join(workdir, phase, "checkpoints", str(step), "state")
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   ckptr = ocp.PyTreeCheckpointer()
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckptr.metadata(path).item_metadata.tree)
   return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))

@@ -1,4 +1,10 @@
-"""Fields every recipe shares, with their defaults. A recipe calls `get_base_config()` and overrides.
+"""Fields every recipe shares, with their defaults, and the helpers recipes use. A recipe (a file of the
+repository's configs/, or a user's own) calls `get_base_config()` and overrides:
+
+  from dtvit import recipes
+  def get_config(arg=""):
+    c = recipes.get_base_config()
+    ...
 
 Layout:
   seed, workdir-independent run settings
@@ -17,7 +23,7 @@ from dtvit import data
 def phase_config(*, steps: int, lr: float, batch_size: int) -> ml_collections.ConfigDict:
   """One training phase."""
   c = ml_collections.ConfigDict()
-  c.num_steps = steps                # optimizer steps of this phase
+  c.train_steps = steps                # optimizer steps of this phase
   c.batch_size = batch_size          # global batch size (split over processes and devices)
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"         # 'adamw' | 'sgd'
@@ -79,7 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m = c.model = ml_collections.ConfigDict()
   m.arch = "spikformer"              # 'spikformer' | 'vit'
   m.variant = "4-384"                # see dtvit/models/spiking_vit.py (SPIKFORMER_VARIANTS, VIT_VARIANTS)
-  m.num_steps = 4                    # T_max
+  m.max_time_steps = 4                    # T_max
   m.patch_size = 4                   # 'vit' only
   m.depth = 0                        # 0: the variant's; else an override
   m.dim = 0
@@ -96,7 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.head_init = "lecun_normal"
   m.pre_bn_bias = ()                 # Dense layers ('q', 'k', 'v', 'proj', 'fc1', 'fc2') with a (no-op) bias before BN
   n = m.neuron = ml_collections.ConfigDict()
-  n.neuron = "lif"                   # 'lif' (authors') | 'if' | 'spikformer'
+  n.neuron = "lif"                   # 'lif' (authors') | 'if' | 'spikingjelly_lif' (Spikformer's: SpikingJelly's LIF)
   n.surrogate = "pwl"                # 'pwl' | 'sigmoid' | 'atan'
   n.alpha = ml_collections.FieldReference(None, field_type=float)  # None: the surrogate's customary value
   n.tau = 2.0
@@ -154,7 +160,7 @@ SPIKFORMER = {
     "cifar": dict(  # cifar10/cifar10.yml (CIFAR-100: the same recipe; no file of its own in the repository)
         epochs=300, cooldown_epochs=10, warmup_epochs=20, batch_size=128, lr=5e-4, min_lr=1e-5, weight_decay=0.06,
         label_smoothing=0.1, mixup=0.5, cutmix=0.0, mixup_off_epoch=200, randaugment_ops=1,
-        randaugment_magnitude=9, randaugment_magnitude_std=0.4, randaugment_op_set="spikformer",
+        randaugment_magnitude=9, randaugment_magnitude_std=0.4, randaugment_op_set="spikformer_official",
         randaugment_prob=0.5, random_erasing=0.25, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), eval_crop_pct=1.0,
         interpolation="bicubic", dense_init="trunc_normal_0.02", pre_bn_bias=("q", "k", "v", "proj", "fc1", "fc2")),
     "imagenet": dict(  # imagenet/imagenet.yml, imagenet/train.py, imagenet/model.py
@@ -246,7 +252,7 @@ def paper_recipe(c: ml_collections.ConfigDict, *, family: str, mode: str, num_tr
   c.snn.optimizer.score_momentum = 0.0
   c.snn.cost_kind = "hinge_hard"
   c.snn.time_cost = 1.0
-  c.snn.target_steps = round(TARGET_FRACTION * c.model.num_steps, 4)
+  c.snn.target_steps = round(TARGET_FRACTION * c.model.max_time_steps, 4)
   c.finetune = phase_config(steps=0, lr=2e-5, batch_size=o["batch_size"])
 
 
@@ -255,9 +261,9 @@ def calibrate_masks(c: ml_collections.ConfigDict, phase: str = "snn",
   """Sets `<phase>.optimizer.score_lr` so that the phase's time-step cost alone moves a score from
   `model.mask.score_init` to 0 in `reach_fraction` of the phase's steps (`optim.calibrated_score_lr`), for the
   config's model (its number of masked modules), cost weight, temperature and step count."""
-  from dtvit import models  # pylint: disable=g-import-not-at-top
-  from dtvit import optim  # pylint: disable=g-import-not-at-top
-  from dtvit.models import paths  # pylint: disable=g-import-not-at-top
+  from dtvit import models
+  from dtvit import optim
+  from dtvit.models import paths
   pc = c[phase]
   if c.model.mask.granularity != "module":
     raise ValueError("calibrate_masks: the calibration counts one score vector per module; with "
@@ -267,7 +273,7 @@ def calibrate_masks(c: ml_collections.ConfigDict, phase: str = "snn",
                      f"(temperature_start = temperature_end), got {pc.temperature_start} -> {pc.temperature_end}.")
   model = models.build_model(c.model, 10, phase="snn")
   pc.optimizer.score_lr = optim.calibrated_score_lr(
-      num_steps=pc.num_steps, reach_fraction=reach_fraction, num_modules=len(paths.masked_modules(model)),
+      train_steps=pc.train_steps, reach_fraction=reach_fraction, num_modules=len(paths.masked_modules(model)),
       time_cost=pc.time_cost, score_init=c.model.mask.score_init, temperature=pc.temperature_start,
       score_optimizer=pc.optimizer.score_optimizer, momentum=pc.optimizer.score_momentum)
 
@@ -278,13 +284,13 @@ def make_tiny(c: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int =
   c.model.dim = 16
   c.model.num_heads = 2
   c.model.mlp_ratio = 2.0
-  t_max = c.model.num_steps
-  c.model.num_steps = min(t_max, 3)
+  t_max = c.model.max_time_steps
+  c.model.max_time_steps = min(t_max, 3)
   for p in ("ann", "snn", "finetune"):
     if c[p].target_steps:  # the same share of T_max
-      c[p].target_steps = round(c[p].target_steps * c.model.num_steps / t_max, 4)
-    if c[p].num_steps:
-      c[p].num_steps = steps
+      c[p].target_steps = round(c[p].target_steps * c.model.max_time_steps / t_max, 4)
+    if c[p].train_steps:
+      c[p].train_steps = steps
       c[p].optimizer.cooldown_steps = 0
     c[p].batch_size = batch_size
     c[p].log_every = 2
@@ -295,7 +301,7 @@ def make_tiny(c: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int =
 def set_neuron_preset(c, name: str, **overrides):
   """Sets every field of `c.model.neuron` that a named preset fixes (dtvit.models.settings.NEURON_PRESETS, e.g.
   'spikingjelly': all settings equal SpikingJelly's Spikformer); `overrides` change some of them."""
-  from dtvit.models import settings  # pylint: disable=g-import-not-at-top
+  from dtvit.models import settings
   if name not in settings.NEURON_PRESETS:
     raise ValueError(f"Unknown neuron preset {name!r}; choose one of {sorted(settings.NEURON_PRESETS)}.")
   for k, v in {**settings.NEURON_PRESETS[name], **overrides}.items():
