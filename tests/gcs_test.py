@@ -45,7 +45,7 @@ def _env(**extra):
 # The tiny ViT of conftest's `tiny_config` through the command line, both phases, checkpoints every 4 steps.
 CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", "--config.model.variant=tiny",
               "--config.model.patch_size=2", "--config.eval_fixed_steps=False", "--config.mesh.num_devices=1",
-              "--config.ann.num_steps=8", "--config.snn.num_steps=8", "--config.ann.checkpoint_every=4",
+              "--config.ann.train_steps=8", "--config.snn.train_steps=8", "--config.ann.checkpoint_every=4",
               "--config.snn.checkpoint_every=4"]
 
 # `python -m dtvit.main`, each train step slowed by TEST_STEP_DELAY seconds (so the kill lands mid-run).
@@ -138,7 +138,7 @@ def test_evaluate_predict_export_and_report_read_the_bucket(bucket_run, gcs_emul
 def test_a_sweep_rooted_in_the_bucket(gcs_emulator, capsys):
   from dtvit import sweep
   root = f"{gcs_emulator}/sweep"
-  argv = ["--config=configs/quickstart.py:tiny", f"--root={root}", "--grid=phases=ann", "--grid=ann.num_steps=2",
+  argv = ["--config=configs/quickstart.py:tiny", f"--root={root}", "--grid=phases=ann", "--grid=ann.train_steps=2",
           "--grid=model.arch=vit", "--grid=model.variant=tiny", "--grid=model.patch_size=2",
           "--grid=mesh.num_devices=1", "--grid=ann.batch_size=8,16"]
   cwd = os.getcwd()

@@ -50,7 +50,7 @@ def measure(sizes) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
       proc = subprocess.run(
           [sys.executable, "-m", "dtvit.main", f"--config={CONFIG}:scan,size={size}",
-           f"--config.ann.num_steps={MEASURE_STEPS}", f"--config.ann.log_every={LOG_EVERY}",
+           f"--config.ann.train_steps={MEASURE_STEPS}", f"--config.ann.log_every={LOG_EVERY}",
            "--config.eval_examples=1000", f"--workdir={workdir}/run"], capture_output=True, text=True, check=True)
     rates = re.findall(r"images_per_s=([\d.]+)", proc.stdout + proc.stderr)
     out["sizes"][size] = float(rates[-1])
