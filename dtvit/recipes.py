@@ -142,6 +142,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def local_cifar10_data(c: ml_collections.ConfigDict, archive: str, *, digits: bool = False) -> tuple[int, int]:
+  """The CPU experiments' data: CIFAR-10 from a local JPEG archive (prepared into ./data_dir; random crop after
+  padding by 4, horizontal flip), or, with `digits`, scikit-learn's digits (tests: no archive). Returns
+  (train examples, image side)."""
+  if digits:
+    c.data.name = "digits"
+    c.data.augment.crop_padding = 1
+    return 1437, 8
+  c.data.name = "cifar10_local"
+  c.data.archive = archive
+  c.data.data_dir = "data_dir"
+  c.data.augment.crop_padding = 4
+  c.data.augment.flip = True
+  return 50_000, 32
+
+
 def parse_arg(arg: str, allowed: tuple[str, ...], config_name: str) -> dict[str, str]:
   """'tiny,local' or 'variant=8-512,tiny' -> {'tiny': '', 'local': ''} / {'variant': '8-512', ...}."""
   out = {}

@@ -19,6 +19,7 @@ from dtvit import storage
 from dtvit import workdir as workdir_lib
 from dtvit import workdir_lock
 from dtvit.data import sources
+from tests import launchers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEASE_S = 3.0  # the lock's lease in these tests: a killed run's lock is stale after it
@@ -48,22 +49,10 @@ CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", 
               "--config.ann.train_steps=8", "--config.snn.train_steps=8", "--config.ann.checkpoint_every=4",
               "--config.snn.checkpoint_every=4"]
 
-# `python -m dtvit.main`, each train step slowed by TEST_STEP_DELAY seconds (so the kill lands mid-run).
-_LAUNCHER = textwrap.dedent("""
-    import os, runpy, sys, time
-    from dtvit import sharding
-    _global_batch = sharding.global_batch
-    def slow_global_batch(mesh, local):
-      time.sleep(float(os.environ["TEST_STEP_DELAY"]))
-      return _global_batch(mesh, local)
-    sharding.global_batch = slow_global_batch
-    sys.argv[0] = "dtvit.main"
-    runpy.run_module("dtvit.main", run_name="__main__", alter_sys=True)
-""")
 
 
 def _main(workdir, step_delay=0.0, **popen):
-  return subprocess.Popen([sys.executable, "-c", _LAUNCHER, *CLI_CONFIG, f"--workdir={workdir}"], cwd=ROOT,
+  return subprocess.Popen([sys.executable, "-c", launchers.SLOW_MAIN, *CLI_CONFIG, f"--workdir={workdir}"], cwd=ROOT,
                           env=_env(TEST_STEP_DELAY=str(step_delay)), text=True, **popen)
 
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from dtvit import train
 from dtvit import workdir as workdir_lib
 from dtvit import workdir_lock
+from tests import launchers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,24 +100,11 @@ CLI_CONFIG = ["--config=configs/quickstart.py:tiny", "--config.model.arch=vit", 
               "--config.model.patch_size=2", "--config.eval_fixed_steps=False", "--config.phases=ann",
               "--config.ann.train_steps=10", "--config.ann.checkpoint_every=2", "--config.ann.log_every=1"]
 
-# `python -m dtvit.main`, each train step slowed by TEST_STEP_DELAY seconds (so a run is still training when
-# the next launch starts); no value changes.
-_LAUNCHER = textwrap.dedent("""
-    import os, runpy, sys, time
-    from dtvit import sharding
-    _global_batch = sharding.global_batch
-    def slow_global_batch(mesh, local):
-      time.sleep(float(os.environ["TEST_STEP_DELAY"]))
-      return _global_batch(mesh, local)
-    sharding.global_batch = slow_global_batch
-    sys.argv[0] = "dtvit.main"
-    runpy.run_module("dtvit.main", run_name="__main__", alter_sys=True)
-""")
 
 
 def _launch(workdir, step_delay):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TEST_STEP_DELAY=str(step_delay))
-  return subprocess.Popen([sys.executable, "-c", _LAUNCHER, *CLI_CONFIG, f"--workdir={workdir}"], cwd=ROOT,
+  return subprocess.Popen([sys.executable, "-c", launchers.SLOW_MAIN, *CLI_CONFIG, f"--workdir={workdir}"], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -85,17 +85,7 @@ def _size_overrides(size: str) -> dict:
 def get_config(arg: str = ""):
   args = _args(arg)
   c = recipes.get_base_config()
-  if "digits" in args:
-    c.data.name = "digits"
-    c.data.augment.crop_padding = 1
-    num_train, image_side = 1437, 8
-  else:
-    c.data.name = "cifar10_local"
-    c.data.archive = ARCHIVE
-    c.data.data_dir = "data_dir"
-    c.data.augment.crop_padding = 4
-    c.data.augment.flip = True
-    num_train, image_side = NUM_TRAIN, 32
+  num_train, image_side = recipes.local_cifar10_data(c, ARCHIVE, digits="digits" in args)
   c.data.placement = "device"   # crops and flips inside the step: the host does no per-image work
   c.eval_batch_size = 250
 
