@@ -250,7 +250,7 @@ def early_exit_workdir(workdir: str, *, criteria: Sequence[str] = ("confidence",
       table.append({"criterion": c, **r})
   full = [r for r in table if r["avg_steps"] == T and r["threshold"] == (1.0 if r["criterion"] == "confidence"
                                                                           else 0.0)]
-  result = {"workdir": storage.abspath(workdir), "phase": run.phase, "data": f"{split} split",
+  result = {"workdir": storage.basename(storage.abspath(workdir)), "phase": run.phase, "data": f"{split} split",
             "count": int(examples) if examples else (run.info.num_train if split == "train" else run.info.num_test),
             "T_max": T, "mask_semantics": run.model.mask.semantics, "masks_enabled": bool(run.model.mask.enabled),
             "no_exit": {k: full[0][k] for k in ("accuracy", "avg_energy_j")} if full else None,
