@@ -74,7 +74,9 @@ def test_exit_comparison_points_are_their_base_runs_with_one_option():
   points = _points()
   config = lambda name, arg="": dtvit_sweep.point_config(recipe, arg, points[name], "/r")
   flat = lambda name: dtvit_sweep.flatten(config(name).to_dict())
-  diff = lambda a, b: {k: (flat(a)[k], flat(b)[k]) for k in flat(a) if flat(a)[k] != flat(b)[k]}
+  def diff(a, b):
+    fa, fb = flat(a), flat(b)
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
   assert diff("fixed_T4_every_step", "fixed_T4") == {"snn.loss": ("every_step", "final")}
   distill = {"snn.distill_weight": (1.0, 0.0), "snn.distill_temperature": (2.0, 1.0)}
   assert diff("learned_skip_0.03_distill", "learned_skip_0.03") == distill
