@@ -39,7 +39,7 @@ SIZES = {
 }
 SIZE = "2-192"
 SCAN_EPOCHS = 2
-ANN_EPOCHS = 40
+ANN_EPOCHS = 50
 SNN_EPOCHS = 2
 T_MAX = 4
 TWIN = "{root}/ann/ann/checkpoints"
