@@ -15,7 +15,8 @@ A committed step can still be damaged later (a full disk, a truncated copy, file
 logs one line naming it, and restores the step before it.
 
 `restore_variables` loads a subset of a finished run's state (params, optionally batch_stats) into a new model:
-the SNN phase starts from the ANN phase this way, and so does `init_from`.
+the SNN phase starts from the ANN phase this way, and so does `init_from`. Whether a saved tree fits the target,
+and which leaves start fresh, is decided without Orbax, in `dtvit.checkpoint_trees`.
 
 The workdir's own records (config.json, summary.json) and the resume rules are in `dtvit.workdir`.
 """
@@ -29,12 +30,12 @@ from typing import Callable, Any
 
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath  # Orbax's path library: the same checks work on local disk and gs://
 
+from dtvit import checkpoint_trees
+from dtvit.checkpoint_trees import CheckpointMismatch
 from dtvit import sharding
 from dtvit import workdir as workdir_lib
 
@@ -84,10 +85,6 @@ def _orbax_silenced():
     _QuietOrbaxFilter.silenced = False
 
 
-class CheckpointMismatch(ValueError):
-  """The checkpoint is readable but holds another tree than the one asked for (code or config changed)."""
-
-
 class UnreadableCheckpointError(OSError):
   """Checkpoints that cannot be read although they were committed."""
 
@@ -95,62 +92,6 @@ class UnreadableCheckpointError(OSError):
 def _abspath(directory: str) -> str:
   # Orbax wants absolute paths; leave URLs (gs://...) alone.
   return directory if '://' in directory else os.path.abspath(directory)
-
-
-def _key_str(key: Any) -> str:
-  for attr in ('key', 'idx', 'name'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _flat_paths(tree: Any) -> dict[str, Any]:
-  """{'params/Dense_0/kernel': leaf, ...}. Namedtuple fields, dict keys and list indices all become path parts,
-  so a live optax state and Orbax's saved metadata (which stores namedtuples as dicts) give the same paths."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(_key_str(k) for k in path): leaf for path, leaf in leaves}
-
-
-def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...] | None, np.dtype | None]:
-  shape = getattr(leaf, 'shape', None)
-  dtype = getattr(leaf, 'dtype', None)
-  if isinstance(leaf, (int, float, bool)):  # Python scalars carry no dtype worth comparing.
-    return (), None
-  return (tuple(shape) if shape is not None else None), (np.dtype(dtype) if dtype is not None else None)
-
-
-def _kind(dtype: np.dtype) -> str:
-  for kind in (jnp.bool_, jnp.integer, jnp.floating, jnp.complexfloating):
-    if jnp.issubdtype(dtype, kind):
-      return kind.__name__
-  return str(dtype)
-
-
-def _check_compatible(saved_tree: Any, abstract_tree: Any, *, prefix: str, source: str, fix: str) -> None:
-  """Raises ValueError naming the first key path or leaf where the checkpoint differs from what is expected."""
-  saved = _flat_paths(saved_tree)
-  wanted = _flat_paths(abstract_tree)
-  join = lambda p: f'{prefix}/{p}' if prefix and p else (prefix or p)  # noqa: E731
-  missing = [p for p in wanted if p not in saved]
-  extra = [p for p in saved if p not in wanted]
-  if missing or extra:
-    parts = []
-    if missing:
-      parts.append(f'the checkpoint lacks {join(missing[0])!r} ({len(missing)} missing in all)')
-    if extra:
-      parts.append(f'the checkpoint has {join(extra[0])!r} which the target lacks ({len(extra)} extra in all)')
-    raise CheckpointMismatch(f'Tree structure mismatch between {source} and the target: {"; ".join(parts)}. '
-                             f'{fix}')
-  for path, want in wanted.items():
-    want_shape, want_dtype = _shape_dtype(want)
-    found_shape, found_dtype = _shape_dtype(saved[path])
-    if want_shape is not None and found_shape is not None and want_shape != found_shape:
-      raise CheckpointMismatch(f'Shape mismatch at {join(path)!r}: expected {want_shape}, found {found_shape} '
-                               f'in {source}. {fix}')
-    # Orbax casts on restore (f32 -> bf16, int64 -> int32 are fine); a float/int/bool swap is a real mismatch.
-    if want_dtype is not None and found_dtype is not None and _kind(want_dtype) != _kind(found_dtype):
-      raise CheckpointMismatch(f'Dtype mismatch at {join(path)!r}: expected {want_dtype}, found {found_dtype} '
-                               f'in {source}. {fix}')
 
 
 def _unfinished_writes(directory: str) -> list[str]:
@@ -253,7 +194,7 @@ class Checkpointer:
       raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; it has steps '
                               f'{self.all_steps()}.')
     saved_tree = self._manager.item_metadata(step)['state'].tree
-    _check_compatible(
+    checkpoint_trees.check_compatible(
         saved_tree, abstract_state, prefix='', source=f'checkpoint {self.directory}/{step}',
         fix='The code or config changed since this checkpoint was written; resume with the same ones, or start '
             'a fresh run in another workdir.')
@@ -371,18 +312,6 @@ def check_source(directory: str, what: str) -> None:
     manager.close()
 
 
-def _with_default_sharding(abstract: Any) -> Any:
-  # A ShapeDtypeStruct without sharding would have Orbax guess one; put it on this process's first device.
-  device = jax.local_devices()[0]
-
-  def fill(x):
-    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
-    return x
-
-  return jax.tree.map(fill, abstract)
-
-
 def _read_only_manager(directory: str, what: str) -> ocp.CheckpointManager:
   if not epath.Path(directory).is_dir():
     raise FileNotFoundError(
@@ -405,34 +334,6 @@ def _finished_step(manager: ocp.CheckpointManager, directory: str, what: str, st
     raise FileNotFoundError(f'{what}: no checkpoint for step {step} in {directory}; it has steps '
                             f'{sorted(manager.all_steps())}.')
   return step
-
-
-def _leaves_to_reinit(saved_tree: dict, abstract_variables: dict, fresh, reinit_on_mismatch) -> dict[str, Any]:
-  """{leaf path: fresh value} for the leaves `reinit_on_mismatch` accepts whose saved shape differs (or that
-  the checkpoint lacks)."""
-  if reinit_on_mismatch is None:
-    return {}
-  if fresh is None:
-    raise ValueError('restore_variables: reinit_on_mismatch needs `fresh` values.')
-  saved_flat = _flat_paths({k: saved_tree[k] for k in abstract_variables if k in saved_tree})
-  paths = [p for p, leaf in _flat_paths(abstract_variables).items()
-           if reinit_on_mismatch(p) and (p not in saved_flat
-                                         or _shape_dtype(saved_flat[p])[0] != _shape_dtype(leaf)[0])]
-  if not paths:
-    return {}
-  fresh_flat = _flat_paths(fresh() if callable(fresh) else fresh)
-  return {p: fresh_flat[p] for p in paths}
-
-
-def _set_leaves(tree: dict, values: dict[str, Any]) -> dict:
-  """`tree` with the 'a/b/c' leaf paths of `values` set (parents created as needed)."""
-  for path, value in values.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
 
 
 def restore_variables(directory: str, abstract_variables: dict[str, Any], *, what: str = 'init_from',
@@ -467,37 +368,23 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
     source = f'{what} checkpoint {directory}/{step}'
     fix = (f'Make the model config match the run that wrote {directory}, or point {what} at a checkpoint of '
            f'the same model.')
-    reinit = _leaves_to_reinit(saved_tree, abstract_variables, fresh, reinit_on_mismatch)
+    reinit = checkpoint_trees.leaves_to_reinit(saved_tree, abstract_variables, fresh, reinit_on_mismatch)
     if reinit:
       logging.warning('%s: %s differ in shape from the checkpoint; they start fresh.', what, sorted(reinit))
-      abstract_variables = _drop_paths(abstract_variables, reinit)
-      saved_tree = _drop_paths(dict(saved_tree), reinit)
+      abstract_variables = checkpoint_trees.drop_paths(abstract_variables, reinit)
+      saved_tree = checkpoint_trees.drop_paths(dict(saved_tree), reinit)
     for name, abstract in abstract_variables.items():
       if name not in saved_tree:
         raise CheckpointMismatch(f'Tree structure mismatch: {source} has no {name!r} collection (it has '
                                  f'{sorted(saved_tree)}). {fix}')
-      _check_compatible(saved_tree[name], abstract, prefix=name, source=source, fix=fix)
-    abstract = _with_default_sharding(dict(abstract_variables))
+      checkpoint_trees.check_compatible(saved_tree[name], abstract, prefix=name, source=source, fix=fix)
+    abstract = checkpoint_trees.with_default_sharding(dict(abstract_variables))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
   finally:
     manager.close()
   logging.info('%s: restored %s from %s step %d.', what, sorted(abstract_variables), directory, step)
-  return _set_leaves(dict(restored.state), reinit)
-
-
-def _drop_paths(tree: dict, paths: dict) -> dict:
-  """A copy of a nested dict without the given 'a/b/c' leaf paths."""
-  out = {}
-  for k, v in tree.items():
-    if k in paths:
-      continue
-    if isinstance(v, dict):
-      v = _drop_paths(v, {p[len(k) + 1:]: None for p in paths if p.startswith(k + '/')})
-      if not v:  # a subtree left empty would read as a leaf
-        continue
-    out[k] = v
-  return out
+  return checkpoint_trees.set_leaves(dict(restored.state), reinit)
 
 
 def restore_params(directory: str, abstract_params: Any, *, what: str = 'init_from') -> Any:

@@ -1,8 +1,8 @@
 """The neuron recurrence as an XLA:CPU kernel (`csrc/lif_cpu.cc`), built on first use and called through the FFI.
 
-XLA:CPU splits the unrolled recurrence of `dtvit.neurons` into several elementwise loops per step and recomputes
+XLA:CPU splits the unrolled recurrence of `dtvit.lif_fused` into several elementwise loops per step and recomputes
 earlier steps inside later ones; the kernel runs each neuron's T steps in one pass, forward and backward, on
-XLA's intra-op threads (experiments/benchmarks/README.md has the measurements). `dtvit.neurons.lif_multistep`
+XLA's intra-op threads (experiments/benchmarks/README.md has the measurements). `dtvit.lif_fused.lif_multistep`
 calls it on CPU for float32 currents, and keeps its pure-JAX recurrence on other platforms (`lax.platform_dependent`)
 and wherever the kernel cannot be built.
 
@@ -47,7 +47,7 @@ SOURCE = Path(__file__).parent / "csrc" / "lif_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 FORWARD, BACKWARD = "dtvit_lif_forward", "dtvit_lif_backward"
 SURROGATES = ("pwl", "sigmoid", "atan")  # the kernel's surrogate codes, in order
-# What the kernel implements (the settings list at the top of csrc/lif_cpu.cc), by `neurons.NeuronSpec` field;
+# What the kernel implements (the settings list at the top of csrc/lif_cpu.cc), by `neuron_spec.NeuronSpec` field;
 # a neuron with any other value or field takes the pure-JAX recurrence.
 NEURONS = ("lif", "if", "spikingjelly_lif")
 RESETS = ("soft", "hard")
@@ -224,7 +224,7 @@ def available() -> bool:
 
 
 def supports(spec, current_dtype, membrane_dtype) -> bool:
-  """Whether the kernel computes this neuron: float32 currents and membranes, and a `neurons.NeuronSpec` whose
+  """Whether the kernel computes this neuron: float32 currents and membranes, and a `neuron_spec.NeuronSpec` whose
   every setting the kernel implements (NEURONS, SURROGATES, RESETS, SURROGATE_INPUTS; a positive tau)."""
   try:
     fields = {f.name for f in dataclasses.fields(spec)}
@@ -245,7 +245,7 @@ def _attributes(spec, *, masked: bool, static: bool) -> dict:
 
 
 def forward(current, lam, vth, mask_T, spec, *, num_steps: int, masked: bool, static: bool):
-  """(spikes [T, ...], h [T, N]): the recurrence of `neurons._lif_forward` over [T, ...] or a static [...]."""
+  """(spikes [T, ...], h [T, N]): the recurrence of `lif_fused._lif_forward` over [T, ...] or a static [...]."""
   x_shape = current.shape if static else current.shape[1:]
   flat = current.reshape(-1) if static else current.reshape(num_steps, -1)
   out = jax.ShapeDtypeStruct((num_steps, flat.shape[-1]), jnp.float32)
@@ -255,7 +255,7 @@ def forward(current, lam, vth, mask_T, spec, *, num_steps: int, masked: bool, st
 
 
 def backward(h, g_TX, lam, vth, mask_T, spec, *, masked: bool, static: bool):
-  """(dL/dcurrent, dL/dlam, dL/dVth, dL/dmask) from h [T, N] and dL/dspikes [T, ...]: `neurons._lif_bwd`."""
+  """(dL/dcurrent, dL/dlam, dL/dVth, dL/dmask) from h [T, N] and dL/dspikes [T, ...]: `lif_fused._lif_bwd`."""
   num_steps, n = h.shape
   scalar = jax.ShapeDtypeStruct((1,), jnp.float32)
   g_in = jax.ShapeDtypeStruct((n,) if static else (num_steps, n), jnp.float32)

@@ -11,7 +11,7 @@ passes badly (measured in experiments/benchmarks/README.md):
 - `dot_general` of a Dense layer on [..., D] inputs: with more than one leading axis, XLA:CPU contracts the
   weight gradient over them through a transposed copy of the output gradient (e.g. [F, T*B, N] for [T*B, N, F]).
   Here the leading axes are folded first, so the weight gradient is one [D, M] x [M, F] matmul read in place.
-(The neuron recurrence's fused backward lives with the dynamics, in `dtvit.neurons`.) Convolutions are lax's
+(The neuron recurrence's fused backward lives in `dtvit.lif_fused`.) Convolutions are lax's
 own on both paths: a kernel gradient as k*k tap matmuls was faster than lax's only while XLA:CPU ran
 convolutions on one core; with `dtvit.compilation`'s CPU options lax's is faster
 (experiments/benchmarks/README.md).

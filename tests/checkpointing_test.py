@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dtvit import checkpointing
+from dtvit import checkpoint_trees, checkpointing
 from dtvit import workdir as workdir_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -316,7 +316,7 @@ def test_two_unreadable_steps_stop_and_a_mismatch_moves_nothing(tmp_path):
   directory = tmp_path / 'ckpt'
   abstract = _three_steps(directory)
   with checkpointing.Checkpointer(str(directory), max_to_keep=5) as ckpt:
-    with pytest.raises(checkpointing.CheckpointMismatch, match="Shape mismatch at 'w'"):
+    with pytest.raises(checkpoint_trees.CheckpointMismatch, match="Shape mismatch at 'w'"):
       ckpt.restore_latest({**abstract, 'w': jax.ShapeDtypeStruct((7,), jnp.float32)})
   assert sorted(os.listdir(directory)) == ['1', '2', '3']  # another tree is no damage
   _delete_state(directory / '3')

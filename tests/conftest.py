@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fcntl
+import shutil
 import socket
 import subprocess
 import sys
@@ -151,6 +152,14 @@ def tiny_run(tmp_path_factory) -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (workdir / "summary.json").exists():
       train.run(tiny_run_config(), str(workdir))
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tiny_run, tmp_path_factory):
+  """The tiny run as it was before its SNN phase started: the ANN finished, no summary.json."""
+  workdir = tmp_path_factory.mktemp("unfinished") / "run"
+  shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("snn", "summary.json"))
   return str(workdir)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtvit import compilation, cpu_kernels, neurons
+from dtvit import compilation, cpu_kernels, lif_fused, neuron_spec, neurons
 
 
 def _close(a, b, rtol):
@@ -64,7 +64,7 @@ def _grads(spec, inp, w, mask, static, *, path):
 @pytest.mark.parametrize("static", [False, True])
 def test_kernel_matches_the_fused_recurrence_and_the_scan(kernel, neuron, surrogate, reset, detach,
                                                           surrogate_input, init, mask, static):
-  spec = neurons.NeuronSpec.resolve(neuron, surrogate=surrogate, reset=reset, detach_reset=detach,
+  spec = neuron_spec.NeuronSpec.resolve(neuron, surrogate=surrogate, reset=reset, detach_reset=detach,
                                     surrogate_input=surrogate_input, init_membrane=init)
   x = 1.5 * jax.random.normal(jax.random.key(1), (5, 3, 37)) + 0.3  # 111 neurons: not a whole block
   inp = x[0] if static else x
@@ -92,7 +92,8 @@ def test_kernel_matches_the_fused_recurrence_and_the_scan(kernel, neuron, surrog
 def test_kernel_over_many_neurons_and_steps(kernel, T):
   """Large layers (several threads' chunks, a partial last block) and T beyond the unrolling limit: the
   kernel equals the pure-JAX recurrence (unrolled up to 8 steps, a chunk loop beyond)."""
-  spec = neurons.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid", alpha=4.0, surrogate_input="difference")
+  spec = neuron_spec.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid", alpha=4.0,
+                                        surrogate_input="difference")
   x = 1.5 * jax.random.normal(jax.random.key(3), (T, 4, 50001)) + 0.5
   w = jax.random.normal(jax.random.key(4), x.shape)
   m = jnp.asarray(([1.0, 0.0] * T)[:T], jnp.float32)
@@ -110,10 +111,10 @@ def test_inference_and_other_platforms(kernel):
   (`lax.platform_dependent`)."""
   for T in (4, 5, 8):
     x, m = jnp.ones((T, 8, 16)), jnp.ones((T,))
-    spikes = jax.jit(lambda x, m: neurons.lif_multistep(x, step_mask_T=m))
+    spikes = jax.jit(lambda x, m: lif_fused.lif_multistep(x, step_mask_T=m))
     assert (cpu_kernels.FORWARD in spikes.lower(x, m).compile().as_text()) == (
-        T >= neurons.KERNEL_INFERENCE_MIN_STEPS)
-  grad = jax.jit(jax.grad(lambda x, m: jnp.sum(neurons.lif_multistep(x, step_mask_T=m)), argnums=(0, 1)))
+        T >= lif_fused.KERNEL_INFERENCE_MIN_STEPS)
+  grad = jax.jit(jax.grad(lambda x, m: jnp.sum(lif_fused.lif_multistep(x, step_mask_T=m)), argnums=(0, 1)))
   assert cpu_kernels.BACKWARD in grad.lower(x, m).as_text()
   for platforms in (("cuda",), ("tpu",)):
     assert "dtvit_lif" not in grad.trace(x, m).lower(lowering_platforms=platforms).as_text()
@@ -122,7 +123,7 @@ def test_inference_and_other_platforms(kernel):
 
 def test_bfloat16_currents_take_the_jax_recurrence(kernel):
   x = jnp.ones((4, 8, 16), jnp.bfloat16)
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(neurons.lif_multistep(x).astype(jnp.float32))))
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(lif_fused.lif_multistep(x).astype(jnp.float32))))
   assert "dtvit_lif" not in grad.lower(x).as_text()
 
 
@@ -135,7 +136,7 @@ def test_a_failed_build_names_the_compiler_and_falls_back(monkeypatch, tmp_path,
   try:
     assert not cpu_kernels.available()
     assert "unavailable, using the pure-JAX recurrence" in caplog.text and "no-such-g++" in caplog.text
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(neurons.lif_multistep(x))))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(lif_fused.lif_multistep(x))))
     assert "dtvit_lif" not in grad.lower(jnp.ones((4, 3))).as_text()
   finally:
     cpu_kernels.available.cache_clear()
@@ -284,9 +285,9 @@ def test_a_planted_library_in_a_shared_cache_folder_never_runs(kernel, tmp_path)
   own.parent.chmod(0o700)
   shutil.copy2(real, own / "liblif_cpu.so")
   marker = tmp_path / "marker"
-  script = ("import jax, jax.numpy as jnp\nfrom dtvit import cpu_kernels, neurons\n"
+  script = ("import jax, jax.numpy as jnp\nfrom dtvit import cpu_kernels, lif_fused\n"
             "assert cpu_kernels.available()\nprint('library:', cpu_kernels.build())\n"
-            "g = jax.jit(jax.grad(lambda x: jnp.sum(neurons.lif_multistep(x))))\n"
+            "g = jax.jit(jax.grad(lambda x: jnp.sum(lif_fused.lif_multistep(x))))\n"
             "assert 'dtvit_lif' in g.lower(jnp.ones((4, 3))).as_text()\n")
   env = dict(os.environ, DTVIT_KERNEL_CACHE=str(shared), TMPDIR=str(tmp_path / "tmp"), MARKER=str(marker))
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -302,15 +303,15 @@ def test_an_unknown_neuron_takes_the_jax_recurrence(kernel):
   import dataclasses
 
   @dataclasses.dataclass(frozen=True)
-  class WithRefractory(neurons.NeuronSpec):
+  class WithRefractory(neuron_spec.NeuronSpec):
     refractory: int = 2
 
-  known = neurons.NeuronSpec.resolve("lif")
+  known = neuron_spec.NeuronSpec.resolve("lif")
   assert cpu_kernels.supports(known, jnp.float32, jnp.float32)
   for spec in (dataclasses.replace(known, neuron="adex"), dataclasses.replace(known, reset="zero"),
                dataclasses.replace(known, surrogate_input="scaled"), WithRefractory()):
     assert not cpu_kernels.supports(spec, jnp.float32, jnp.float32), spec
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(neurons.lif_multistep(x, dataclasses.replace(known, neuron="adex")))))
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(lif_fused.lif_multistep(x, dataclasses.replace(known, neuron="adex")))))
   assert "dtvit_lif" not in grad.lower(jnp.ones((4, 3))).as_text()
 
 

@@ -14,7 +14,7 @@ import pytest
 import dtvit
 from dtvit import export
 from dtvit import inference
-from dtvit import neurons
+from dtvit import lif_fused
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def _with_scores(run, scores):
 def test_export_loads_in_a_fresh_process_and_gives_the_models_logits(tiny_run, tmp_path, monkeypatch):
   # Inference on CPU would run dtvit's CPU neuron kernel at these 3 steps: the export must not contain it (a
   # fresh process without dtvit has no such custom call target).
-  monkeypatch.setattr(neurons, "KERNEL_INFERENCE_MIN_STEPS", 1)
+  monkeypatch.setattr(lif_fused, "KERNEL_INFERENCE_MIN_STEPS", 1)
   run = _with_scores(dtvit.load(tiny_run), {"blocks_0/attn": [1, -1, 1], "blocks_0/mlp": [1, 1, -1]})
   out = str(tmp_path / "exported")
   meta = export.export_loaded(run, out)

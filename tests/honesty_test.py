@@ -25,7 +25,7 @@ import pytest
 
 from dtvit import energy
 from dtvit import models
-from dtvit.models import layers
+from dtvit.models import blocks, layers
 
 T = 4
 K = 5
@@ -312,7 +312,7 @@ def test_skip_a_masked_step_input_changes_nothing_downstream_and_filter_does(gra
 
       def interceptor(next_fun, args, kwargs, context):
         mod = context.module
-        if isinstance(mod, (layers.SpikingSelfAttention, layers.SpikingMLP)) and context.method_name == "__call__":
+        if isinstance(mod, (blocks.SpikingSelfAttention, blocks.SpikingMLP)) and context.method_name == "__call__":
           path = "/".join(mod.scope.path)
           # The module's masked steps: 1 and 2 for the attn (interior), 0 and 1 for the mlp (leading).
           masked = (1, 2) if path.endswith("attn") else (0, 1)

@@ -10,13 +10,13 @@ import numpy as np
 import chex
 import pytest
 
-from dtvit import neurons
+from dtvit import lif_fused, neuron_spec, neurons
 
 
 def _multistep(current, *, leak=1.0, threshold=1.0, num_steps=None, step_mask_T=None, fused=True,
                return_membrane=False, **spec):
   """`neurons.multistep` with the spec's settings as keywords."""
-  return neurons.multistep(current, neurons.NeuronSpec.resolve(**spec), leak=leak, threshold=threshold,
+  return neurons.multistep(current, neuron_spec.NeuronSpec.resolve(**spec), leak=leak, threshold=threshold,
                            num_steps=num_steps, step_mask_T=step_mask_T, fused=fused,
                            return_membrane=return_membrane, cpu_kernel=False)
 
@@ -83,16 +83,16 @@ def _primitive(x, surrogate, alpha):
 @pytest.mark.parametrize("surrogate,alpha", [("pwl", 0.3), ("sigmoid", 4.0), ("atan", 2.0), ("pwl", 1.0)])
 def test_spike_gradient_is_the_surrogate(surrogate, alpha):
   x = jnp.linspace(-1.7, 1.7, 41, dtype=jnp.float32) + 0.013
-  grad = jax.vmap(jax.grad(lambda v: neurons.spike(v, surrogate, alpha)))(x)
+  grad = jax.vmap(jax.grad(lambda v: neuron_spec.spike(v, surrogate, alpha)))(x)
   eps = 1e-3
   x64 = np.asarray(x, np.float64)
   fd = (np.asarray(_primitive(jnp.asarray(x64 + eps), surrogate, alpha), np.float64)
         - np.asarray(_primitive(jnp.asarray(x64 - eps), surrogate, alpha), np.float64)) / (2 * eps)
   np.testing.assert_allclose(np.asarray(grad), fd, rtol=2e-2, atol=2e-3)
   # Forward is the exact Heaviside step.
-  np.testing.assert_array_equal(np.asarray(neurons.spike(x, surrogate, alpha)), (np.asarray(x) >= 0) * 1.0)
+  np.testing.assert_array_equal(np.asarray(neuron_spec.spike(x, surrogate, alpha)), (np.asarray(x) >= 0) * 1.0)
   # Known values at threshold.
-  g0 = float(jax.grad(lambda v: neurons.spike(v, surrogate, alpha))(0.0))
+  g0 = float(jax.grad(lambda v: neuron_spec.spike(v, surrogate, alpha))(0.0))
   assert g0 == pytest.approx({"pwl": alpha, "sigmoid": alpha / 4, "atan": alpha / 2}[surrogate], rel=1e-5)
 
 
@@ -189,9 +189,9 @@ def test_lif_multistep_matches_scan(neuron, surrogate, reset, detach, static, in
 
 def test_lif_multistep_validates_like_reference():
   with pytest.raises(ValueError, match="num_steps"):
-    neurons.lif_multistep(jnp.zeros((3,)), num_steps=0)
+    lif_fused.lif_multistep(jnp.zeros((3,)), num_steps=0)
   with pytest.raises(ValueError, match="one value per time step"):
-    neurons.lif_multistep(jnp.zeros((3, 2)), step_mask_T=jnp.ones(2))
+    lif_fused.lif_multistep(jnp.zeros((3, 2)), step_mask_T=jnp.ones(2))
 
 
 def test_fused_is_the_default_and_switchable():
@@ -237,7 +237,7 @@ def test_lif_multistep_with_a_skip_mask_matches_scan(neuron, surrogate, reset, d
 def test_fused_chunk_loop_matches_scan(chunk, neuron, surrogate, reset, detach, static, init, masked):
   """The fused recurrence unrolled (chunk 0) or as a loop over chunks of 1, 2 or 3 unrolled steps (T = 6):
   the same spikes as the scan, and the same gradients (input, leak, threshold and a soft 'skip' mask's)."""
-  spec = neurons.NeuronSpec.resolve(neuron, surrogate=surrogate, reset=reset, detach_reset=detach,
+  spec = neuron_spec.NeuronSpec.resolve(neuron, surrogate=surrogate, reset=reset, detach_reset=detach,
                                     init_membrane=init)
   x = 1.5 * jax.random.normal(jax.random.key(6), (6, 3, 20)) + 0.3
   inp = x[0] if static else x
@@ -246,7 +246,7 @@ def test_fused_chunk_loop_matches_scan(chunk, neuron, surrogate, reset, detach, 
 
   def run(inp, leak, threshold, m, fast):
     kw = dict(leak=leak, threshold=threshold, num_steps=6 if static else None, step_mask_T=m)
-    s = (neurons.lif_multistep(inp, spec, chunk=chunk, cpu_kernel=False, **kw) if fast
+    s = (lif_fused.lif_multistep(inp, spec, chunk=chunk, cpu_kernel=False, **kw) if fast
          else neurons.multistep(inp, spec, fused=False, **kw))
     return jnp.sum(s * w), s
 
@@ -264,21 +264,21 @@ def test_fused_chunk_loop_matches_scan(chunk, neuron, surrogate, reset, detach, 
 
 
 def test_chunk_policy():
-  for masked, limit in ((True, neurons.UNROLL_MAX), (False, neurons.UNROLL_MAX_UNMASKED)):
-    assert [neurons.chunk_steps(t, masked=masked) for t in (1, limit)] == [0, 0]  # unrolled up to the limit
+  for masked, limit in ((True, lif_fused.UNROLL_MAX), (False, lif_fused.UNROLL_MAX_UNMASKED)):
+    assert [lif_fused.chunk_steps(t, masked=masked) for t in (1, limit)] == [0, 0]  # unrolled up to the limit
     for t in (limit + 1, 2 * limit, 16):
-      k = neurons.chunk_steps(t, masked=masked)
-      assert 1 <= k <= neurons.LOOP_CHUNK and t % k == 0
-  assert neurons.chunk_steps(8, masked=True) == 0 and neurons.chunk_steps(8, masked=False) == 2
+      k = lif_fused.chunk_steps(t, masked=masked)
+      assert 1 <= k <= lif_fused.LOOP_CHUNK and t % k == 0
+  assert lif_fused.chunk_steps(8, masked=True) == 0 and lif_fused.chunk_steps(8, masked=False) == 2
   with pytest.raises(ValueError, match="divisor"):
-    neurons.lif_multistep(jnp.zeros((6, 2)), chunk=4)
+    lif_fused.lif_multistep(jnp.zeros((6, 2)), chunk=4)
 
 
 @pytest.mark.parametrize("surrogate_input", ["normalized", "difference"])
 def test_fires_is_the_distance_sign_for_positive_thresholds(surrogate_input):
   """The fused path's division-free spike decision h >= Vth equals distance(h, Vth) >= 0 bitwise, including
   the floats adjacent to Vth, for thresholds across many binades."""
-  spec = neurons.NeuronSpec.resolve("lif", surrogate_input=surrogate_input)
+  spec = neuron_spec.NeuronSpec.resolve("lif", surrogate_input=surrogate_input)
   vth = np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(1e3), 4000)).astype(np.float32)
   vth = np.concatenate([vth, np.float32([1e-3, 0.5, 1.0, 2.0, 3.0])])
   hs = [vth, np.nextafter(vth, np.float32(np.inf)), np.nextafter(vth, np.float32(-np.inf)),

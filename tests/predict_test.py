@@ -108,15 +108,6 @@ def test_predict_command_line(run, tiny_run, digit_folder):
 # After training: user errors in one line, an unfinished run refused unless asked, the phase and step said.
 
 
-@pytest.fixture(scope="module")
-def unfinished_run(tiny_run, tmp_path_factory):
-  """The tiny run as it was before its SNN phase started: the ANN finished, no summary.json."""
-  import shutil
-  workdir = tmp_path_factory.mktemp("unfinished") / "run"
-  shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("snn", "summary.json"))
-  return str(workdir)
-
-
 def _cli(capsys, main, argv):
   """(exit status, stdout, stderr lines) of a command's main(argv) run in this process."""
   status = 0

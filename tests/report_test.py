@@ -107,3 +107,21 @@ def test_training_curves_section_reads_the_event_files(tmp_path):
   snn_loss = [line for line in loss_ax.lines if line.get_label() == "snn loss"][0]
   assert snn_loss.get_xdata().tolist() == [4 + 3]  # after the ANN's 4 steps
   assert [l.get_label() for l in steps_ax.lines if not l.get_label().startswith("_")] == ["snn average_time_steps"]
+
+
+@pytest.mark.slow
+def test_an_unfinished_run_is_refused_unless_asked_and_then_named_with_its_step(unfinished_run, tmp_path):
+  out = tmp_path / "out"
+  command = [sys.executable, "-m", "dtvit.report", f"--workdir={unfinished_run}", f"--out={out}"]
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  err = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 1 and proc.stdout == "" and len(err) == 1, proc.stderr[-3000:]
+  assert err[0].startswith(f"error: dtvit.report: UnfinishedRunError: dtvit.load: the run in {unfinished_run} is "
+                           f"unfinished (ann at step 16 of 16, snn not started)"), err
+  assert "--allow_unfinished" in err[0]
+  assert not (out / "report.md").exists()
+  proc = subprocess.run(command + ["--allow_unfinished"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"dtvit.report: phase 'ann' at step 16 of 16 (UNFINISHED run {unfinished_run})" in proc.stderr
+  assert "The primary run's latest phase is 'ann': no SNN to analyse." in (out / "report.md").read_text()

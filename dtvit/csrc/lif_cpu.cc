@@ -1,6 +1,6 @@
-// The fused multi-step neuron of dtvit/neurons.py as XLA:CPU FFI kernels: each neuron's T steps run in one
+// The fused multi-step neuron of dtvit/lif_fused.py as XLA:CPU FFI kernels: each neuron's T steps run in one
 // pass, forward and backward, on XLA's intra-op thread pool. The expressions are those of
-// `neurons._lif_forward` and `neurons._step_grads`, in the same order and without contraction into FMAs
+// `lif_fused._lif_forward` and `lif_fused._step_grads`, in the same order and without contraction into FMAs
 // (built with -ffp-contract=off), so the forward's spikes and membranes are bitwise the fused path's; the
 // reductions (dL/dVth, dL/dleak, dL/dmask) sum in another order. dtvit/cpu_kernels.py builds and registers
 // this file; tests/cpu_kernels_test.py checks it against the pure-JAX recurrence.

@@ -8,9 +8,9 @@ Quick use:
   logits, aux = models.apply_model(model, variables, images)
   print(models.step_counts(model, variables['params']))   # {'blocks_0/attn': {'active_steps': 4.0, ...}, ...}
 
-Layout: `settings` (neuron and mask settings), `paths` (every name in a model), `layers` (building blocks),
-`spiking_vit` (the model and its variant tables), `schedule` (skipped-step rows), `remat` (recompute in the
-backward pass).
+Layout: `settings` (neuron and mask settings), `paths` (every name in a model), `layers` (neurons, masks,
+synaptic layers), `blocks` (attention, MLP, blocks, stems), `spiking_vit` (the model and its variant tables),
+`schedule` (skipped-step rows), `remat` (recompute in the backward pass).
 """
 
 from __future__ import annotations

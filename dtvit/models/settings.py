@@ -9,14 +9,14 @@ from typing import Any, Optional
 import jax
 
 from dtvit import masks as masks_lib
-from dtvit import neurons as neurons_lib
+from dtvit import neuron_spec
 
 PHASES = ("ann", "snn")
 GRANULARITIES = ("module", "layer")
 # False: plain backprop through time; 'blocks': the backward pass recomputes the stem and each block from its
 # input (`dtvit.models.remat.recompute_in_backward`), bounding BPTT memory to one block's intermediates.
 REMAT_MODES = (False, "blocks")
-# 'fused': the fused neuron recurrence (`neurons.lif_multistep`, as the FFI kernel of `dtvit.cpu_kernels` on CPU)
+# 'fused': the fused neuron recurrence (`lif_fused.lif_multistep`, as the FFI kernel of `dtvit.cpu_kernels` on CPU)
 # and the fast-gradient pool and Dense matmul of `dtvit.ops`; 'xla': the same with the neuron recurrence in
 # pure JAX on CPU too; 'reference': `lax.scan`, `flax.linen.max_pool` and Flax's Dense. The same values and
 # gradients (the kernel's to float rounding). Convolutions are lax's on all three.
@@ -41,9 +41,9 @@ class NeuronConfig:
   remat: Any = False                # one of REMAT_MODES
 
   @functools.cached_property
-  def spec(self) -> neurons_lib.NeuronSpec:
+  def spec(self) -> neuron_spec.NeuronSpec:
     """The dynamics with every default resolved (once per config)."""
-    return neurons_lib.NeuronSpec.resolve(
+    return neuron_spec.NeuronSpec.resolve(
         self.neuron, surrogate=self.surrogate, alpha=self.alpha, tau=self.tau, reset=self.reset,
         detach_reset=self.detach_reset, init_membrane=self.init_membrane, surrogate_input=self.surrogate_input)
 

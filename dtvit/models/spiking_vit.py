@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dtvit.models import blocks
 from dtvit.models import layers
 from dtvit.models import paths
 from dtvit.models.remat import recompute_in_backward
@@ -126,13 +127,13 @@ class SpikingViT(nn.Module):
     call = functools.partial(recompute_in_backward, train=train) if remat else (
         lambda module, x, t: module(x, train=train, temperature=t))
     if self.stem == "sps":
-      stem = layers.SPSStem(dim=self.dim, pools=tuple(self.stem_pools), pool_first=self.stem_pool_first,
+      stem = blocks.SPSStem(dim=self.dim, pools=tuple(self.stem_pools), pool_first=self.stem_pool_first,
                             name=paths.STEM, **common)
     else:
-      stem = layers.PatchStem(dim=self.dim, patch_size=self.patch_size, name=paths.STEM, **common)
+      stem = blocks.PatchStem(dim=self.dim, patch_size=self.patch_size, name=paths.STEM, **common)
     x_XND = call(stem, images_BHWC.astype(self.dtype), mask_temperature)
     for i in range(self.depth):
-      block = layers.Block(num_heads=self.num_heads, mlp_dim=int(self.dim * self.mlp_ratio),
+      block = blocks.Block(num_heads=self.num_heads, mlp_dim=int(self.dim * self.mlp_ratio),
                            attn_scale=self.attn_scale, name=paths.block(i), **common)
       x_XND = call(block, x_XND, mask_temperature)
     feats_XD = jnp.mean(x_XND, axis=1)

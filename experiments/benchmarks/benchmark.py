@@ -61,7 +61,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dtvit import compilation, models, neurons  # noqa: E402
+from dtvit import compilation, models, neuron_spec, neurons  # noqa: E402
 from dtvit.models import MaskConfig, NeuronConfig  # noqa: E402
 
 DEFAULT_TORCH_PY = HERE / ".venv-torch" / "bin" / "python"
@@ -282,7 +282,7 @@ def lif_check(worker, *, T=8, n=2000, seed=0) -> dict:
   out = {}
   for vth in (1.0, 0.5):
     ref = worker(cmd="lif", x=x.tolist(), g=g.tolist(), threshold=vth)
-    spec = neurons.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid")
+    spec = neuron_spec.NeuronSpec.resolve("spikingjelly_lif", surrogate="sigmoid")
     for fast in (True, False):
       f = lambda x_: neurons.multistep(x_, spec, threshold=vth, fused=fast)
       s, vjp = jax.vjp(f, jnp.asarray(x))

@@ -25,11 +25,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from dtvit import inference  # noqa: E402
 from dtvit import models  # noqa: E402
-from dtvit.models import layers  # noqa: E402
+from dtvit.models import blocks  # noqa: E402
 
 import benchmark  # noqa: E402
 
-ORIGINAL = {"take": layers.SpikingModule.take_steps, "pad": layers.SpikingModule.pad_steps}
+ORIGINAL = {"take": blocks.SpikingModule.take_steps, "pad": blocks.SpikingModule.pad_steps}
 
 
 def runs_of(steps):
@@ -107,7 +107,7 @@ def main(argv=None):
   reference = fns["dense"](images)
   for name in a.variants.split(","):
     take, pad = VARIANTS[name]
-    layers.SpikingModule.take_steps, layers.SpikingModule.pad_steps = take, pad
+    blocks.SpikingModule.take_steps, blocks.SpikingModule.pad_steps = take, pad
     try:
       fn, _ = inference.make_inference_fn(model, variables)
       out = jax.block_until_ready(fn(images))  # traced and compiled with this variant
@@ -115,7 +115,7 @@ def main(argv=None):
       print(f"  {name}: {hlo.count('stablehlo.gather')} gathers, {hlo.count('stablehlo.scatter')} scatters, "
             f"{hlo.count('stablehlo.concatenate')} concatenations in the program", flush=True)
     finally:
-      layers.SpikingModule.take_steps, layers.SpikingModule.pad_steps = ORIGINAL["take"], ORIGINAL["pad"]
+      blocks.SpikingModule.take_steps, blocks.SpikingModule.pad_steps = ORIGINAL["take"], ORIGINAL["pad"]
     diff = float(jnp.max(jnp.abs(out - reference)))
     if diff != 0:
       raise AssertionError(f"variant {name}: logits differ from the dense evaluation by {diff}")
