@@ -6,7 +6,7 @@ travels in its checkpoints) and a writer that does not rewrite the steps a resum
 flush / close) so it can be swapped for clu's writer where TensorFlow is installed; clu's package
 imports TensorFlow, which dtvit does not depend on, so this module writes events with tensorboardX instead.
 
-`read_events` / `read_scalars` / `read_curves` read event files back (for report.py and tests) without
+`dtvit.events` reads event files back (for report.py and tests) without
 TensorFlow.
 
 On object storage (a `gs://` logdir) tensorboardX writes its event file into a local temporary folder, and each
@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging as py_logging
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,6 +31,7 @@ import tqdm
 from absl import logging
 
 from dtvit import config_lib
+from dtvit import events
 from dtvit import storage
 
 UPLOAD_SECS = 30.0  # an event file on object storage is uploaded at most this long after a write
@@ -343,7 +343,7 @@ class NoRewrites:
 
   def __init__(self, writer, logdir: str):
     self._writer = writer
-    self._last = {tag: max(s for s, _ in points) for tag, points in read_scalars(logdir).items()}
+    self._last = {tag: max(s for s, _ in points) for tag, points in events.read_scalars(logdir).items()}
 
   def _tag(self, key: str) -> str:
     prefix = getattr(self._writer, 'prefix', '')
@@ -362,55 +362,3 @@ class NoRewrites:
 
   def __exit__(self, *exc):
     self._writer.close()
-
-
-def _records(path: str) -> Iterator[bytes]:
-  """Payloads of a TFRecord file (the event file container), checking both CRCs; stops at a torn tail."""
-  from tensorboardX.record_writer import masked_crc32c
-  with storage.open_file(path, 'rb') as f:
-    while True:
-      header = f.read(12)
-      if len(header) < 12:
-        return
-      (length,), (length_crc,) = struct.unpack('<Q', header[:8]), struct.unpack('<I', header[8:])
-      if masked_crc32c(header[:8]) != length_crc:
-        raise ValueError(f'{path}: corrupt record header')
-      data, footer = f.read(length), f.read(4)
-      if len(data) < length or len(footer) < 4:
-        return  # the writer is still appending this record
-      if masked_crc32c(data) != struct.unpack('<I', footer)[0]:
-        raise ValueError(f'{path}: corrupt record payload')
-      yield data
-
-
-def read_events(logdir: str) -> Iterator[Any]:
-  """Every event (tensorboardX `event_pb2.Event` proto) in the event files directly under `logdir`."""
-  from tensorboardX.proto import event_pb2
-  for path in storage.glob(logdir, 'events.out.tfevents.*'):
-    for record in _records(path):
-      yield event_pb2.Event.FromString(record)
-
-
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-  """All scalars in the event files directly under `logdir`: tag -> [(step, value), ...] in file order."""
-  out: dict[str, list[tuple[int, float]]] = {}
-  for event in read_events(logdir):
-    if event.HasField('summary'):
-      for value in event.summary.value:
-        if value.HasField('simple_value'):
-          out.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return out
-
-
-def read_curves(logdir: str, tags: tuple[str, ...] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Scalars of the event files under `logdir` as curves: tag -> (steps int64 [N], values float64 [N]), sorted
-  by step, one value per step (the last one written: a resumed run may write a step again). `tags`: only
-  these (those present)."""
-  curves = {}
-  for tag, points in read_scalars(logdir).items():
-    if tags is not None and tag not in tags:
-      continue
-    by_step = dict(points)
-    steps_N = np.array(sorted(by_step), np.int64)
-    curves[tag] = (steps_N, np.array([by_step[s] for s in steps_N], np.float64))
-  return curves

@@ -13,7 +13,7 @@ import numpy as np
 
 from dtvit import analysis as analysis_lib
 from dtvit import masks as masks_lib
-from dtvit import metrics as metrics_lib
+from dtvit import events
 from dtvit.models import paths
 
 _COLORS = {"ann": "#4c72b0", "snn": "#dd8452", "snn_masked": "#55a868", paths.ATTN: "#4c72b0",
@@ -92,7 +92,7 @@ def training_curves(workdir: str, phases: Sequence[str]) -> dict[str, dict[str, 
   tags = tuple(t for _, panel in CURVE_PANELS for t in panel)
   out = {}
   for phase in phases:
-    curves = metrics_lib.read_curves(os.path.join(workdir, phase), tags)
+    curves = events.read_curves(os.path.join(workdir, phase), tags)
     if curves:
       out[phase] = curves
   return out

@@ -8,7 +8,7 @@ time steps plot and the table of runs cover all of them (each read from its summ
 This module draws and writes; the numbers come from `dtvit.analysis`, which defines them.
 
 What it shows (the file of each plot in brackets):
-- The runs (table, `analysis.run_rows`): accuracy, average time steps and energy per image from each
+- The runs (table, `runs_table.run_rows`): accuracy, average time steps and energy per image from each
   summary.json.
 - Training curves [training_curves.png]: the primary run's train loss, train and validation accuracy and
   average time steps over training, phase after phase, read from its TensorBoard event files.
@@ -39,6 +39,7 @@ import sys
 from typing import Any, Sequence
 
 from dtvit import analysis as analysis_lib
+from dtvit import runs_table
 from dtvit import loader
 from dtvit import plots
 from dtvit import storage
@@ -231,7 +232,7 @@ def _output_dir(workdirs: Sequence[str], out: str | None, ann_params: str) -> st
     loader.read_config(wd)
   if out is None:
     abs_paths = [storage.abspath(w) for w in workdirs]
-    out = storage.join(abs_paths[0] if len(abs_paths) == 1 else analysis_lib.common_path(abs_paths), "report")
+    out = storage.join(abs_paths[0] if len(abs_paths) == 1 else runs_table.common_path(abs_paths), "report")
   storage.check(out, "--out")
   storage.makedirs(out)
   return out
@@ -254,7 +255,7 @@ def write_report(workdirs: Sequence[str], out: str | None = None, *, num_batches
       such a run raises `loader.UnfinishedRunError`.
   """
   out = _output_dir(workdirs, out, ann_params)
-  rows = analysis_lib.run_rows(workdirs)
+  rows = runs_table.run_rows(workdirs)
   result: dict[str, Any] = {"workdirs": [storage.abspath(w) for w in workdirs],
                             "report": storage.join(storage.abspath(out), "report.md"), "runs": rows, "plots": {}}
   md = _runs_section(rows, result, out, command)
@@ -290,7 +291,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   with loader.user_errors("dtvit.report"):
-    result = write_report(analysis_lib.expand_sweeps(FLAGS.workdir), FLAGS.out, num_batches=FLAGS.num_batches,
+    result = write_report(runs_table.expand_sweeps(FLAGS.workdir), FLAGS.out, num_batches=FLAGS.num_batches,
                           batch_size=FLAGS.batch_size, early_exit_batches=FLAGS.early_exit_batches,
                           ann_params=FLAGS.ann_params, criterion=FLAGS.criterion,
                           thresholds=[float(t) for t in FLAGS.thresholds],

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from absl import flags
 import ml_collections
 
-from dtvit import analysis
+from dtvit import runs_table
 from dtvit import cli
 from dtvit import config_lib
 from dtvit import storage
@@ -58,7 +58,7 @@ from dtvit import workdir as workdir_lib
 
 NAME_KEY = "_name"
 ROOT = "{root}"
-RECORD = analysis.SWEEP_RECORD
+RECORD = runs_table.SWEEP_RECORD
 _SAFE = "._-+"
 _MAX_NAME = 200
 # The one dict flattener and the runner's names that sweep scripts and tests read through this module.

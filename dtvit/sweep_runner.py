@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any, Mapping, Sequence
 
-from dtvit import analysis
+from dtvit import runs_table
 from dtvit import config_lib
 from dtvit import storage
 from dtvit import workdir as workdir_lib
@@ -178,8 +178,8 @@ def _row(root: str, name: str, swept: Mapping[str, Any], run_row: dict, timings:
 
 def table_rows(root: str, names: Sequence[str], swept: Sequence[Mapping[str, Any]]) -> list[dict]:
   """One row per point (its workdir name, its swept values): name, the swept values, state, phase, TABLE_KEYS
-  (from each run's summary.json via `analysis.run_rows`, and `<root>/timings.json`), workdir."""
-  run_rows = analysis.run_rows([storage.join(root, n) for n in names])
+  (from each run's summary.json via `runs_table.run_rows`, and `<root>/timings.json`), workdir."""
+  run_rows = runs_table.run_rows([storage.join(root, n) for n in names])
   timings = workdir_lib.read_json(storage.join(root, "timings.json"), {}, fix=_ROOT_FIX)
   return [_row(root, n, s, r, timings) for n, s, r in zip(names, swept, run_rows)]
 

@@ -11,6 +11,7 @@ import pytest
 
 import dtvit
 from dtvit import analysis
+from dtvit import runs_table
 from dtvit import masks
 
 
@@ -91,7 +92,7 @@ def test_run_rows_from_summaries(tiny_config, tmp_path):
   with open(os.path.join(old, "config.json"), "w") as f:
     json.dump(config, f)
   unfinished = _workdir(root, "unfinished", tiny_config)
-  rows = analysis.run_rows([learned, fixed, old, unfinished, ann, os.path.join(root, "nowhere")])
+  rows = runs_table.run_rows([learned, fixed, old, unfinished, ann, os.path.join(root, "nowhere")])
   by_name = {r["name"]: r for r in rows}
   assert list(by_name) == ["learned", "fixed", "old", "unfinished", "ann_run", "nowhere"]
   r = by_name["learned"]
@@ -110,8 +111,8 @@ def test_run_rows_from_summaries(tiny_config, tmp_path):
 
 
 def test_run_names():
-  assert analysis.run_names(["/a/runs/x"]) == ["x"]
-  assert analysis.run_names(["/a/runs/x", "/a/runs/y/z"]) == ["x", "y/z"]
+  assert runs_table.run_names(["/a/runs/x"]) == ["x"]
+  assert runs_table.run_names(["/a/runs/x", "/a/runs/y/z"]) == ["x", "y/z"]
 
 
 def test_average_steps_over_units():
@@ -151,11 +152,11 @@ def test_a_sweep_root_expands_into_its_points(tmp_path):
   root = tmp_path / "sweep"
   for name in ("snn.time_cost=0.1", "snn.time_cost=0.03"):
     (root / name).mkdir(parents=True)
-    (root / name / analysis.SWEEP_RECORD).write_text("{}")
+    (root / name / runs_table.SWEEP_RECORD).write_text("{}")
   (root / "notes").mkdir()  # not a point
   run = tmp_path / "run"
   run.mkdir()
   (run / "config.json").write_text("{}")
-  assert analysis.expand_sweeps([str(run), str(root)]) == [
+  assert runs_table.expand_sweeps([str(run), str(root)]) == [
       str(run), str(root / "snn.time_cost=0.03"), str(root / "snn.time_cost=0.1")]
-  assert analysis.expand_sweeps([str(tmp_path / "missing")]) == [str(tmp_path / "missing")]
+  assert runs_table.expand_sweeps([str(tmp_path / "missing")]) == [str(tmp_path / "missing")]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dtvit import events
 from dtvit import metrics
 
 
@@ -27,7 +28,7 @@ def test_scalars_reach_event_files_and_log(tmp_path, info_logs):
   with metrics.MetricWriter(logdir, prefix='train') as writer:
     writer.write_scalars(1, {'loss': jnp.float32(0.5), 'accuracy': 0.25})
     writer.write_scalars(2, {'loss': np.array([0.125])})
-  assert metrics.read_scalars(logdir) == {
+  assert events.read_scalars(logdir) == {
       'train/loss': [(1, 0.5), (2, 0.125)],
       'train/accuracy': [(1, 0.25)],
   }
@@ -43,7 +44,7 @@ def test_histograms_and_texts(tmp_path, info_logs):
   writer.close()
 
   histos, texts = {}, {}
-  for event in metrics.read_events(logdir):
+  for event in events.read_events(logdir):
     for value in event.summary.value:
       if value.HasField('histo'):
         histos[value.tag] = (event.step, value.histo)
@@ -80,7 +81,7 @@ def test_read_scalars_stops_at_a_torn_record(tmp_path):
   size = os.path.getsize(path)
   with open(path, 'r+b') as f:  # as if the writer died while appending the last record
     f.truncate(size - 5)
-  assert metrics.read_scalars(logdir) == {'a': [(1, 1.0)]}
+  assert events.read_scalars(logdir) == {'a': [(1, 1.0)]}
 
 
 def test_averager_weighted_means():
@@ -200,7 +201,7 @@ def test_hparams_are_the_flattened_config_in_the_event_file(tmp_path):
   with metrics.MetricWriter(logdir) as writer:
     writer.write_hparams(flat, metrics=('loss', 'val_accuracy'))
   found = {}
-  for event in metrics.read_events(logdir):
+  for event in events.read_events(logdir):
     for value in event.summary.value:
       if value.metadata.plugin_data.plugin_name == 'hparams':
         found[value.tag] = plugin_hparams_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
@@ -217,7 +218,7 @@ def test_read_curves_sorts_and_keeps_one_value_per_step(tmp_path):
   with metrics.MetricWriter(logdir) as writer:
     for step, loss in ((2, 1.0), (4, 0.5), (4, 0.25), (1, 2.0)):  # a resumed run wrote step 4 again
       writer.write_scalars(step, {'loss': loss, 'other': 0.0})
-  curves = metrics.read_curves(logdir, tags=('loss', 'absent'))
+  curves = events.read_curves(logdir, tags=('loss', 'absent'))
   assert list(curves) == ['loss']
   steps_N, values_N = curves['loss']
   np.testing.assert_array_equal(steps_N, [1, 2, 4])

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from dtvit import analysis
+from dtvit import runs_table
 from dtvit import sweep
 from dtvit import sweep_runner
 
@@ -175,7 +175,7 @@ def _fake_run(root, name, config, summary, record=None):
     with open(os.path.join(wd, "summary.json"), "w") as f:
       json.dump(summary, f)
   if record is not None:
-    with open(os.path.join(wd, analysis.SWEEP_RECORD), "w") as f:
+    with open(os.path.join(wd, runs_table.SWEEP_RECORD), "w") as f:
       json.dump(record, f)
   return wd
 
@@ -201,10 +201,10 @@ def test_report_labels_runs_by_their_swept_values(tmp_path):
   a = _fake_run(root, "snn.time_cost=0.01,seed=0", {}, None, rec("x", {"snn.time_cost": 0.01, "seed": 0}))
   b = _fake_run(root, "snn.time_cost=0.03,seed=0", {}, None, rec("y", {"snn.time_cost": 0.03, "seed": 0}))
   c = _fake_run(root, "twin", {}, None, rec("twin", {"phases": "ann"}, named=True))
-  assert analysis.run_names([a, b]) == ["snn.time_cost=0.01", "snn.time_cost=0.03"]   # seed is the same
-  assert analysis.run_names([a, b, c]) == ["snn.time_cost=0.01, seed=0", "snn.time_cost=0.03, seed=0", "twin"]
+  assert runs_table.run_names([a, b]) == ["snn.time_cost=0.01", "snn.time_cost=0.03"]   # seed is the same
+  assert runs_table.run_names([a, b, c]) == ["snn.time_cost=0.01, seed=0", "snn.time_cost=0.03, seed=0", "twin"]
   plain = _fake_run(root, "other/run", {}, None)
-  assert analysis.run_names([a, plain]) == ["snn.time_cost=0.01,seed=0", "other/run"]   # not all from a sweep
+  assert runs_table.run_names([a, plain]) == ["snn.time_cost=0.01,seed=0", "other/run"]   # not all from a sweep
 
 
 TINY = """
@@ -254,7 +254,7 @@ def test_tiny_sweep_trains_skips_resumes_and_tabulates(tmp_path, capsys):
     assert row["accuracy"] == summary["test_accuracy"] and row["T_sim"] == summary["average_simulated_steps"]
     assert row["T_avg"] == summary["average_time_steps"] and row["steps"] == 3
     assert row["energy_ratio"] == summary["energy"]["totals"]["energy_ratio"]
-    record = json.load(open(os.path.join(root, row["name"], analysis.SWEEP_RECORD)))
+    record = json.load(open(os.path.join(root, row["name"], runs_table.SWEEP_RECORD)))
     assert record["overrides"] == {"snn.time_cost": row["snn.time_cost"]}
   assert [r["snn.time_cost"] for r in table["rows"]] == [0.0, 0.2]
   header = open(os.path.join(root, "sweep.csv")).readline().strip().split(",")
@@ -269,7 +269,7 @@ def test_tiny_sweep_trains_skips_resumes_and_tabulates(tmp_path, capsys):
   assert {k: len(v) for k, v in timings.items()} == {"snn.time_cost=0.0": 1, "snn.time_cost=0.2": 1}
   assert mtimes == [os.path.getmtime(os.path.join(root, r["name"], "summary.json")) for r in table["rows"]]
   # The report labels the two runs by their swept value.
-  assert analysis.run_names([os.path.join(root, r["name"]) for r in table["rows"]]) == [
+  assert runs_table.run_names([os.path.join(root, r["name"]) for r in table["rows"]]) == [
       "snn.time_cost=0.0", "snn.time_cost=0.2"]
 
 

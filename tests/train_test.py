@@ -15,7 +15,7 @@ import pytest
 from configs import cifar10_spikformer
 from dtvit import checkpointing
 from dtvit import data
-from dtvit import metrics
+from dtvit import events
 from dtvit import models
 from dtvit import sharding
 from dtvit import state as state_lib
@@ -355,7 +355,7 @@ def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path)
   cpu_before = _meta(workdir, 2)["cpu_time_s"]
   assert cpu_before > 0.1
   assert summary["ann"]["cpu_time_s"] == round(_meta(workdir, 4)["cpu_time_s"], 1) > cpu_before
-  scalars = metrics.read_scalars(os.path.join(workdir, "ann"))
+  scalars = events.read_scalars(os.path.join(workdir, "ann"))
   assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]  # step 3, logged by both launches, is in once
   assert [s for s, _ in scalars["test_accuracy"]] == [4]
 
@@ -370,7 +370,7 @@ def test_crash_resume_rerun_and_extension_keep_one_record(tiny_config, tmp_path)
   extended = tiny_config(**{"phases": "ann", "ann.train_steps": 6, "ann.checkpoint_every": 3, "ann.log_every": 2})
   summary = train.run(extended, workdir)
   assert summary["ann"]["steps"] == 6 and summary["ann"]["train_time_s"] >= before + 1.0
-  scalars = metrics.read_scalars(os.path.join(workdir, "ann"))
+  scalars = events.read_scalars(os.path.join(workdir, "ann"))
   assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4, 6]
   assert [s for s, _ in scalars["test_accuracy"]] == [4, 6]
   assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "ann", "checkpoints"))) == [4, 6]  # keeps 2

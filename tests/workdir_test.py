@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dtvit import analysis
+from dtvit import runs_table
 from dtvit import loader
 from dtvit import sweep
 from dtvit import workdir as workdir_lib
@@ -72,7 +72,7 @@ def test_the_readers_after_training_name_the_damaged_file(tmp_path):
     loader.load(workdir)
   for name, read in [("summary.json", lambda: loader.read_summary(workdir)),
                      ("data_spec.json", lambda: spec_lib.read_spec(workdir)),
-                     (sweep.RECORD, lambda: analysis.run_names([workdir, workdir + "2"]))]:
+                     (sweep.RECORD, lambda: runs_table.run_names([workdir, workdir + "2"]))]:
     _damaged_run(tmp_path, name, DAMAGED["garbled"])
     os.makedirs(workdir + "2", exist_ok=True)
     with open(os.path.join(workdir + "2", sweep.RECORD), "w") as f:

@@ -30,7 +30,7 @@ import numpy as np
 import jax
 
 from configs import quickstart
-from dtvit import compilation, data, energy, metrics, models, optim, sharding, steps, train
+from dtvit import compilation, data, energy, events, models, optim, sharding, steps, train
 from dtvit import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dtvit.main runs here
@@ -61,7 +61,7 @@ def loop_steps_per_s(num_steps: int, batch_size: int, placement: str) -> float:
     subprocess.run([sys.executable, "-m", "dtvit.main", "--config=configs/quickstart.py:tiny",
                     f"--workdir={workdir}", *_overrides(num_steps, batch_size, placement)],
                    cwd=ROOT, check=True, capture_output=True)
-    steps_N, rate_N = metrics.read_curves(os.path.join(workdir, "snn"), ("steps_per_s",))["steps_per_s"]
+    steps_N, rate_N = events.read_curves(os.path.join(workdir, "snn"), ("steps_per_s",))["steps_per_s"]
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   interval_N = np.diff(np.concatenate([[1], steps_N]))  # the first interval starts after step 1

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dtvit import metrics  # noqa: E402
+from dtvit import events  # noqa: E402
 from experiments.reliability import kill_resume as kr  # noqa: E402
 from tests import reliability_test as rt  # noqa: E402
 
@@ -65,7 +65,7 @@ def main():
         f"step {saved} (process 0, 1)")
   finish_all(two_processes(two_r, flags))
 
-  losses = {n: dict(metrics.read_scalars(os.path.join(w, args.phase))["loss"]) for n, w in (("one", one),
+  losses = {n: dict(events.read_scalars(os.path.join(w, args.phase))["loss"]) for n, w in (("one", one),
                                                                                            ("two", two))}
   print("\n| step | loss, 1 process x 8 | loss, 2 processes x 4 | abs diff |\n| --- | --- | --- | --- |")
   for s in sorted(losses["one"]):
