@@ -18,7 +18,7 @@ import pytest
 from dtvit import evaluate as evaluate_lib
 from dtvit import loader
 from dtvit import loop
-from dtvit import metrics as metrics_lib
+from dtvit import events
 from dtvit import sharding
 from dtvit import train
 
@@ -128,7 +128,7 @@ def test_a_run_to_watch_periodic_val_accuracy_throughput_and_hparams(tiny_config
   workdir = str(tmp_path)
   config = _config(tiny_config, **{"ann.log_every": 2, "ann.eval_every": 3, "data.val_examples": 100})
   train.run(config, workdir)
-  curves = metrics_lib.read_curves(os.path.join(workdir, "ann"))
+  curves = events.read_curves(os.path.join(workdir, "ann"))
   val_steps, val_acc = curves["val_accuracy"]
   np.testing.assert_array_equal(val_steps, [3, 6, 8])  # every 3 steps and at the end
   loaded = loader.load(workdir)
@@ -140,7 +140,7 @@ def test_a_run_to_watch_periodic_val_accuracy_throughput_and_hparams(tiny_config
   assert np.all(steps_per_s > 0)
   np.testing.assert_allclose(curves["images_per_s"][1], steps_per_s * config.ann.batch_size, rtol=1e-5)
   np.testing.assert_allclose(curves["eta_s"][1], (STEPS - log_steps) / steps_per_s, rtol=1e-5)
-  hparams = [v for e in metrics_lib.read_events(os.path.join(workdir, "ann")) for v in e.summary.value
+  hparams = [v for e in events.read_events(os.path.join(workdir, "ann")) for v in e.summary.value
              if v.tag == "_hparams_/session_start_info"]
   assert len(hparams) == 1
 

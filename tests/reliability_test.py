@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from dtvit import data
-from dtvit import metrics as metrics_lib
+from dtvit import events
 from dtvit import models
 from dtvit import sharding
 from dtvit import state as state_lib
@@ -285,7 +285,7 @@ def test_signal_checkpoints_the_current_step_and_rerun_is_bitwise_exact(referenc
 
 
 def _assert_no_duplicate_steps(workdir):
-  scalars = metrics_lib.read_scalars(os.path.join(workdir, "ann"))
+  scalars = events.read_scalars(os.path.join(workdir, "ann"))
   assert [s for s, _ in scalars["loss"]] == list(range(1, STEPS + 1))
   for tag, points in scalars.items():
     steps_logged = [s for s, _ in points]
@@ -567,7 +567,7 @@ def test_two_processes_stop_together_resume_and_match_one_process_with_8_devices
   # at this tiny run's near-chance accuracy a few are (measured: 1 of 360 flips).
   assert abs(summary["ann"]["test_accuracy"] - ref["ann"]["test_accuracy"]) <= 2 / 360
   # Only process 0 writes metrics: one events file per launch, steps 1..12 once each.
-  losses = [metrics_lib.read_scalars(os.path.join(w, "ann"))["loss"] for w in (workdir, reference)]
+  losses = [events.read_scalars(os.path.join(w, "ann"))["loss"] for w in (workdir, reference)]
   assert [s for s, _ in losses[0]] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([v for _, v in losses[0]], [v for _, v in losses[1]], rtol=1e-3)
   assert set(_steps(reference)) <= set(_steps(workdir))  # Orbax wrote each checkpoint from both processes

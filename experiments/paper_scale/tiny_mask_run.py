@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
+from dtvit import events
 from dtvit import recipes
-from dtvit import metrics as metrics_lib
 from dtvit import train
 from experiments.paper_scale import settings as settings_lib
 
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   c = tiny_config(args.setting, args.mode, args.steps, args.data_dir, args.ann_steps)
   summary = train.run(c, args.workdir)
-  curve = metrics_lib.read_scalars(os.path.join(args.workdir, "snn")).get("time_cost", [])
+  curve = events.read_scalars(os.path.join(args.workdir, "snn")).get("time_cost", [])
   target = c.snn.target_steps
   reached = next((s for s, v in curve if v == 0.0), None)
   out = {"setting": args.setting, "mode": args.mode, "steps": args.steps, "target": target,
