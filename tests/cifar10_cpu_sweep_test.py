@@ -37,7 +37,7 @@ def _points(arg=""):
 def test_the_sweep_as_data():
   points = _points()
   names = list(points)
-  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds, then issue 23's
+  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds, then the exit comparison's
   # every-step and distillation runs; the twin first.
   assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 6 + 2 + 4 + 4
   assert names[-4:] == list(EXIT_RUNS)
@@ -110,7 +110,7 @@ REMOVED_SINCE_RECORDED = {"model.neuron.unroll": 1}
 def test_the_sweep_reproduces_the_recorded_runs():
   """The port: each point's config is, key for key, the config its committed run recorded (read as dtvit reads
   a record: today's names, paths resolved against the workdir), but for the keys added since, each at the value
-  the run had; issue 23's runs once committed."""
+  the run had; the exit comparison's runs once committed."""
   for name, point in _points().items():
     if name in EXIT_RUNS and not os.path.exists(os.path.join(RUNS, name, "config.json")):
       continue

@@ -265,7 +265,7 @@ __attribute__((constructor)) static void planted(void) {
 
 @pytest.mark.slow
 def test_a_planted_library_in_a_shared_cache_folder_never_runs(kernel, tmp_path):
-  """The attack of issue 22: another user pre-creates the cache folder (mode 0777) with a library at the key
+  """The attack this guards against: another user pre-creates the cache folder (mode 0777) with a library at the key
   this user would compute; a training process must neither load it nor run its constructor. The process loads
   the kernel from its own per-user temp folder instead (seeded here with the real build, to skip a compile)."""
   if shutil.which("gcc") is None:
