@@ -37,8 +37,8 @@ def _points(arg=""):
 def test_the_sweep_as_data():
   points = _points()
   names = list(points)
-  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds, then the exit comparison's
-  # every-step and distillation runs; the twin first.
+  # ann, 4 fixed T, 3 costs x 2 semantics, the op-weighted cost x 2 semantics, 4 second seeds, then the exit
+  # comparison's 4 runs; the twin first.
   assert names[0] == "ann" and len(names) == len(set(names)) == 1 + 4 + 6 + 2 + 4 + 4
   assert names[-4:] == list(EXIT_RUNS)
   assert {"learned_skip_0.03", "learned_filter_op_0.03", "fixed_T3_seed1", "learned_filter_0.03_seed1"} <= set(names)
