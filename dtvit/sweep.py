@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:
     if type(e).__name__ != "Preempted":
       raise
-    print(f"[sweep] preempted: {e}; rerun the same command to resume.", file=sys.stderr)
+    print(f"[sweep] preempted: {str(e).rstrip('.')}.", file=sys.stderr)
     return 143
   if not a.child:
     try:
