@@ -71,3 +71,22 @@ def test_smoke_scan_and_sweep_run_on_digits(tmp_path):
   assert dtvit_sweep.main(argv + ["--only=ann", "--only=learned_skip_0.01"]) == 0
   summary = json.load(open(os.path.join(root, "learned_skip_0.01", "summary.json")))
   assert summary["snn"]["steps"] == 6 and "distill" in summary["snn"]
+
+
+@pytest.mark.slow
+def test_runner_trains_then_evaluates_exit_and_skips_what_is_done(tmp_path):
+  """experiments.cifar10_strong.run on the smoke form: the twin, then the headline run followed by its per-sample
+  exit evaluation; a rerun trains and evaluates nothing again."""
+  from experiments.cifar10_strong import run as runner
+  root = str(tmp_path / "runs")
+  argv = [f"--root={root}", "--config_arg=smoke,digits", "--only=ann", "--only=learned_skip_0.01"]
+  assert runner.main(argv) == 0
+  run = os.path.join(root, "learned_skip_0.01")
+  exit_record = json.load(open(os.path.join(run, "early_exit", "early_exit.json")))
+  assert {r["criterion"] for r in exit_record["rows"]} == {"confidence", "entropy"}
+  assert not os.path.exists(os.path.join(root, "ann", "early_exit"))   # the twin has no time steps to exit from
+  logs = {n: os.path.getmtime(os.path.join(root, n)) for n in ("ann.log", "learned_skip_0.01.log",
+                                                              "learned_skip_0.01.exit.log")}
+  assert runner.main(argv) == 0
+  assert {n: os.path.getmtime(os.path.join(root, n)) for n in logs} == logs
+  assert runner.main([f"--root={root}", "--config_arg=smoke,digits", "--only=no_such_run"]) == 2
