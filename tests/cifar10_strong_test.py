@@ -73,20 +73,76 @@ def test_smoke_scan_and_sweep_run_on_digits(tmp_path):
   assert summary["snn"]["steps"] == 6 and "distill" in summary["snn"]
 
 
-@pytest.mark.slow
-def test_runner_trains_then_evaluates_exit_and_skips_what_is_done(tmp_path):
-  """experiments.cifar10_strong.run on the smoke form: the twin, then the headline run followed by its per-sample
-  exit evaluation; a rerun trains and evaluates nothing again."""
+SMOKE_RUNS = ("ann", "learned_skip_0.01", "learned_skip_0.01_seed1", "fixed_T1", "fixed_T2", "fixed_T4_every_step")
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+  """experiments.cifar10_strong.run on the smoke form (digits): the twin, two seeds of the headline learned run,
+  fixed T = 1 and 2, and the every-step T = 4 run, each SNN run followed by its exit evaluation."""
   from experiments.cifar10_strong import run as runner
-  root = str(tmp_path / "runs")
-  argv = [f"--root={root}", "--config_arg=smoke,digits", "--only=ann", "--only=learned_skip_0.01"]
+  root = str(tmp_path_factory.mktemp("strong") / "runs")
+  argv = [f"--root={root}", "--config_arg=smoke,digits", *[f"--only={n}" for n in SMOKE_RUNS]]
   assert runner.main(argv) == 0
-  run = os.path.join(root, "learned_skip_0.01")
-  exit_record = json.load(open(os.path.join(run, "early_exit", "early_exit.json")))
-  assert {r["criterion"] for r in exit_record["rows"]} == {"confidence", "entropy"}
+  return root, argv
+
+
+@pytest.mark.slow
+def test_runner_trains_then_evaluates_exit_and_skips_what_is_done(smoke_runs):
+  """Every SNN run is evaluated under exit right after it trains, its cost recorded; a rerun trains and
+  evaluates nothing again; an unknown point is refused."""
+  from experiments.cifar10_strong import run as runner
+  root, argv = smoke_runs
+  for name in SMOKE_RUNS[1:]:
+    exit_record = json.load(open(os.path.join(root, name, "early_exit", "early_exit.json")))
+    assert {r["criterion"] for r in exit_record["rows"]} == {"confidence", "entropy"}
   assert not os.path.exists(os.path.join(root, "ann", "early_exit"))   # the twin has no time steps to exit from
-  logs = {n: os.path.getmtime(os.path.join(root, n)) for n in ("ann.log", "learned_skip_0.01.log",
-                                                              "learned_skip_0.01.exit.log")}
+  costs = json.load(open(os.path.join(root, runner.EXIT_COSTS)))
+  assert set(costs) == set(SMOKE_RUNS[1:]) and all(c["cpu_time_s"] > 0 for c in costs.values())
+  logs = {n: os.path.getmtime(os.path.join(root, n)) for n in os.listdir(root) if n.endswith(".log")}
   assert runner.main(argv) == 0
   assert {n: os.path.getmtime(os.path.join(root, n)) for n in logs} == logs
   assert runner.main([f"--root={root}", "--config_arg=smoke,digits", "--only=no_such_run"]) == 2
+
+
+@pytest.mark.slow
+def test_analysis_of_the_smoke_runs(smoke_runs):
+  """The analysis reads what the runs recorded: accuracies and CPU time from their summaries, the fixed-T curve
+  as the mean over seeds, equal-energy accuracies that are the curves' own values at their own energies, exit
+  curves from each run's early_exit.json, the winner as the best approach at each energy."""
+  from experiments.cifar10_strong import analyse
+  from experiments.cifar10_strong import run as runner
+  root, _ = smoke_runs
+  out = analyse.analyse(root)
+  summaries = {n: json.load(open(os.path.join(root, n, "summary.json"))) for n in SMOKE_RUNS}
+  rows = {r["name"]: r for r in out["rows"]}
+  assert set(rows) == set(SMOKE_RUNS) - {"fixed_T4_every_step"}   # the exit baseline is a series, not a point
+  for name, r in rows.items():
+    phase = "ann" if name == "ann" else "snn"
+    assert r["accuracy"] == summaries[name][phase]["test_accuracy"]
+  assert out["targets"]["twin"] == summaries["ann"]["ann"]["test_accuracy"]
+  seeds = [summaries[n]["snn"]["test_accuracy"] for n in ("learned_skip_0.01", "learned_skip_0.01_seed1")]
+  assert out["targets"]["accuracy"] == pytest.approx(sum(seeds) / 2)
+  assert out["targets"]["spread"] == pytest.approx(abs(seeds[0] - seeds[1]))
+  assert out["noise"]["threshold"] == pytest.approx(abs(seeds[0] - seeds[1]))   # the only seed pair
+  fixed = {c["T"]: c for c in out["fixed_curve"]}
+  assert sorted(fixed) == [1, 2] and fixed[1]["accuracy"] == summaries["fixed_T1"]["snn"]["test_accuracy"]
+  for g in out["equal_energy"]:   # at a fixed T's own energy: the best fixed T at that energy or less
+    for c in fixed.values():
+      if g["energy_ratio"] == c["energy_ratio"]:
+        best = max(f["accuracy"] for f in fixed.values() if f["energy_ratio"] <= c["energy_ratio"])
+        assert g["accuracy"]["fixed T"] == pytest.approx(best, abs=1e-9)
+    ranked = sorted((a, k) for k, a in g["accuracy"].items() if a is not None)
+    if len(ranked) >= 2:
+      assert g["winner"] == ranked[-1][1] and g["margin"] == pytest.approx(ranked[-1][0] - ranked[-2][0])
+  every = json.load(open(os.path.join(root, "fixed_T4_every_step", "early_exit", "early_exit.json")))
+  seenn = out["exit_curves"]["SEENN-I on fixed_T4_every_step"][0]["points"]
+  assert [p["accuracy"] for p in seenn] == [r["accuracy"] for r in every["rows"] if r["criterion"] == "confidence"]
+  costs = json.load(open(os.path.join(root, runner.EXIT_COSTS)))
+  cpu = out["cpu"]["approaches"]
+  assert cpu["ANN twin (shared by every SNN)"]["cpu_h"] == pytest.approx(summaries["ann"]["ann"]["cpu_time_s"] / 3600)
+  assert cpu["SEENN-I / DT-SNN (every-step T = 4 + exit evaluation)"]["cpu_h"] == pytest.approx(
+      (summaries["fixed_T4_every_step"]["snn"]["cpu_time_s"] + costs["fixed_T4_every_step"]["cpu_time_s"]) / 3600)
+  text = open(os.path.join(root, "results.md")).read()
+  assert "Published, not our run" in text and "At equal energy" in text
+  assert os.path.getsize(os.path.join(root, "results.png")) > 10_000

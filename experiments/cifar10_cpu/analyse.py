@@ -92,14 +92,15 @@ def binomial_se(p: float, n: int) -> float:
   return math.sqrt(max(p * (1.0 - p), 0.0) / n)
 
 
-def collect(root: str, table: dict) -> list[dict]:
-  """One row per finished run of the sweep's table, in sweep order with the seeds of a setting after its first:
+def collect(root: str, table: dict, variant=variant_of) -> list[dict]:
+  """One row per finished run of the sweep's table but the `variant` ones (default `variant_of`), in sweep order
+  with the seeds of a setting after its first:
   the table's results (accuracy, accuracy_all_steps, T_max, T_avg active, T_avg_op, T_sim simulated, T_sim_op,
   energy_ratio, steps, train_time_s, wall_time_s) plus name, base (the setting's first run), seed, kind ('ann' |
   'fixed' | 'learned'), masks, semantics, cost_kind, cost, per-module active and simulated steps, n_test."""
   rows, first, order = [], {}, {}
   for i, t in enumerate(table["rows"]):
-    if variant_of(t):
+    if variant(t):
       continue
     first.setdefault(_setting(t), t["name"])
     order[t["name"]] = i
@@ -108,14 +109,17 @@ def collect(root: str, table: dict) -> list[dict]:
     kind = kind_of(t)
     workdir = os.path.join(root, t["name"])
     s = (loader.read_summary(workdir) or {}).get("ann" if kind == "ann" else "snn", {})
-    eval_examples = loader.read_config(workdir).get("eval_examples") or 0
+    config = loader.read_config(workdir)
+    eval_examples = config.get("eval_examples") or 0
+    from_config = lambda key: t.get(key) or (config.get(key.split(".")[0]) or {}).get(key.split(".")[1])
     row = {k: t.get(k) for k in ("workdir", "phase", "ann_accuracy", "accuracy", "accuracy_all_steps", "T_max",
                                  "T_avg", "T_avg_op", "T_sim", "T_sim_op", "energy_ratio", "steps",
                                  "train_time_s", "wall_time_s")}
     row.update(name=t["name"], base=first[_setting(t)], seed=int(t.get("seed") or 0), kind=kind,
                masks={"ann": None, "fixed": "fixed T", "learned": "learned"}[kind],
-               semantics=t.get("model.mask.semantics") if kind == "learned" else None,
-               cost_kind=t.get("snn.cost_kind") if kind == "learned" else None,
+               semantics=(t.get("model.mask.semantics") or config["model"]["mask"]["semantics"]
+                          if kind == "learned" else None),
+               cost_kind=from_config("snn.cost_kind") if kind == "learned" else None,
                cost=t.get("snn.time_cost") if kind == "learned" else None,
                n_test=int(eval_examples) or N_TEST,
                per_module=s.get("per_module_time_steps"), per_module_sim=s.get("per_module_simulated_steps"))
@@ -125,11 +129,11 @@ def collect(root: str, table: dict) -> list[dict]:
   return sorted(rows, key=lambda r: (order[r["base"]], r["seed"]))
 
 
-def pending(table: dict) -> list[dict]:
+def pending(table: dict, variant=variant_of) -> list[dict]:
   """The runs without a complete summary.json: 'started' (a workdir, no summary yet: running, or interrupted and
   resumable) or 'not started'."""
   return [{"name": t["name"], "state": "started" if t["state"] == "started" else "not started"}
-          for t in table["rows"] if t["state"] != "done" and not variant_of(t)]
+          for t in table["rows"] if t["state"] != "done" and not variant(t)]
 
 
 def fixed_curve(rows: Sequence[dict]) -> list[dict]:

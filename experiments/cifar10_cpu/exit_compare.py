@@ -61,9 +61,10 @@ def ensure_exit_eval(workdir: str) -> dict:
     return json.load(f)
 
 
-def exit_curves(root: str, name: str, result: dict) -> list[dict]:
+def exit_curves(root: str, name: str, result: dict, what: str | None = None) -> list[dict]:
   """One curve per criterion of a run's early-exit table: points with threshold, accuracy, steps run, energy
-  ratio (the image's energy up to its exit over the ANN twin's energy)."""
+  ratio (the image's energy up to its exit over the ANN twin's energy). `what`: the run's label (default
+  `EXIT_RUNS[name]`)."""
   summary = loader.read_summary(os.path.join(root, name)) or {}
   ann_energy = summary["snn"]["energy"]["totals"]["ann_energy_j"]
   curves = []
@@ -72,9 +73,10 @@ def exit_curves(root: str, name: str, result: dict) -> list[dict]:
     if not rows:
       continue
     points = [{"threshold": r["threshold"], "accuracy": r["accuracy"], "steps": r["avg_steps"],
-               "module_steps": r.get("avg_module_steps"), "energy_ratio": r["avg_energy_j"] / ann_energy}
+               "module_steps": r.get("avg_module_steps"), "sim_steps": r.get("avg_simulated_steps"),
+               "energy_ratio": r["avg_energy_j"] / ann_energy}
               for r in rows]
-    curves.append({"run": name, "criterion": criterion, "label": f"{EXIT_RUNS[name]}, {CRITERIA[criterion]}",
+    curves.append({"run": name, "criterion": criterion, "label": f"{what or EXIT_RUNS[name]}, {CRITERIA[criterion]}",
                     "points": points})
   return curves
 
@@ -123,11 +125,13 @@ def _cell(x, spec=".2f", scale=100.0) -> str:
   return "–" if x is None else format(x * scale, spec)
 
 
-def headline(comparison: dict, curves: Sequence[dict], thr: float) -> list[str]:
-  """The verdict: learned masks against per-sample exit at equal energy, per exit curve of a run without masks;
-  and, per run with masks under exit, the cheapest threshold whose accuracy stays within the noise of no exit."""
+def headline(comparison: dict, curves: Sequence[dict], thr: float,
+             baselines: Sequence[str] = ("fixed_T4_every_step", "fixed_T4_distill")) -> list[str]:
+  """The verdict: learned masks against per-sample exit at equal energy, per exit curve of a run without masks
+  (`baselines`); and, per run with masks under exit, the cheapest threshold whose accuracy stays within the noise
+  of no exit."""
   lines = []
-  for run in ("fixed_T4_every_step", "fixed_T4_distill"):
+  for run in baselines:
     for criterion in CRITERIA:
       g = [e["gain"] for e in comparison["learned_vs_exit"]
            if e["run"] == run and e["criterion"] == criterion and e["gain"] is not None]

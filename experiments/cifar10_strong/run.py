@@ -6,7 +6,8 @@ For every point of `config.py`'s `get_sweep` in order: `python -m dtvit.sweep --
 finished; resumed from its last checkpoint when started), its output appended to `<root>/<name>.log`. After each
 finished SNN run: `python -m dtvit.evaluate --workdir=<root>/<name> --early_exit=confidence,entropy` (skipped
 when `<name>/early_exit/early_exit.json` exists), which needs the run's final checkpoint. SNN checkpoints stay out
-of git, so the exit evaluation follows the run at once, on the machine that trained it.
+of git, so the exit evaluation follows the run at once, on the machine that trained it; its wall and CPU time
+go to `<root>/exit_costs.json`.
 
 SIGTERM or SIGINT is passed on to the running point, which checkpoints at its current step; rerun the same
 command to resume. The first point that fails stops the runner (exit 1): its log says why.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -23,12 +25,14 @@ import time
 
 from dtvit import sweep
 from dtvit import sweep_runner
+from dtvit import workdir as workdir_lib
 from experiments.cifar10_strong import config as recipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "config.py")
 ROOT = os.path.join(HERE, "runs")
 EXIT_CRITERIA = "confidence,entropy"
+EXIT_COSTS = "exit_costs.json"
 
 _child: subprocess.Popen | None = None
 _stopping = False
@@ -53,6 +57,19 @@ def _call(cmd: list[str], log_path: str) -> int:
     code = _child.wait()
   _child = None
   return code
+
+
+def _children_cpu() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _record_exit_cost(root: str, name: str, wall_s: float, cpu_s: float) -> None:
+  """`<root>/exit_costs.json`: the wall and CPU seconds of each run's exit evaluation (all thresholds)."""
+  path = os.path.join(root, EXIT_COSTS)
+  costs = workdir_lib.read_json(path, {}, fix="delete it (the runner writes it anew)")
+  costs[name] = {"wall_time_s": round(wall_s, 1), "cpu_time_s": round(cpu_s, 1)}
+  workdir_lib.write_json(path, costs)
 
 
 def exit_done(workdir: str) -> bool:
@@ -86,10 +103,12 @@ def run(root: str, only: list[str], config_arg: str = "") -> int:
         return 143 if _stopping else 1
     if name != "ann" and not exit_done(workdir):
       print(f"[run] {name}: per-sample exit ({EXIT_CRITERIA})", flush=True)
+      start, cpu = time.time(), _children_cpu()
       code = _call([sys.executable, "-m", "dtvit.evaluate", f"--workdir={workdir}",
                     f"--early_exit={EXIT_CRITERIA}"], os.path.join(root, f"{name}.exit.log"))
       if _stopping or code != 0:
         return 143 if _stopping else 1
+      _record_exit_cost(root, name, time.time() - start, _children_cpu() - cpu)
   print("[run] every point is trained and evaluated", flush=True)
   return 0
 
