@@ -18,6 +18,11 @@ logs one line naming it, and restores the step before it.
 the SNN phase starts from the ANN phase this way, and so does `init_from`. Whether a saved tree fits the target,
 and which leaves start fresh, is decided without Orbax, in `dtvit.checkpoint_trees`.
 
+A weights-only checkpoint (`dtvit.slim`: `read_weights` -> `write_weights`) holds only `WEIGHTS` (params,
+batch_stats) of a step, its meta marked `"weights_only": true` with the collections it dropped. Everything that
+reads weights reads it as it reads a full one (`restore_variables`); a resume, which needs the optimizer state,
+stops with `WeightsOnlyCheckpointError` (`Checkpointer.restore`, and `check_resumable` before a launch writes).
+
 The workdir's own records (config.json, summary.json) and the resume rules are in `dtvit.workdir`.
 """
 from __future__ import annotations
@@ -87,6 +92,27 @@ def _orbax_silenced():
 
 class UnreadableCheckpointError(OSError):
   """Checkpoints that cannot be read although they were committed."""
+
+
+# The collections a model needs (what a weights-only checkpoint keeps), and the meta key that marks one.
+WEIGHTS = ('params', 'batch_stats')
+WEIGHTS_ONLY = 'weights_only'
+
+
+class WeightsOnlyCheckpointError(CheckpointMismatch):
+  """A resume asked for the whole train state of a weights-only checkpoint (`dtvit.slim`); one line naming it
+  and the fix."""
+
+
+def _weights_only_error(directory: str, step: int, meta: dict) -> WeightsOnlyCheckpointError:
+  dropped = ', '.join(meta.get('dropped') or ['opt_state'])
+  successor = 'snn' if meta.get('phase') == 'ann' else 'finetune'  # a phase that starts from these weights
+  return WeightsOnlyCheckpointError(
+      f'{directory}/{step} is a weights-only checkpoint (written by dtvit.slim: the weights without the training '
+      f'state {dropped}): a run cannot resume or continue training from it. Start a new run from its weights in '
+      f'another workdir, with init_from of the phase that should start from them (e.g. '
+      f'--config.{successor}.init_from={directory}); evaluate, predict, export, report and dtvit.load read it as '
+      f'it is.')
 
 
 def _abspath(directory: str) -> str:
@@ -183,7 +209,8 @@ class Checkpointer:
     `abstract_state` (jax.ShapeDtypeStruct leaves with `.sharding`, or concrete arrays).
 
     Leaves given without a sharding come back with the sharding they were saved with.
-    Raises FileNotFoundError when there is no such checkpoint, ValueError when the saved tree does not fit.
+    Raises FileNotFoundError when there is no such checkpoint, ValueError when the saved tree does not fit
+    (`WeightsOnlyCheckpointError` when it is a weights-only checkpoint that lacks collections asked for).
     """
     self._manager.wait_until_finished()
     if step is None:
@@ -194,6 +221,10 @@ class Checkpointer:
       raise FileNotFoundError(f'No checkpoint for step {step} in {self.directory}; it has steps '
                               f'{self.all_steps()}.')
     saved_tree = self._manager.item_metadata(step)['state'].tree
+    if isinstance(abstract_state, dict) and set(abstract_state) - set(saved_tree):
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      if meta.get(WEIGHTS_ONLY):
+        raise _weights_only_error(self.directory, step, meta)
     checkpoint_trees.check_compatible(
         saved_tree, abstract_state, prefix='', source=f'checkpoint {self.directory}/{step}',
         fix='The code or config changed since this checkpoint was written; resume with the same ones, or start '
@@ -210,7 +241,8 @@ class Checkpointer:
     A committed step that cannot be read (truncated or deleted files) is moved to `<dir>/corrupt/<step>`, one
     warning line names it, and the step before it is tried. A second unreadable step raises
     `UnreadableCheckpointError` and moves nothing more: that is no longer one damaged checkpoint. A step that
-    reads but holds another tree raises `CheckpointMismatch`. A collective: every process calls it.
+    reads but holds another tree raises `CheckpointMismatch` (a weights-only one `WeightsOnlyCheckpointError`).
+    A collective: every process calls it.
     """
     moved = None
     _hush_failed_restore_leftovers()
@@ -390,3 +422,76 @@ def restore_variables(directory: str, abstract_variables: dict[str, Any], *, wha
 def restore_params(directory: str, abstract_params: Any, *, what: str = 'init_from') -> Any:
   """`restore_variables` for the 'params' collection alone."""
   return restore_variables(directory, {'params': abstract_params}, what=what)['params']
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weights-only checkpoints (`dtvit.slim`).
+
+
+def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+def weights_only_steps(directory: str) -> dict[int, bool]:
+  """{committed step: whether it is weights-only} of a checkpoint directory ({} when there is none)."""
+  directory = _abspath(directory)
+  if not epath.Path(directory).is_dir():
+    return {}
+  manager = _read_only_manager(directory, 'checkpoints')
+  try:
+    return {s: bool(_restore_meta(manager, s).get(WEIGHTS_ONLY)) for s in sorted(manager.all_steps())}
+  finally:
+    manager.close()
+
+
+def check_resumable(directory: str) -> None:
+  """Raises `WeightsOnlyCheckpointError` when the newest committed step of `directory` (the one a resume
+  restores) is weights-only; reads only its meta. A missing directory, or a meta that cannot be read (the resume
+  deals with a damaged step), passes."""
+  directory = _abspath(directory)
+  if not epath.Path(directory).is_dir():
+    return
+  manager = _read_only_manager(directory, 'checkpoints')
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return
+    try:
+      with _orbax_silenced():
+        meta = _restore_meta(manager, step)
+    except Exception:  # a damaged step: `Checkpointer.restore_latest` moves it aside and says so
+      return
+  finally:
+    manager.close()
+  if meta.get(WEIGHTS_ONLY):
+    raise _weights_only_error(directory, step, meta)
+
+
+def read_weights(directory: str, step: int | None = None, *, what: str = 'checkpoint'
+                 ) -> tuple[int, dict[str, Any], dict, list[str]]:
+  """(step, {collection: arrays} of the `WEIGHTS` a step holds (those with arrays, on this process's first
+  device, as saved), its meta, the other collections of its state) of `step` (default: the latest committed)."""
+  directory = _abspath(directory)
+  manager = _read_only_manager(directory, what)
+  try:
+    step = _finished_step(manager, directory, what, step)
+    saved = manager.item_metadata(step)['state'].tree
+    kept = [n for n in WEIGHTS if n in saved and jax.tree.leaves(saved[n])]
+    abstract = checkpoint_trees.with_default_sharding(
+        {n: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[n]) for n in kept})
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract), partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return step, dict(restored.state), dict(restored.meta), sorted(set(saved) - set(kept))
+
+
+def write_weights(directory: str, step: int, weights: dict[str, Any], meta: dict, dropped: list[str]) -> None:
+  """Writes `weights` ({collection: arrays}) as checkpoint `step` of `directory` in the layout of `Checkpointer`,
+  its meta `meta` marked weights-only (`WEIGHTS_ONLY`, and 'dropped': the collections left out, with those an
+  earlier slim left out)."""
+  dropped = sorted(set(dropped) | set(meta.get('dropped') or []))
+  with Checkpointer(directory, max_to_keep=1) as ckpt:
+    ckpt.save(step, weights, {**meta, WEIGHTS_ONLY: True, 'dropped': dropped}, force=True)

@@ -273,7 +273,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   Raises `workdir_lock.WorkdirBusyError` when another run holds `workdir` (`dtvit.workdir_lock`, taken before
   the workdir is read), `Preempted` after SIGTERM or SIGINT (state checkpointed at the current step),
   `NonFiniteError` on a non-finite step with `nonfinite='error'` (naming the step and the first module; the last
-  good checkpoint is kept; its `phase` and `lr` attributes say what to change).
+  good checkpoint is kept; its `phase` and `lr` attributes say what to change),
+  `checkpointing.WeightsOnlyCheckpointError` before anything is written when an unfinished or changed run would
+  resume from a weights-only checkpoint (`dtvit.slim`), which has no optimizer state.
   """
   storage.check(workdir, "workdir")  # gs:// without gcsfs: one line naming the install extra, nothing written
   validate_config(config)
@@ -295,6 +297,9 @@ def _run_locked(config, workdir, phases, mesh, *, overwrite, allow_changes, stop
     logging.info("%s holds this run, finished (summary.json); nothing to do.%s", workdir,
                  f" The allowed changes {list(launch.allowed)} would need a new run." if launch.allowed else "")
     return finished
+  if launch.earlier and not launch.overwrite:  # nothing written yet: a slim run's records stay as they are
+    for phase in phases:
+      checkpointing.check_resumable(workdir_lib.checkpoint_dir(workdir, phase))
   info = data.get_info(config.data)
   resident.check(config.data)
   _check_sources(config, phases)
