@@ -87,7 +87,9 @@ def run(root: str, only: list[str], config_arg: str = "") -> int:
     print(f"cifar10_strong.run: --only {unknown}: no such point; the points are: {', '.join(names)}.",
           file=sys.stderr)
     return 2
-  spec = CONFIG + (f":{config_arg}" if config_arg else "")
+  rel = os.path.relpath(CONFIG)   # recorded in sweep_point.json: no machine path where the repo is the cwd
+  config = CONFIG if rel.startswith("..") else rel
+  spec = config + (f":{config_arg}" if config_arg else "")
   os.makedirs(root, exist_ok=True)
   for name in names:
     if only and name not in only:
