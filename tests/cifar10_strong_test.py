@@ -3,7 +3,10 @@
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,6 +59,46 @@ def test_recipe_rejects_bad_arguments():
     recipe.get_config("size=9-999")
   with pytest.raises(ValueError, match="unknown argument 'huge'"):
     recipe.get_sweep("huge")
+  with pytest.raises(ValueError, match="steps='ten'"):
+    recipe.get_config("steps=ten")
+  assert recipe.get_config("smoke,digits,steps=7").snn.train_steps == 7
+
+
+def _alive_with(text: str) -> list[int]:
+  """The pids whose command line contains `text`."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except OSError:
+      continue
+    if text in cmdline:
+      pids.append(int(pid))
+  return pids
+
+
+@pytest.mark.slow
+def test_runner_stops_on_sigterm_with_its_point_checkpointed(tmp_path):
+  """SIGTERM to the runner reaches the point it is training: the point checkpoints its current step and stops,
+  and the runner exits 143 (preempted) without starting anything else."""
+  root = str(tmp_path / "runs")
+  cmd = [sys.executable, "-m", "experiments.cifar10_strong.run", f"--root={root}",
+         "--config_arg=smoke,digits,steps=100000", "--only=ann", "--only=fixed_T1"]
+  runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  checkpoints = os.path.join(root, "ann", "ann", "checkpoints")
+  deadline = time.time() + 300
+  while not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
+    assert runner.poll() is None and time.time() < deadline, runner.communicate()[0]
+    time.sleep(0.5)
+  runner.send_signal(signal.SIGTERM)
+  out, _ = runner.communicate(timeout=120)
+  assert runner.returncode == 143, out
+  log = open(os.path.join(root, "ann.log")).read()
+  assert "preempted: SIGTERM during ann: checkpoint saved at step" in log, log
+  step = int(log.split("checkpoint saved at step ")[1].split(";")[0])
+  assert 0 < step < 100000 and str(step) in os.listdir(checkpoints)
+  assert not _alive_with(root)                                    # the point's process is gone too
+  assert not os.path.exists(os.path.join(root, "fixed_T1"))       # nothing after the stopped point started
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ Arguments (comma-separated, for both):
   size=<n>    one of SIZES (default SIZE)
   smoke       a tiny model, a few steps, a test subset: the same code paths (tests)
   digits      scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
+  steps=<n>   every phase trains n steps (get_config): a quick trial of a point, or a run long enough to stop
 """
 
 from dtvit import recipes
@@ -46,13 +47,15 @@ TWIN = "{root}/ann/ann/checkpoints"
 COSTS = (0.01, 0.03)         # time-step cost weights: the headline first (cifar10_cpu: T_sim ~2.5 at 0.01)
 SEEDS = {"learned_skip_0.01": (1, 2), "fixed_T2": (1,), "fixed_T3": (1,)}
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 1.0, 2.0
-_ARGS = ("scan", "size", "smoke", "digits")
+_ARGS = ("scan", "size", "smoke", "digits", "steps")
 
 
 def _args(arg: str) -> dict:
   args = recipes.parse_arg(arg, _ARGS, "cifar10_strong")
   if args.get("size") and args["size"] not in SIZES:
     raise ValueError(f"cifar10_strong: size={args['size']!r}; choose one of {', '.join(SIZES)}.")
+  if "steps" in args and not args["steps"].isdigit() or args.get("steps") == "0":
+    raise ValueError(f"cifar10_strong: steps={args['steps']!r}; give a positive number of steps, e.g. steps=100.")
   return args
 
 
@@ -125,4 +128,7 @@ def get_config(arg: str = ""):
       c[p].checkpoint_every = 3
     c.eval_examples = 480 if image_side == 32 else 240
     c.eval_batch_size = 40   # divisible by 8 devices
+  if "steps" in args:
+    for p in ("ann", "snn"):
+      c[p].train_steps = int(args["steps"])
   return c
