@@ -44,7 +44,8 @@ def test_the_scan_and_the_sweep_as_data():
   names = list(points)
   assert names[:2] == ["ann", f"learned_skip_{recipe.COSTS[0]:g}"]   # the twin, then the headline run
   assert {f"fixed_T{t}" for t in range(1, 5)} <= set(names)
-  assert sum(n.startswith(f"learned_skip_{recipe.COSTS[0]:g}") for n in names) == 3   # 3 seeds at the headline
+  seeds = [n for n in names if n.startswith(f"learned_skip_{recipe.COSTS[0]:g}") and not n.endswith("ep")]
+  assert len(seeds) == 3   # 3 seeds at the headline
   assert {"fixed_T2_seed1", "fixed_T3_seed1", "fixed_T4_every_step", "learned_skip_0.03"} <= set(names)
   for name in names[1:]:   # every SNN run: from the twin, skip masks, T_max 4, distilled
     c = dtvit_sweep.point_config(recipe, "", points[name], "/r")
@@ -52,6 +53,13 @@ def test_the_scan_and_the_sweep_as_data():
     assert c.snn.distill_weight > 0 and c.phases == "snn" and c.data.placement == "device"
   every = dtvit_sweep.point_config(recipe, "", points["fixed_T4_every_step"], "/r")
   assert every.snn.loss == "every_step" and not every.model.mask.enabled and every.model.max_time_steps == 4
+  headline = dtvit_sweep.point_config(recipe, "", points[names[1]], "/r")
+  long = dtvit_sweep.point_config(recipe, "", points[names[-1]], "/r")   # last: the headline, fine-tuned longer
+  assert names[-1] == f"{names[1]}_{recipe.LONG_EPOCHS}ep"
+  assert headline.snn.train_steps == recipe.SNN_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
+  assert long.snn.train_steps == recipe.LONG_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
+  assert long.snn.optimizer.warmup_steps == long.snn.train_steps // 20
+  assert (long.snn.time_cost, long.seed) == (headline.snn.time_cost, headline.seed)
 
 
 def test_recipe_rejects_bad_arguments():
@@ -116,13 +124,15 @@ def test_smoke_scan_and_sweep_run_on_digits(tmp_path):
   assert summary["snn"]["steps"] == 6 and "distill" in summary["snn"]
 
 
-SMOKE_RUNS = ("ann", "learned_skip_0.01", "learned_skip_0.01_seed1", "fixed_T1", "fixed_T2", "fixed_T4_every_step")
+SMOKE_RUNS = ("ann", "learned_skip_0.01", "learned_skip_0.01_seed1", "fixed_T1", "fixed_T2", "fixed_T4_every_step",
+              f"learned_skip_0.01_{recipe.LONG_EPOCHS}ep")
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
   """experiments.cifar10_strong.run on the smoke form (digits): the twin, two seeds of the headline learned run,
-  fixed T = 1 and 2, and the every-step T = 4 run, each SNN run followed by its exit evaluation."""
+  fixed T = 1 and 2, the every-step T = 4 run and the longer headline run, each SNN run followed by its exit
+  evaluation."""
   from experiments.cifar10_strong import run as runner
   root = str(tmp_path_factory.mktemp("strong") / "runs")
   argv = [f"--root={root}", "--config_arg=smoke,digits", *[f"--only={n}" for n in SMOKE_RUNS]]
@@ -159,7 +169,8 @@ def test_analysis_of_the_smoke_runs(smoke_runs):
   out = analyse.analyse(root)
   summaries = {n: json.load(open(os.path.join(root, n, "summary.json"))) for n in SMOKE_RUNS}
   rows = {r["name"]: r for r in out["rows"]}
-  assert set(rows) == set(SMOKE_RUNS) - {"fixed_T4_every_step"}   # the exit baseline is a series, not a point
+  long = SMOKE_RUNS[-1]   # the longer fine-tuning: apart, against the headline and the twin
+  assert set(rows) == set(SMOKE_RUNS) - {"fixed_T4_every_step", long}   # the exit baseline is a series
   for name, r in rows.items():
     phase = "ann" if name == "ann" else "snn"
     assert r["accuracy"] == summaries[name][phase]["test_accuracy"]
@@ -168,6 +179,12 @@ def test_analysis_of_the_smoke_runs(smoke_runs):
   assert out["targets"]["accuracy"] == pytest.approx(sum(seeds) / 2)
   assert out["targets"]["spread"] == pytest.approx(abs(seeds[0] - seeds[1]))
   assert out["noise"]["threshold"] == pytest.approx(abs(seeds[0] - seeds[1]))   # the only seed pair
+  (lr,) = out["targets"]["long"]
+  assert lr["name"] == long and lr["steps"] == 3 * recipe.SMOKE_STEPS
+  assert lr["accuracy"] == summaries[long]["snn"]["test_accuracy"]
+  assert lr["gap"] == pytest.approx(out["targets"]["twin"] - lr["accuracy"])
+  assert lr["gain"] == pytest.approx(lr["accuracy"] - sum(seeds) / 2)
+  assert lr["gap_met"] == (lr["gap"] <= analyse.GAP_TARGET and lr["T_sim"] <= analyse.T_SIM_TARGET)
   fixed = {c["T"]: c for c in out["fixed_curve"]}
   assert sorted(fixed) == [1, 2] and fixed[1]["accuracy"] == summaries["fixed_T1"]["snn"]["test_accuracy"]
   for g in out["equal_energy"]:   # at a fixed T's own energy: the best fixed T at that energy or less
@@ -187,5 +204,7 @@ def test_analysis_of_the_smoke_runs(smoke_runs):
   assert cpu["SEENN-I / DT-SNN (every-step T = 4 + exit evaluation)"]["cpu_h"] == pytest.approx(
       (summaries["fixed_T4_every_step"]["snn"]["cpu_time_s"] + costs["fixed_T4_every_step"]["cpu_time_s"]) / 3600)
   text = open(os.path.join(root, "results.md")).read()
-  assert "Published, not our run" in text and "At equal energy" in text
+  assert "Published, not our run" in text and "At equal energy" in text and f"| {long} | 18 |" in text
+  assert cpu["learned masks, longer fine-tuning"]["cpu_h"] == pytest.approx(
+      summaries[long]["snn"]["cpu_time_s"] / 3600)
   assert os.path.getsize(os.path.join(root, "results.png")) > 10_000

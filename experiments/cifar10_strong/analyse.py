@@ -11,7 +11,9 @@ The series:
 - per-sample exit on `fixed_T4_every_step` (fixed T = 4 trained with the every-step loss): SEENN-I (max softmax
   >= theta) and DT-SNN (entropy <= theta), over theta;
 - the same exit on `fixed_T4` (trained on the final output): what the every-step loss buys;
-- the combination: each learned run under exit (curves averaged over the seeds of a setting, per threshold).
+- the combination: each learned run under exit (curves averaged over the seeds of a setting, per threshold);
+- apart from those (a longer training budget): the headline learned run fine-tuned longer (`<run>_<n>ep`), against
+  the headline at the sweep's length and against the twin.
 
 Every accuracy is on the 10,000 JPEG test images; every energy is `dtvit.energy`'s estimate per image (the stem,
 every module at its working steps, the head; under exit, up to each image's exit) over the ANN twin's. At equal
@@ -32,6 +34,7 @@ from typing import Sequence
 from dtvit import sweep as dtvit_sweep
 from experiments.cifar10_cpu import analyse as base
 from experiments.cifar10_cpu import exit_compare
+from experiments.cifar10_strong import config as recipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "config.py")
@@ -47,6 +50,16 @@ SHORT = {"confidence": "SEENN-I", "entropy": "DT-SNN"}
 def is_exit_baseline(row: dict) -> bool:
   """The run trained for per-sample exit (every-step loss): an exit series, not a point of the fixed-T curve."""
   return (row.get("snn.loss") or "final") != "final"
+
+
+def is_long(row: dict) -> bool:
+  """The run fine-tuned longer than the sweep's other SNN runs (`<run>_<LONG_EPOCHS>ep`): reported apart."""
+  return row["name"].endswith(f"_{recipe.LONG_EPOCHS}ep")
+
+
+def is_variant(row: dict) -> bool:
+  """Not a point of the equal-budget comparison: the exit baseline, or a longer fine-tuning."""
+  return is_exit_baseline(row) or is_long(row)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -132,7 +145,7 @@ def equal_energy(series: dict[str, list[dict]], thr: float) -> list[dict]:
   return out
 
 
-def cpu_costs(root: str, rows: Sequence[dict], table: dict) -> dict:
+def cpu_costs(root: str, rows: Sequence[dict], table: dict, long_rows: Sequence[dict] = ()) -> dict:
   """CPU hours: per run (training, from its summary's cpu_time_s; exit evaluation, from run.py's record) and per
   approach (what one model of it costs after the twin, and what the whole series cost)."""
   path = os.path.join(root, EXIT_COSTS)
@@ -150,6 +163,7 @@ def cpu_costs(root: str, rows: Sequence[dict], table: dict) -> dict:
       "fixed T (every T and seed)": [n for n, k in kinds.items() if k == "fixed"],
       "learned masks (every cost and seed)": [n for n, k in kinds.items() if k == "learned"],
       "SEENN-I / DT-SNN (every-step T = 4 + exit evaluation)": every,
+      "learned masks, longer fine-tuning": [r["name"] for r in long_rows],
   }
   approach = {}
   for what, names in series.items():
@@ -161,17 +175,27 @@ def cpu_costs(root: str, rows: Sequence[dict], table: dict) -> dict:
   return {"runs": runs, "approaches": approach}
 
 
-def targets(rows: Sequence[dict], headline: str | None) -> dict:
+def _gap_met(gap: float | None, t_sim: float | None) -> bool | None:
+  return None if gap is None or t_sim is None else (gap <= GAP_TARGET and t_sim <= T_SIM_TARGET)
+
+
+def targets(rows: Sequence[dict], headline: str | None, long_rows: Sequence[dict] = ()) -> dict:
   """The issue's targets: the twin's accuracy (>= 85%) and the headline learned setting (mean over its seeds) at
-  T_sim <= 2.5 within 3 points of the twin."""
+  T_sim <= 2.5 within 3 points of the twin; the same gap for each longer fine-tuning of it (`long`)."""
   twin = next((r["accuracy"] for r in rows if r["kind"] == "ann"), None)
   seeds = [r for r in rows if r["kind"] == "learned" and r["base"] == headline]
   acc, t_sim = _mean([r["accuracy"] for r in seeds]), _mean([r["T_sim"] for r in seeds])
   spread = max(r["accuracy"] for r in seeds) - min(r["accuracy"] for r in seeds) if len(seeds) > 1 else None
   gap = None if twin is None or acc is None else twin - acc
+  long = []
+  for r in long_rows:
+    g = None if twin is None else twin - r["accuracy"]
+    long.append({"name": r["name"], "steps": r["steps"], "accuracy": r["accuracy"], "T_sim": r["T_sim"],
+                 "energy_ratio": r["energy_ratio"], "gap": g, "gain": None if acc is None else r["accuracy"] - acc,
+                 "gap_met": _gap_met(g, r["T_sim"])})
   return {"twin": twin, "twin_met": None if twin is None else twin >= TWIN_TARGET, "headline": headline,
-          "seeds": [r["name"] for r in seeds], "accuracy": acc, "spread": spread, "T_sim": t_sim, "gap": gap,
-          "gap_met": None if gap is None else (gap <= GAP_TARGET and t_sim <= T_SIM_TARGET)}
+          "seeds": [r["name"] for r in seeds], "steps": _mean([r["steps"] for r in seeds]), "accuracy": acc,
+          "spread": spread, "T_sim": t_sim, "gap": gap, "gap_met": _gap_met(gap, t_sim), "long": long}
 
 
 def _pct(x, spec=".2f") -> str:
@@ -182,7 +206,8 @@ def _met(flag) -> str:
   return "pending" if flag is None else "met" if flag else "NOT met"
 
 
-def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, exit_cmp, grid, costs, tg) -> str:
+def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, exit_cmp, grid, costs, tg,
+             long_todo=()) -> str:
   thr = nz["threshold"]
   md = ["# Results: the strong CIFAR-10 twin and its SNNs", ""]
   md.append(f"- Twin: {_pct(tg['twin'])}% on the 10,000 test images (target >= {_pct(TWIN_TARGET, '.0f')}%: "
@@ -192,6 +217,9 @@ def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, ex
               f"(seed spread {_pct(tg['spread'])} pts) at T_sim {tg['T_sim']:.2f}, {_pct(tg['gap'])} pts below "
               f"the twin (target: within {_pct(GAP_TARGET, '.0f')} pts at T_sim <= {T_SIM_TARGET}: "
               f"{_met(tg['gap_met'])}).")
+  for lr in tg["long"]:
+    md.append(f"- The same fine-tuned longer, {lr['name']} ({lr['steps']} steps): {_pct(lr['accuracy'])}% at T_sim "
+              f"{lr['T_sim']:.2f}, {_pct(lr['gap'])} pts below the twin (target: {_met(lr['gap_met'])}).")
   for fig, steps, what in PUBLISHED.values():
     md.append(f"- Published, not our run: {what}: {_pct(fig)}% at {steps:g} steps"
               + (f"; our twin is {_pct(fig - tg['twin'])} pts below it." if tg["twin"] is not None else "."))
@@ -208,6 +236,19 @@ def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, ex
     win = "–" if g["winner"] is None else (f"{g['winner']} ({_pct(g['margin'], '+.2f')})" if g["beyond_noise"]
                                            else f"none beyond the noise ({g['winner']} {_pct(g['margin'], '+.2f')})")
     md.append(f"| {g['energy_ratio']:.3f} | " + " | ".join(_pct(g["accuracy"][k]) for k in names) + f" | {win} |")
+  md += ["", "## Longer fine-tuning", "",
+         f"The headline learned setting {tg['headline']} trained longer from the same twin, apart from the "
+         f"comparison above (every run there has the same budget).", "",
+         "| run | SNN steps | test acc. (%) | T_sim | energy / ANN | gain over the headline (pts) | gap to the "
+         "twin (pts) |", "|---|---|---|---|---|---|---|"]
+  if tg["accuracy"] is not None:
+    md.append(f"| {tg['headline']} (mean of {len(tg['seeds'])} seed(s)) | {tg['steps']:.0f} | "
+              f"{_pct(tg['accuracy'])} | {tg['T_sim']:.2f} | – | – | {_pct(tg['gap'])} |")
+  for lr in tg["long"]:
+    md.append(f"| {lr['name']} | {lr['steps']} | {_pct(lr['accuracy'])} | {lr['T_sim']:.2f} | "
+              f"{lr['energy_ratio']:.3f} | {_pct(lr['gain'], '+.2f')} | {_pct(lr['gap'])} |")
+  for t in long_todo:
+    md.append(f"| {t['name']} | – | {t['state']} | – | – | – | – |")
   md += ["", "## Per-sample exit", ""]
   md += [f"- {line}" for line in exit_compare.headline(exit_cmp, [c for cs in curves.values() for c in cs], thr,
                                                         baselines=("fixed_T4_every_step", "fixed_T4"))]
@@ -236,9 +277,9 @@ def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, ex
 _STYLE = {"fixed T": ("s-", "#4c72b0"), "learned masks": ("o", "#dd8452")}
 
 
-def plot(rows, fixed, curves, path: str) -> None:
+def plot(rows, fixed, curves, path: str, long_rows: Sequence[dict] = ()) -> None:
   """Two panels, accuracy against energy / ANN and against simulated steps: fixed T (mean, each seed a dot),
-  each learned run, the exit curves, the twin as a line."""
+  each learned run, the exit curves, the longer fine-tuned runs (stars), the twin as a line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -258,6 +299,9 @@ def plot(rows, fixed, curves, path: str) -> None:
       ax.annotate(f"{r['cost']:g}" + (f" s{r['seed']}" if r["seed"] else ""),
                   (r["energy_ratio"] if x == "energy_ratio" else r["T_sim"], 100 * r["accuracy"]),
                   textcoords="offset points", xytext=(5, -10), fontsize=7, color="#dd8452")
+    for r in long_rows:
+      ax.plot(r["energy_ratio"] if x == "energy_ratio" else r["T_sim"], 100 * r["accuracy"], "*", ms=12,
+              color="#c44e52", ls="none", label=f"{r['name']} ({r['steps']} steps)")
     for cs in curves.values():
       for c in cs:
         pts = sorted(c["points"], key=lambda p: p["energy_ratio"])
@@ -280,8 +324,10 @@ def plot(rows, fixed, curves, path: str) -> None:
 
 def analyse(root: str) -> dict:
   table = dtvit_sweep.read_table(root)
-  rows = base.collect(root, table, variant=is_exit_baseline)
-  todo = base.pending(table, variant=is_exit_baseline)
+  rows = base.collect(root, table, variant=is_variant)
+  todo = base.pending(table, variant=is_variant)
+  long_rows = base.collect(root, table, variant=lambda t: not is_long(t))
+  long_todo = base.pending(table, variant=lambda t: not is_long(t))
   fixed = base.fixed_curve(rows)
   pairs = base.seed_pairs(rows)
   nz = base.noise(rows, pairs)
@@ -307,17 +353,19 @@ def analyse(root: str) -> dict:
     curves[f"{b} + exit"] = mean_curves(learned_curves, runs, f"{b} + exit (mean of {len(runs)} seed(s))")
   exit_cmp = exit_compare.compare(rows, [c for cs in curves.values() for c in cs], fixed)
   grid = equal_energy(approaches(rows, fixed, curves), nz["threshold"])
-  costs = cpu_costs(root, rows, table)
+  costs = cpu_costs(root, rows, table, long_rows)
   headline = next((r["base"] for r in rows if r["kind"] == "learned"), None)
-  tg = targets(rows, headline)
-  text = markdown(rows, todo, fixed, pairs, nz, comparison, verdict["lines"], curves, exit_cmp, grid, costs, tg)
+  tg = targets(rows, headline, long_rows)
+  text = markdown(rows, todo, fixed, pairs, nz, comparison, verdict["lines"], curves, exit_cmp, grid, costs, tg,
+                  long_todo)
   with open(os.path.join(root, "results.md"), "w") as f:
     f.write(text)
-  out = {"rows": rows, "pending": todo, "fixed_curve": fixed, "seed_pairs": pairs, "noise": nz,
+  out = {"rows": rows, "pending": todo + long_todo, "long_rows": long_rows, "fixed_curve": fixed,
+         "seed_pairs": pairs, "noise": nz,
          "comparison": comparison, "verdict": verdict["lines"], "exit_curves": curves, "exit_comparison": exit_cmp,
          "equal_energy": grid, "cpu": costs, "targets": tg, "published": PUBLISHED}
   base._save_json(os.path.join(root, "results.json"), out)
-  plot(rows, fixed, curves, os.path.join(root, "results.png"))
+  plot(rows, fixed, curves, os.path.join(root, "results.png"), long_rows)
   print(text, flush=True)
   return out
 

@@ -11,15 +11,17 @@
 otherwise the twin (`ann`) and, from its checkpoint, in this order: learned masks at the headline cost
 (`learned_skip_<cost>`), fixed T = 1..4 (`fixed_T<T>`), fixed T = 4 trained with the every-step loss for
 per-sample exit (`fixed_T4_every_step`), learned masks at the second cost, then the extra seeds
-(`<run>_seed<k>`: 3 seeds of the headline learned run, 2 of fixed T = 2 and 3). Every SNN run keeps its final
-checkpoint, so `dtvit.evaluate --early_exit` can evaluate any of them under per-sample exit.
+(`<run>_seed<k>`: 3 seeds of the headline learned run, 2 of fixed T = 2 and 3), and last the headline learned
+run fine-tuned LONG_EPOCHS instead of SNN_EPOCHS (`<run>_<n>ep`; with `smoke`, 3x the smoke steps). Every SNN
+run keeps its final checkpoint, so `dtvit.evaluate --early_exit` can evaluate any of them under per-sample exit.
 
 Arguments (comma-separated, for both):
   scan        the scan's sweep (get_sweep) / a short ANN schedule (get_config)
   size=<n>    one of SIZES (default SIZE)
   smoke       a tiny model, a few steps, a test subset: the same code paths (tests)
   digits      scikit-learn's digits instead of CIFAR-10 (tests: no archive needed)
-  steps=<n>   every phase trains n steps (get_config): a quick trial of a point, or a run long enough to stop
+  steps=<n>   every phase trains n steps (get_config; the `_<n>ep` point keeps its own): a quick trial of a
+              point, or a run long enough to stop
 """
 
 from dtvit import recipes
@@ -42,11 +44,13 @@ SIZE = "2-192"
 SCAN_EPOCHS = 2
 ANN_EPOCHS = 50
 SNN_EPOCHS = 2
+LONG_EPOCHS = 6              # the headline learned run once more, fine-tuned this long: what longer training buys
 T_MAX = 4
 TWIN = "{root}/ann/ann/checkpoints"
 COSTS = (0.01, 0.03)         # time-step cost weights: the headline first (cifar10_cpu: T_sim ~2.5 at 0.01)
 SEEDS = {"learned_skip_0.01": (1, 2), "fixed_T2": (1,), "fixed_T3": (1,)}
 DISTILL_WEIGHT, DISTILL_TEMPERATURE = 1.0, 2.0
+SMOKE_STEPS = 6
 _ARGS = ("scan", "size", "smoke", "digits", "steps")
 
 
@@ -76,7 +80,10 @@ def get_sweep(arg: str = ""):
           f"fixed_T{T_MAX}_every_step": {**fixed[f"fixed_T{T_MAX}"], "snn.loss": "every_step"},
           **{n: p for n, p in learned.items() if n != first}}
   seeds = {f"{n}_seed{k}": {**runs[n], "seed": k} for n, ks in SEEDS.items() for k in ks}
-  return [sweep.named("ann", {"phases": "ann"})] + [sweep.named(n, p) for n, p in {**runs, **seeds}.items()]
+  long_steps = 3 * SMOKE_STEPS if "smoke" in args else LONG_EPOCHS * NUM_TRAIN // BATCH_SIZE
+  long = {f"{first}_{LONG_EPOCHS}ep": {**runs[first], "snn.train_steps": long_steps,
+                                       "snn.optimizer.warmup_steps": max(long_steps // 20, 1)}}
+  return [sweep.named("ann", {"phases": "ann"})] + [sweep.named(n, p) for n, p in {**runs, **seeds, **long}.items()]
 
 
 def _size_overrides(size: str) -> dict:
@@ -122,7 +129,7 @@ def get_config(arg: str = ""):
     m.depth, m.dim, m.num_heads = 1, 16, 2
     c.eval_fixed_steps = False
     for p in ("ann", "snn"):
-      c[p].train_steps = 6
+      c[p].train_steps = SMOKE_STEPS
       c[p].batch_size = 16
       c[p].log_every = 2
       c[p].checkpoint_every = 3
