@@ -379,7 +379,8 @@ def results_markdown(rows: Sequence[dict], comparison: Sequence[dict], *, pendin
                    f"| {_fmt(c['accuracy'], '.2f', 100)} | {_fmt(c['spread'], '.2f', 100)} "
                    f"| {_fmt(c['energy_ratio'], '.3f')} |")
   if pairs:
-    lines += ["", "Seed-to-seed spread (same setting, seeds 0 and 1: data order, augmentation, score init):", "",
+    lines += ["", "Seed-to-seed spread (runs of one setting that differ only in the seed: data order, augmentation, "
+              "score init; spread = highest minus lowest):", "",
               "| setting | runs | acc. (%) | spread (pts) |", "|---|---|---|---|"]
     for q in pairs:
       accs = ", ".join(_fmt(a, ".2f", 100) for a in q["accuracies"])
