@@ -1,5 +1,6 @@
 """experiments/cifar10_strong: its scan and sweep as data, and their smoke forms run by dtvit.sweep."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -53,13 +54,19 @@ def test_the_scan_and_the_sweep_as_data():
     assert c.snn.distill_weight > 0 and c.phases == "snn" and c.data.placement == "device"
   every = dtvit_sweep.point_config(recipe, "", points["fixed_T4_every_step"], "/r")
   assert every.snn.loss == "every_step" and not every.model.mask.enabled and every.model.max_time_steps == 4
-  headline = dtvit_sweep.point_config(recipe, "", points[names[1]], "/r")
-  long = dtvit_sweep.point_config(recipe, "", points[names[-1]], "/r")   # last: the headline, fine-tuned longer
-  assert names[-1] == f"{names[1]}_{recipe.LONG_EPOCHS}ep"
-  assert headline.snn.train_steps == recipe.SNN_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
-  assert long.snn.train_steps == recipe.LONG_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
-  assert long.snn.optimizer.warmup_steps == long.snn.train_steps // 20
-  assert (long.snn.time_cost, long.seed) == (headline.snn.time_cost, headline.seed)
+  # last: the headline, then its fixed-T controls, each fine-tuned longer and otherwise as their 2-epoch runs
+  ep = f"_{recipe.LONG_EPOCHS}ep"
+  longs = [names[1], *recipe.LONG_CONTROLS]
+  assert names[-len(longs):] == [n + ep for n in longs]
+  for name in longs:
+    short = dtvit_sweep.point_config(recipe, "", points[name], "/r")
+    long = dtvit_sweep.point_config(recipe, "", points[name + ep], "/r")
+    assert short.snn.train_steps == recipe.SNN_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
+    assert long.snn.train_steps == recipe.LONG_EPOCHS * recipe.NUM_TRAIN // recipe.BATCH_SIZE
+    assert long.snn.optimizer.warmup_steps == long.snn.train_steps // 20
+    for key in ("snn.time_cost", "seed", "model.max_time_steps", "model.mask.enabled", "snn.loss"):
+      get = lambda c: functools.reduce(getattr, key.split("."), c)
+      assert get(long) == get(short), (name, key)
 
 
 def test_recipe_rejects_bad_arguments():

@@ -12,7 +12,8 @@ otherwise the twin (`ann`) and, from its checkpoint, in this order: learned mask
 (`learned_skip_<cost>`), fixed T = 1..4 (`fixed_T<T>`), fixed T = 4 trained with the every-step loss for
 per-sample exit (`fixed_T4_every_step`), learned masks at the second cost, then the extra seeds
 (`<run>_seed<k>`: 3 seeds of the headline learned run, 2 of fixed T = 2 and 3), and last the headline learned
-run fine-tuned LONG_EPOCHS instead of SNN_EPOCHS (`<run>_<n>ep`; with `smoke`, 3x the smoke steps). Every SNN
+run fine-tuned LONG_EPOCHS instead of SNN_EPOCHS, then the same for its controls LONG_CONTROLS, the fixed T on
+either side of its simulated steps (`<run>_<n>ep`; with `smoke`, 3x the smoke steps). Every SNN
 run keeps its final checkpoint, so `dtvit.evaluate --early_exit` can evaluate any of them under per-sample exit.
 
 Arguments (comma-separated, for both):
@@ -45,6 +46,7 @@ SCAN_EPOCHS = 2
 ANN_EPOCHS = 50
 SNN_EPOCHS = 2
 LONG_EPOCHS = 4              # the headline learned run once more, fine-tuned this long: what longer training buys
+LONG_CONTROLS = ("fixed_T3", "fixed_T2")   # the same longer fine-tuning for the fixed T around its T_sim
 T_MAX = 4
 TWIN = "{root}/ann/ann/checkpoints"
 COSTS = (0.01, 0.03)         # time-step cost weights: the headline first (cifar10_cpu: T_sim ~2.5 at 0.01)
@@ -81,8 +83,9 @@ def get_sweep(arg: str = ""):
           **{n: p for n, p in learned.items() if n != first}}
   seeds = {f"{n}_seed{k}": {**runs[n], "seed": k} for n, ks in SEEDS.items() for k in ks}
   long_steps = 3 * SMOKE_STEPS if "smoke" in args else LONG_EPOCHS * NUM_TRAIN // BATCH_SIZE
-  long = {f"{first}_{LONG_EPOCHS}ep": {**runs[first], "snn.train_steps": long_steps,
-                                       "snn.optimizer.warmup_steps": max(long_steps // 20, 1)}}
+  long = {f"{n}_{LONG_EPOCHS}ep": {**runs[n], "snn.train_steps": long_steps,
+                                   "snn.optimizer.warmup_steps": max(long_steps // 20, 1)}
+          for n in (first, *LONG_CONTROLS)}
   return [sweep.named("ann", {"phases": "ann"})] + [sweep.named(n, p) for n, p in {**runs, **seeds, **long}.items()]
 
 
