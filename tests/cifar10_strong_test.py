@@ -132,7 +132,7 @@ def test_smoke_scan_and_sweep_run_on_digits(tmp_path):
 
 
 SMOKE_RUNS = ("ann", "learned_skip_0.01", "learned_skip_0.01_seed1", "fixed_T1", "fixed_T2", "fixed_T4_every_step",
-              f"learned_skip_0.01_{recipe.LONG_EPOCHS}ep")
+              f"learned_skip_0.01_{recipe.LONG_EPOCHS}ep", f"fixed_T2_{recipe.LONG_EPOCHS}ep")
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,8 @@ def test_analysis_of_the_smoke_runs(smoke_runs):
   out = analyse.analyse(root)
   summaries = {n: json.load(open(os.path.join(root, n, "summary.json"))) for n in SMOKE_RUNS}
   rows = {r["name"]: r for r in out["rows"]}
-  long = SMOKE_RUNS[-1]   # the longer fine-tuning: apart, against the headline and the twin
-  assert set(rows) == set(SMOKE_RUNS) - {"fixed_T4_every_step", long}   # the exit baseline is a series
+  long, long_fixed = SMOKE_RUNS[-2:]   # the longer fine-tuning: apart, against its settings, the twin, each other
+  assert set(rows) == set(SMOKE_RUNS) - {"fixed_T4_every_step", long, long_fixed}   # exit baseline: a series
   for name, r in rows.items():
     phase = "ann" if name == "ann" else "snn"
     assert r["accuracy"] == summaries[name][phase]["test_accuracy"]
@@ -214,4 +214,22 @@ def test_analysis_of_the_smoke_runs(smoke_runs):
   assert "Published, not our run" in text and "At equal energy" in text and f"| {long} | 18 |" in text
   assert cpu["learned masks, longer fine-tuning"]["cpu_h"] == pytest.approx(
       summaries[long]["snn"]["cpu_time_s"] / 3600)
+  assert cpu["fixed T, longer fine-tuning"]["runs"] == [long_fixed]
+  # the longer runs against each other, at the same budget: the fixed one is the curve; learned is read off it
+  lg = out["longer"]
+  by = {r["name"]: r for r in lg["runs"]}
+  assert list(by) == [long, long_fixed]
+  acc_fixed = summaries[long_fixed]["snn"]["test_accuracy"]
+  assert by[long_fixed]["accuracy"] == acc_fixed and by[long_fixed]["T_sim"] == 2
+  assert by[long_fixed]["gain"] == pytest.approx(acc_fixed - fixed[2]["accuracy"])   # over fixed T = 2, 2 epochs
+  assert by[long]["gain"] == pytest.approx(lr["gain"])
+  assert [c["T"] for c in lg["curve"]] == [2] and lg["curve"][0]["accuracy"] == acc_fixed
+  (c,) = lg["comparison"]
+  assert c["name"] == long
+  t_sim = summaries[long]["snn"]["average_simulated_steps"]
+  assert c["gain_at_T_sim"] == (pytest.approx(lr["accuracy"] - acc_fixed) if t_sim == 2 else None)
+  e_fixed = lg["curve"][0]["energy_ratio"]
+  assert (c["fixed_below_energy"] is not None) == (e_fixed <= c["energy_ratio"])
+  assert (c["fixed_above_energy"] is not None) == (e_fixed > c["energy_ratio"])
+  assert f"| {long_fixed} | 18 |" in text
   assert os.path.getsize(os.path.join(root, "results.png")) > 10_000

@@ -13,7 +13,8 @@ The series:
 - the same exit on `fixed_T4` (trained on the final output): what the every-step loss buys;
 - the combination: each learned run under exit (curves averaged over the seeds of a setting, per threshold);
 - apart from those (a longer training budget): the headline learned run fine-tuned longer (`<run>_<n>ep`), against
-  the headline at the sweep's length and against the twin.
+  the headline at the sweep's length, against the twin, and against fixed T fine-tuned as long (its controls,
+  `fixed_T<T>_<n>ep`) at equal simulated steps and at equal energy.
 
 Every accuracy is on the 10,000 JPEG test images; every energy is `dtvit.energy`'s estimate per image (the stem,
 every module at its working steps, the head; under exit, up to each image's exit) over the ANN twin's. At equal
@@ -163,7 +164,8 @@ def cpu_costs(root: str, rows: Sequence[dict], table: dict, long_rows: Sequence[
       "fixed T (every T and seed)": [n for n, k in kinds.items() if k == "fixed"],
       "learned masks (every cost and seed)": [n for n, k in kinds.items() if k == "learned"],
       "SEENN-I / DT-SNN (every-step T = 4 + exit evaluation)": every,
-      "learned masks, longer fine-tuning": [r["name"] for r in long_rows],
+      "learned masks, longer fine-tuning": [r["name"] for r in long_rows if r["kind"] == "learned"],
+      "fixed T, longer fine-tuning": [r["name"] for r in long_rows if r["kind"] == "fixed"],
   }
   approach = {}
   for what, names in series.items():
@@ -173,6 +175,59 @@ def cpu_costs(root: str, rows: Sequence[dict], table: dict, long_rows: Sequence[
                   for n in names)
       approach[what] = {"runs": names, "cpu_h": total, "cpu_h_per_run": total / len(names)}
   return {"runs": runs, "approaches": approach}
+
+
+def longer(rows: Sequence[dict], fixed: Sequence[dict], long_rows: Sequence[dict], headline: str | None) -> dict:
+  """The longer fine-tuned runs against what they cost: each one's accuracy against its setting at the sweep's
+  length (`short`: the headline's mean over its seeds for a learned run, the fixed-T curve's mean at its T for a
+  fixed one) and the twin; the 4-epoch fixed-T curve (`curve`) and each longer learned run against it
+  (`comparison`: `base.compare` on the longer runs alone, so at equal training budget)."""
+  twin = next((r["accuracy"] for r in rows if r["kind"] == "ann"), None)
+  headline_acc = _mean([r["accuracy"] for r in rows if r["kind"] == "learned" and r["base"] == headline])
+  short_fixed = {c["T"]: c["accuracy"] for c in fixed}
+  out = []
+  for r in long_rows:
+    learned = r["kind"] == "learned"
+    short = headline_acc if learned else short_fixed.get(r["T_max"])
+    out.append({"name": r["name"], "kind": r["kind"], "steps": r["steps"], "accuracy": r["accuracy"],
+                "T_sim": r["T_sim"] if learned else r["T_max"], "energy_ratio": r["energy_ratio"],
+                "short": short, "gain": None if short is None else r["accuracy"] - short,
+                "gap": None if twin is None else twin - r["accuracy"]})
+  curve = base.fixed_curve(long_rows)
+  comparison = base.compare(long_rows) if curve else []
+  for c in comparison:   # outside the curve's energies: the fixed T nearest below and above, as they are
+    e = c["energy_ratio"]
+    below = [f for f in curve if f["energy_ratio"] is not None and f["energy_ratio"] <= e]
+    above = [f for f in curve if f["energy_ratio"] is not None and f["energy_ratio"] > e]
+    c["fixed_below_energy"] = max(below, key=lambda f: f["energy_ratio"]) if below else None
+    c["fixed_above_energy"] = min(above, key=lambda f: f["energy_ratio"]) if above else None
+  return {"runs": out, "curve": curve, "comparison": comparison}
+
+
+def _longer_lines(lg: dict, thr: float, long_epochs: int) -> list[str]:
+  """Plain words for `longer`: each longer learned run against fixed T at the same training budget."""
+  lines = []
+  ts = [f["T"] for f in lg["curve"]]
+  for c in lg["comparison"]:
+    judge = lambda g: "beyond" if abs(g) > thr else "inside"
+    if c["gain_at_T_sim"] is not None:
+      lines.append(f"At equal simulated steps ({c['T_sim']:.2f}), {c['name']} is {_pct(c['gain_at_T_sim'], '+.2f')} "
+                   f"pts from the {long_epochs}-epoch fixed-T curve (T = {', '.join(map(str, ts))}), "
+                   f"{judge(c['gain_at_T_sim'])} the noise (±{_pct(thr)}).")
+    else:
+      lines.append(f"At equal simulated steps ({c['T_sim']:.2f}): outside the {long_epochs}-epoch fixed-T curve "
+                   f"(T = {', '.join(map(str, ts)) or 'none yet'}); no reading.")
+    if c["gain_at_energy"] is not None:
+      lines.append(f"At equal energy ({c['energy_ratio']:.3f}), {c['name']} is {_pct(c['gain_at_energy'], '+.2f')} "
+                   f"pts from that curve, {judge(c['gain_at_energy'])} the noise.")
+    else:
+      near = [(f, "less") for f in [c["fixed_below_energy"]] if f] + [(f, "more") for f in [c["fixed_above_energy"]]
+                                                                        if f]
+      said = "; ".join(f"fixed T = {f['T']} costs {f['energy_ratio']:.3f} ({what}) for {_pct(f['accuracy'])}% "
+                       f"({_pct(c['accuracy'] - f['accuracy'], '+.2f')} pts to {c['name']})" for f, what in near)
+      lines.append(f"At equal energy: {c['name']} ({c['energy_ratio']:.3f}) lies outside the {long_epochs}-epoch "
+                   f"fixed-T curve's energies, so no interpolated reading; " + (said or "no fixed T yet") + ".")
+  return lines
 
 
 def _gap_met(gap: float | None, t_sim: float | None) -> bool | None:
@@ -207,7 +262,7 @@ def _met(flag) -> str:
 
 
 def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, exit_cmp, grid, costs, tg,
-             long_todo=()) -> str:
+             long_todo=(), lg=None) -> str:
   thr = nz["threshold"]
   md = ["# Results: the strong CIFAR-10 twin and its SNNs", ""]
   md.append(f"- Twin: {_pct(tg['twin'])}% on the 10,000 test images (target >= {_pct(TWIN_TARGET, '.0f')}%: "
@@ -236,19 +291,25 @@ def markdown(rows, todo, fixed, pairs, nz, comparison, verdict_lines, curves, ex
     win = "–" if g["winner"] is None else (f"{g['winner']} ({_pct(g['margin'], '+.2f')})" if g["beyond_noise"]
                                            else f"none beyond the noise ({g['winner']} {_pct(g['margin'], '+.2f')})")
     md.append(f"| {g['energy_ratio']:.3f} | " + " | ".join(_pct(g["accuracy"][k]) for k in names) + f" | {win} |")
+  lg = lg or {"runs": [], "curve": [], "comparison": []}
   md += ["", "## Longer fine-tuning", "",
-         f"The headline learned setting {tg['headline']} trained longer from the same twin, apart from the "
-         f"comparison above (every run there has the same budget).", "",
-         "| run | SNN steps | test acc. (%) | T_sim | energy / ANN | gain over the headline (pts) | gap to the "
-         "twin (pts) |", "|---|---|---|---|---|---|---|"]
+         f"The headline learned setting {tg['headline']}, and fixed T around its simulated steps, each trained "
+         f"{recipe.LONG_EPOCHS} epochs from the same twin instead of {recipe.SNN_EPOCHS}: apart from the comparison "
+         f"above (every run there has the same budget), and compared among themselves (one seed each).", "",
+         "| run | SNN steps | test acc. (%) | T_sim | energy / ANN | gain over the same setting at "
+         f"{recipe.SNN_EPOCHS} epochs (pts) | gap to the twin (pts) |", "|---|---|---|---|---|---|---|"]
   if tg["accuracy"] is not None:
     md.append(f"| {tg['headline']} (mean of {len(tg['seeds'])} seed(s)) | {tg['steps']:.0f} | "
               f"{_pct(tg['accuracy'])} | {tg['T_sim']:.2f} | – | – | {_pct(tg['gap'])} |")
-  for lr in tg["long"]:
+  for lr in lg["runs"]:
     md.append(f"| {lr['name']} | {lr['steps']} | {_pct(lr['accuracy'])} | {lr['T_sim']:.2f} | "
               f"{lr['energy_ratio']:.3f} | {_pct(lr['gain'], '+.2f')} | {_pct(lr['gap'])} |")
   for t in long_todo:
     md.append(f"| {t['name']} | – | {t['state']} | – | – | – | – |")
+  lines = _longer_lines(lg, thr, recipe.LONG_EPOCHS)
+  if not lg["comparison"] and any(r["kind"] == "learned" for r in lg["runs"]):
+    lines = [f"No fixed T fine-tuned {recipe.LONG_EPOCHS} epochs has finished: no comparison at equal budget yet."]
+  md += [""] + [f"- {line}" for line in lines]
   md += ["", "## Per-sample exit", ""]
   md += [f"- {line}" for line in exit_compare.headline(exit_cmp, [c for cs in curves.values() for c in cs], thr,
                                                         baselines=("fixed_T4_every_step", "fixed_T4"))]
@@ -279,7 +340,8 @@ _STYLE = {"fixed T": ("s-", "#4c72b0"), "learned masks": ("o", "#dd8452")}
 
 def plot(rows, fixed, curves, path: str, long_rows: Sequence[dict] = ()) -> None:
   """Two panels, accuracy against energy / ANN and against simulated steps: fixed T (mean, each seed a dot),
-  each learned run, the exit curves, the longer fine-tuned runs (stars), the twin as a line."""
+  each learned run, the exit curves, the longer fine-tuned runs (learned: stars; fixed T: open squares), the twin
+  as a line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -299,9 +361,15 @@ def plot(rows, fixed, curves, path: str, long_rows: Sequence[dict] = ()) -> None
       ax.annotate(f"{r['cost']:g}" + (f" s{r['seed']}" if r["seed"] else ""),
                   (r["energy_ratio"] if x == "energy_ratio" else r["T_sim"], 100 * r["accuracy"]),
                   textcoords="offset points", xytext=(5, -10), fontsize=7, color="#dd8452")
+    long_fixed = base.fixed_curve(long_rows)
+    if long_fixed:
+      ax.plot([c["energy_ratio"] if x == "energy_ratio" else c["T"] for c in long_fixed],
+              [100 * c["accuracy"] for c in long_fixed], "s:", color="#8172b3", mfc="none",
+              label=f"fixed T, {recipe.LONG_EPOCHS} epochs")
     for r in long_rows:
-      ax.plot(r["energy_ratio"] if x == "energy_ratio" else r["T_sim"], 100 * r["accuracy"], "*", ms=12,
-              color="#c44e52", ls="none", label=f"{r['name']} ({r['steps']} steps)")
+      if r["kind"] == "learned":
+        ax.plot(r["energy_ratio"] if x == "energy_ratio" else r["T_sim"], 100 * r["accuracy"], "*", ms=12,
+                color="#c44e52", ls="none", label=f"{r['name']} ({r['steps']} steps)")
     for cs in curves.values():
       for c in cs:
         pts = sorted(c["points"], key=lambda p: p["energy_ratio"])
@@ -355,15 +423,16 @@ def analyse(root: str) -> dict:
   grid = equal_energy(approaches(rows, fixed, curves), nz["threshold"])
   costs = cpu_costs(root, rows, table, long_rows)
   headline = next((r["base"] for r in rows if r["kind"] == "learned"), None)
-  tg = targets(rows, headline, long_rows)
+  tg = targets(rows, headline, [r for r in long_rows if r["kind"] == "learned"])
+  lg = longer(rows, fixed, long_rows, headline)
   text = markdown(rows, todo, fixed, pairs, nz, comparison, verdict["lines"], curves, exit_cmp, grid, costs, tg,
-                  long_todo)
+                  long_todo, lg)
   with open(os.path.join(root, "results.md"), "w") as f:
     f.write(text)
   out = {"rows": rows, "pending": todo + long_todo, "long_rows": long_rows, "fixed_curve": fixed,
          "seed_pairs": pairs, "noise": nz,
          "comparison": comparison, "verdict": verdict["lines"], "exit_curves": curves, "exit_comparison": exit_cmp,
-         "equal_energy": grid, "cpu": costs, "targets": tg, "published": PUBLISHED}
+         "equal_energy": grid, "cpu": costs, "targets": tg, "longer": lg, "published": PUBLISHED}
   base._save_json(os.path.join(root, "results.json"), out)
   plot(rows, fixed, curves, os.path.join(root, "results.png"), long_rows)
   print(text, flush=True)
